@@ -1,0 +1,102 @@
+"""The exception tree of warden.
+
+Every error that warden raises on purpose descends from :class:`WardenError`,
+and its message says what the user can do about it::
+
+    WardenError
+     +-- SpecError              an invalid VM spec or option; nothing was started
+     +-- ImageError             a guest image is missing, corrupt, or failed to build
+     |    +-- ImageNotFoundError
+     |    +-- ImageBuildError   carries the failed command and the tail of its output
+     +-- HostError              the host lacks something (QEMU, a kernel, a permission)
+     +-- VMError                a VM failed to start or died
+     |    +-- LaunchError       carries argv, exit code and console tail
+     |    +-- AgentTimeoutError the guest agent did not answer in time (quotes the console)
+     +-- AgentError             the guest agent refused or failed an operation
+     |    +-- ProtocolError     a malformed frame; the connection was closed
+     |    +-- CommandTimeoutError  a command passed its timeout and was killed
+     |    +-- GuestFileError    a file operation failed in the guest (errno + path)
+     +-- SandboxClosedError     the sandbox was killed or closed already
+
+``asyncio.CancelledError`` is never wrapped.
+"""
+
+from __future__ import annotations
+
+
+class WardenError(Exception):
+    """Base class of every error that warden raises on purpose."""
+
+
+class SpecError(WardenError, ValueError):
+    """A VM spec or option is invalid. Nothing was started."""
+
+
+class ImageError(WardenError):
+    """A guest image is missing, corrupt or could not be built."""
+
+
+class ImageNotFoundError(ImageError):
+    """No built image has that name."""
+
+
+class ImageBuildError(ImageError):
+    """A step of an image build failed."""
+
+    def __init__(self, step: str, argv: list[str] | None, output_tail: str, hint: str = "") -> None:
+        self.step = step
+        self.argv = argv
+        self.output_tail = output_tail
+        cmd = " ".join(argv) if argv else "(internal)"
+        msg = f"image build step {step!r} failed\n  command: {cmd}\n  output tail:\n{output_tail}"
+        if hint:
+            msg += f"\n  hint: {hint}"
+        super().__init__(msg)
+
+
+class HostError(WardenError):
+    """The host lacks something warden needs; the message says how to install it."""
+
+
+class VMError(WardenError):
+    """A VM failed to start, or died."""
+
+
+class LaunchError(VMError):
+    """QEMU failed to launch. Carries the argv, the exit code and the console tail."""
+
+    def __init__(
+        self, reason: str, argv: list[str], exit_code: int | None, console_tail: str
+    ) -> None:
+        self.reason = reason
+        self.argv = argv
+        self.exit_code = exit_code
+        self.console_tail = console_tail
+        super().__init__(
+            f"{reason}\n  exit code: {exit_code}\n  argv: {argv}\n"
+            f"  console tail:\n{console_tail or '(empty)'}"
+        )
+
+
+class AgentTimeoutError(VMError, TimeoutError):
+    """The guest agent did not answer within its deadline."""
+
+
+class AgentError(WardenError):
+    """The guest agent failed or refused an operation."""
+
+
+class ProtocolError(AgentError):
+    """A malformed frame was received; that connection was closed."""
+
+
+class CommandTimeoutError(AgentError, TimeoutError):
+    """A command ran past its timeout and was killed."""
+
+
+class GuestFileError(AgentError, OSError):
+    """A file operation failed inside the guest."""
+
+
+class SandboxClosedError(WardenError):
+    """The sandbox was already killed or closed."""
