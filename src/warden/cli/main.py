@@ -1,0 +1,118 @@
+"""The ``warden`` command line."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from warden._errors import CommandTimeoutError, WardenError
+from warden.cli.doctor import doctor
+from warden.cli.image import image_app
+
+app = typer.Typer(
+    name="warden",
+    help="Run code you don't trust in isolated microVMs.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(image_app, name="image", help="Build, list and remove guest images.")
+app.command("doctor", help="Check QEMU, kernel, image and accelerator; say how to fix problems.")(
+    doctor
+)
+
+err = Console(stderr=True)
+
+EXIT_WARDEN_ERROR = 125
+EXIT_TIMEOUT = 124
+
+
+def _parse_env(pairs: list[str]) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint="'-e'")
+        env[key] = value
+    return env
+
+
+@app.command(context_settings={"allow_interspersed_args": False})
+def run(
+    cmd: Annotated[list[str], typer.Argument(help="The command and its arguments, after --.")],
+    image: Annotated[str, typer.Option("--image", help="Guest image name.")] = "default",
+    memory: Annotated[int, typer.Option("--memory", help="Guest memory in MiB.")] = 256,
+    cpus: Annotated[int, typer.Option("--cpus", help="Number of vCPUs.")] = 1,
+    timeout: Annotated[
+        float | None, typer.Option("--timeout", help="Kill the command after S seconds.")
+    ] = None,
+    env: Annotated[
+        list[str] | None, typer.Option("-e", "--env", help="KEY=VALUE for the command.")
+    ] = None,
+    interactive: Annotated[
+        bool, typer.Option("-i", "--interactive", help="Forward stdin to the command.")
+    ] = False,
+    shell: Annotated[
+        bool, typer.Option("--shell", help="Run CMD as one /bin/sh -c string.")
+    ] = False,
+) -> None:
+    """Boot a VM, run CMD in it, stream its output, and exit with CMD's exit code.
+
+    The VM is destroyed afterwards. Example: warden run -- python3 -c 'print(1)'
+    """
+    env_map = _parse_env(env or [])
+    stdin = sys.stdin.buffer.read() if interactive else None
+    command: str | list[str] = " ".join(cmd) if shell else cmd
+    try:
+        code = asyncio.run(_run(command, image, memory, cpus, timeout, env_map, stdin))
+    except CommandTimeoutError as exc:
+        err.print(f"[red]warden:[/red] {exc}")
+        raise typer.Exit(EXIT_TIMEOUT) from None
+    except WardenError as exc:
+        err.print(f"[red]warden:[/red] {exc}", markup=True, highlight=False)
+        raise typer.Exit(EXIT_WARDEN_ERROR) from None
+    raise typer.Exit(code)
+
+
+async def _run(
+    command: str | list[str],
+    image: str,
+    memory: int,
+    cpus: int,
+    timeout: float | None,
+    env: dict[str, str],
+    stdin: bytes | None,
+) -> int:
+    from warden.sdk import AsyncSandbox
+
+    out, errout = sys.stdout.buffer, sys.stderr.buffer
+
+    def write_out(chunk: bytes) -> None:
+        out.write(chunk)
+        out.flush()
+
+    def write_err(chunk: bytes) -> None:
+        errout.write(chunk)
+        errout.flush()
+
+    async with await AsyncSandbox.create(image, memory_mib=memory, vcpus=cpus) as sbx:
+        # Raw bytes straight through: the CLI must pass binary output unchanged.
+        result = await sbx._agent().exec(
+            command,
+            env=env,
+            stdin=stdin,
+            timeout=timeout,
+            on_stdout=write_out,
+            on_stderr=write_err,
+        )
+    if result.exit_code is not None:
+        return result.exit_code
+    return 128 + (result.signal or 0)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,248 @@
+"""The async SDK: ``AsyncSandbox.create()``, ``sbx.commands.run()``, ``sbx.files.*``."""
+
+from __future__ import annotations
+
+import codecs
+import inspect
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
+from types import TracebackType
+from typing import IO, Any, Literal, overload
+
+from warden._errors import GuestFileError, SandboxClosedError
+from warden.agent.client import AgentClient
+from warden.agent.client import EntryInfo as _AgentEntry
+from warden.config import Paths
+from warden.sdk._types import CommandResult, EntryInfo
+from warden.vmm.machine import Machine, VMState
+from warden.vmm.spec import VMSpec
+
+CHUNK = 256 * 1024
+
+OutputHandler = Callable[[str], Awaitable[None] | None]
+FileData = bytes | str | IO[bytes] | AsyncIterable[bytes]
+
+
+class AsyncSandbox:
+    """A running microVM. Make one with ``await AsyncSandbox.create(...)``."""
+
+    def __init__(self, machine: Machine) -> None:
+        """Wrap a launched machine. Use :meth:`create` instead."""
+        self._machine = machine
+        self.commands = AsyncCommands(self)
+        self.files = AsyncFiles(self)
+
+    @classmethod
+    async def create(
+        cls,
+        image: str = "default",
+        *,
+        memory_mib: int = 256,
+        vcpus: int = 1,
+        name: str | None = None,
+        env: dict[str, str] | None = None,
+        labels: dict[str, str] | None = None,
+        accel: str = "auto",
+        timeout: float = 60.0,
+    ) -> AsyncSandbox:
+        """Boot a sandbox and wait until its agent answers (at most ``timeout`` seconds)."""
+        spec = VMSpec.parse(
+            image=image,
+            memory_mib=memory_mib,
+            vcpus=vcpus,
+            name=name,
+            env=env or {},
+            labels=labels or {},
+            accel=accel,
+            agent_timeout_s=timeout,
+        )
+        machine = Machine(spec, paths=Paths.from_env())
+        await machine.launch()
+        return cls(machine)
+
+    @property
+    def id(self) -> str:
+        return self._machine.id
+
+    @property
+    def spec(self) -> VMSpec:
+        return self._machine.spec
+
+    @property
+    def state(self) -> str:
+        return self._machine.state.value
+
+    @property
+    def is_running(self) -> bool:
+        return self._machine.state is VMState.RUNNING
+
+    @property
+    def console_log(self) -> str:
+        """The tail of the guest's serial console."""
+        return self._machine.console_tail()
+
+    async def info(self) -> dict[str, object]:
+        """Kernel, uptime and memory, as the guest sees them."""
+        return await self._agent().info()
+
+    async def ping(self) -> float:
+        """Round trip time to the guest agent, in seconds."""
+        return await self._agent().ping()
+
+    async def kill(self) -> None:
+        """Destroy the VM now. Nothing is left behind. Safe to call twice."""
+        await self._machine.shutdown()
+
+    async def close(self) -> None:
+        await self.kill()
+
+    async def __aenter__(self) -> AsyncSandbox:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.kill()
+
+    def _agent(self) -> AgentClient:
+        if self._machine.state is not VMState.RUNNING:
+            raise SandboxClosedError(
+                f"sandbox {self.id} is {self._machine.state.value}; create a new one with "
+                "Sandbox.create()"
+            )
+        return self._machine.agent
+
+
+class AsyncCommands:
+    """Run commands in the sandbox."""
+
+    def __init__(self, sandbox: AsyncSandbox) -> None:
+        self._sbx = sandbox
+
+    async def run(
+        self,
+        cmd: str | Sequence[str],
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        stdin: bytes | str | None = None,
+        timeout: float | None = 60.0,
+        on_stdout: OutputHandler | None = None,
+        on_stderr: OutputHandler | None = None,
+    ) -> CommandResult:
+        """Run ``cmd`` (a shell string, or an argv list run without a shell) and wait for it.
+
+        ``timeout`` (seconds, None for none) kills the command and raises CommandTimeoutError.
+        ``on_stdout``/``on_stderr`` get decoded output as it arrives.
+        """
+        merged = {**self._sbx.spec.env, **(env or {})}
+        command: str | list[str] = cmd if isinstance(cmd, str) else list(cmd)
+        data = stdin.encode() if isinstance(stdin, str) else stdin
+        res = await self._sbx._agent().exec(
+            command,
+            env=merged,
+            cwd=cwd,
+            stdin=data,
+            timeout=timeout,
+            on_stdout=_decoding(on_stdout),
+            on_stderr=_decoding(on_stderr),
+        )
+        sig = res.signal
+        code = res.exit_code if res.exit_code is not None else 128 + (sig or 0)
+        return CommandResult(
+            stdout=res.stdout.decode(errors="replace"),
+            stderr=res.stderr.decode(errors="replace"),
+            exit_code=code,
+            signal=sig,
+            stdout_bytes=res.stdout,
+            stderr_bytes=res.stderr,
+        )
+
+
+def _decoding(handler: OutputHandler | None) -> Callable[[bytes], Any] | None:
+    """Turn a str handler into a bytes handler that decodes UTF-8 across chunk boundaries."""
+    if handler is None:
+        return None
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    async def on_bytes(chunk: bytes) -> None:
+        text = decoder.decode(chunk)
+        if text:
+            result = handler(text)
+            if inspect.isawaitable(result):
+                await result
+
+    return on_bytes
+
+
+class AsyncFiles:
+    """Move files in and out of the sandbox. Data is streamed in chunks."""
+
+    def __init__(self, sandbox: AsyncSandbox) -> None:
+        self._sbx = sandbox
+
+    async def write(self, path: str, data: FileData, *, mode: int = 0o644) -> int:
+        """Write ``data`` (bytes, str, a binary file object or an async iterable) to ``path``.
+
+        Parent directories are made. Returns the number of bytes written.
+        """
+        payload: bytes | AsyncIterable[bytes]
+        if isinstance(data, str):
+            payload = data.encode()
+        elif isinstance(data, bytes | bytearray | memoryview):
+            payload = bytes(data)
+        elif isinstance(data, AsyncIterable):
+            payload = data
+        else:
+            payload = _read_chunks(data)
+        return await self._sbx._agent().write_file(path, payload, mode=mode, parents=True)
+
+    @overload
+    async def read(self, path: str, *, format: Literal["text"] = "text") -> str: ...
+    @overload
+    async def read(self, path: str, *, format: Literal["bytes"]) -> bytes: ...
+
+    async def read(self, path: str, *, format: Literal["text", "bytes"] = "text") -> str | bytes:
+        """Read a whole file, as text (UTF-8) or bytes. Use :meth:`stream` for large files."""
+        parts = [chunk async for chunk in self.stream(path)]
+        raw = b"".join(parts)
+        return raw if format == "bytes" else raw.decode(errors="replace")
+
+    def stream(self, path: str) -> AsyncIterator[bytes]:
+        """Read a file chunk by chunk."""
+        return self._sbx._agent().read_file(path)
+
+    async def list(self, path: str) -> list[EntryInfo]:
+        return [_entry(e) for e in await self._sbx._agent().list_dir(path)]
+
+    async def stat(self, path: str) -> EntryInfo:
+        return _entry(await self._sbx._agent().stat(path))
+
+    async def exists(self, path: str) -> bool:
+        try:
+            await self.stat(path)
+        except GuestFileError as exc:
+            if exc.errno == 2:
+                return False
+            raise
+        return True
+
+    async def remove(self, path: str, *, recursive: bool = False) -> None:
+        await self._sbx._agent().remove(path, recursive=recursive)
+
+    async def make_dir(self, path: str, *, mode: int = 0o755) -> None:
+        """Make ``path`` and its parents. Succeeds if it exists already."""
+        await self._sbx._agent().make_dir(path, parents=True, mode=mode)
+
+
+async def _read_chunks(f: IO[bytes]) -> AsyncIterator[bytes]:
+    import asyncio
+
+    while chunk := await asyncio.to_thread(f.read, CHUNK):
+        yield chunk
+
+
+def _entry(e: _AgentEntry) -> EntryInfo:
+    return EntryInfo(name=e.name, path=e.path, type=e.type, size=e.size, mode=e.mode, mtime=e.mtime)

@@ -1,0 +1,169 @@
+"""The sync SDK: the same names and shapes as the async one, run through the portal loop.
+
+Nothing here re-implements behaviour: every method hands its async twin to the portal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from types import TracebackType
+from typing import Literal, overload
+
+from warden.sdk import _portal
+from warden.sdk._async import AsyncCommands, AsyncFiles, AsyncSandbox, FileData
+from warden.sdk._types import CommandResult, EntryInfo
+from warden.vmm.spec import VMSpec
+
+SyncOutputHandler = Callable[[str], None]
+
+
+class Sandbox:
+    """A running microVM. Make one with ``Sandbox.create(...)``, ideally in a ``with``."""
+
+    def __init__(self, inner: AsyncSandbox) -> None:
+        """Wrap an async sandbox. Use :meth:`create` instead."""
+        self._inner = inner
+        self.commands = Commands(inner.commands)
+        self.files = Files(inner.files)
+
+    @classmethod
+    def create(
+        cls,
+        image: str = "default",
+        *,
+        memory_mib: int = 256,
+        vcpus: int = 1,
+        name: str | None = None,
+        env: dict[str, str] | None = None,
+        labels: dict[str, str] | None = None,
+        accel: str = "auto",
+        timeout: float = 60.0,
+    ) -> Sandbox:
+        """Boot a sandbox and wait until its agent answers (at most ``timeout`` seconds)."""
+        return cls(
+            _portal.call(
+                AsyncSandbox.create(
+                    image,
+                    memory_mib=memory_mib,
+                    vcpus=vcpus,
+                    name=name,
+                    env=env,
+                    labels=labels,
+                    accel=accel,
+                    timeout=timeout,
+                )
+            )
+        )
+
+    @property
+    def id(self) -> str:
+        return self._inner.id
+
+    @property
+    def spec(self) -> VMSpec:
+        return self._inner.spec
+
+    @property
+    def state(self) -> str:
+        return self._inner.state
+
+    @property
+    def is_running(self) -> bool:
+        return self._inner.is_running
+
+    @property
+    def console_log(self) -> str:
+        return self._inner.console_log
+
+    def info(self) -> dict[str, object]:
+        return _portal.call(self._inner.info())
+
+    def ping(self) -> float:
+        return _portal.call(self._inner.ping())
+
+    def kill(self) -> None:
+        """Destroy the VM now. Nothing is left behind. Safe to call twice."""
+        _portal.call(self._inner.kill())
+
+    def close(self) -> None:
+        self.kill()
+
+    def __enter__(self) -> Sandbox:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.kill()
+
+
+class Commands:
+    """Run commands in the sandbox. Output handlers run on warden's portal thread."""
+
+    def __init__(self, inner: AsyncCommands) -> None:
+        self._inner = inner
+
+    def run(
+        self,
+        cmd: str | Sequence[str],
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        stdin: bytes | str | None = None,
+        timeout: float | None = 60.0,
+        on_stdout: SyncOutputHandler | None = None,
+        on_stderr: SyncOutputHandler | None = None,
+    ) -> CommandResult:
+        """See :meth:`AsyncCommands.run`."""
+        return _portal.call(
+            self._inner.run(
+                cmd,
+                env=env,
+                cwd=cwd,
+                stdin=stdin,
+                timeout=timeout,
+                on_stdout=on_stdout,
+                on_stderr=on_stderr,
+            )
+        )
+
+
+class Files:
+    """Move files in and out of the sandbox. Data is streamed in chunks."""
+
+    def __init__(self, inner: AsyncFiles) -> None:
+        self._inner = inner
+
+    def write(self, path: str, data: FileData, *, mode: int = 0o644) -> int:
+        return _portal.call(self._inner.write(path, data, mode=mode))
+
+    @overload
+    def read(self, path: str, *, format: Literal["text"] = "text") -> str: ...
+    @overload
+    def read(self, path: str, *, format: Literal["bytes"]) -> bytes: ...
+
+    def read(self, path: str, *, format: Literal["text", "bytes"] = "text") -> str | bytes:
+        if format == "bytes":
+            return _portal.call(self._inner.read(path, format="bytes"))
+        return _portal.call(self._inner.read(path, format="text"))
+
+    def stream(self, path: str) -> Iterator[bytes]:
+        return _portal.iterate(self._inner.stream(path))
+
+    def list(self, path: str) -> list[EntryInfo]:
+        return _portal.call(self._inner.list(path))
+
+    def stat(self, path: str) -> EntryInfo:
+        return _portal.call(self._inner.stat(path))
+
+    def exists(self, path: str) -> bool:
+        return _portal.call(self._inner.exists(path))
+
+    def remove(self, path: str, *, recursive: bool = False) -> None:
+        _portal.call(self._inner.remove(path, recursive=recursive))
+
+    def make_dir(self, path: str, *, mode: int = 0o755) -> None:
+        _portal.call(self._inner.make_dir(path, mode=mode))

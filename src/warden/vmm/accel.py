@@ -1,0 +1,145 @@
+"""Choose the accelerator. KVM is used only where a probe boot proved it works on this host.
+
+Nested KVM is broken on some hosts: ``/dev/kvm`` opens and the VM is created, but a Linux guest
+hangs right after decompression. So ``auto`` boots the image's kernel once under KVM with
+``warden.mode=probe`` and a deadline, and caches the verdict per host (keyed by boot id, QEMU
+version and kernel hash). Everything else runs under TCG.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import subprocess
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+from warden._errors import HostError
+from warden.config import Paths
+from warden.vmm.argv import BootFiles, RuntimeFiles, build_argv
+from warden.vmm.spec import VMSpec
+
+PROBE_DEADLINE_S = 8.0
+PROBE_MARKER = b"WARDEN-PROBE-OK"
+
+
+@dataclass(frozen=True)
+class AccelChoice:
+    name: Literal["kvm", "tcg"]
+    reason: str
+
+
+def qemu_version(qemu: str) -> str:
+    try:
+        out = subprocess.run(
+            [qemu, "--version"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout
+    except FileNotFoundError:
+        raise HostError(
+            f"{qemu} is not installed; run `apt-get install qemu-system-x86` (or `make setup`)"
+        ) from None
+    except subprocess.CalledProcessError as exc:
+        raise HostError(f"`{qemu} --version` failed: {exc.stderr.strip()}") from None
+    return out.splitlines()[0] if out else "unknown"
+
+
+def kvm_usable_device() -> str | None:
+    """None if /dev/kvm can be opened read-write, else why not."""
+    try:
+        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+    except OSError as exc:
+        return f"/dev/kvm cannot be opened ({exc.strerror})"
+    os.close(fd)
+    return None
+
+
+def resolve_accel(
+    requested: str, paths: Paths, boot: BootFiles, kernel_sha256: str, qemu: str
+) -> AccelChoice:
+    """Resolve ``auto``/``kvm``/``tcg`` to what this host can really run."""
+    if requested == "tcg":
+        return AccelChoice("tcg", "requested tcg")
+    verdict = probe_kvm(paths, boot, kernel_sha256, qemu)
+    if verdict.name == "kvm":
+        return verdict
+    if requested == "kvm":
+        raise HostError(
+            f"accel='kvm' was requested but KVM is unusable here: {verdict.reason}; "
+            "use accel='auto' or 'tcg'"
+        )
+    return verdict
+
+
+def probe_kvm(paths: Paths, boot: BootFiles, kernel_sha256: str, qemu: str) -> AccelChoice:
+    """The cached verdict of a KVM probe boot for this host, probing once if needed."""
+    why_not = kvm_usable_device()
+    if why_not is not None:
+        return AccelChoice("tcg", f"{why_not}; using TCG")
+    key = _cache_key(qemu, kernel_sha256)
+    paths.cache.mkdir(parents=True, exist_ok=True)
+    cache_file = paths.cache / "accel-probe.json"
+    with open(paths.cache / ".accel.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        cached = _read_cache(cache_file).get(key)
+        if cached is not None:
+            return AccelChoice(cached["name"], cached["reason"] + " (cached probe)")
+        choice = _probe(boot, qemu)
+        entries = _read_cache(cache_file)
+        entries[key] = asdict(choice)
+        tmp = cache_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(entries, indent=1))
+        tmp.replace(cache_file)
+    return choice
+
+
+def _cache_key(qemu: str, kernel_sha256: str) -> str:
+    try:
+        boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot_id = "unknown"
+    raw = "\n".join([boot_id, os.uname().release, qemu_version(qemu), kernel_sha256])
+    return hashlib.sha256(raw.encode()).hexdigest()[:24]
+
+
+def _read_cache(path: Path) -> dict[str, dict[str, Literal["kvm", "tcg"]]]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _probe(boot: BootFiles, qemu: str) -> AccelChoice:
+    spec = VMSpec(memory_mib=128, vcpus=1)
+    with tempfile.TemporaryDirectory(prefix="warden-probe-") as tmp:
+        run = RuntimeFiles(Path(tmp))
+        argv = build_argv(spec, boot, run, accel="kvm", qemu=qemu, mode="probe")
+        start = time.monotonic()
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        try:
+            _, err = proc.communicate(timeout=PROBE_DEADLINE_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            return AccelChoice(
+                "tcg",
+                f"a probe boot under KVM did not reach init within {PROBE_DEADLINE_S:.0f} s "
+                "(nested KVM hangs here); using TCG",
+            )
+        elapsed = time.monotonic() - start
+        console = run.console.read_bytes() if run.console.exists() else b""
+        if PROBE_MARKER in console:
+            return AccelChoice("kvm", f"a probe boot under KVM reached init in {elapsed:.2f} s")
+        detail = err.decode(errors="replace").strip().splitlines()
+        return AccelChoice(
+            "tcg",
+            f"a probe boot under KVM failed (exit {proc.returncode}: "
+            f"{detail[-1] if detail else 'no output'}); using TCG",
+        )

@@ -1,0 +1,105 @@
+"""Turn a VM spec into QEMU's argv. Pure: no I/O, returns a list, never a shell string."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from warden.vmm.spec import VMSpec
+
+AGENT_PORT_NAME = "org.warden.agent.0"
+QGA_PORT_NAME = "org.qemu.guest_agent.0"
+
+# Translation-block cache per VM under TCG. QEMU 7.2's default is 1 GiB of (lazily touched)
+# host memory; 256 MiB holds the kernel and Python's hot code without flushes.
+TCG_TB_SIZE_MIB = 256
+
+
+@dataclass(frozen=True)
+class BootFiles:
+    kernel: Path
+    initrd: Path
+    rootfs: Path
+
+
+@dataclass(frozen=True)
+class RuntimeFiles:
+    """The per-VM runtime dir and the files QEMU makes in it."""
+
+    dir: Path
+
+    @property
+    def qmp(self) -> Path:
+        return self.dir / "qmp.sock"
+
+    @property
+    def agent(self) -> Path:
+        return self.dir / "agent.sock"
+
+    @property
+    def console(self) -> Path:
+        return self.dir / "console.log"
+
+    @property
+    def qemu_log(self) -> Path:
+        return self.dir / "qemu.log"
+
+    @property
+    def memory(self) -> Path:
+        return self.dir / "memory.ram"
+
+    @property
+    def pidfile(self) -> Path:
+        return self.dir / "qemu.pid"
+
+
+def kernel_cmdline(mode: str = "agent") -> str:
+    return f"console=ttyS0 quiet panic=-1 warden.mode={mode}"
+
+
+def build_argv(
+    spec: VMSpec,
+    boot: BootFiles,
+    run: RuntimeFiles,
+    *,
+    accel: str,
+    qemu: str = "qemu-system-x86_64",
+    mode: str = "agent",
+    agent_port: str = AGENT_PORT_NAME,
+) -> list[str]:
+    """Return QEMU's argv for ``spec``. ``accel`` is the resolved accelerator: kvm or tcg."""
+    if accel not in ("kvm", "tcg"):
+        raise ValueError(f"accel must be resolved to kvm or tcg, not {accel!r}")
+    mem = f"{spec.memory_mib}M"
+    if spec.memory_backend == "file":
+        backend = f"memory-backend-file,id=mem,size={mem},mem-path={run.memory},share=on"
+    else:
+        backend = f"memory-backend-ram,id=mem,size={mem}"
+    accel_opt = "kvm" if accel == "kvm" else f"tcg,tb-size={TCG_TB_SIZE_MIB}"
+    cpu = "host,-arch-capabilities" if accel == "kvm" else "max"
+    return [
+        qemu,
+        "-name", f"warden-{run.dir.name},debug-threads=on",
+        "-M", "microvm,memory-backend=mem,x-option-roms=off,isa-serial=on,rtc=on",
+        "-accel", accel_opt,
+        "-cpu", cpu,
+        "-smp", str(spec.vcpus),
+        "-m", mem,
+        "-object", backend,
+        "-nodefaults",
+        "-no-user-config",
+        "-display", "none",
+        "-no-reboot",
+        "-kernel", str(boot.kernel),
+        "-initrd", str(boot.initrd),
+        "-append", kernel_cmdline(mode),
+        "-chardev", f"file,id=console,path={run.console}",
+        "-serial", "chardev:console",
+        "-drive", f"id=root,file={boot.rootfs},if=none,format=raw,readonly=on",
+        "-device", "virtio-blk-device,drive=root",
+        "-device", "virtio-serial-device,max_ports=2",
+        "-chardev", f"socket,id=agent,path={run.agent},server=on,wait=off",
+        "-device", f"virtserialport,chardev=agent,name={agent_port}",
+        "-qmp", f"unix:{run.qmp},server=on,wait=off",
+        "-pidfile", str(run.pidfile),
+    ]  # fmt: skip

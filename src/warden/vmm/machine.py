@@ -1,0 +1,326 @@
+"""One VM's life: launch as a sequence of steps, QMP, soft-then-hard shutdown, cleanup.
+
+Like QEMU's own ``QEMUMachine``: the constructor only stores config, ``launch`` rolls back on
+any failure, shutdown is soft then hard with cleanup in ``finally``, and every VM has its own
+runtime dir. Nothing here assumes one VM per process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import secrets
+import shutil
+import signal
+import time
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+from qemu.qmp import QMPClient
+
+from warden._errors import AgentTimeoutError, HostError, LaunchError, VMError
+from warden.agent.client import AgentClient
+from warden.config import Paths
+from warden.image.store import Image, load_image, verify_image
+from warden.vmm import ownership
+from warden.vmm.accel import AccelChoice, resolve_accel
+from warden.vmm.argv import BootFiles, RuntimeFiles, build_argv
+from warden.vmm.ownership import Ownership
+from warden.vmm.spec import VMSpec
+
+log = logging.getLogger(__name__)
+_T = TypeVar("_T")
+
+QEMU_BINARY = "qemu-system-x86_64"
+CONSOLE_TAIL_LINES = 25
+
+ArgvWrapper = Callable[[list[str]], list[str]]
+"""A launch step that wraps QEMU's argv (ownership today; the jail later)."""
+
+
+class VMState(enum.StrEnum):
+    CREATING = "creating"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+def new_vm_id() -> str:
+    return secrets.token_hex(6)
+
+
+class Machine:
+    """A QEMU microVM with a guest agent. Use ``await launch()`` then ``await shutdown()``."""
+
+    def __init__(
+        self,
+        spec: VMSpec,
+        *,
+        paths: Paths | None = None,
+        ownership: Ownership = Ownership.EMBEDDED,
+        qemu: str | None = None,
+        wrappers: tuple[ArgvWrapper, ...] = (),
+        vm_id: str | None = None,
+    ) -> None:
+        self.spec = spec
+        self.paths = paths or Paths.from_env()
+        self.ownership = ownership
+        self.qemu = qemu or shutil.which(QEMU_BINARY) or QEMU_BINARY
+        self.wrappers = wrappers
+        self.id = vm_id or new_vm_id()
+        self.run = RuntimeFiles(self.paths.vms / self.id)
+        self.state = VMState.CREATING
+        self.accel: AccelChoice | None = None
+        self.image: Image | None = None
+        self.argv: list[str] = []
+        self.started_at: float | None = None
+        self._proc: asyncio.subprocess.Process | None = None
+        self._qmp: QMPClient | None = None
+        self._agent: AgentClient | None = None
+        self._watch: asyncio.Task[None] | None = None
+        self._exit_code: int | None = None
+
+    # -- public surface ------------------------------------------------------------------
+
+    @property
+    def agent(self) -> AgentClient:
+        if self._agent is None or self.state is not VMState.RUNNING:
+            raise VMError(f"VM {self.id} is {self.state.value}, not running")
+        return self._agent
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    @property
+    def exit_code(self) -> int | None:
+        return self._exit_code
+
+    def console_tail(self, lines: int = CONSOLE_TAIL_LINES) -> str:
+        return _tail(self.run.console, lines)
+
+    async def launch(self) -> None:
+        """Start QEMU and wait for the guest agent. On any failure, roll back and raise."""
+        if self.state is not VMState.CREATING:
+            raise VMError(f"VM {self.id} was launched already")
+        try:
+            boot = await asyncio.to_thread(self._prepare)
+            await self._spawn(boot)
+            await self._connect()
+        except BaseException as exc:
+            await self._rollback()
+            if isinstance(exc, (asyncio.CancelledError, LaunchError, AgentTimeoutError)):
+                raise
+            if isinstance(exc, OSError) and self.argv:
+                raise LaunchError(
+                    f"could not start QEMU: {exc}", self.argv, self._exit_code, ""
+                ) from exc
+            raise
+        self.started_at = time.time()
+        self.state = VMState.RUNNING
+        self._watch = asyncio.create_task(self._watch_exit(), name=f"warden-vm-{self.id}")
+
+    async def shutdown(self, *, timeout: float = 3.0) -> None:
+        """Stop the VM: QMP ``quit`` first, SIGKILL after ``timeout``; always clean up."""
+        if self.state in (VMState.STOPPED, VMState.FAILED) and self._proc is None:
+            return
+        if self.state is VMState.RUNNING:
+            self.state = VMState.STOPPING
+        try:
+            if self._agent is not None:
+                await self._agent.close()
+            if self._proc is not None and self._proc.returncode is None and self._qmp:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self._qmp.execute("quit"), timeout)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._proc.wait(), timeout)
+        finally:
+            await self._hard_stop()
+            if self.state is not VMState.FAILED:
+                self.state = VMState.STOPPED
+
+    async def kill(self) -> None:
+        """Stop the VM at once (SIGKILL) and clean up."""
+        if self.state is VMState.RUNNING:
+            self.state = VMState.STOPPING
+        try:
+            await self._hard_stop()
+        finally:
+            if self.state is not VMState.FAILED:
+                self.state = VMState.STOPPED
+
+    async def wait(self) -> int:
+        """Wait for QEMU to exit; return its exit code."""
+        if self._proc is None:
+            raise VMError(f"VM {self.id} has no QEMU process")
+        return await self._proc.wait()
+
+    # -- launch steps ----------------------------------------------------------------------
+
+    def _prepare(self) -> BootFiles:
+        """Resolve and verify the image, choose the accelerator, make the runtime dir."""
+        if shutil.which(self.qemu) is None:
+            raise HostError(
+                f"QEMU ({self.qemu}) is not installed; run `apt-get install qemu-system-x86` "
+                "or `make setup`"
+            )
+        ownership.sweep_stale(self.paths.vms)
+        self.image = load_image(self.paths, self.spec.image)
+        verify_image(self.image)
+        boot = BootFiles(self.image.kernel.path, self.image.initrd.path, self.image.rootfs.path)
+        self.accel = resolve_accel(
+            self.spec.accel, self.paths, boot, self.image.kernel.sha256, self.qemu
+        )
+        self.run.dir.parent.mkdir(parents=True, exist_ok=True)
+        self.run.dir.mkdir(mode=0o700)
+        ownership.claim(self.run.dir, self.ownership)
+        return boot
+
+    def _build_argv(self, boot: BootFiles) -> list[str]:
+        assert self.accel is not None
+        argv = build_argv(self.spec, boot, self.run, accel=self.accel.name, qemu=self.qemu)
+        for wrap in self.wrappers:
+            argv = wrap(argv)
+        return ownership.spawn_prefix(self.ownership) + argv
+
+    async def _spawn(self, boot: BootFiles) -> None:
+        self.argv = self._build_argv(boot)
+        with open(self.run.qemu_log, "wb") as qemu_log:
+            self._proc = await asyncio.create_subprocess_exec(
+                *self.argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=qemu_log,
+                stderr=asyncio.subprocess.STDOUT,
+                start_new_session=ownership.new_session(self.ownership),
+            )
+        ownership.record_qemu(self.run.dir, self._proc.pid)
+
+    async def _connect(self) -> None:
+        """Connect QMP and the agent, racing both against QEMU's exit and the deadline."""
+        assert self._proc is not None
+        deadline = time.monotonic() + self.spec.agent_timeout_s
+        exited = asyncio.create_task(self._proc.wait())
+        try:
+            self._qmp = await self._race(self._connect_qmp(deadline), exited, deadline, "QMP")
+            self._agent = await self._race(
+                AgentClient.connect_unix(self.run.agent, timeout=deadline - time.monotonic()),
+                exited,
+                deadline,
+                "the guest agent",
+            )
+        finally:
+            if not exited.done():
+                exited.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await exited
+
+    async def _race(
+        self,
+        step: Coroutine[Any, Any, _T],
+        exited: asyncio.Task[int],
+        deadline: float,
+        what: str,
+    ) -> _T:
+        task = asyncio.ensure_future(step)
+        remaining = max(0.0, deadline - time.monotonic())
+        done, _ = await asyncio.wait(
+            {task, exited}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
+        )
+        if task in done and task.exception() is None:
+            return task.result()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+        if exited in done:
+            self._exit_code = exited.result()
+            raise LaunchError(
+                f"QEMU exited while waiting for {what}" + self._qemu_log_hint(),
+                self.argv,
+                self._exit_code,
+                self.console_tail(),
+            )
+        if task.done() and task.exception() is not None:
+            exc = task.exception()
+            if isinstance(exc, AgentTimeoutError):
+                raise AgentTimeoutError(self._timeout_message(what)) from exc
+            raise LaunchError(
+                f"connecting to {what} failed: {exc}", self.argv, None, self.console_tail()
+            ) from exc
+        raise AgentTimeoutError(self._timeout_message(what))
+
+    def _timeout_message(self, what: str) -> str:
+        return (
+            f"{what} of VM {self.id} did not answer within {self.spec.agent_timeout_s:.0f} s "
+            f"(accel {self.accel.name if self.accel else '?'}); raise agent_timeout_s if the "
+            f"host is loaded.\n  console tail:\n{self.console_tail() or '(empty)'}"
+        )
+
+    def _qemu_log_hint(self) -> str:
+        text = _tail(self.run.qemu_log, 5)
+        return f": {text}" if text else ""
+
+    async def _connect_qmp(self, deadline: float) -> QMPClient:
+        qmp = QMPClient(f"warden-{self.id}")
+        while True:
+            try:
+                await qmp.connect(str(self.run.qmp))
+                return qmp
+            except Exception:  # the socket appears once QEMU is up; retry until the deadline
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.01)
+
+    # -- stop and cleanup ------------------------------------------------------------------
+
+    async def _watch_exit(self) -> None:
+        """Notice QEMU dying on its own: mark the VM failed and release its resources."""
+        assert self._proc is not None
+        code = await self._proc.wait()
+        if self.state is VMState.RUNNING:
+            self._exit_code = code
+            self.state = VMState.FAILED
+            log.warning("VM %s: QEMU exited unexpectedly with code %s", self.id, code)
+            await self._cleanup()
+
+    async def _hard_stop(self) -> None:
+        if self._proc is not None and self._proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self._proc.send_signal(signal.SIGKILL)
+        await self._cleanup()
+
+    async def _rollback(self) -> None:
+        self.state = VMState.FAILED
+        await self._hard_stop()
+
+    async def _cleanup(self) -> None:
+        if self._agent is not None:
+            with contextlib.suppress(Exception):
+                await self._agent.close()
+        if self._qmp is not None:
+            with contextlib.suppress(Exception):
+                await self._qmp.disconnect()
+            self._qmp = None
+        if self._proc is not None:
+            self._exit_code = await self._proc.wait()
+        if self._watch is not None and self._watch is not asyncio.current_task():
+            self._watch.cancel()
+        if self.run.dir.exists():
+            await asyncio.to_thread(shutil.rmtree, self.run.dir, True)
+
+
+def _tail(path: Path, lines: int) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            size = f.tell()
+            f.seek(max(0, size - 16384))
+            data = f.read()
+    except OSError:
+        return ""
+    text = data.decode(errors="replace").replace("\r", "")
+    return "\n".join(text.splitlines()[-lines:])

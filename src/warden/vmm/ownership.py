@@ -1,0 +1,218 @@
+"""Who owns a VM, and what happens to it when its owner dies. The one place for that rule.
+
+* ``EMBEDDED``: the VM belongs to the Python process that made it. QEMU runs under
+  ``setpriv --pdeathsig KILL``, so the kernel kills it when its owner dies, even by SIGKILL.
+  A janitor process per owner (``python -m warden.vmm.janitor``) waits on a pipe from the owner;
+  when the owner is gone it removes the owner's runtime dirs. Anything left anyway (a host
+  crash) is swept by :func:`sweep_stale` on the next start.
+* ``DAEMON``: the VM outlives its creator (the manager daemon of a later issue): QEMU gets its
+  own session and no parent-death signal.
+
+Every runtime dir holds ``owner.json`` naming the owner's pid and its start time, and the QEMU
+pid, so a recycled pid is never mistaken for the owner and nothing is killed by name.
+
+This module imports only the stdlib: the janitor imports it at start-up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+OWNER_FILE = "owner.json"
+
+
+class Ownership(enum.StrEnum):
+    EMBEDDED = "embedded"
+    DAEMON = "daemon"
+
+
+def spawn_prefix(ownership: Ownership) -> list[str]:
+    """The argv prefix that ties a QEMU process's life to its owner."""
+    if ownership is Ownership.EMBEDDED:
+        return ["setpriv", "--pdeathsig", "KILL", "--"]
+    return []
+
+
+def new_session(ownership: Ownership) -> bool:
+    """Whether QEMU gets a session of its own (so terminal signals don't reach it)."""
+    return ownership is Ownership.DAEMON
+
+
+def proc_start_time(pid: int) -> int | None:
+    """The start time of ``pid`` in clock ticks since boot, or None if it does not exist."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parens; fields after the last ')' are fixed.
+    fields = stat[stat.rindex(")") + 2 :].split()
+    state = fields[0]
+    if state in ("Z", "X"):
+        return None
+    return int(fields[19])
+
+
+def is_alive(pid: int, start_time: int | None) -> bool:
+    current = proc_start_time(pid)
+    return current is not None and (start_time is None or current == start_time)
+
+
+def claim(rundir: Path, ownership: Ownership) -> None:
+    """Record the calling process as the owner of ``rundir``."""
+    pid = os.getpid()
+    _write_owner(
+        rundir,
+        {"ownership": ownership.value, "owner_pid": pid, "owner_start": proc_start_time(pid)},
+    )
+    if ownership is Ownership.EMBEDDED:
+        _ensure_janitor(rundir.parent)
+
+
+def record_qemu(rundir: Path, pid: int) -> None:
+    data = read_owner(rundir) or {}
+    data["qemu_pid"] = pid
+    data["qemu_start"] = proc_start_time(pid)
+    _write_owner(rundir, data)
+
+
+def read_owner(rundir: Path) -> dict[str, object] | None:
+    try:
+        data = json.loads((rundir / OWNER_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _write_owner(rundir: Path, data: dict[str, object]) -> None:
+    tmp = rundir / f".{OWNER_FILE}.tmp"
+    tmp.write_text(json.dumps(data))
+    tmp.replace(rundir / OWNER_FILE)
+
+
+def _int(value: object) -> int | None:
+    return value if isinstance(value, int) else None
+
+
+def owner_alive(rundir: Path) -> bool:
+    data = read_owner(rundir)
+    if data is None:
+        return False
+    pid = _int(data.get("owner_pid"))
+    return pid is not None and is_alive(pid, _int(data.get("owner_start")))
+
+
+def release(rundir: Path, *, grace_s: float = 2.0) -> None:
+    """Kill the VM of ``rundir`` by its recorded pid if it still runs, then remove the dir."""
+    data = read_owner(rundir) or {}
+    pid = _int(data.get("qemu_pid"))
+    if pid is not None and is_alive(pid, _int(data.get("qemu_start"))):
+        _kill_verified(pid, rundir, grace_s)
+    shutil.rmtree(rundir, ignore_errors=True)
+
+
+def _kill_verified(pid: int, rundir: Path, grace_s: float) -> None:
+    """SIGKILL ``pid`` only if its command line names ``rundir``, then wait for it to go."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return
+    if str(rundir).encode() not in cmdline:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + grace_s
+    while proc_start_time(pid) is not None and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def sweep_stale(vms_dir: Path, *, owner_pid: int | None = None) -> list[Path]:
+    """Release runtime dirs whose owner is dead (or, with ``owner_pid``, owned by that pid)."""
+    swept: list[Path] = []
+    if not vms_dir.is_dir():
+        return swept
+    for rundir in sorted(vms_dir.iterdir()):
+        if not rundir.is_dir():
+            continue
+        data = read_owner(rundir)
+        if owner_pid is not None:
+            if data is None or _int(data.get("owner_pid")) != owner_pid:
+                continue
+        elif data is None:
+            # A dir being created right now has no owner.json for a moment; leave young ones.
+            with contextlib.suppress(OSError):
+                if time.time() - rundir.stat().st_mtime < 60:
+                    continue
+        elif data.get("ownership") == Ownership.DAEMON.value or owner_alive(rundir):
+            continue
+        release(rundir)
+        swept.append(rundir)
+    return swept
+
+
+_janitor_lock = threading.Lock()
+_janitor_pipe: dict[Path, int] = {}
+
+
+def _ensure_janitor(vms_dir: Path) -> None:
+    """Start this process's janitor for ``vms_dir`` once. It outlives us by design."""
+    with _janitor_lock:
+        if vms_dir in _janitor_pipe:
+            return
+        read_fd, write_fd = os.pipe()  # both close-on-exec; QEMU never inherits them
+        try:
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "warden.vmm.janitor",
+                    "--fd",
+                    str(read_fd),
+                    "--owner",
+                    str(os.getpid()),
+                    "--dir",
+                    str(vms_dir),
+                ],
+                pass_fds=(read_fd,),
+                start_new_session=True,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        except BaseException:
+            os.close(write_fd)
+            raise
+        finally:
+            os.close(read_fd)
+        # The write end stays open for the life of this process; its closing is the signal.
+        _janitor_pipe[vms_dir] = write_fd
+
+
+def _janitor_main(argv: list[str]) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="warden-janitor")
+    parser.add_argument("--fd", type=int, required=True)
+    parser.add_argument("--owner", type=int, required=True)
+    parser.add_argument("--dir", type=Path, required=True)
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    while True:
+        try:
+            if not os.read(args.fd, 1):
+                break
+        except InterruptedError:
+            continue
+    # The owner is gone: its QEMUs got SIGKILL from the kernel; remove what they left.
+    sweep_stale(args.dir, owner_pid=args.owner)
+    return 0

@@ -1,0 +1,40 @@
+"""Shared fixtures. VM tests boot real QEMU microVMs under TCG with the default image."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from warden.config import Paths
+
+
+def qemu_pids() -> set[int]:
+    """Pids of every qemu-system process on the host (read from /proc, never killed by name)."""
+    pids: set[int] = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            exe = os.readlink(entry / "exe")
+        except OSError:
+            continue
+        if "qemu-system" in exe:
+            pids.add(int(entry.name))
+    return pids
+
+
+def runtime_dirs() -> set[str]:
+    vms = Paths.from_env().vms
+    return {p.name for p in vms.iterdir()} if vms.is_dir() else set()
+
+
+@pytest.fixture
+def no_leaks() -> Iterator[None]:
+    """Fail the test if it leaves a QEMU process or a runtime dir behind."""
+    before_pids, before_dirs = qemu_pids(), runtime_dirs()
+    yield
+    assert qemu_pids() - before_pids == set(), "a QEMU process was left running"
+    assert runtime_dirs() - before_dirs == set(), "a runtime dir was left behind"

@@ -1,0 +1,130 @@
+"""Commands in a real microVM under TCG: exit codes, stdin, env, cwd, output, timeouts."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Iterator
+
+import pytest
+
+import warden
+from warden import AsyncSandbox, CommandTimeoutError, Sandbox
+
+pytestmark = pytest.mark.vm
+
+
+@pytest.fixture(scope="module")
+def sbx() -> Iterator[Sandbox]:
+    with Sandbox.create(memory_mib=256, env={"FROM_SPEC": "spec-value"}) as s:
+        yield s
+
+
+@pytest.mark.parametrize("code", [0, 1, 7, 255])
+def test_exit_codes(sbx: Sandbox, code: int) -> None:
+    assert sbx.commands.run(f"exit {code}").exit_code == code
+
+
+def test_argv_runs_without_a_shell(sbx: Sandbox) -> None:
+    r = sbx.commands.run(["echo", "$HOME", "a b"])
+    assert r.stdout == "$HOME a b\n"
+    assert r.exit_code == 0
+
+
+def test_stdout_and_stderr_are_separate(sbx: Sandbox) -> None:
+    r = sbx.commands.run("echo out; echo err >&2; exit 3")
+    assert (r.stdout, r.stderr, r.exit_code) == ("out\n", "err\n", 3)
+
+
+def test_stdin(sbx: Sandbox) -> None:
+    data = bytes(range(256)) * 1000
+    r = sbx.commands.run(["sha256sum"], stdin=data)
+    assert r.stdout.split()[0] == hashlib.sha256(data).hexdigest()
+
+
+def test_env_from_spec_and_from_the_command(sbx: Sandbox) -> None:
+    r = sbx.commands.run("echo $FROM_SPEC $FROM_CMD", env={"FROM_CMD": "cmd-value"})
+    assert r.stdout == "spec-value cmd-value\n"
+
+
+def test_cwd(sbx: Sandbox) -> None:
+    assert sbx.commands.run("pwd", cwd="/tmp").stdout == "/tmp\n"
+    assert sbx.commands.run("pwd").stdout == "/root\n"
+
+
+def test_bad_cwd_is_an_error_not_a_hang(sbx: Sandbox) -> None:
+    r = sbx.commands.run(["true"], cwd="/no/such/dir")
+    assert r.exit_code != 0
+    assert "/no/such/dir" in r.stderr
+
+
+def test_command_not_found(sbx: Sandbox) -> None:
+    r = sbx.commands.run(["no-such-command-xyz"])
+    assert r.exit_code == 127
+    assert "no-such-command-xyz" in r.stderr
+
+
+def test_fifty_mib_of_output(sbx: Sandbox) -> None:
+    size = 50 * 1024 * 1024
+    r = sbx.commands.run(f"head -c {size} /dev/zero | tr '\\0' 'x'", timeout=300)
+    assert r.exit_code == 0
+    assert len(r.stdout_bytes) == size
+    assert r.stdout_bytes.count(b"x") == size
+
+
+def test_streaming_callbacks_see_output_as_it_comes(sbx: Sandbox) -> None:
+    seen: list[str] = []
+    r = sbx.commands.run("for i in 1 2 3; do echo line$i; done", on_stdout=seen.append)
+    assert "".join(seen) == r.stdout == "line1\nline2\nline3\n"
+
+
+def test_timeout_kills_the_command(sbx: Sandbox) -> None:
+    with pytest.raises(CommandTimeoutError, match="timeout"):
+        sbx.commands.run("sleep 1000 & echo $! > /tmp/sleeper; wait", timeout=1.5)
+    pid = sbx.commands.run("cat /tmp/sleeper").stdout.strip()
+    assert pid.isdigit()
+    # The whole process group is gone, the background sleep included.
+    gone = sbx.commands.run(f"for i in 1 2 3 4 5; do [ -d /proc/{pid} ] || exit 0; sleep 0.2; done")
+    assert gone.exit_code == 0
+
+
+def test_killed_by_a_signal(sbx: Sandbox) -> None:
+    r = sbx.commands.run("kill -TERM $$")
+    assert r.signal == 15
+    assert r.exit_code == 128 + 15
+
+
+def test_ten_concurrent_commands_in_one_vm(sbx: Sandbox) -> None:
+    """Each command waits until all ten have started: this only finishes if they overlap."""
+
+    async def main() -> list[warden.CommandResult]:
+        inner = sbx._inner
+        await inner.commands.run("rm -rf /tmp/barrier && mkdir /tmp/barrier")
+        script = (
+            "touch /tmp/barrier/$N; "
+            "while [ $(ls /tmp/barrier | wc -l) -lt 10 ]; do sleep 0.05; done; echo done $N"
+        )
+        return await asyncio.gather(
+            *(inner.commands.run(script, env={"N": str(i)}, timeout=120) for i in range(10))
+        )
+
+    from warden.sdk import _portal
+
+    results = _portal.call(main())
+    assert [r.stdout for r in results] == [f"done {i}\n" for i in range(10)]
+
+
+def test_info(sbx: Sandbox) -> None:
+    info = sbx.info()
+    assert str(info["kernel"]).endswith("cloud-amd64")
+    assert isinstance(info["mem_total_kib"], int) and info["mem_total_kib"] > 100_000
+    assert sbx.ping() > 0
+
+
+async def test_async_sandbox_has_the_same_shape() -> None:
+    async with await AsyncSandbox.create(memory_mib=192) as sbx:
+        r = await sbx.commands.run(["python3", "-c", "print(6 * 7)"])
+        assert r.stdout == "42\n"
+        await sbx.files.write("/tmp/x", b"abc")
+        assert await sbx.files.read("/tmp/x", format="bytes") == b"abc"
+    assert not sbx.is_running

@@ -1,0 +1,108 @@
+"""VM lifecycle: several VMs at once, nothing left behind, bad input refused cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from warden import AgentTimeoutError, AsyncSandbox, ImageError, Sandbox, SpecError
+from warden.config import Paths
+from warden.vmm.ownership import proc_start_time
+
+from ..conftest import qemu_pids, runtime_dirs
+
+pytestmark = pytest.mark.vm
+
+
+async def test_three_vms_at_once(no_leaks: None) -> None:
+    sandboxes = await asyncio.gather(*(AsyncSandbox.create(memory_mib=160) for _ in range(3)))
+    try:
+        assert len({s.id for s in sandboxes}) == 3
+        # Each VM has its own writable layer: a file in one is not in another.
+        await sandboxes[0].files.write("/root/only-here", "1")
+        results = await asyncio.gather(
+            *(s.commands.run("test -e /root/only-here && echo yes || echo no") for s in sandboxes)
+        )
+        assert [r.stdout for r in results] == ["yes\n", "no\n", "no\n"]
+    finally:
+        await asyncio.gather(*(s.kill() for s in sandboxes))
+
+
+def test_close_leaves_nothing(no_leaks: None) -> None:
+    sbx = Sandbox.create()
+    pid = sbx._inner._machine.pid
+    rundir = sbx._inner._machine.run.dir
+    assert pid is not None and proc_start_time(pid) is not None and rundir.is_dir()
+    sbx.kill()
+    sbx.kill()  # twice is fine
+    assert proc_start_time(pid) is None
+    assert not rundir.exists()
+
+
+def test_sigkill_of_the_owner_leaves_nothing(tmp_path: Path) -> None:
+    """The owning process dies by SIGKILL: its QEMU dies with it, its files are removed."""
+    code = (
+        "import sys, time, warden\n"
+        "sbx = warden.Sandbox.create()\n"
+        "m = sbx._inner._machine\n"
+        "print(m.pid, m.run.dir, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    owner = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert owner.stdout is not None
+        line = owner.stdout.readline().split()
+        assert len(line) == 2, "the owner did not start a VM"
+        qemu_pid, rundir = int(line[0]), Path(line[1])
+        assert proc_start_time(qemu_pid) is not None
+        os.kill(owner.pid, signal.SIGKILL)
+        owner.wait()
+        deadline = time.monotonic() + 15
+        while (proc_start_time(qemu_pid) is not None or rundir.exists()) and (
+            time.monotonic() < deadline
+        ):
+            time.sleep(0.05)
+        assert proc_start_time(qemu_pid) is None, "QEMU outlived its owner"
+        assert not rundir.exists(), "the runtime dir outlived its owner"
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+            owner.wait()
+
+
+def test_invalid_spec_starts_nothing(no_leaks: None) -> None:
+    before = qemu_pids()
+    with pytest.raises(SpecError, match="memory_mib"):
+        Sandbox.create(memory_mib=0)
+    with pytest.raises(SpecError, match="vcpus"):
+        Sandbox.create(vcpus=-1)
+    assert qemu_pids() == before
+
+
+def test_unknown_image_says_how_to_build_it(no_leaks: None) -> None:
+    with pytest.raises(ImageError, match="warden image build"):
+        Sandbox.create(image="nosuchimage")
+
+
+def test_agent_deadline_quotes_the_console(no_leaks: None) -> None:
+    before = runtime_dirs()
+    with pytest.raises(AgentTimeoutError, match="console tail") as info:
+        Sandbox.create(timeout=0.3)
+    assert "agent_timeout_s" in str(info.value) or "timeout" in str(info.value)
+    assert runtime_dirs() == before
+
+
+def test_stale_runtime_dirs_are_swept_on_start(no_leaks: None) -> None:
+    stale = Paths.from_env().vms / "stale0000000"
+    stale.mkdir(parents=True)
+    (stale / "owner.json").write_text('{"owner_pid": 999999999, "owner_start": 1}')
+    with Sandbox.create() as sbx:
+        assert sbx.commands.run("true").exit_code == 0
+    assert not stale.exists()

@@ -1,0 +1,87 @@
+"""The argv builder is pure: the same spec gives the same list, and no shell string."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from warden._errors import SpecError
+from warden.vmm.argv import AGENT_PORT_NAME, BootFiles, RuntimeFiles, build_argv
+from warden.vmm.spec import VMSpec
+
+BOOT = BootFiles(Path("/img/vmlinuz"), Path("/img/initrd.img"), Path("/img/rootfs.sqfs"))
+RUN = RuntimeFiles(Path("/var/lib/warden/run/vms/abc123"))
+
+
+def _opt(argv: list[str], flag: str) -> list[str]:
+    return [argv[i + 1] for i, a in enumerate(argv) if a == flag]
+
+
+def test_microvm_without_defaults_or_nic() -> None:
+    argv = build_argv(VMSpec(), BOOT, RUN, accel="tcg")
+    assert argv[0] == "qemu-system-x86_64"
+    assert _opt(argv, "-M")[0].startswith("microvm,")
+    assert "-nodefaults" in argv and "-no-user-config" in argv and "-no-reboot" in argv
+    assert not any("netdev" in a or "virtio-net" in a for a in argv)
+    devices = _opt(argv, "-device")
+    # The rootfs disk comes first so the guest sees it as /dev/vda.
+    assert devices[0].startswith("virtio-blk-device")
+    assert any(d.startswith("virtserialport") and AGENT_PORT_NAME in d for d in devices)
+    assert all(isinstance(a, str) for a in argv)
+
+
+@given(
+    vcpus=st.integers(min_value=1, max_value=8),
+    memory=st.integers(min_value=64, max_value=8192),
+)
+def test_resources_follow_the_spec(vcpus: int, memory: int) -> None:
+    argv = build_argv(VMSpec(vcpus=vcpus, memory_mib=memory), BOOT, RUN, accel="tcg")
+    assert _opt(argv, "-smp") == [str(vcpus)]
+    assert _opt(argv, "-m") == [f"{memory}M"]
+    assert f"size={memory}M" in _opt(argv, "-object")[0]
+
+
+def test_accelerator_options() -> None:
+    tcg = build_argv(VMSpec(), BOOT, RUN, accel="tcg")
+    kvm = build_argv(VMSpec(), BOOT, RUN, accel="kvm")
+    assert _opt(tcg, "-accel")[0].startswith("tcg,tb-size=")
+    assert _opt(kvm, "-accel") == ["kvm"]
+    assert _opt(kvm, "-cpu") == ["host,-arch-capabilities"]
+    with pytest.raises(ValueError, match="resolved"):
+        build_argv(VMSpec(), BOOT, RUN, accel="auto")
+
+
+def test_file_backed_memory_is_shareable() -> None:
+    argv = build_argv(VMSpec(memory_backend="file"), BOOT, RUN, accel="tcg")
+    backend = _opt(argv, "-object")[0]
+    assert backend.startswith("memory-backend-file,") and "share=on" in backend
+    assert f"mem-path={RUN.memory}" in backend
+
+
+def test_paths_with_spaces_stay_one_argument() -> None:
+    boot = BootFiles(Path("/a b/vmlinuz"), Path("/a b/initrd"), Path("/a b/root fs"))
+    argv = build_argv(VMSpec(), boot, RUN, accel="tcg")
+    assert _opt(argv, "-kernel") == ["/a b/vmlinuz"]
+
+
+@pytest.mark.parametrize(
+    ("fields", "needle"),
+    [
+        ({"memory_mib": 0}, "memory_mib"),
+        ({"vcpus": -1}, "vcpus"),
+        ({"vcpus": 0}, "vcpus"),
+        ({"name": "Bad Name"}, "name"),
+        ({"image": "../etc"}, "image"),
+        ({"env": {"1X": "y"}}, "env"),
+        ({"colour": "red"}, "unknown option"),
+        ({"memory_mib": 10**6}, "memory_mib"),
+    ],
+)
+def test_invalid_specs_are_refused_with_the_option_named(
+    fields: dict[str, object], needle: str
+) -> None:
+    with pytest.raises(SpecError, match=needle):
+        VMSpec.parse(**fields)

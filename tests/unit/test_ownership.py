@@ -1,0 +1,99 @@
+"""The ownership rule: stale runtime dirs are swept, live ones are kept, nothing by name."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from warden.vmm import ownership
+from warden.vmm.ownership import Ownership
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_sweep_removes_dirs_of_dead_owners_only(tmp_path: Path) -> None:
+    live = tmp_path / "live"
+    dead = tmp_path / "dead"
+    daemon = tmp_path / "daemon"
+    for d in (live, dead, daemon):
+        d.mkdir()
+    (live / "owner.json").write_text(
+        json.dumps(
+            {"owner_pid": os.getpid(), "owner_start": ownership.proc_start_time(os.getpid())}
+        )
+    )
+    (dead / "owner.json").write_text(json.dumps({"owner_pid": _dead_pid(), "owner_start": 1}))
+    (daemon / "owner.json").write_text(json.dumps({"ownership": "daemon", "owner_pid": 1}))
+    swept = ownership.sweep_stale(tmp_path)
+    assert swept == [dead]
+    assert live.exists() and daemon.exists() and not dead.exists()
+
+
+def test_a_recycled_pid_is_not_the_owner(tmp_path: Path) -> None:
+    d = tmp_path / "vm"
+    d.mkdir()
+    # Our pid, but a different start time: the real owner died and the pid was reused.
+    start = ownership.proc_start_time(os.getpid())
+    assert start is not None
+    (d / "owner.json").write_text(json.dumps({"owner_pid": os.getpid(), "owner_start": start + 1}))
+    assert ownership.sweep_stale(tmp_path) == [d]
+
+
+def test_release_kills_only_a_process_that_names_the_dir(tmp_path: Path) -> None:
+    d = tmp_path / "vm"
+    d.mkdir()
+    stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    named = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", str(d)])
+    try:
+        ownership.record_qemu(d, stranger.pid)
+        ownership.release(d)
+        assert stranger.poll() is None, "a process not naming the dir must not be killed"
+        d.mkdir()
+        ownership.record_qemu(d, named.pid)
+        ownership.release(d)
+        assert named.wait(timeout=5) == -9
+        assert not d.exists()
+    finally:
+        for p in (stranger, named):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def test_janitor_cleans_up_after_its_owner_is_killed(tmp_path: Path) -> None:
+    """An owner claims a dir, then dies by SIGKILL: its janitor removes the dir."""
+    vms = tmp_path / "vms"
+    code = (
+        "import os, sys, time\n"
+        "from pathlib import Path\n"
+        "from warden.vmm import ownership\n"
+        f"d = Path({str(vms)!r}) / 'x'\n"
+        "d.mkdir(parents=True)\n"
+        "ownership.claim(d, ownership.Ownership.EMBEDDED)\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    owner = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert owner.stdout is not None
+    assert owner.stdout.readline().strip() == "ready"
+    assert (vms / "x" / "owner.json").exists()
+    owner.kill()
+    owner.wait()
+    deadline = time.monotonic() + 10
+    while (vms / "x").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not (vms / "x").exists()
+
+
+def test_prefix_ties_embedded_vms_to_their_owner() -> None:
+    assert ownership.spawn_prefix(Ownership.EMBEDDED)[:3] == ["setpriv", "--pdeathsig", "KILL"]
+    assert ownership.spawn_prefix(Ownership.DAEMON) == []
+    assert ownership.new_session(Ownership.DAEMON)
