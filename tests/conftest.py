@@ -12,16 +12,18 @@ from warden.config import Paths
 
 
 def qemu_pids() -> set[int]:
-    """Pids of every qemu-system process on the host (read from /proc, never killed by name)."""
+    """Pids of the QEMU processes of warden VMs (their argv names a runtime dir of ours)."""
+    marker = str(Paths.from_env().vms).encode()
     pids: set[int] = set()
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             exe = os.readlink(entry / "exe")
+            cmdline = (entry / "cmdline").read_bytes()
         except OSError:
             continue
-        if "qemu-system" in exe:
+        if "qemu-system" in exe and marker in cmdline:
             pids.add(int(entry.name))
     return pids
 

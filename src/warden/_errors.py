@@ -91,7 +91,9 @@ class ProtocolError(AgentError):
 
 
 class CommandTimeoutError(AgentError, TimeoutError):
-    """A command ran past its timeout and was killed."""
+    """A command ran past its timeout and was killed. ``result`` holds its partial output."""
+
+    result: object = None
 
 
 class GuestFileError(AgentError, OSError):

@@ -9,7 +9,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from warden._errors import SpecError
-from warden.vmm.argv import AGENT_PORT_NAME, BootFiles, RuntimeFiles, build_argv
+from warden.vmm.argv import (
+    AGENT_PORT_NAME,
+    BootFiles,
+    RuntimeFiles,
+    build_argv,
+    host_tsc_khz,
+    kernel_cmdline,
+)
 from warden.vmm.spec import VMSpec
 
 BOOT = BootFiles(Path("/img/vmlinuz"), Path("/img/initrd.img"), Path("/img/rootfs.sqfs"))
@@ -85,3 +92,19 @@ def test_invalid_specs_are_refused_with_the_option_named(
 ) -> None:
     with pytest.raises(SpecError, match=needle):
         VMSpec.parse(**fields)
+
+
+def test_kernel_cmdline_tunes_tcg_only() -> None:
+    tcg = kernel_cmdline("agent", accel="tcg", tsc_khz=2596134)
+    kvm = kernel_cmdline("agent", accel="kvm", tsc_khz=None)
+    assert "mitigations=off" in tcg.split() and "mitigations=off" not in kvm.split()
+    assert "tsc_early_khz=2596134" in tcg.split() and "tsc_early_khz" not in kvm
+    assert tcg.split()[-1] == kvm.split()[-1] == "warden.mode=agent"
+    assert "reboot=t" in kvm.split()
+
+
+def test_host_tsc_khz_needs_a_constant_tsc() -> None:
+    good = "processor\t: 0\ncpu MHz\t\t: 2596.134\nflags\t\t: fpu tsc constant_tsc nonstop_tsc\n"
+    assert host_tsc_khz(good) == 2596134
+    assert host_tsc_khz(good.replace("constant_tsc ", "")) is None
+    assert host_tsc_khz("flags: constant_tsc nonstop_tsc\n") is None

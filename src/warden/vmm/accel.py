@@ -9,6 +9,7 @@ version and kernel hash). Everything else runs under TCG.
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -34,6 +35,7 @@ class AccelChoice:
     reason: str
 
 
+@functools.cache
 def qemu_version(qemu: str) -> str:
     try:
         out = subprocess.run(

@@ -53,8 +53,45 @@ class RuntimeFiles:
         return self.dir / "qemu.pid"
 
 
-def kernel_cmdline(mode: str = "agent") -> str:
-    return f"console=ttyS0 quiet panic=-1 warden.mode={mode}"
+def kernel_cmdline(mode: str = "agent", *, accel: str = "tcg", tsc_khz: int | None = None) -> str:
+    """The guest kernel's command line.
+
+    * ``reboot=t``: a reboot triple-faults at once, and ``-no-reboot`` turns that into QEMU's
+      exit. The default method first probes an ACPI reset and a keyboard controller that
+      microvm lacks, which sometimes stalls.
+    * ``tsc_early_khz`` + ``tsc=reliable``: under TCG the guest TSC is the host's, so we tell
+      the guest its frequency. Calibrating it against the PIT fails when the host is busy,
+      and the guest then hangs at boot (seen here under load).
+    * ``mitigations=off`` under TCG only: TCG does not execute speculatively, so the guest
+      kernel's Spectre/Meltdown mitigations (PTI's TLB flush on every syscall, above all)
+      cost time and protect nothing. Under KVM they stay on.
+    """
+    parts = ["console=ttyS0", "quiet", "panic=-1", "reboot=t"]
+    if tsc_khz:
+        parts += [f"tsc_early_khz={tsc_khz}", "tsc=reliable"]
+    if accel == "tcg":
+        parts.append("mitigations=off")
+    parts.append(f"warden.mode={mode}")
+    return " ".join(parts)
+
+
+def host_tsc_khz(cpuinfo: str) -> int | None:
+    """The host TSC frequency in kHz, when /proc/cpuinfo shows it is constant and known."""
+    flags: set[str] = set()
+    mhz: float | None = None
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "flags" and not flags:
+            flags = set(value.split())
+        elif key == "cpu MHz" and mhz is None:
+            try:
+                mhz = float(value)
+            except ValueError:
+                return None
+    if mhz is None or not {"constant_tsc", "nonstop_tsc"} <= flags:
+        return None
+    return round(mhz * 1000)
 
 
 def build_argv(
@@ -66,6 +103,7 @@ def build_argv(
     qemu: str = "qemu-system-x86_64",
     mode: str = "agent",
     agent_port: str = AGENT_PORT_NAME,
+    tsc_khz: int | None = None,
 ) -> list[str]:
     """Return QEMU's argv for ``spec``. ``accel`` is the resolved accelerator: kvm or tcg."""
     if accel not in ("kvm", "tcg"):
@@ -92,7 +130,7 @@ def build_argv(
         "-no-reboot",
         "-kernel", str(boot.kernel),
         "-initrd", str(boot.initrd),
-        "-append", kernel_cmdline(mode),
+        "-append", kernel_cmdline(mode, accel=accel, tsc_khz=tsc_khz),
         "-chardev", f"file,id=console,path={run.console}",
         "-serial", "chardev:console",
         "-drive", f"id=root,file={boot.rootfs},if=none,format=raw,readonly=on",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import functools
 import logging
 import secrets
 import shutil
@@ -27,7 +28,7 @@ from warden.config import Paths
 from warden.image.store import Image, load_image, verify_image
 from warden.vmm import ownership
 from warden.vmm.accel import AccelChoice, resolve_accel
-from warden.vmm.argv import BootFiles, RuntimeFiles, build_argv
+from warden.vmm.argv import BootFiles, RuntimeFiles, build_argv, host_tsc_khz
 from warden.vmm.ownership import Ownership
 from warden.vmm.spec import VMSpec
 
@@ -182,7 +183,9 @@ class Machine:
 
     def _build_argv(self, boot: BootFiles) -> list[str]:
         assert self.accel is not None
-        argv = build_argv(self.spec, boot, self.run, accel=self.accel.name, qemu=self.qemu)
+        argv = build_argv(
+            self.spec, boot, self.run, accel=self.accel.name, qemu=self.qemu, tsc_khz=tsc_khz()
+        )
         for wrap in self.wrappers:
             argv = wrap(argv)
         return ownership.spawn_prefix(self.ownership) + argv
@@ -230,7 +233,7 @@ class Machine:
         done, _ = await asyncio.wait(
             {task, exited}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
         )
-        if task in done and task.exception() is None:
+        if task in done and not task.cancelled() and task.exception() is None:
             return task.result()
         if not task.done():
             task.cancel()
@@ -244,7 +247,7 @@ class Machine:
                 self._exit_code,
                 self.console_tail(),
             )
-        if task.done() and task.exception() is not None:
+        if task.done() and not task.cancelled() and task.exception() is not None:
             exc = task.exception()
             if isinstance(exc, AgentTimeoutError):
                 raise AgentTimeoutError(self._timeout_message(what)) from exc
@@ -311,6 +314,15 @@ class Machine:
             self._watch.cancel()
         if self.run.dir.exists():
             await asyncio.to_thread(shutil.rmtree, self.run.dir, True)
+
+
+@functools.cache
+def tsc_khz() -> int | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return host_tsc_khz(f.read())
+    except OSError:
+        return None
 
 
 def _tail(path: Path, lines: int) -> str:
