@@ -94,7 +94,7 @@ def test_unknown_image_says_how_to_build_it(no_leaks: None) -> None:
 def test_agent_deadline_quotes_the_console(no_leaks: None) -> None:
     before = runtime_dirs()
     with pytest.raises(AgentTimeoutError, match="console tail") as info:
-        Sandbox.create(timeout=0.3)
+        Sandbox.create(timeout=0.3, boot="cold")
     assert "agent_timeout_s" in str(info.value) or "timeout" in str(info.value)
     assert runtime_dirs() == before
 

@@ -755,7 +755,10 @@ async def read_frame(reader: asyncio.StreamReader, decoder: FrameDecoder) -> Fra
 async def greet(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> FrameDecoder:
     decoder = FrameDecoder()
     hello = await read_frame(reader, decoder)
-    assert decode_json(hello) == {"versions": [PROTOCOL_VERSION]}
+    offer = decode_json(hello)
+    assert offer["versions"] == [PROTOCOL_VERSION]
+    assert len(bytes.fromhex(offer["seed"])) == 32  # a fresh RNG seed for a restored guest
+    assert abs(offer["time"] - time.time()) < 60
     writer.write(encode_json(FrameType.HELLO, 0, {"version": 1, "agent": "fake", "pid": 1}))
     return decoder
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import os
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
@@ -260,15 +261,18 @@ class AgentClient:
 
     async def _handshake(self) -> None:
         self._reader_task = asyncio.create_task(self._read_loop(), name="warden-agent-reader")
-        await self._send(encode_json(FrameType.HELLO, 0, {"versions": [PROTOCOL_VERSION]}))
-        hello = await self._hello
-        if hello.get("version") != PROTOCOL_VERSION:
+        # A fresh seed and the time with every HELLO: a VM restored from a boot snapshot
+        # must not share its RNG state or its clock with its siblings.
+        hello = {"versions": [PROTOCOL_VERSION], "seed": os.urandom(32).hex(), "time": time.time()}
+        await self._send(encode_json(FrameType.HELLO, 0, hello))
+        reply = await self._hello
+        if reply.get("version") != PROTOCOL_VERSION:
             error = ProtocolError(
-                f"the guest agent chose protocol version {hello.get('version')!r}"
+                f"the guest agent chose protocol version {reply.get('version')!r}"
             )
             self._abort(error)
             raise error
-        self.agent_hello = hello
+        self.agent_hello = reply
 
     # -- the connection
 

@@ -925,6 +925,8 @@ class Session:
         if self.greeted:  # a new host behind a connection whose EOF we missed
             self._cancel_all()
         self.greeted = True
+        if os.getpid() == 1:  # only ever in a guest: never touch a host's clock or pool
+            _freshen(hello.get("seed"), hello.get("time"))
         self.writer.send(
             encode_json(
                 FrameType.HELLO,
@@ -1093,6 +1095,38 @@ def _open_port() -> int:
         elif time.monotonic() > deadline:
             raise RuntimeError(f"no virtio port named {PORT_NAME} under {VIRTIO_PORTS}")
         time.sleep(0.05)
+
+
+RNDADDENTROPY = 0x40085203  # _IOW('R', 0x03, int[2])
+RNDRESEEDCRNG = 0x5207  # _IO('R', 0x07)
+
+
+def _freshen(seed: object, host_time: object) -> None:
+    """Mix the host's seed into the kernel's entropy pool, reseed it, and set the clock.
+
+    A VM restored from a boot snapshot starts with the RNG state and the clock of the moment
+    the snapshot was taken, as does every other VM restored from it. The host sends a fresh
+    seed and the time with every HELLO, and they are applied before any request runs.
+    """
+    if isinstance(host_time, int | float):
+        try:
+            time.clock_settime(time.CLOCK_REALTIME, float(host_time))
+        except OSError as exc:
+            _log(f"clock_settime failed: {exc}")
+    if isinstance(seed, str):
+        try:
+            import fcntl
+            import struct
+
+            data = bytes.fromhex(seed)
+            fd = os.open("/dev/random", os.O_WRONLY)
+            try:
+                fcntl.ioctl(fd, RNDADDENTROPY, struct.pack("ii", len(data) * 8, len(data)) + data)
+                fcntl.ioctl(fd, RNDRESEEDCRNG)
+            finally:
+                os.close(fd)
+        except (OSError, ValueError) as exc:
+            _log(f"reseeding the RNG failed: {exc}")
 
 
 def _power_off() -> None:

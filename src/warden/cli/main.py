@@ -59,6 +59,9 @@ def run(
     shell: Annotated[
         bool, typer.Option("--shell", help="Run CMD as one /bin/sh -c string.")
     ] = False,
+    cold: Annotated[
+        bool, typer.Option("--cold", help="Boot from scratch, not from the boot snapshot.")
+    ] = False,
 ) -> None:
     """Boot a VM, run CMD in it, stream its output, and exit with CMD's exit code.
 
@@ -68,7 +71,18 @@ def run(
     stdin = sys.stdin.buffer.read() if interactive else None
     command: str | list[str] = " ".join(cmd) if shell else cmd
     try:
-        code = asyncio.run(_run(command, image, memory, cpus, timeout, env_map, stdin))
+        code = asyncio.run(
+            _run(
+                command,
+                image,
+                memory,
+                cpus,
+                timeout,
+                env_map,
+                stdin,
+                "cold" if cold else "snapshot",
+            )
+        )
     except CommandTimeoutError as exc:
         err.print(f"[red]warden:[/red] {exc}")
         raise typer.Exit(EXIT_TIMEOUT) from None
@@ -86,6 +100,7 @@ async def _run(
     timeout: float | None,
     env: dict[str, str],
     stdin: bytes | None,
+    boot: str,
 ) -> int:
     from warden.sdk import AsyncSandbox
 
@@ -99,7 +114,7 @@ async def _run(
         errout.write(chunk)
         errout.flush()
 
-    async with await AsyncSandbox.create(image, memory_mib=memory, vcpus=cpus) as sbx:
+    async with await AsyncSandbox.create(image, memory_mib=memory, vcpus=cpus, boot=boot) as sbx:
         # Raw bytes straight through: the CLI must pass binary output unchanged.
         result = await sbx._agent().exec(
             command,

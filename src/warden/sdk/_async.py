@@ -43,8 +43,14 @@ class AsyncSandbox:
         labels: dict[str, str] | None = None,
         accel: str = "auto",
         timeout: float = 60.0,
+        boot: str = "snapshot",
     ) -> AsyncSandbox:
-        """Boot a sandbox and wait until its agent answers (at most ``timeout`` seconds)."""
+        """Boot a sandbox and wait until its agent answers (at most ``timeout`` seconds).
+
+        ``boot="snapshot"`` (the default) restores a saved just-booted state of the same
+        configuration when there is one, and saves one after a cold boot; ``"cold"`` always
+        boots from scratch.
+        """
         spec = VMSpec.parse(
             image=image,
             memory_mib=memory_mib,
@@ -54,6 +60,7 @@ class AsyncSandbox:
             labels=labels or {},
             accel=accel,
             agent_timeout_s=timeout,
+            boot=boot,
         )
         machine = Machine(spec, paths=Paths.from_env())
         await machine.launch()

@@ -38,8 +38,14 @@ class Sandbox:
         labels: dict[str, str] | None = None,
         accel: str = "auto",
         timeout: float = 60.0,
+        boot: str = "snapshot",
     ) -> Sandbox:
-        """Boot a sandbox and wait until its agent answers (at most ``timeout`` seconds)."""
+        """Boot a sandbox and wait until its agent answers (at most ``timeout`` seconds).
+
+        ``boot="snapshot"`` (the default) restores a saved just-booted state of the same
+        configuration when there is one, and saves one after a cold boot; ``"cold"`` always
+        boots from scratch.
+        """
         return cls(
             _portal.call(
                 AsyncSandbox.create(
@@ -51,6 +57,7 @@ class Sandbox:
                     labels=labels,
                     accel=accel,
                     timeout=timeout,
+                    boot=boot,
                 )
             )
         )

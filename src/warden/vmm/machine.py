@@ -20,16 +20,17 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
-from qemu.qmp import QMPClient
+from qemu.qmp import QMPClient, QMPError
 
 from warden._errors import AgentTimeoutError, HostError, LaunchError, VMError
 from warden.agent.client import AgentClient
 from warden.config import Paths
 from warden.image.store import Image, load_image, verify_image
 from warden.vmm import ownership
-from warden.vmm.accel import AccelChoice, resolve_accel
+from warden.vmm.accel import AccelChoice, qemu_version, resolve_accel
 from warden.vmm.argv import BootFiles, RuntimeFiles, build_argv, host_tsc_khz
 from warden.vmm.ownership import Ownership
+from warden.vmm.snapshot import BootSnapshots
 from warden.vmm.spec import VMSpec
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,10 @@ class Machine:
         self._agent: AgentClient | None = None
         self._watch: asyncio.Task[None] | None = None
         self._exit_code: int | None = None
+        self.snapshots = BootSnapshots(self.paths)
+        self.booted_from: str | None = None
+        self.snapshot_key: str | None = None
+        """``snapshot`` or ``cold``, once launched."""
 
     # -- public surface ------------------------------------------------------------------
 
@@ -110,8 +115,7 @@ class Machine:
             raise VMError(f"VM {self.id} was launched already")
         try:
             boot = await asyncio.to_thread(self._prepare)
-            await self._spawn(boot)
-            await self._connect()
+            await self._boot(boot)
         except BaseException as exc:
             await self._rollback()
             if isinstance(exc, (asyncio.CancelledError, LaunchError, AgentTimeoutError)):
@@ -181,34 +185,102 @@ class Machine:
         ownership.claim(self.run.dir, self.ownership)
         return boot
 
-    def _build_argv(self, boot: BootFiles) -> list[str]:
+    async def _boot(self, boot: BootFiles) -> None:
+        """Restore the boot snapshot of this configuration if there is one, else boot cold."""
         assert self.accel is not None
-        argv = build_argv(
+        qemu_argv = build_argv(
             self.spec, boot, self.run, accel=self.accel.name, qemu=self.qemu, tsc_khz=tsc_khz()
         )
+        argv = qemu_argv
         for wrap in self.wrappers:
             argv = wrap(argv)
-        return ownership.spawn_prefix(self.ownership) + argv
+        self.argv = ownership.spawn_prefix(self.ownership) + argv
+        key: str | None = None
+        if self.spec.boot == "snapshot":
+            key = BootSnapshots.key(qemu_argv, self.id, self.run.dir, qemu_version(self.qemu))
+            self.snapshot_key = key
+            state = self.snapshots.lookup(key)
+            if state is not None:
+                try:
+                    await self._spawn(restore=state)
+                    await self._connect(restored=True)
+                    self.booted_from = "snapshot"
+                    return
+                except LaunchError as exc:
+                    log.warning(
+                        "VM %s: boot snapshot did not restore (%s); booting cold",
+                        self.id,
+                        exc.reason,
+                    )
+                    self.snapshots.discard(key)
+                    await self._stop_process()
+        await self._spawn()
+        await self._connect()
+        self.booted_from = "cold"
+        if key is not None:
+            await self._save_snapshot(key)
 
-    async def _spawn(self, boot: BootFiles) -> None:
-        self.argv = self._build_argv(boot)
-        with open(self.run.qemu_log, "wb") as qemu_log:
-            self._proc = await asyncio.create_subprocess_exec(
-                *self.argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=qemu_log,
-                stderr=asyncio.subprocess.STDOUT,
-                start_new_session=ownership.new_session(self.ownership),
-            )
+    async def _spawn(self, *, restore: Path | None = None) -> None:
+        argv = list(self.argv)
+        pass_fds: tuple[int, ...] = ()
+        state = open(restore, "rb") if restore is not None else None  # noqa: SIM115
+        try:
+            if state is not None:
+                pass_fds = (state.fileno(),)
+                argv += ["-incoming", f"fd:{state.fileno()}"]
+            with open(self.run.qemu_log, "wb") as qemu_log:
+                self._proc = await asyncio.create_subprocess_exec(
+                    *argv,
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=qemu_log,
+                    stderr=asyncio.subprocess.STDOUT,
+                    start_new_session=ownership.new_session(self.ownership),
+                    pass_fds=pass_fds,
+                )
+        finally:
+            if state is not None:
+                state.close()
         ownership.record_qemu(self.run.dir, self._proc.pid)
 
-    async def _connect(self) -> None:
-        """Connect QMP and the agent, racing both against QEMU's exit and the deadline."""
+    async def _save_snapshot(self, key: str) -> None:
+        """Save this just-booted VM as the boot snapshot of its configuration, then resume.
+
+        Best effort: a failure is logged and the VM goes on; only one process writes a key.
+        """
+        assert self._qmp is not None and self._agent is not None
+        with self.snapshots.writer_lock(key) as mine:
+            if not mine or self.snapshots.lookup(key) is not None:
+                return
+            await self._agent.close()  # the snapshot must hold no host session
+            self._agent = None
+            try:
+                meta = {
+                    "image": self.spec.image,
+                    "vcpus": self.spec.vcpus,
+                    "memory_mib": self.spec.memory_mib,
+                    "argv": self.argv,
+                }
+                await self.snapshots.capture(self._qmp, key, meta)
+            except (VMError, OSError, QMPError) as exc:
+                log.warning("VM %s: could not save a boot snapshot: %s", self.id, exc)
+            finally:
+                await self._qmp.execute("cont")
+        self._agent = await AgentClient.connect_unix(
+            self.run.agent, timeout=self.spec.agent_timeout_s
+        )
+
+    async def _connect(self, *, restored: bool = False) -> None:
+        """Connect QMP and the agent, racing both against QEMU's exit and the deadline.
+
+        A restored VM is resumed once its state has loaded: the snapshot was taken paused.
+        """
         assert self._proc is not None
         deadline = time.monotonic() + self.spec.agent_timeout_s
         exited = asyncio.create_task(self._proc.wait())
         try:
             self._qmp = await self._race(self._connect_qmp(deadline), exited, deadline, "QMP")
+            if restored:
+                await self._race(self._resume_restored(self._qmp), exited, deadline, "restore")
             self._agent = await self._race(
                 AgentClient.connect_unix(self.run.agent, timeout=deadline - time.monotonic()),
                 exited,
@@ -267,8 +339,19 @@ class Machine:
         text = _tail(self.run.qemu_log, 5)
         return f": {text}" if text else ""
 
+    @staticmethod
+    async def _resume_restored(qmp: QMPClient) -> None:
+        while True:
+            status = await qmp.execute("query-status")
+            if isinstance(status, dict) and status.get("status") != "inmigrate":
+                break
+            await asyncio.sleep(0.005)
+        await qmp.execute("cont")
+
     async def _connect_qmp(self, deadline: float) -> QMPClient:
         qmp = QMPClient(f"warden-{self.id}")
+        while not self.run.qmp.exists() and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
         while True:
             try:
                 await qmp.connect(str(self.run.qmp))
@@ -291,16 +374,11 @@ class Machine:
             await self._cleanup()
 
     async def _hard_stop(self) -> None:
-        if self._proc is not None and self._proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                self._proc.send_signal(signal.SIGKILL)
+        await self._stop_process()
         await self._cleanup()
 
-    async def _rollback(self) -> None:
-        self.state = VMState.FAILED
-        await self._hard_stop()
-
-    async def _cleanup(self) -> None:
+    async def _stop_process(self) -> None:
+        """SIGKILL QEMU and drop its connections, keeping the runtime dir (for a retry)."""
         if self._agent is not None:
             with contextlib.suppress(Exception):
                 await self._agent.close()
@@ -308,8 +386,18 @@ class Machine:
             with contextlib.suppress(Exception):
                 await self._qmp.disconnect()
             self._qmp = None
+        if self._proc is not None and self._proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self._proc.send_signal(signal.SIGKILL)
         if self._proc is not None:
             self._exit_code = await self._proc.wait()
+
+    async def _rollback(self) -> None:
+        self.state = VMState.FAILED
+        await self._hard_stop()
+
+    async def _cleanup(self) -> None:
+        await self._stop_process()
         if self._watch is not None and self._watch is not asyncio.current_task():
             self._watch.cancel()
         if self.run.dir.exists():

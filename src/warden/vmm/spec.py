@@ -18,6 +18,7 @@ MAX_VCPUS = 64
 
 Accel = Literal["auto", "kvm", "tcg"]
 MemoryBackend = Literal["ram", "file"]
+BootMode = Literal["snapshot", "cold"]
 
 
 class VMSpec(BaseModel):
@@ -36,6 +37,10 @@ class VMSpec(BaseModel):
         default="ram", description="'file' backs guest RAM with a shareable file (for clones)"
     )
     agent_timeout_s: float = Field(default=60.0, gt=0, le=3600)
+    boot: BootMode = Field(
+        default="snapshot",
+        description="'snapshot' restores a saved just-booted state when one exists; 'cold' boots",
+    )
 
     @field_validator("name")
     @classmethod
