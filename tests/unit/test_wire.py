@@ -17,14 +17,17 @@ from warden.wire.frame import (
     MAX_PAYLOAD,
     MAX_REQUEST_ID,
     PROTOCOL_VERSION,
+    XFER_REF,
     Channel,
     Frame,
     FrameDecoder,
     FrameError,
     FrameType,
     decode_json,
+    decode_xfer_ref,
     encode,
     encode_json,
+    encode_xfer_ref,
 )
 
 frames = st.builds(
@@ -153,7 +156,7 @@ def test_decode_json_raises_only_frame_error(payload: bytes) -> None:
         ({"ftype": 0}, "type"),
         ({"ftype": 8}, "type"),
         ({"ftype": 255}, "type"),
-        ({"channel": 5}, "channel"),
+        ({"channel": 6}, "channel"),
         ({"flags": 1}, "flags"),
         ({"length": MAX_PAYLOAD + 1}, "length"),
         ({"length": 0xFFFFFFFF}, "length"),
@@ -238,3 +241,27 @@ def test_streaming_is_linear() -> None:
     elapsed = time.perf_counter() - start
     assert count == 64
     assert elapsed < 1.0, f"64 MiB took {elapsed:.2f}s ({64 / elapsed:.0f} MiB/s)"
+
+
+@given(
+    offset=st.integers(min_value=0, max_value=1 << 40).map(lambda n: n * 4096),
+    length=st.integers(min_value=1, max_value=4 << 20),
+)
+def test_xfer_references_round_trip(offset: int, length: int) -> None:
+    assert decode_xfer_ref(encode_xfer_ref(offset, length)) == (offset, length)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"",
+        b"\x00" * 11,
+        b"\x00" * 13,
+        XFER_REF.pack(1, 10),
+        XFER_REF.pack(0, 0),
+        XFER_REF.pack(0, (4 << 20) + 1),
+    ],
+)
+def test_bad_xfer_references_are_frame_errors(payload: bytes) -> None:
+    with pytest.raises(FrameError):
+        decode_xfer_ref(payload)

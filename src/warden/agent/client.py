@@ -37,19 +37,24 @@ from warden._errors import (
 )
 from warden.wire.frame import (
     PROTOCOL_VERSION,
+    XFER_MAX_LENGTH,
     Channel,
     Frame,
     FrameDecoder,
     FrameError,
     FrameType,
     decode_json,
+    decode_xfer_ref,
     encode_header,
     encode_json,
+    encode_xfer_ref,
 )
 
 __all__ = ["AgentClient", "EntryInfo", "ExecResult", "OutputCallback"]
 
 SEND_CHUNK = 256 * 1024
+XFER_MIN = 64 * 1024
+"""Pieces smaller than this go inline in DATA frames; larger ones through the window."""
 """The largest DATA payload the client sends (well under ``MAX_PAYLOAD``)."""
 READ_SIZE = 256 * 1024
 STREAM_LIMIT = 1 << 20
@@ -182,17 +187,79 @@ class _Request:
 
 async def _chunks(
     data: bytes | bytearray | memoryview | AsyncIterable[bytes],
+    size: int = SEND_CHUNK,
 ) -> AsyncIterator[memoryview]:
-    """Split bytes, or the pieces of an async iterable, into DATA-sized views."""
+    """Split bytes, or the pieces of an async iterable, into views of ``size`` bytes.
+
+    Small pieces of an iterable are gathered up to ``size``, so a stream read in small
+    chunks still fills whole transfer-window slots.
+    """
     if isinstance(data, bytes | bytearray | memoryview):
         view = memoryview(data).cast("B")
-        for start in range(0, len(view), SEND_CHUNK):
-            yield view[start : start + SEND_CHUNK]
+        for start in range(0, len(view), size):
+            yield view[start : start + size]
         return
+    pending = bytearray()
     async for piece in data:
         view = memoryview(piece).cast("B")
-        for start in range(0, len(view), SEND_CHUNK):
-            yield view[start : start + SEND_CHUNK]
+        if not pending and len(view) >= size:
+            cut = len(view) - len(view) % size
+            for start in range(0, cut, size):
+                yield view[start : start + size]
+            view = view[cut:]
+        pending += view
+        while len(pending) >= size:
+            yield memoryview(bytes(pending[:size]))
+            del pending[:size]
+    if pending:
+        yield memoryview(bytes(pending))
+
+
+class _XferWindow:
+    """The host's side of the transfer window: a file that backs the guest's XFER disk.
+
+    It is cut into equal slots. A slot is taken, written with pwrite, referenced in an XFER
+    frame, and given back when the guest acknowledges that reference.
+    """
+
+    def __init__(self, path: Path, slots: int, slot_size: int) -> None:
+        self.slot_size = slot_size
+        self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        self._free: asyncio.Queue[int] = asyncio.Queue()
+        self._closed = asyncio.Event()
+        for i in range(slots):
+            self._free.put_nowait(i * slot_size)
+
+    async def put(self, data: memoryview) -> bytes:
+        """Copy ``data`` into a free slot; return the reference to send."""
+        if self._free.empty():
+            get = asyncio.ensure_future(self._free.get())
+            closed = asyncio.ensure_future(self._closed.wait())
+            try:
+                await asyncio.wait({get, closed}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                closed.cancel()
+                if not get.done():
+                    get.cancel()
+            if not get.done() or get.cancelled():
+                raise SandboxClosedError("the agent connection closed during a file transfer")
+            offset = get.result()
+        else:
+            offset = self._free.get_nowait()
+        if self._closed.is_set():
+            raise SandboxClosedError("the agent connection closed during a file transfer")
+        os.pwrite(self.fd, data, offset)
+        return encode_xfer_ref(offset, len(data))
+
+    def release(self, reference: bytes) -> None:
+        offset, _ = decode_xfer_ref(reference)
+        self._free.put_nowait(offset)
+
+    def close(self) -> None:
+        if not self._closed.is_set():
+            self._closed.set()
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
 
 
 async def _emit(callback: OutputCallback | None, data: bytes) -> None:
@@ -214,6 +281,7 @@ class AgentClient:
         self._closed_by: WardenError | None = None
         self._hello: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._reader_task: asyncio.Task[None] | None = None
+        self._xfer: _XferWindow | None = None
         self.agent_hello: dict[str, Any] = {}
         """The agent's HELLO: ``version``, ``agent`` and ``pid``."""
 
@@ -276,6 +344,23 @@ class AgentClient:
 
     # -- the connection
 
+    def enable_xfer(self, path: Path, *, slots: int, slot_size: int) -> bool:
+        """Send large file writes through the transfer window backed by ``path``.
+
+        Only if the agent found the window's disk (its HELLO says ``xfer``). Returns whether
+        the window is in use.
+        """
+        if not 0 < slot_size <= XFER_MAX_LENGTH or slot_size % 4096:
+            raise ValueError(f"slot_size must be a multiple of 4096 up to {XFER_MAX_LENGTH}")
+        if not self.agent_hello.get("xfer") or self._xfer is not None:
+            return self._xfer is not None
+        self._xfer = _XferWindow(path, slots, slot_size)
+        return True
+
+    @property
+    def xfer_enabled(self) -> bool:
+        return self._xfer is not None
+
     @property
     def closed(self) -> bool:
         return self._closed_by is not None
@@ -306,6 +391,8 @@ class AgentClient:
         if self._closed_by is not None:
             return
         self._closed_by = error
+        if self._xfer is not None:
+            self._xfer.close()
         if not self._hello.done():
             self._hello.set_exception(type(error)(*error.args))
             self._hello.exception()  # mark it retrieved: the handshake may have given up already
@@ -367,6 +454,11 @@ class AgentClient:
             return
         if ftype not in (FrameType.DATA, FrameType.EOF, FrameType.RESPONSE):
             raise FrameError(f"unexpected {ftype.name} frame from the agent")
+        if ftype == FrameType.DATA and frame.channel == Channel.XFER:
+            if self._xfer is None:
+                raise FrameError("a transfer window acknowledgement, but no window is open")
+            self._xfer.release(frame.payload)
+            return
         item: _Item = decode_json(frame) if ftype == FrameType.RESPONSE else frame
         request = self._requests.get(rid)
         if request is None:
@@ -506,11 +598,15 @@ class AgentClient:
     ) -> int:
         """Write a file in the guest atomically (temp file + rename). Returns its size."""
         args = {"op": "write", "path": path, "mode": mode, "parents": parents}
+        xfer = self._xfer
         async with self._request(args) as request:
-            async for chunk in _chunks(data):
+            async for chunk in _chunks(data, xfer.slot_size if xfer else SEND_CHUNK):
                 if request.has_news():
                     break  # the agent refused early (e.g. a missing dir): stop sending
-                await request.send_data(Channel.FILE, chunk)
+                if xfer is not None and len(chunk) >= XFER_MIN:
+                    await request.send_data(Channel.XFER, await xfer.put(chunk))
+                else:
+                    await request.send_data(Channel.FILE, chunk)
             else:
                 await request.send_eof(Channel.FILE)
             response = await request.response()

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from warden.vmm.spec import VMSpec
+from warden.wire.frame import XFER_SERIAL
 
 AGENT_PORT_NAME = "org.warden.agent.0"
 QGA_PORT_NAME = "org.qemu.guest_agent.0"
@@ -13,6 +14,10 @@ QGA_PORT_NAME = "org.qemu.guest_agent.0"
 # Translation-block cache per VM under TCG. QEMU 7.2's default is 1 GiB of (lazily touched)
 # host memory; 256 MiB holds the kernel and Python's hot code without flushes.
 TCG_TB_SIZE_MIB = 256
+
+# The transfer window: XFER_SLOTS slots of XFER_SLOT_SIZE bytes (a sparse file per VM).
+XFER_SLOT_SIZE = 1 << 20
+XFER_SLOTS = 16
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,11 @@ class RuntimeFiles:
     @property
     def memory(self) -> Path:
         return self.dir / "memory.ram"
+
+    @property
+    def xfer(self) -> Path:
+        """The file behind the guest's transfer-window disk (bulk host-to-guest data)."""
+        return self.dir / "xfer.img"
 
     @property
     def pidfile(self) -> Path:
@@ -138,6 +148,9 @@ def build_argv(
         "-device", "virtio-serial-device,max_ports=2",
         "-chardev", f"socket,id=agent,path={run.agent},server=on,wait=off",
         "-device", f"virtserialport,chardev=agent,name={agent_port}",
+        # Last, so the rootfs stays /dev/vda; the guest finds this one by its serial.
+        "-drive", f"id=xfer,file={run.xfer},if=none,format=raw,cache=writeback",
+        "-device", f"virtio-blk-device,drive=xfer,serial={XFER_SERIAL}",
         "-qmp", f"unix:{run.qmp},server=on,wait=off",
         "-pidfile", str(run.pidfile),
     ]  # fmt: skip

@@ -28,7 +28,14 @@ from warden.config import Paths
 from warden.image.store import Image, load_image, verify_image
 from warden.vmm import ownership
 from warden.vmm.accel import AccelChoice, qemu_version, resolve_accel
-from warden.vmm.argv import BootFiles, RuntimeFiles, build_argv, host_tsc_khz
+from warden.vmm.argv import (
+    XFER_SLOT_SIZE,
+    XFER_SLOTS,
+    BootFiles,
+    RuntimeFiles,
+    build_argv,
+    host_tsc_khz,
+)
 from warden.vmm.ownership import Ownership
 from warden.vmm.snapshot import BootSnapshots
 from warden.vmm.spec import VMSpec
@@ -183,6 +190,8 @@ class Machine:
         self.run.dir.parent.mkdir(parents=True, exist_ok=True)
         self.run.dir.mkdir(mode=0o700)
         ownership.claim(self.run.dir, self.ownership)
+        with open(self.run.xfer, "wb") as f:
+            f.truncate(XFER_SLOTS * XFER_SLOT_SIZE)  # sparse: costs nothing until used
         return boot
 
     async def _boot(self, boot: BootFiles) -> None:
@@ -265,9 +274,12 @@ class Machine:
                 log.warning("VM %s: could not save a boot snapshot: %s", self.id, exc)
             finally:
                 await self._qmp.execute("cont")
-        self._agent = await AgentClient.connect_unix(
-            self.run.agent, timeout=self.spec.agent_timeout_s
-        )
+        self._agent = await self._open_agent(self.spec.agent_timeout_s)
+
+    async def _open_agent(self, timeout: float) -> AgentClient:
+        agent = await AgentClient.connect_unix(self.run.agent, timeout=timeout)
+        agent.enable_xfer(self.run.xfer, slots=XFER_SLOTS, slot_size=XFER_SLOT_SIZE)
+        return agent
 
     async def _connect(self, *, restored: bool = False) -> None:
         """Connect QMP and the agent, racing both against QEMU's exit and the deadline.
@@ -282,10 +294,7 @@ class Machine:
             if restored:
                 await self._race(self._resume_restored(self._qmp), exited, deadline, "restore")
             self._agent = await self._race(
-                AgentClient.connect_unix(self.run.agent, timeout=deadline - time.monotonic()),
-                exited,
-                deadline,
-                "the guest agent",
+                self._open_agent(deadline - time.monotonic()), exited, deadline, "the guest agent"
             )
         finally:
             if not exited.done():

@@ -28,14 +28,19 @@ __all__ = [
     "MAX_PAYLOAD",
     "MAX_REQUEST_ID",
     "PROTOCOL_VERSION",
+    "XFER_ALIGN",
+    "XFER_MAX_LENGTH",
+    "XFER_SERIAL",
     "Channel",
     "Frame",
     "FrameDecoder",
     "FrameError",
     "FrameType",
     "decode_json",
+    "decode_xfer_ref",
     "encode",
     "encode_json",
+    "encode_xfer_ref",
 ]
 
 PROTOCOL_VERSION = 1
@@ -45,6 +50,15 @@ MAX_PAYLOAD = 1 << 20
 """The largest payload a frame may carry (1 MiB)."""
 
 MAX_REQUEST_ID = (1 << 32) - 1
+
+# The bulk transfer window: a per-VM virtio-blk disk (serial XFER_SERIAL) that the host writes
+# and the guest reads with O_DIRECT. A DATA frame on channel XFER carries a reference into it
+# (offset, length) instead of the bytes; the guest answers each one with the same reference
+# once it has consumed it, so the host can reuse that part of the window.
+XFER_SERIAL = "warden-xfer"
+XFER_ALIGN = 4096
+XFER_MAX_LENGTH = 4 << 20
+XFER_REF = struct.Struct(">QI")
 
 HEADER = struct.Struct(">BBBBII")
 """version, type, channel, flags, request_id, length."""
@@ -82,6 +96,7 @@ class Channel(IntEnum):
     STDOUT = 2
     STDERR = 3
     FILE = 4
+    XFER = 5
 
 
 _TYPES: dict[int, FrameType] = {t.value: t for t in FrameType}
@@ -225,3 +240,22 @@ class FrameDecoder:
         if length > self._max_payload:
             return f"frame length {length} exceeds the maximum of {self._max_payload}"
         return None
+
+
+def encode_xfer_ref(offset: int, length: int) -> bytes:
+    """The payload of an XFER DATA frame."""
+    if offset < 0 or offset % XFER_ALIGN or not 0 < length <= XFER_MAX_LENGTH:
+        raise FrameError(f"bad transfer window reference: offset {offset}, length {length}")
+    return XFER_REF.pack(offset, length)
+
+
+def decode_xfer_ref(payload: bytes) -> tuple[int, int]:
+    """(offset, length) from an XFER DATA frame; FrameError if malformed."""
+    if len(payload) != XFER_REF.size:
+        raise FrameError(
+            f"a transfer window reference is {XFER_REF.size} bytes, not {len(payload)}"
+        )
+    offset, length = XFER_REF.unpack(payload)
+    if offset % XFER_ALIGN or not 0 < length <= XFER_MAX_LENGTH:
+        raise FrameError(f"bad transfer window reference: offset {offset}, length {length}")
+    return offset, length
