@@ -98,6 +98,7 @@ def test_kernel_cmdline_tunes_tcg_only() -> None:
     tcg = kernel_cmdline("agent", accel="tcg", tsc_khz=2596134)
     kvm = kernel_cmdline("agent", accel="kvm", tsc_khz=None)
     assert "mitigations=off" in tcg.split() and "mitigations=off" not in kvm.split()
+    assert "norandmaps" in tcg.split() and "norandmaps" not in kvm.split()
     assert "tsc_early_khz=2596134" in tcg.split() and "tsc_early_khz" not in kvm
     assert tcg.split()[-1] == kvm.split()[-1] == "warden.mode=agent"
     assert "reboot=t" in kvm.split()
