@@ -22,6 +22,7 @@ from typing import Any
 from warden.config import Paths
 from warden.image.store import load_image
 from warden.vmm.argv import QGA_PORT_NAME, BootFiles, RuntimeFiles, build_argv
+from warden.vmm.machine import tsc_khz
 from warden.vmm.spec import VMSpec
 
 
@@ -36,8 +37,11 @@ def _sync_reply(line: bytes) -> int | None:
 class QgaVM:
     """A QEMU microVM running qemu-ga, with a minimal async QGA client."""
 
-    def __init__(self, memory_mib: int = 256) -> None:
+    def __init__(self, memory_mib: int = 256, *, tuned: bool = False) -> None:
+        """``tuned`` gives the peer warden's TCG kernel settings (see ``kernel_cmdline``);
+        by default it boots with the stock command line, as a QEMU user would."""
         self.memory_mib = memory_mib
+        self.tuned = tuned
         self._dir = Path(tempfile.mkdtemp(prefix="warden-bench-qga-"))
         self._proc: asyncio.subprocess.Process | None = None
         self._reader: asyncio.StreamReader | None = None
@@ -56,6 +60,8 @@ class QgaVM:
             qemu=shutil.which("qemu-system-x86_64") or "qemu-system-x86_64",
             mode="qga",
             agent_port=QGA_PORT_NAME,
+            tsc_khz=tsc_khz(),  # not for speed: without it a busy host hangs the guest's boot
+            tune=self.tuned,
         )
         # The same devices as a warden VM; qemu-ga never touches the transfer window disk.
         with open(run.xfer, "wb") as f:

@@ -63,7 +63,9 @@ class RuntimeFiles:
         return self.dir / "qemu.pid"
 
 
-def kernel_cmdline(mode: str = "agent", *, accel: str = "tcg", tsc_khz: int | None = None) -> str:
+def kernel_cmdline(
+    mode: str = "agent", *, accel: str = "tcg", tsc_khz: int | None = None, tune: bool = True
+) -> str:
     """The guest kernel's command line.
 
     * ``reboot=t``: a reboot triple-faults at once, and ``-no-reboot`` turns that into QEMU's
@@ -80,11 +82,13 @@ def kernel_cmdline(mode: str = "agent", *, accel: str = "tcg", tsc_khz: int | No
       all its code is translated again. Without it, spawning ``/bin/true`` in the guest takes
       6 ms instead of 27 ms (measured here). ASLR only hardens guest processes against each
       other inside one sandbox; the isolation boundary is the VM. Under KVM it stays on.
+
+    ``tune=False`` leaves out the two speed settings (the benchmark's stock peer uses it).
     """
     parts = ["console=ttyS0", "quiet", "panic=-1", "reboot=t"]
     if tsc_khz:
         parts += [f"tsc_early_khz={tsc_khz}", "tsc=reliable"]
-    if accel == "tcg":
+    if accel == "tcg" and tune:
         parts += ["mitigations=off", "norandmaps"]
     parts.append(f"warden.mode={mode}")
     return " ".join(parts)
@@ -119,6 +123,7 @@ def build_argv(
     mode: str = "agent",
     agent_port: str = AGENT_PORT_NAME,
     tsc_khz: int | None = None,
+    tune: bool = True,
 ) -> list[str]:
     """Return QEMU's argv for ``spec``. ``accel`` is the resolved accelerator: kvm or tcg."""
     if accel not in ("kvm", "tcg"):
@@ -145,7 +150,7 @@ def build_argv(
         "-no-reboot",
         "-kernel", str(boot.kernel),
         "-initrd", str(boot.initrd),
-        "-append", kernel_cmdline(mode, accel=accel, tsc_khz=tsc_khz),
+        "-append", kernel_cmdline(mode, accel=accel, tsc_khz=tsc_khz, tune=tune),
         "-chardev", f"file,id=console,path={run.console}",
         "-serial", "chardev:console",
         "-drive", f"id=root,file={boot.rootfs},if=none,format=raw,readonly=on",
