@@ -14,7 +14,7 @@ $W image list
 step "warden run -- uname -a"
 $W run -- uname -a
 
-step "warden run -e WHO=demo -- sh -c 'echo hello \$WHO from \$(hostname); cat /proc/meminfo | head -2'"
+step "warden run -e WHO=demo --shell -- 'echo hello \$WHO from a microVM; head -2 /proc/meminfo'"
 $W run -e WHO=demo --shell -- 'echo hello $WHO from a microVM; head -2 /proc/meminfo'
 
 step "warden run -- python3 -c 'import sys; sys.exit(3)'   (the exit code comes back)"
