@@ -12,7 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from warden import AgentTimeoutError, AsyncSandbox, ImageError, Sandbox, SpecError
+from warden import (
+    AgentTimeoutError,
+    AsyncSandbox,
+    ImageError,
+    Sandbox,
+    SandboxClosedError,
+    SpecError,
+)
 from warden.config import Paths
 from warden.vmm.ownership import proc_start_time
 
@@ -106,3 +113,19 @@ def test_stale_runtime_dirs_are_swept_on_start(no_leaks: None) -> None:
     with Sandbox.create() as sbx:
         assert sbx.commands.run("true").exit_code == 0
     assert not stale.exists()
+
+
+def test_a_vm_whose_qemu_dies_is_marked_failed_and_released(no_leaks: None) -> None:
+    sbx = Sandbox.create()
+    machine = sbx._inner._machine
+    pid, rundir = machine.pid, machine.run.dir
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)  # by its recorded pid, as an outside failure would
+    deadline = time.monotonic() + 5
+    while sbx.state != "failed" and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert sbx.state == "failed"
+    assert not rundir.exists()
+    with pytest.raises(SandboxClosedError, match="exited with code"):
+        sbx.commands.run("true")
+    sbx.kill()  # still safe

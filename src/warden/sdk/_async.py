@@ -114,9 +114,16 @@ class AsyncSandbox:
         await self.kill()
 
     def _agent(self) -> AgentClient:
-        if self._machine.state is not VMState.RUNNING:
+        machine = self._machine
+        if machine.state is not VMState.RUNNING:
+            detail = ""
+            if machine.state is VMState.FAILED:
+                detail = (
+                    f" (its QEMU exited with code {machine.exit_code}; console tail:\n"
+                    f"{machine.console_tail() or '(empty)'})"
+                )
             raise SandboxClosedError(
-                f"sandbox {self.id} is {self._machine.state.value}; create a new one with "
+                f"sandbox {self.id} is {machine.state.value}{detail}; create a new one with "
                 "Sandbox.create()"
             )
         return self._machine.agent

@@ -94,8 +94,9 @@ class Machine:
         self._exit_code: int | None = None
         self.snapshots = BootSnapshots(self.paths)
         self.booted_from: str | None = None
-        self.snapshot_key: str | None = None
         """``snapshot`` or ``cold``, once launched."""
+        self.snapshot_key: str | None = None
+        self._final_console: str | None = None
 
     # -- public surface ------------------------------------------------------------------
 
@@ -114,6 +115,9 @@ class Machine:
         return self._exit_code
 
     def console_tail(self, lines: int = CONSOLE_TAIL_LINES) -> str:
+        """The last lines of the guest console (kept after the runtime dir is gone)."""
+        if self._final_console is not None:
+            return "\n".join(self._final_console.splitlines()[-lines:])
         return _tail(self.run.console, lines)
 
     async def launch(self) -> None:
@@ -410,6 +414,7 @@ class Machine:
         if self._watch is not None and self._watch is not asyncio.current_task():
             self._watch.cancel()
         if self.run.dir.exists():
+            self._final_console = _tail(self.run.console, CONSOLE_TAIL_LINES)
             await asyncio.to_thread(shutil.rmtree, self.run.dir, True)
 
 
