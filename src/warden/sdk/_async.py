@@ -10,7 +10,6 @@ from typing import IO, Any, Literal, overload
 
 from warden._errors import GuestFileError, SandboxClosedError
 from warden.agent.client import AgentClient
-from warden.agent.client import EntryInfo as _AgentEntry
 from warden.config import Paths
 from warden.sdk._types import CommandResult, EntryInfo
 from warden.vmm.machine import Machine, VMState
@@ -229,10 +228,10 @@ class AsyncFiles:
         return self._sbx._agent().read_file(path)
 
     async def list(self, path: str) -> list[EntryInfo]:
-        return [_entry(e) for e in await self._sbx._agent().list_dir(path)]
+        return await self._sbx._agent().list_dir(path)
 
     async def stat(self, path: str) -> EntryInfo:
-        return _entry(await self._sbx._agent().stat(path))
+        return await self._sbx._agent().stat(path)
 
     async def exists(self, path: str) -> bool:
         try:
@@ -256,7 +255,3 @@ async def _read_chunks(f: IO[bytes]) -> AsyncIterator[bytes]:
 
     while chunk := await asyncio.to_thread(f.read, CHUNK):
         yield chunk
-
-
-def _entry(e: _AgentEntry) -> EntryInfo:
-    return EntryInfo(name=e.name, path=e.path, type=e.type, size=e.size, mode=e.mode, mtime=e.mtime)

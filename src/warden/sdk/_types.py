@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from warden.agent.client import EntryInfo
+
+__all__ = ["CommandResult", "EntryInfo"]
+
 
 @dataclass(frozen=True)
 class CommandResult:
@@ -16,16 +20,3 @@ class CommandResult:
     signal: int | None = None
     stdout_bytes: bytes = field(default=b"", repr=False)
     stderr_bytes: bytes = field(default=b"", repr=False)
-
-
-@dataclass(frozen=True)
-class EntryInfo:
-    """A file or directory in the sandbox."""
-
-    name: str
-    path: str
-    type: str
-    """One of ``file``, ``dir``, ``symlink``, ``other``."""
-    size: int
-    mode: int
-    mtime: float

@@ -11,8 +11,9 @@ from warden.wire.frame import XFER_SERIAL
 AGENT_PORT_NAME = "org.warden.agent.0"
 QGA_PORT_NAME = "org.qemu.guest_agent.0"
 
-# Translation-block cache per VM under TCG. QEMU 7.2's default is 1 GiB of (lazily touched)
-# host memory; 256 MiB holds the kernel and Python's hot code without flushes.
+# Translation-block cache per VM under TCG. QEMU 7.2 reserves 1 GiB by default, touched as
+# code is translated; 256 MiB caps what one VM's translated code can take of host memory while
+# leaving room for the kernel, the agent and user programs before the cache is flushed.
 TCG_TB_SIZE_MIB = 256
 
 # The transfer window: XFER_SLOTS slots of XFER_SLOT_SIZE bytes (a sparse file per VM).
