@@ -267,7 +267,13 @@ class Machine:
             await self._agent.close()  # the snapshot must hold no host session
             self._agent = None
             try:
+                self.snapshots.prune()
+                assert self.image is not None
                 meta = {
+                    "boot_files": [
+                        str(a.path)
+                        for a in (self.image.kernel, self.image.initrd, self.image.rootfs)
+                    ],
                     "image": self.spec.image,
                     "vcpus": self.spec.vcpus,
                     "memory_mib": self.spec.memory_mib,

@@ -24,6 +24,7 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -62,6 +63,24 @@ class BootSnapshots:
         with contextlib.suppress(OSError):
             target.rmdir()
 
+    def prune(self) -> list[Path]:
+        """Delete snapshots whose image files are gone (the image was rebuilt or removed)."""
+        removed: list[Path] = []
+        if not self.root.is_dir():
+            return removed
+        for entry in self.root.iterdir():
+            if not entry.is_dir():
+                continue
+            try:
+                files = json.loads((entry / META_FILE).read_text()).get("boot_files", [])
+            except (OSError, ValueError, AttributeError):
+                continue  # being written right now, or not ours to judge
+            if any(not Path(f).exists() for f in files):
+                shutil.rmtree(entry, ignore_errors=True)
+                (self.root / f".{entry.name}.lock").unlink(missing_ok=True)
+                removed.append(entry)
+        return removed
+
     @contextlib.contextmanager
     def writer_lock(self, key: str) -> Iterator[bool]:
         """Yield True if this process may write ``key`` (no one else is writing it)."""
@@ -78,9 +97,14 @@ class BootSnapshots:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
     async def capture(self, qmp: QMPClient, key: str, meta: dict[str, object]) -> Path:
-        """Pause the VM, save its state under ``key``. The caller resumes it (``cont``)."""
+        """Pause the VM, save its state under ``key``. The caller resumes it (``cont``).
+
+        Call with :meth:`writer_lock` held for ``key``.
+        """
         target = self.root / key
         target.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for stale in target.glob(f".{STATE_FILE}.*.tmp"):  # a writer that died; we hold the lock
+            stale.unlink(missing_ok=True)
         tmp = target / f".{STATE_FILE}.{os.getpid()}.tmp"
         try:
             await qmp.execute("stop")
