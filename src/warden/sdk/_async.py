@@ -15,7 +15,8 @@ from warden.sdk._types import CommandResult, EntryInfo
 from warden.vmm.machine import Machine, VMState
 from warden.vmm.spec import VMSpec
 
-CHUNK = 256 * 1024
+CHUNK = 1024 * 1024
+"""How much of a file object is read per step (one transfer-window slot)."""
 
 OutputHandler = Callable[[str], Awaitable[None] | None]
 FileData = bytes | str | IO[bytes] | AsyncIterable[bytes]
@@ -204,7 +205,9 @@ class AsyncFiles:
         payload: bytes | AsyncIterable[bytes]
         if isinstance(data, str):
             payload = data.encode()
-        elif isinstance(data, bytes | bytearray | memoryview):
+        elif isinstance(data, bytes):
+            payload = data
+        elif isinstance(data, bytearray | memoryview):
             payload = bytes(data)
         elif isinstance(data, AsyncIterable):
             payload = data
