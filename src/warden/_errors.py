@@ -17,6 +17,11 @@ and its message says what the user can do about it::
      |    +-- CommandTimeoutError  a command passed its timeout and was killed
      |    +-- GuestFileError    a file operation failed in the guest (errno + path)
      +-- SandboxClosedError     the sandbox was killed or closed already
+     +-- StoreError             the manager's state database refused a change
+     |    +-- NameConflictError    the name is taken (HTTP 409)
+     |    +-- VMNotFoundError      no VM has that id or name (HTTP 404)
+     |    +-- StateTransitionError the VM cannot go from its state to that one (HTTP 409)
+     +-- AdmissionError         the host's capacity x overcommit ratio would be passed (409)
 
 ``asyncio.CancelledError`` is never wrapped.
 """
@@ -102,3 +107,24 @@ class GuestFileError(AgentError, OSError):
 
 class SandboxClosedError(WardenError):
     """The sandbox was already killed or closed."""
+
+
+class StoreError(WardenError):
+    """The manager's state database (``$WARDEN_HOME/state.db``) refused or failed an operation."""
+
+
+class NameConflictError(StoreError):
+    """A VM with that name exists already (HTTP 409). Nothing was created."""
+
+
+class VMNotFoundError(StoreError, LookupError):
+    """No VM has that id (HTTP 404)."""
+
+
+class StateTransitionError(StoreError):
+    """A VM's state cannot change that way, e.g. ``stopped -> running`` (HTTP 409)."""
+
+
+class AdmissionError(WardenError):
+    """A create would pass a host limit (HTTP 409). The message names the limit, the numbers
+    and the option to change. Nothing was created."""

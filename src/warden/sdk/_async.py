@@ -12,8 +12,9 @@ from warden._errors import GuestFileError, SandboxClosedError
 from warden.agent.client import AgentClient
 from warden.config import Paths
 from warden.sdk._types import CommandResult, EntryInfo
-from warden.vmm.machine import Machine, VMState
+from warden.vmm.machine import Machine
 from warden.vmm.spec import VMSpec
+from warden.vmm.state import VMState
 
 CHUNK = 1024 * 1024
 """How much of a file object is read per step (one transfer-window slot)."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import functools
 import logging
 import secrets
@@ -39,6 +38,7 @@ from warden.vmm.argv import (
 from warden.vmm.ownership import Ownership
 from warden.vmm.snapshot import BootSnapshots
 from warden.vmm.spec import VMSpec
+from warden.vmm.state import VMState
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -48,14 +48,6 @@ CONSOLE_TAIL_LINES = 25
 
 ArgvWrapper = Callable[[list[str]], list[str]]
 """A launch step that wraps QEMU's argv (ownership today; the jail later)."""
-
-
-class VMState(enum.StrEnum):
-    CREATING = "creating"
-    RUNNING = "running"
-    STOPPING = "stopping"
-    STOPPED = "stopped"
-    FAILED = "failed"
 
 
 def new_vm_id() -> str:
