@@ -12,6 +12,8 @@ from rich.console import Console
 from warden._errors import CommandTimeoutError, WardenError
 from warden.cli.doctor import doctor
 from warden.cli.image import image_app
+from warden.cli.remote import register as register_remote
+from warden.cli.serve import serve
 
 app = typer.Typer(
     name="warden",
@@ -24,6 +26,8 @@ app.add_typer(image_app, name="image", help="Build, list and remove guest images
 app.command("doctor", help="Check QEMU, kernel, image and accelerator; say how to fix problems.")(
     doctor
 )
+app.command("serve")(serve)
+register_remote(app)
 
 err = Console(stderr=True)
 

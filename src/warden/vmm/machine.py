@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 import secrets
 import shutil
 import signal
@@ -79,7 +80,7 @@ class Machine:
         self.image: Image | None = None
         self.argv: list[str] = []
         self.started_at: float | None = None
-        self._proc: asyncio.subprocess.Process | None = None
+        self._proc: asyncio.subprocess.Process | _AttachedProcess | None = None
         self._qmp: QMPClient | None = None
         self._agent: AgentClient | None = None
         self._watch: asyncio.Task[None] | None = None
@@ -166,6 +167,71 @@ class Machine:
         if self._proc is None:
             raise VMError(f"VM {self.id} has no QEMU process")
         return await self._proc.wait()
+
+    @classmethod
+    async def attach(
+        cls,
+        spec: VMSpec,
+        *,
+        vm_id: str,
+        pid: int,
+        pid_start: int | None,
+        paths: Paths | None = None,
+        ownership: Ownership = Ownership.DAEMON,
+        started_at: float | None = None,
+        timeout: float = 10.0,
+    ) -> Machine:
+        """Take over a QEMU that is already running (started by an earlier manager).
+
+        Connects QMP and the guest agent through the VM's runtime dir, sets the state to
+        running and watches the process (a non-child: by polling its pid and start time).
+        Raises VMError if the process is gone or does not answer within ``timeout``; the
+        caller then releases the runtime dir (``ownership.release``).
+        """
+        machine = cls(spec, paths=paths, ownership=ownership, vm_id=vm_id)
+        proc = _AttachedProcess(pid, pid_start)
+        if proc.returncode is not None:
+            raise VMError(f"VM {vm_id}: its QEMU (pid {pid}) is not running any more")
+        machine._proc = proc
+        deadline = time.monotonic() + timeout
+        try:
+            async with asyncio.timeout(timeout):
+                machine._qmp = await machine._connect_qmp(deadline)
+                machine._agent = await machine._open_agent(max(0.1, deadline - time.monotonic()))
+        except BaseException as exc:
+            await machine._detach_connections()
+            machine._proc = None
+            machine.state = VMState.FAILED
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            raise VMError(
+                f"VM {vm_id}: could not reattach to its QEMU (pid {pid}): "
+                f"{exc or type(exc).__name__}"
+            ) from exc
+        machine.started_at = started_at or time.time()
+        machine.state = VMState.RUNNING
+        machine._watch = asyncio.create_task(machine._watch_exit(), name=f"warden-vm-{vm_id}")
+        return machine
+
+    async def detach(self) -> None:
+        """Drop the connections to this VM and stop watching it; QEMU keeps running.
+
+        For a manager that exits and leaves its VMs to the next one (``Ownership.DAEMON``).
+        """
+        if self._watch is not None and self._watch is not asyncio.current_task():
+            self._watch.cancel()
+            with contextlib.suppress(BaseException):
+                await self._watch
+        await self._detach_connections()
+
+    async def _detach_connections(self) -> None:
+        if self._agent is not None:
+            with contextlib.suppress(Exception):
+                await self._agent.close()
+        if self._qmp is not None:
+            with contextlib.suppress(Exception):
+                await self._qmp.disconnect()
+            self._qmp = None
 
     # -- launch steps ----------------------------------------------------------------------
 
@@ -414,6 +480,44 @@ class Machine:
         if self.run.dir.exists():
             self._final_console = _tail(self.run.console, CONSOLE_TAIL_LINES)
             await asyncio.to_thread(shutil.rmtree, self.run.dir, True)
+
+
+ATTACHED_POLL_S = 0.25
+"""How often the exit of an attached (non-child) QEMU is polled."""
+
+UNKNOWN_EXIT_CODE = -1
+"""The exit code recorded for an attached QEMU: a non-child's real code cannot be known."""
+
+
+class _AttachedProcess:
+    """A QEMU process that is not our child (started by an earlier manager).
+
+    Quacks like ``asyncio.subprocess.Process`` for what Machine uses: ``pid``, ``returncode``,
+    ``wait()`` (polls ``ownership.is_alive``) and ``send_signal()`` (only to the same process:
+    its start time must match, so a recycled pid is never signalled).
+    """
+
+    def __init__(self, pid: int, start_time: int | None) -> None:
+        self.pid = pid
+        self.start_time = start_time
+        self._returncode: int | None = None
+
+    @property
+    def returncode(self) -> int | None:
+        if self._returncode is None and not ownership.is_alive(self.pid, self.start_time):
+            self._returncode = UNKNOWN_EXIT_CODE
+        return self._returncode
+
+    async def wait(self) -> int:
+        while True:
+            code = self.returncode
+            if code is not None:
+                return code
+            await asyncio.sleep(ATTACHED_POLL_S)
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is None:
+            os.kill(self.pid, sig)
 
 
 @functools.cache

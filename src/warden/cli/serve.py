@@ -1,0 +1,133 @@
+"""``warden serve``: run the manager daemon on a unix socket (mode 0600).
+
+SIGTERM or SIGINT stop it gracefully: it stops accepting connections, lets in-flight requests
+finish (up to a grace period), and exits leaving every VM running for the next daemon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import signal
+import socket
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from warden._errors import WardenError
+from warden.config import Paths
+
+err = Console(stderr=True)
+
+GRACEFUL_SHUTDOWN_S = 10
+LOCK_NAME = "manager.lock"
+
+
+def default_socket(paths: Paths | None = None) -> Path:
+    return (paths or Paths.from_env()).run / "warden.sock"
+
+
+def serve(
+    socket_path: Annotated[
+        Path | None,
+        typer.Option(
+            "--socket", help="Unix socket to listen on [default: $WARDEN_HOME/run/warden.sock]."
+        ),
+    ] = None,
+    log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning.")] = "info",
+) -> None:
+    """Run the manager daemon: it holds the VMs and serves the REST API on a unix socket."""
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    paths = Paths.from_env()
+    path = socket_path or default_socket(paths)
+    try:
+        lock = _lock(paths)
+    except WardenError as exc:
+        err.print(f"[red]warden:[/red] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    try:
+        sock = _bind(path)
+    except WardenError as exc:
+        err.print(f"[red]warden:[/red] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    try:
+        asyncio.run(_serve(paths, sock, log_level))
+    finally:
+        sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        os.close(lock)
+
+
+def _lock(paths: Paths) -> int:
+    """One daemon per $WARDEN_HOME: hold an exclusive lock for our whole life."""
+    paths.run.mkdir(parents=True, exist_ok=True)
+    fd = os.open(paths.run / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in (errno.EWOULDBLOCK, errno.EACCES):
+            raise WardenError(
+                f"another warden daemon is running for {paths.home}; stop it first"
+            ) from None
+        raise
+    return fd
+
+
+def _bind(path: Path) -> socket.socket:
+    """Bind the unix socket with mode 0600, replacing a stale one (nobody answering)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() or path.is_symlink():
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            path.unlink()  # stale: left by a daemon that was killed
+        else:
+            raise WardenError(f"something already listens on {path}; is a daemon running?")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        sock.bind(str(path))
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+    sock.listen(128)
+    sock.set_inheritable(False)
+    return sock
+
+
+async def _serve(paths: Paths, sock: socket.socket, log_level: str) -> None:
+    import uvicorn
+
+    from warden.server import Manager, create_app
+
+    manager = Manager(paths)
+    app = create_app(manager)
+    config = uvicorn.Config(
+        app,
+        log_level=log_level.lower(),
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+        lifespan="on",
+    )
+    server = uvicorn.Server(config)
+    # uvicorn re-raises the signal that stopped it once it is done; with these handlers that
+    # is a no-op, so `serve` returns and removes its socket instead of dying by the signal.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _ignore)
+    await server.serve(sockets=[sock])
+
+
+def _ignore(signum: int, frame: object) -> None:
+    pass

@@ -1,0 +1,303 @@
+"""The manager: owns every VM of the host, keeps their state in the store, outlives its clients.
+
+One :class:`Manager` per host (``warden serve`` holds a lock file so). Its VMs run with
+``Ownership.DAEMON``: they keep running when the manager exits or is killed, and the next
+manager reattaches to them (:meth:`Manager.start`)::
+
+    manager = Manager(paths)
+    await manager.start()          # reattach to live VMs, mark dead ones failed
+    vm = await manager.create(spec)
+    await manager.close()          # leaves the VMs running
+
+Every store call runs off the event loop (``asyncio.to_thread``), as ``store/db.py`` asks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from warden._errors import StateTransitionError, VMError, VMNotFoundError
+from warden.config import Paths
+from warden.policy.admission import AdmissionPolicy, HostCapacity, check
+from warden.store.db import ACTIVE_STATES, Reservations, Store, VMRow, db_path
+from warden.vmm import ownership
+from warden.vmm.machine import UNKNOWN_EXIT_CODE, Machine, new_vm_id
+from warden.vmm.ownership import Ownership
+from warden.vmm.spec import VMSpec
+from warden.vmm.state import VMState
+
+log = logging.getLogger(__name__)
+
+REATTACH_TIMEOUT_S = 10.0
+STOP_TIMEOUT_S = 3.0
+
+
+@dataclass
+class _Held:
+    """A VM this manager holds: its machine, a lock for lifecycle changes, its monitor."""
+
+    machine: Machine
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    stopping: bool = False
+    monitor: asyncio.Task[None] | None = None
+
+
+class Manager:
+    """Owns VMs: creates, reattaches, stops and removes them, and records all in the store."""
+
+    def __init__(
+        self,
+        paths: Paths,
+        *,
+        store: Store | None = None,
+        policy: AdmissionPolicy | None = None,
+        capacity: HostCapacity | None = None,
+    ) -> None:
+        self.paths = paths
+        self.store = store or Store(db_path(paths))
+        self.policy = policy or AdmissionPolicy()
+        self.capacity = capacity or HostCapacity.from_host()
+        self.vms: dict[str, _Held] = {}
+        self._final_console: dict[str, str] = {}
+
+    # -- life of the manager -----------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Reattach to every live VM of the store; mark dead ones failed and free their files."""
+        rows = await asyncio.to_thread(self.store.list_vms)
+        for row in rows:
+            if row.state not in ACTIVE_STATES:
+                continue
+            await self._recover(row)
+
+    async def _recover(self, row: VMRow) -> None:
+        rundir = row.runtime_dir or self.paths.vms / row.id
+        alive = row.qemu_pid is not None and ownership.is_alive(row.qemu_pid, row.qemu_start)
+        if row.state is VMState.RUNNING and alive and row.qemu_pid is not None:
+            try:
+                machine = await Machine.attach(
+                    row.spec(),
+                    vm_id=row.id,
+                    pid=row.qemu_pid,
+                    pid_start=row.qemu_start,
+                    paths=self.paths,
+                    started_at=row.started_at,
+                    timeout=REATTACH_TIMEOUT_S,
+                )
+            except VMError as exc:
+                log.warning("VM %s: %s; marking it failed", row.id, exc)
+                await self._fail_row(row.id, rundir, f"reattach failed: {exc}")
+                return
+            self._hold(machine)
+            log.info("VM %s: reattached (pid %s)", row.id, row.qemu_pid)
+            return
+        if row.state is VMState.STOPPING:
+            # A stop was under way: finish it.
+            await asyncio.to_thread(ownership.release, rundir)
+            await asyncio.to_thread(self.store.update_state, row.id, VMState.STOPPED)
+            return
+        reason = (
+            "QEMU was not running when the manager started"
+            if not alive
+            else ("the manager died while the VM was being created")
+        )
+        await self._fail_row(row.id, rundir, reason)
+
+    async def _fail_row(self, vm_id: str, rundir: Path, error: str) -> None:
+        await asyncio.to_thread(ownership.release, rundir)
+        with contextlib.suppress(StateTransitionError, VMNotFoundError):
+            await asyncio.to_thread(self.store.update_state, vm_id, VMState.FAILED, error=error)
+
+    async def close(self) -> None:
+        """Let go of every VM without stopping it, and close the store."""
+        for held in list(self.vms.values()):
+            if held.monitor is not None:
+                held.monitor.cancel()
+                with contextlib.suppress(BaseException):
+                    await held.monitor
+            await held.machine.detach()
+        self.vms.clear()
+        self.store.close()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def create(self, spec: VMSpec) -> VMRow:
+        """Admit, record and boot a VM. A refused create (AdmissionError, NameConflictError)
+        leaves no trace; a failed boot leaves a ``failed`` row saying why."""
+        vm_id = new_vm_id()
+
+        def admit(reserved: Reservations) -> None:
+            check(
+                self.policy,
+                self.capacity,
+                reserved_memory_mib=reserved.memory_mib,
+                reserved_vcpus=reserved.vcpus,
+                reserved_vms=reserved.vms,
+                request_memory_mib=spec.memory_mib,
+                request_vcpus=spec.vcpus,
+            )
+
+        await asyncio.to_thread(
+            self.store.create_vm, vm_id, spec, runtime_dir=self.paths.vms / vm_id, admit=admit
+        )
+        machine = Machine(spec, paths=self.paths, ownership=Ownership.DAEMON, vm_id=vm_id)
+        try:
+            await machine.launch()
+        except BaseException as exc:
+            self._final_console[vm_id] = machine.console_tail()
+            await asyncio.shield(
+                asyncio.to_thread(
+                    self.store.update_state,
+                    vm_id,
+                    VMState.FAILED,
+                    error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+                )
+            )
+            raise
+        pid = machine.pid
+        await asyncio.to_thread(
+            self.store.set_pid, vm_id, pid, ownership.proc_start_time(pid) if pid else None
+        )
+        self._hold(machine)
+        return await asyncio.to_thread(self.store.update_state, vm_id, VMState.RUNNING)
+
+    def _hold(self, machine: Machine) -> None:
+        held = _Held(machine)
+        self.vms[machine.id] = held
+        held.monitor = asyncio.create_task(self._monitor(held), name=f"warden-monitor-{machine.id}")
+
+    async def _monitor(self, held: _Held) -> None:
+        """Notice a QEMU that dies on its own: mark its row failed (Machine frees its files)."""
+        machine = held.machine
+        code = await machine.wait()
+        if held.stopping:
+            return
+        # Machine's own watcher marks it failed and cleans up; give it a moment.
+        for _ in range(100):
+            if machine.state is not VMState.RUNNING:
+                break
+            await asyncio.sleep(0.01)
+        log.warning("VM %s: QEMU exited on its own (code %s)", machine.id, code)
+        self._final_console[machine.id] = machine.console_tail()
+        with contextlib.suppress(StateTransitionError, VMNotFoundError):
+            await asyncio.to_thread(
+                self.store.update_state,
+                machine.id,
+                VMState.FAILED,
+                exit_code=None if code == UNKNOWN_EXIT_CODE else code,
+                error="QEMU exited on its own",
+            )
+        self.vms.pop(machine.id, None)
+
+    async def stop(self, vm_id: str, *, force: bool = False) -> VMRow:
+        """Stop a running VM (QMP quit, then SIGKILL; at once with ``force``)."""
+        row = await self.get(vm_id)
+        held = self.vms.get(row.id)
+        if row.state is not VMState.RUNNING or held is None:
+            if row.state in (VMState.STOPPED, VMState.FAILED):
+                return row
+            raise StateTransitionError(
+                f"VM {row.id} is {row.state.value}; it cannot be stopped now"
+            )
+        async with held.lock:
+            if self.vms.get(row.id) is not held:  # a concurrent stop won the race
+                return await self.get(row.id)
+            held.stopping = True
+            await asyncio.to_thread(self.store.update_state, row.id, VMState.STOPPING)
+            machine = held.machine
+            try:
+                if force:
+                    await machine.kill()
+                else:
+                    await machine.shutdown(timeout=STOP_TIMEOUT_S)
+            finally:
+                if held.monitor is not None:
+                    held.monitor.cancel()
+                self._final_console[row.id] = machine.console_tail()
+                self.vms.pop(row.id, None)
+                code = machine.exit_code
+                row = await asyncio.to_thread(
+                    self.store.update_state,
+                    row.id,
+                    VMState.STOPPED,
+                    exit_code=None if code in (None, UNKNOWN_EXIT_CODE) else code,
+                )
+        return row
+
+    async def remove(self, vm_id: str, *, force: bool = False) -> None:
+        """Remove a VM's row; a running VM only with ``force`` (it is killed first)."""
+        row = await self.get(vm_id)
+        if row.state is VMState.CREATING:
+            raise StateTransitionError(
+                f"VM {row.id} is being created; remove it once it is running or failed"
+            )
+        if row.state in ACTIVE_STATES:
+            if not force:
+                raise StateTransitionError(
+                    f"VM {row.id} is {row.state.value}; stop it first, or remove it with force"
+                )
+            if row.id in self.vms:
+                await self.stop(row.id, force=True)
+            else:
+                await self._fail_row(
+                    row.id, row.runtime_dir or self.paths.vms / row.id, "removed while not held"
+                )
+        await asyncio.to_thread(self.store.delete_vm, row.id)
+        self._final_console.pop(row.id, None)
+
+    # -- queries -----------------------------------------------------------------------------
+
+    async def get(self, id_or_name: str) -> VMRow:
+        row = await asyncio.to_thread(self.store.get_vm, id_or_name)
+        if row is None:
+            row = await asyncio.to_thread(self.store.get_vm_by_name, id_or_name)
+        if row is None:
+            raise VMNotFoundError(
+                f"no VM has id or name {id_or_name!r}; `warden ps --all` lists them"
+            )
+        return row
+
+    async def list(self, *, all: bool = False) -> list[VMRow]:
+        return await asyncio.to_thread(self.store.list_vms, all=all)
+
+    async def machine(self, id_or_name: str) -> Machine:
+        """The running machine of a VM; StateTransitionError (409) if it is not running."""
+        row = await self.get(id_or_name)
+        held = self.vms.get(row.id)
+        if held is None or held.machine.state is not VMState.RUNNING:
+            raise StateTransitionError(f"VM {row.id} is {row.state.value}, not running")
+        return held.machine
+
+    async def console(self, id_or_name: str, lines: int = 100) -> str:
+        row = await self.get(id_or_name)
+        held = self.vms.get(row.id)
+        if held is not None:
+            return held.machine.console_tail(lines)
+        return self._final_console.get(row.id, "")
+
+    async def info(self) -> dict[str, object]:
+        reserved = await asyncio.to_thread(self.store.reservations)
+        p, c = self.policy, self.capacity
+        return {
+            "capacity": {"memory_mib": c.memory_mib, "cpus": c.cpus},
+            "policy": {
+                "memory_overcommit": p.memory_overcommit,
+                "vcpu_overcommit": p.vcpu_overcommit,
+                "reserved_host_memory_mib": p.reserved_host_memory_mib,
+                "vm_overhead_mib": p.vm_overhead_mib,
+            },
+            "limits": {"memory_mib": p.memory_limit_mib(c), "vcpus": p.vcpu_limit(c)},
+            "reservations": {
+                "memory_mib": reserved.memory_mib,
+                "charged_memory_mib": p.charge_mib(reserved.memory_mib, reserved.vms),
+                "vcpus": reserved.vcpus,
+                "vms": reserved.vms,
+            },
+            "held": len(self.vms),
+            "time": time.time(),
+        }
