@@ -4,6 +4,12 @@
     >>> with warden.Sandbox.create() as sbx:
     ...     print(sbx.commands.run("uname -r").stdout)
 
+Against a manager daemon (``warden serve``), the same classes come from a client:
+
+    >>> client = warden.connect()          # $WARDEN_HOST, else the local socket
+    >>> with client.Sandbox.create() as sbx:
+    ...     print(sbx.commands.run("uname -r").stdout)
+
 Exports load lazily, so light entry points (the janitor, the CLI's help) start fast.
 """
 
@@ -27,7 +33,7 @@ from warden._errors import (
 )
 
 if TYPE_CHECKING:
-    from warden.sdk import AsyncSandbox, CommandResult, EntryInfo, Sandbox
+    from warden.sdk import AsyncSandbox, Client, CommandResult, EntryInfo, Sandbox, connect
 
 __version__ = "0.1.0"
 
@@ -35,6 +41,7 @@ __all__ = [
     "AgentError",
     "AgentTimeoutError",
     "AsyncSandbox",
+    "Client",
     "CommandResult",
     "CommandTimeoutError",
     "EntryInfo",
@@ -48,9 +55,10 @@ __all__ = [
     "VMError",
     "WardenError",
     "__version__",
+    "connect",
 ]
 
-_LAZY = {"AsyncSandbox", "CommandResult", "EntryInfo", "Sandbox"}
+_LAZY = {"AsyncSandbox", "Client", "CommandResult", "EntryInfo", "Sandbox", "connect"}
 
 
 def __getattr__(name: str) -> Any:

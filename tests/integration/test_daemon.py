@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,9 @@ import httpx
 import pytest
 
 from tests.conftest import qemu_pids, runtime_dirs
+from warden.config import Paths
+from warden.policy.admission import AdmissionPolicy, HostCapacity
+from warden.store.db import Store, db_path
 from warden.vmm import ownership
 
 pytestmark = pytest.mark.vm
@@ -33,15 +36,18 @@ MEMORY = 128
 class Daemon:
     """A `warden serve` subprocess; start/kill/term by its own pid only."""
 
-    def __init__(self, socket: Path, log: Path) -> None:
+    def __init__(
+        self, socket: Path, log: Path, args: Sequence[str] = ("--log-level", "warning")
+    ) -> None:
         self.socket = socket
         self.log = log
+        self.args = list(args)
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [WARDEN, "serve", "--socket", str(self.socket), "--log-level", "warning"],
+                [WARDEN, "serve", "--socket", str(self.socket), *self.args],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -306,3 +312,203 @@ def test_cli_without_a_daemon_says_how_to_start_one(tmp_path: Path) -> None:
     env = {**os.environ, "WARDEN_HOST": str(tmp_path / "none.sock")}
     p = subprocess.run([WARDEN, "ps"], capture_output=True, env=env, timeout=60, check=False)
     assert p.returncode != 0 and b"warden serve" in p.stderr
+
+
+def test_file_endpoints(daemon: Daemon) -> None:
+    with daemon.client() as c:
+        vm_id = _create(c)["id"]
+        base = f"/v1/sandboxes/{vm_id}/files"
+        r = c.post(f"{base}/mkdir", params={"path": "/root/d/e", "mode": 0o700})
+        assert r.status_code == 200, r.text
+        assert r.json()["type"] == "dir" and r.json()["mode"] == 0o700
+        r = c.put(base, params={"path": "/root/d/f.txt", "mode": 0o600}, content=b"12345")
+        assert r.status_code == 200, r.text
+        st = c.get(f"{base}/stat", params={"path": "/root/d/f.txt"}).json()
+        assert st["name"] == "f.txt" and st["path"] == "/root/d/f.txt"
+        assert (st["type"], st["size"], st["mode"]) == ("file", 5, 0o600)
+        assert set(st) == {"name", "path", "type", "size", "mode", "mtime"}
+        listed = c.get(f"{base}/list", params={"path": "/root/d"}).json()
+        assert sorted((e["name"], e["type"]) for e in listed) == [("e", "dir"), ("f.txt", "file")]
+        assert c.get(f"{base}/stat", params={"path": "/root/nope"}).status_code == 404
+        assert c.get(f"{base}/list", params={"path": "/root/nope"}).status_code == 404
+        r = c.delete(base, params={"path": "/root/d"})
+        assert r.status_code == 400, "a non-empty dir is removed only with recursive"
+        assert c.delete(base, params={"path": "/root/d", "recursive": "true"}).status_code == 204
+        assert c.get(f"{base}/stat", params={"path": "/root/d"}).status_code == 404
+        assert c.get(f"{base}/stat", params={"path": ""}).status_code == 422
+
+
+def _cleanup(d: Daemon) -> None:
+    if d.proc is None:
+        d.start()
+    with d.client() as c:
+        for vm in c.get("/v1/sandboxes", params={"all": "true"}).json():
+            c.delete(f"/v1/sandboxes/{vm['id']}", params={"force": "true"})
+    d.stop()
+
+
+def _metric(text: str, line_start: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(line_start + " "):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"no {line_start} in /metrics:\n{text}")
+
+
+def test_admission_refusal_under_overcommit(tmp_path: Path, no_leaks: None) -> None:
+    """A daemon whose limits admit one more 128 MiB, 1-vcpu VM and not two: the second create
+    is refused with 409 naming both limits, and leaves no row, runtime dir, process or event."""
+    with Store(db_path(Paths.from_env())) as store:
+        held = store.reservations()  # leftovers of other runs in this $WARDEN_HOME, if any
+    overhead = AdmissionPolicy().vm_overhead_mib
+    host = HostCapacity.from_host()
+    charge = MEMORY + overhead
+    memory_limit = held.memory_mib + held.vms * overhead + charge + charge // 2
+    d = Daemon(
+        tmp_path / "w.sock",
+        tmp_path / "daemon.log",
+        args=[
+            "--log-level",
+            "info",
+            "--log-format",
+            "json",
+            "--memory-overcommit",
+            "1",
+            "--reserved-memory",
+            str(host.memory_mib - memory_limit),
+            "--vcpu-overcommit",
+            repr((held.vcpus + 1.5) / host.cpus),
+        ],
+    )
+    d.start()
+    try:
+        with d.client() as c:
+            info = c.get("/v1/info").json()
+            assert info["limits"] == {"memory_mib": memory_limit, "vcpus": held.vcpus + 1}
+            assert info["capacity"] == {"memory_mib": host.memory_mib, "cpus": host.cpus}
+            assert info["policy"]["memory_overcommit"] == 1.0
+            assert info["policy"]["reserved_host_memory_mib"] == host.memory_mib - memory_limit
+            vm = _create(c)
+            info = c.get("/v1/info").json()
+            assert info["reservations"]["vms"] == held.vms + 1
+            assert info["reservations"]["vcpus"] == held.vcpus + 1
+
+            def rows_now() -> list[tuple[str, str]]:
+                listed = c.get("/v1/sandboxes", params={"all": "true"}).json()
+                return [(v["id"], v["state"]) for v in listed]
+
+            rows = rows_now()
+            dirs, pids = runtime_dirs(), qemu_pids()
+            last = c.get("/v1/events", params={"vm": vm["id"]}).json()[-1]["id"]
+
+            r = c.post("/v1/sandboxes", json={"memory_mib": MEMORY, "name": "refused"})
+            assert r.status_code == 409, r.text
+            detail = r.json()["detail"]
+            assert "memory:" in detail and "memory_overcommit" in detail
+            assert "vcpus:" in detail and "vcpu_overcommit" in detail
+            assert f"limit is {memory_limit} MiB" in detail
+
+            assert rows_now() == rows
+            assert c.get("/v1/sandboxes/refused").status_code == 404
+            assert runtime_dirs() == dirs and qemu_pids() == pids
+            assert c.get("/v1/events", params={"after": last}).json() == []
+            metrics = c.get("/metrics").text
+            assert _metric(metrics, "warden_admission_refusals_total") == 1
+            assert _metric(metrics, 'warden_admission_refusals_by_limit_total{limit="vcpus"}') == 1
+            assert _metric(metrics, 'warden_create_seconds_count{outcome="refused"}') == 1
+
+            # Within the limits again once the first VM is gone.
+            assert (
+                c.delete(f"/v1/sandboxes/{vm['id']}", params={"force": "true"}).status_code == 204
+            )
+            _create(c, name=f"admitted-{secrets.token_hex(3)}")
+    finally:
+        _cleanup(d)
+    lines = [json.loads(line) for line in d.log.read_text().splitlines() if line.strip()]
+    assert lines and all({"ts", "level", "logger", "msg"} <= set(obj) for obj in lines)
+
+
+def test_events_and_metrics(daemon: Daemon) -> None:
+    env = {**os.environ, "WARDEN_HOST": str(daemon.socket)}
+    with daemon.client() as c:
+        start = max([e["id"] for e in c.get("/v1/events").json()], default=0)
+    follower = subprocess.Popen(
+        [WARDEN, "events", "--follow", "--since", str(start), "--format", "json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    try:
+        name = f"ev-{secrets.token_hex(3)}"
+        with daemon.client() as c:
+            vm_id = _create(c, name=name)["id"]
+            out, _, _ = _exec(c, vm_id, ["sh", "-c", "printf abc; printf de >&2"])
+            assert out == b"abc"
+            data = os.urandom(100_000)
+            c.put(f"/v1/sandboxes/{vm_id}/files", params={"path": "/root/x"}, content=data)
+            assert c.get(f"/v1/sandboxes/{vm_id}/files", params={"path": "/root/x"}).content == data
+            metrics = c.get("/metrics")
+            assert metrics.headers["content-type"].startswith("text/plain; version=0.0.4")
+            text = metrics.text
+            assert _metric(text, 'warden_vms{state="running"}') >= 1
+            assert _metric(text, 'warden_create_seconds_count{outcome="ok"}') == 1
+            assert _metric(text, 'warden_exec_seconds_count{outcome="ok"}') == 1
+            assert _metric(text, 'warden_exec_seconds_bucket{outcome="ok",le="+Inf"}') == 1
+            assert _metric(text, 'warden_bytes_total{direction="exec_stdout"}') == 3
+            assert _metric(text, 'warden_bytes_total{direction="exec_stderr"}') == 2
+            assert _metric(text, 'warden_bytes_total{direction="files_in"}') == len(data)
+            assert _metric(text, 'warden_bytes_total{direction="files_out"}') == len(data)
+            assert _metric(text, "warden_admission_refusals_total") == 0
+
+            assert c.post(f"/v1/sandboxes/{vm_id}/stop").status_code == 200
+            assert c.delete(f"/v1/sandboxes/{vm_id}").status_code == 204
+            events = c.get("/v1/events", params={"vm": vm_id, "after": start}).json()
+            kinds = ["created", "running", "stopping", "stopped", "removed"]
+            assert [e["kind"] for e in events] == kinds
+            assert events[0]["detail"]["name"] == name
+            assert c.get("/v1/events", params={"vm": "nobody"}).json() == []
+            assert c.get("/v1/events", params={"after": -1}).status_code == 422
+
+        deadline = time.monotonic() + 20
+        seen: list[dict[str, Any]] = []
+        assert follower.stdout is not None
+        while len(seen) < len(kinds) and time.monotonic() < deadline:
+            line = follower.stdout.readline()
+            if line:
+                seen.append(json.loads(line))
+        assert [e["kind"] for e in seen if e["vm_id"] == vm_id] == kinds
+    finally:
+        follower.terminate()  # the follower this test started
+        follower.wait(timeout=10)
+        assert follower.stdout is not None and follower.stderr is not None
+        follower.stdout.close()
+        follower.stderr.close()
+
+    p = subprocess.run(
+        [WARDEN, "events", "--vm", vm_id], capture_output=True, env=env, timeout=60, check=True
+    )
+    lines = p.stdout.decode().splitlines()
+    assert [line.split()[3] for line in lines] == kinds and vm_id in lines[0]
+
+
+def test_20_parallel_execs_across_5_vms(daemon: Daemon) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with daemon.client() as c:
+        vms = [_create(c)["id"] for _ in range(5)]
+
+    def one(i: int) -> tuple[int, bytes, bytes, dict[str, object]]:
+        vm = vms[i % len(vms)]
+        with daemon.client() as c:
+            cmd = (
+                f"i={i}; head -c $((i * 1000 + 1)) /dev/zero | tr '\\0' x; echo; "
+                "echo e$i >&2; exit $((i % 7))"
+            )
+            out, err, final = _exec(c, vm, cmd)
+        return i, out, err, final
+
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        results = list(pool.map(one, range(20)))
+    for i, out, err, final in results:
+        assert out == b"x" * (i * 1000 + 1) + b"\n", i
+        assert err == f"e{i}\n".encode()
+        assert final == {"exit_code": i % 7, "signal": None, "timed_out": False}

@@ -1,4 +1,7 @@
-"""Files in and out of a real microVM: streamed, binary-safe, with clear errors."""
+"""Files in and out of a real microVM: streamed, binary-safe, with clear errors.
+
+Every test runs in both modes (``sdk``: embedded, or through a `warden serve` daemon).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +9,7 @@ import hashlib
 import io
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -15,8 +19,8 @@ pytestmark = pytest.mark.vm
 
 
 @pytest.fixture(scope="module")
-def sbx() -> Iterator[Sandbox]:
-    with Sandbox.create(memory_mib=512) as s:
+def sbx(sdk: Any) -> Iterator[Sandbox]:
+    with sdk.Sandbox.create(memory_mib=512) as s:
         yield s
 
 

@@ -21,11 +21,18 @@ from warden import (
     SpecError,
 )
 from warden.config import Paths
+from warden.vmm.machine import Machine
 from warden.vmm.ownership import proc_start_time
 
 from ..conftest import qemu_pids, runtime_dirs
 
 pytestmark = pytest.mark.vm
+
+
+def _machine(sbx: Sandbox) -> Machine:
+    machine = sbx._inner._machine
+    assert isinstance(machine, Machine)  # an embedded sandbox
+    return machine
 
 
 async def test_three_vms_at_once(no_leaks: None) -> None:
@@ -44,8 +51,8 @@ async def test_three_vms_at_once(no_leaks: None) -> None:
 
 def test_close_leaves_nothing(no_leaks: None) -> None:
     sbx = Sandbox.create()
-    pid = sbx._inner._machine.pid
-    rundir = sbx._inner._machine.run.dir
+    machine = _machine(sbx)
+    pid, rundir = machine.pid, machine.run.dir
     assert pid is not None and proc_start_time(pid) is not None and rundir.is_dir()
     sbx.kill()
     sbx.kill()  # twice is fine
@@ -117,7 +124,7 @@ def test_stale_runtime_dirs_are_swept_on_start(no_leaks: None) -> None:
 
 def test_a_vm_whose_qemu_dies_is_marked_failed_and_released(no_leaks: None) -> None:
     sbx = Sandbox.create()
-    machine = sbx._inner._machine
+    machine = _machine(sbx)
     pid, rundir = machine.pid, machine.run.dir
     assert pid is not None
     os.kill(pid, signal.SIGKILL)  # by its recorded pid, as an outside failure would

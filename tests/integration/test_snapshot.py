@@ -16,7 +16,9 @@ MEMORY = 208
 
 
 def _machine(sbx: Sandbox) -> Machine:
-    return sbx._inner._machine
+    machine = sbx._inner._machine
+    assert isinstance(machine, Machine)  # an embedded sandbox
+    return machine
 
 
 def test_restored_vms_work_and_differ(no_leaks: None) -> None:

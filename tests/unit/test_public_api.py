@@ -11,6 +11,7 @@ EXPECTED_ALL = {
     "AgentError",
     "AgentTimeoutError",
     "AsyncSandbox",
+    "Client",
     "CommandResult",
     "CommandTimeoutError",
     "EntryInfo",
@@ -24,6 +25,7 @@ EXPECTED_ALL = {
     "VMError",
     "WardenError",
     "__version__",
+    "connect",
 }
 
 

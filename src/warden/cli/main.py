@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 
 from warden._errors import CommandTimeoutError, WardenError
 from warden.cli.doctor import doctor
+from warden.cli.events import events
 from warden.cli.image import image_app
+from warden.cli.remote import HostOption
 from warden.cli.remote import register as register_remote
 from warden.cli.serve import serve
+
+if TYPE_CHECKING:
+    from warden.sdk import Client
 
 app = typer.Typer(
     name="warden",
@@ -27,6 +32,7 @@ app.command("doctor", help="Check QEMU, kernel, image and accelerator; say how t
     doctor
 )
 app.command("serve")(serve)
+app.command("events")(events)
 register_remote(app)
 
 err = Console(stderr=True)
@@ -66,15 +72,20 @@ def run(
     cold: Annotated[
         bool, typer.Option("--cold", help="Boot from scratch, not from the boot snapshot.")
     ] = False,
+    host: HostOption = None,
 ) -> None:
     """Boot a VM, run CMD in it, stream its output, and exit with CMD's exit code.
 
-    The VM is destroyed afterwards. Example: warden run -- python3 -c 'print(1)'
+    The VM is destroyed afterwards. It runs on the warden daemon when one answers on --host /
+    WARDEN_HOST (then it must) or the local socket, and embedded in this process otherwise
+    (always with --cold, which only embedded mode offers unless --host is given).
+    Example: warden run -- python3 -c 'print(1)'
     """
     env_map = _parse_env(env or [])
     stdin = sys.stdin.buffer.read() if interactive else None
     command: str | list[str] = " ".join(cmd) if shell else cmd
     try:
+        client = _daemon_for_run(host, cold)
         code = asyncio.run(
             _run(
                 command,
@@ -85,6 +96,7 @@ def run(
                 env_map,
                 stdin,
                 "cold" if cold else "snapshot",
+                client,
             )
         )
     except CommandTimeoutError as exc:
@@ -105,6 +117,7 @@ async def _run(
     env: dict[str, str],
     stdin: bytes | None,
     boot: str,
+    client: Client | None = None,
 ) -> int:
     from warden.sdk import AsyncSandbox
 
@@ -118,7 +131,8 @@ async def _run(
         errout.write(chunk)
         errout.flush()
 
-    async with await AsyncSandbox.create(image, memory_mib=memory, vcpus=cpus, boot=boot) as sbx:
+    create = client.AsyncSandbox.create if client is not None else AsyncSandbox.create
+    async with await create(image, memory_mib=memory, vcpus=cpus, boot=boot) as sbx:
         # Raw bytes straight through: the CLI must pass binary output unchanged.
         result = await sbx._agent().exec(
             command,
@@ -131,6 +145,18 @@ async def _run(
     if result.exit_code is not None:
         return result.exit_code
     return 128 + (result.signal or 0)
+
+
+def _daemon_for_run(host: str | None, cold: bool) -> Client | None:
+    """The daemon `warden run` uses: the given host (which must answer), else the local
+    socket's daemon if one answers (and --cold is not asked for), else None (embedded)."""
+    from warden.sdk._remote import connect, daemon_answers, default_url
+
+    if host:
+        return connect(host)
+    if not cold and daemon_answers(default_url()):
+        return connect(default_url())
+    return None
 
 
 def main() -> None:

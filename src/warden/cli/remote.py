@@ -1,4 +1,5 @@
-"""CLI commands that talk to the manager daemon: create, ps, inspect, exec, stop, rm, logs, info.
+"""CLI commands that talk to the manager daemon: create, ps, inspect, exec, cp, stop, rm, logs,
+info.
 
 The daemon is found by ``--host`` or ``$WARDEN_HOST``: a unix socket path (``unix:///path`` or
 ``/path``) or an ``http://host:port`` URL; by default ``$WARDEN_HOME/run/warden.sock``.
@@ -8,10 +9,12 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import stat as stat_mod
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Annotated, Any, NoReturn
+from typing import IO, Annotated, Any, NoReturn
 
 import httpx
 import typer
@@ -220,6 +223,107 @@ def exec_(
     _fail("the daemon ended the output without a result")
 
 
+CP_CHUNK = 1024 * 1024
+"""Bytes read from a local file per step of `warden cp` (it never holds a whole file)."""
+
+
+def _split_ref(arg: str) -> tuple[str | None, str]:
+    """``ID:PATH`` -> (ID, PATH); a local path (``/x``, ``./x``, ``-``, no colon) -> (None, arg)."""
+    if arg == "-" or arg.startswith(("/", ".", "~")):
+        return None, arg
+    ref, sep, path = arg.partition(":")
+    if sep and ref and "/" not in ref:
+        return ref, path
+    return None, arg
+
+
+def _file_chunks(f: IO[bytes]) -> Iterator[bytes]:
+    while chunk := f.read(CP_CHUNK):
+        yield chunk
+
+
+def cp(
+    src: Annotated[str, typer.Argument(help="A local path, or ID:PATH in a sandbox; - is stdin.")],
+    dst: Annotated[str, typer.Argument(help="ID:PATH in a sandbox, or a local path; - is stdout.")],
+    host: HostOption = None,
+) -> None:
+    """Copy a file into a sandbox (SRC ID:DST) or out of one (ID:SRC DST), streamed.
+
+    A DST ending in / (or an existing local directory) gets SRC's file name.
+    """
+    src_ref, src_path = _split_ref(src)
+    dst_ref, dst_path = _split_ref(dst)
+    if (src_ref is None) == (dst_ref is None):
+        raise typer.BadParameter(
+            "exactly one of SRC and DST must be ID:PATH (a path in a sandbox)", param_hint="SRC DST"
+        )
+    if not (src_path and dst_path):
+        raise typer.BadParameter("give a path after ID:", param_hint="SRC DST")
+    if dst_ref is not None:
+        _upload(src_path, dst_ref, dst_path, host)
+    else:
+        assert src_ref is not None
+        _download(src_ref, src_path, dst_path, host)
+
+
+def _upload(local: str, ref: str, path: str, host: str | None) -> None:
+    if path.endswith("/"):
+        if local == "-":
+            raise typer.BadParameter("name the file to write stdin to", param_hint="DST")
+        path += os.path.basename(local.rstrip("/"))
+    try:
+        f = sys.stdin.buffer if local == "-" else open(local, "rb")  # noqa: SIM115
+    except OSError as exc:
+        _fail(f"cannot read {local}: {exc.strerror}")
+    try:
+        st = os.fstat(f.fileno())
+        if stat_mod.S_ISDIR(st.st_mode):
+            _fail(f"{local} is a directory; warden cp copies one file at a time")
+        mode = stat_mod.S_IMODE(st.st_mode) if stat_mod.S_ISREG(st.st_mode) else 0o644
+        with _client(host) as c:
+            _check(
+                c.put(
+                    f"/v1/sandboxes/{ref}/files",
+                    params={"path": path, "mode": mode},
+                    content=_file_chunks(f),
+                    timeout=httpx.Timeout(60.0, read=None, write=None),
+                )
+            )
+    finally:
+        if f is not sys.stdin.buffer:
+            f.close()
+
+
+def _download(ref: str, path: str, local: str, host: str | None) -> None:
+    if local != "-" and (local.endswith("/") or os.path.isdir(local)):
+        local = os.path.join(local, os.path.basename(path.rstrip("/")))
+    with (
+        _client(host) as c,
+        c.stream("GET", f"/v1/sandboxes/{ref}/files", params={"path": path}) as r,
+    ):
+        if not r.is_success:
+            r.read()
+            _check(r)
+        if local == "-":
+            for chunk in r.iter_bytes():
+                sys.stdout.buffer.write(chunk)
+            sys.stdout.buffer.flush()
+            return
+        # Into a temp file beside the target, renamed at the end: never a half-written DST.
+        folder, name = os.path.split(os.path.abspath(local))
+        part = os.path.join(folder, f".{name}.warden-{os.getpid()}.part")
+        try:
+            with open(part, "wb") as out_file:
+                for chunk in r.iter_bytes():
+                    out_file.write(chunk)
+            os.replace(part, local)
+        except OSError as exc:
+            _fail(f"cannot write {local}: {exc.strerror}")
+        finally:
+            if os.path.exists(part):
+                os.unlink(part)
+
+
 def stop(
     ref: Annotated[str, typer.Argument(metavar="ID", help="Id or name.")],
     host: HostOption = None,
@@ -265,6 +369,7 @@ def register(app: typer.Typer) -> None:
     app.command("ps")(ps)
     app.command("inspect")(inspect)
     app.command("exec", context_settings={"allow_interspersed_args": False})(exec_)
+    app.command("cp")(cp)
     app.command("stop")(stop)
     app.command("rm")(rm)
     app.command("logs")(logs)

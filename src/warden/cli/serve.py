@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import errno
 import fcntl
-import logging
 import os
 import signal
 import socket
@@ -20,8 +19,10 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from warden._errors import WardenError
+from warden._errors import SpecError, WardenError
 from warden.config import Paths
+from warden.policy.admission import AdmissionPolicy
+from warden.server import logs
 
 err = Console(stderr=True)
 
@@ -41,11 +42,45 @@ def serve(
         ),
     ] = None,
     log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning.")] = "info",
+    log_format: Annotated[
+        str, typer.Option("--log-format", help="text (for people) or json (one object a line).")
+    ] = "text",
+    memory_overcommit: Annotated[
+        float,
+        typer.Option(
+            "--memory-overcommit",
+            help="Admit guest memory (plus QEMU overhead) up to this multiple of host memory "
+            "minus --reserved-memory.",
+        ),
+    ] = AdmissionPolicy.memory_overcommit,
+    vcpu_overcommit: Annotated[
+        float,
+        typer.Option("--vcpu-overcommit", help="Admit vcpus up to this multiple of host CPUs."),
+    ] = AdmissionPolicy.vcpu_overcommit,
+    reserved_memory: Annotated[
+        int,
+        typer.Option("--reserved-memory", help="Host memory in MiB never handed to VMs.", min=0),
+    ] = AdmissionPolicy.reserved_host_memory_mib,
 ) -> None:
-    """Run the manager daemon: it holds the VMs and serves the REST API on a unix socket."""
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    """Run the manager daemon: it holds the VMs and serves the REST API on a unix socket.
+
+    Admission control refuses a create (HTTP 409) that would pass the memory or vcpu limit;
+    `warden info` shows the capacity, the limits and what the VMs reserve.
+    """
+    if log_format not in logs.FORMATS:
+        raise typer.BadParameter(
+            f"{log_format!r} is not one of {', '.join(logs.FORMATS)}", param_hint="'--log-format'"
+        )
+    logs.setup(log_level, log_format)
+    try:
+        policy = AdmissionPolicy(
+            memory_overcommit=memory_overcommit,
+            vcpu_overcommit=vcpu_overcommit,
+            reserved_host_memory_mib=reserved_memory,
+        )
+    except SpecError as exc:
+        err.print(f"[red]warden:[/red] {exc}", highlight=False)
+        raise typer.Exit(2) from None
     paths = Paths.from_env()
     path = socket_path or default_socket(paths)
     try:
@@ -59,7 +94,7 @@ def serve(
         err.print(f"[red]warden:[/red] {exc}", highlight=False)
         raise typer.Exit(1) from None
     try:
-        asyncio.run(_serve(paths, sock, log_level))
+        asyncio.run(_serve(paths, sock, log_level, policy))
     finally:
         sock.close()
         with contextlib.suppress(FileNotFoundError):
@@ -108,16 +143,19 @@ def _bind(path: Path) -> socket.socket:
     return sock
 
 
-async def _serve(paths: Paths, sock: socket.socket, log_level: str) -> None:
+async def _serve(
+    paths: Paths, sock: socket.socket, log_level: str, policy: AdmissionPolicy
+) -> None:
     import uvicorn
 
     from warden.server import Manager, create_app
 
-    manager = Manager(paths)
+    manager = Manager(paths, policy=policy)
     app = create_app(manager)
     config = uvicorn.Config(
         app,
         log_level=log_level.lower(),
+        log_config=None,  # uvicorn's loggers propagate to ours (logs.setup): one format
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
         lifespan="on",
     )

@@ -9,8 +9,8 @@ from types import TracebackType
 from typing import IO, Any, Literal, overload
 
 from warden._errors import GuestFileError, SandboxClosedError
-from warden.agent.client import AgentClient
 from warden.config import Paths
+from warden.sdk._backend import AgentBackend, MachineBackend
 from warden.sdk._types import CommandResult, EntryInfo
 from warden.vmm.machine import Machine
 from warden.vmm.spec import VMSpec
@@ -26,8 +26,8 @@ FileData = bytes | str | IO[bytes] | AsyncIterable[bytes]
 class AsyncSandbox:
     """A running microVM. Make one with ``await AsyncSandbox.create(...)``."""
 
-    def __init__(self, machine: Machine) -> None:
-        """Wrap a launched machine. Use :meth:`create` instead."""
+    def __init__(self, machine: MachineBackend) -> None:
+        """Wrap a launched machine (local or remote). Use :meth:`create` instead."""
         self._machine = machine
         self.commands = AsyncCommands(self)
         self.files = AsyncFiles(self)
@@ -114,7 +114,7 @@ class AsyncSandbox:
     ) -> None:
         await self.kill()
 
-    def _agent(self) -> AgentClient:
+    def _agent(self) -> AgentBackend:
         machine = self._machine
         if machine.state is not VMState.RUNNING:
             detail = ""

@@ -25,6 +25,7 @@ from warden._errors import (
     AdmissionError,
     CommandTimeoutError,
     GuestFileError,
+    ImageNotFoundError,
     NameConflictError,
     SpecError,
     StateTransitionError,
@@ -32,9 +33,10 @@ from warden._errors import (
     VMNotFoundError,
     WardenError,
 )
-from warden.agent.client import ExecResult
+from warden.agent.client import EntryInfo, ExecResult
 from warden.server.manager import Manager
-from warden.store.db import VMRow
+from warden.server.metrics import CONTENT_TYPE, Metrics, gauge
+from warden.store.db import EventRow, VMRow
 from warden.vmm.spec import VMSpec
 from warden.vmm.state import VMState
 
@@ -99,6 +101,43 @@ class Sandbox(BaseModel):
         )
 
 
+class Entry(BaseModel):
+    """A file system entry in the guest (``lstat``: symlinks are not followed)."""
+
+    name: str
+    path: str
+    type: str = Field(description='"file", "dir", "symlink" or "other"')
+    size: int
+    mode: int = Field(description="permission bits, e.g. 420 (0o644)")
+    mtime: float
+
+    @classmethod
+    def from_info(cls, info: EntryInfo) -> Entry:
+        return cls(
+            name=info.name,
+            path=info.path,
+            type=info.type,
+            size=info.size,
+            mode=info.mode,
+            mtime=info.mtime,
+        )
+
+
+class Event(BaseModel):
+    """A lifecycle event of a VM: ``created``, a state (``running``, ``stopping``,
+    ``stopped``, ``failed``) or ``removed``. Ids grow in commit order."""
+
+    id: int
+    vm_id: str
+    at: float
+    kind: str
+    detail: dict[str, Any]
+
+    @classmethod
+    def from_row(cls, row: EventRow) -> Event:
+        return cls(id=row.id, vm_id=row.vm_id, at=row.at, kind=row.kind, detail=row.detail)
+
+
 def _error(status: int, exc: BaseException) -> JSONResponse:
     return JSONResponse({"detail": str(exc)}, status_code=status)
 
@@ -118,6 +157,8 @@ def create_app(manager: Manager, *, manage_lifespan: bool = True) -> FastAPI:
                 await manager.close()
 
     app = FastAPI(title="warden", version="1", lifespan=lifespan)
+    metrics = Metrics()
+    app.state.metrics = metrics
 
     @app.exception_handler(VMNotFoundError)
     async def _not_found(request: Request, exc: VMNotFoundError) -> JSONResponse:
@@ -133,7 +174,12 @@ def create_app(manager: Manager, *, manage_lifespan: bool = True) -> FastAPI:
 
     @app.exception_handler(AdmissionError)
     async def _admission(request: Request, exc: AdmissionError) -> JSONResponse:
+        metrics.refused(str(exc))
         return _error(409, exc)
+
+    @app.exception_handler(ImageNotFoundError)
+    async def _no_image(request: Request, exc: ImageNotFoundError) -> JSONResponse:
+        return _error(404, exc)
 
     @app.exception_handler(SpecError)
     async def _spec(request: Request, exc: SpecError) -> JSONResponse:
@@ -154,7 +200,17 @@ def create_app(manager: Manager, *, manage_lifespan: bool = True) -> FastAPI:
     @app.post(f"{API}/sandboxes", status_code=201)
     async def create(body: CreateRequest) -> Sandbox:
         spec = VMSpec.parse(**body.model_dump())
-        return Sandbox.from_row(await manager.create(spec))
+        started = time.monotonic()
+        outcome = "error"
+        try:
+            row = await manager.create(spec)
+            outcome = "ok"
+        except (AdmissionError, NameConflictError):
+            outcome = "refused"
+            raise
+        finally:
+            metrics.create_seconds.observe(time.monotonic() - started, outcome=outcome)
+        return Sandbox.from_row(row)
 
     @app.get(f"{API}/sandboxes")
     async def list_sandboxes(all: bool = False) -> list[Sandbox]:
@@ -177,6 +233,55 @@ def create_app(manager: Manager, *, manage_lifespan: bool = True) -> FastAPI:
     async def logs(ref: str, lines: int = Query(100, ge=1, le=10000)) -> str:
         return await manager.console(ref, lines)
 
+    @app.get(f"{API}/events")
+    async def events(
+        after: int = Query(0, ge=0, description="return events with a larger id"),
+        vm: str | None = Query(None, min_length=1, description="only this VM's (id or name)"),
+        limit: int = Query(1000, ge=1, le=10000),
+    ) -> list[Event]:
+        """Lifecycle events in id order. Follow them by polling with the last id seen."""
+        vm_id = vm
+        if vm is not None:
+            # A name is resolved while its VM exists; a removed VM's events stay under its id.
+            with contextlib.suppress(VMNotFoundError):
+                vm_id = (await manager.get(vm)).id
+        rows = await asyncio.to_thread(manager.store.events_since, after, vm_id=vm_id, limit=limit)
+        return [Event.from_row(r) for r in rows]
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def prometheus() -> Response:
+        """Prometheus metrics in the text exposition format."""
+        rows = await manager.list(all=True)
+        by_state: dict[tuple[tuple[str, str], ...], float] = {
+            (("state", s.value),): 0.0 for s in VMState
+        }
+        for row in rows:
+            by_state[(("state", row.state.value),)] += 1
+        info = await manager.info()
+        reservations = cast(dict[str, int], info["reservations"])
+        limits = cast(dict[str, int], info["limits"])
+        text = metrics.render(
+            gauges=[
+                gauge("warden_vms", "VMs in the store, by state.", by_state),
+                gauge("warden_vms_held", "VMs this daemon holds.", {(): float(len(manager.vms))}),
+                gauge(
+                    "warden_reserved",
+                    "What active VMs reserve: guest memory_mib, charged_memory_mib (with "
+                    "QEMU overhead) and vcpus.",
+                    {
+                        (("resource", k),): float(reservations[k])
+                        for k in ("memory_mib", "charged_memory_mib", "vcpus")
+                    },
+                ),
+                gauge(
+                    "warden_limit",
+                    "Admission limits: memory_mib and vcpus.",
+                    {(("resource", k),): float(v) for k, v in limits.items()},
+                ),
+            ]
+        )
+        return Response(text, media_type=CONTENT_TYPE)
+
     @app.get(f"{API}/info")
     async def info() -> dict[str, Any]:
         return await manager.info()
@@ -192,7 +297,7 @@ def create_app(manager: Manager, *, manage_lifespan: bool = True) -> FastAPI:
             except binascii.Error as exc:
                 raise SpecError(f"stdin is not valid base64: {exc}") from None
         return StreamingResponse(
-            _exec_stream(agent.exec, body, stdin), media_type="application/x-ndjson"
+            _exec_stream(agent.exec, body, stdin, metrics), media_type="application/x-ndjson"
         )
 
     @app.put(f"{API}/sandboxes/{{ref}}/files")
@@ -201,6 +306,7 @@ def create_app(manager: Manager, *, manage_lifespan: bool = True) -> FastAPI:
     ) -> dict[str, Any]:
         machine = await manager.machine(ref)
         size = await machine.agent.write_file(path, request.stream(), mode=mode)
+        metrics.bytes.inc(size, direction="files_in")
         return {"path": path, "size": size}
 
     @app.get(f"{API}/sandboxes/{{ref}}/files")
@@ -216,13 +322,44 @@ def create_app(manager: Manager, *, manage_lifespan: bool = True) -> FastAPI:
         async def body() -> AsyncIterator[bytes]:
             try:
                 if first:
+                    metrics.bytes.inc(len(first), direction="files_out")
                     yield first
                 async for chunk in chunks:
+                    metrics.bytes.inc(len(chunk), direction="files_out")
                     yield chunk
             finally:
                 await chunks.aclose()
 
         return StreamingResponse(body(), media_type="application/octet-stream")
+
+    @app.get(f"{API}/sandboxes/{{ref}}/files/stat")
+    async def stat_file(ref: str, path: str = Query(min_length=1)) -> Entry:
+        machine = await manager.machine(ref)
+        return Entry.from_info(await machine.agent.stat(path))
+
+    @app.get(f"{API}/sandboxes/{{ref}}/files/list")
+    async def list_files(ref: str, path: str = Query(min_length=1)) -> list[Entry]:
+        machine = await manager.machine(ref)
+        return [Entry.from_info(e) for e in await machine.agent.list_dir(path)]
+
+    @app.delete(f"{API}/sandboxes/{{ref}}/files", status_code=204)
+    async def remove_file(
+        ref: str, path: str = Query(min_length=1), recursive: bool = False
+    ) -> Response:
+        machine = await manager.machine(ref)
+        await machine.agent.remove(path, recursive=recursive)
+        return Response(status_code=204)
+
+    @app.post(f"{API}/sandboxes/{{ref}}/files/mkdir")
+    async def make_dir(
+        ref: str,
+        path: str = Query(min_length=1),
+        parents: bool = True,
+        mode: int = Query(0o755, ge=0, le=0o7777),
+    ) -> Entry:
+        machine = await manager.machine(ref)
+        await machine.agent.make_dir(path, parents=parents, mode=mode)
+        return Entry.from_info(await machine.agent.stat(path))
 
     return app
 
@@ -232,15 +369,18 @@ def _line(obj: dict[str, Any]) -> bytes:
 
 
 async def _exec_stream(
-    exec_fn: Any, body: ExecRequest, stdin: bytes | None
+    exec_fn: Any, body: ExecRequest, stdin: bytes | None, metrics: Metrics
 ) -> AsyncIterator[bytes]:
     """Run the command; yield NDJSON lines of its output as it comes, then its result."""
     queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+    started = time.monotonic()
 
     def out(chunk: bytes) -> None:
+        metrics.bytes.inc(len(chunk), direction="exec_stdout")
         queue.put_nowait(_line({"stdout": base64.b64encode(chunk).decode()}))
 
     def err(chunk: bytes) -> None:
+        metrics.bytes.inc(len(chunk), direction="exec_stderr")
         queue.put_nowait(_line({"stderr": base64.b64encode(chunk).decode()}))
 
     async def run() -> None:
@@ -259,7 +399,9 @@ async def _exec_stream(
                 "signal": result.signal,
                 "timed_out": result.timed_out,
             }
+            outcome = "timeout" if result.timed_out else "ok"
         except CommandTimeoutError as exc:
+            outcome = "timeout"
             partial = exc.result
             final = {
                 "exit_code": getattr(partial, "exit_code", None),
@@ -268,6 +410,8 @@ async def _exec_stream(
             }
         except WardenError as exc:
             final = {"error": str(exc)}
+            outcome = "error"
+        metrics.exec_seconds.observe(time.monotonic() - started, outcome=outcome)
         queue.put_nowait(_line(final))
         queue.put_nowait(None)
 

@@ -1,0 +1,162 @@
+"""Issue 3's benchmarks: what the manager daemon adds, measured against embedded mode.
+
+* exec of ``true`` through the daemon's REST API (NDJSON stream over its unix socket) against
+  the same command through the embedded SDK, alternating, in one run: the daemon's added
+  latency as a ratio at p50 (target at most 1.3x);
+* list and inspect latency with 20 live VMs of 128 MiB each.
+
+Run with ``python -m bench.daemon``; results go to ``bench/results/daemon-<utc time>.json``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.run import RESULTS, pct
+from warden.sdk import AsyncSandbox
+
+WARDEN = str(Path(sys.executable).parent / "warden")
+LIVE_VMS = 20
+
+
+class Daemon:
+    """A `warden serve` subprocess on a socket of its own, stopped by its pid."""
+
+    def __init__(self, *args: str) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="warden-bench-"))
+        self.socket = self.dir / "warden.sock"
+        self.proc = subprocess.Popen(
+            [WARDEN, "serve", "--socket", str(self.socket), *args],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 30
+        while not self.socket.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("warden serve did not start")
+            time.sleep(0.05)
+        self.client = httpx.AsyncClient(
+            transport=httpx.AsyncHTTPTransport(uds=str(self.socket)),
+            base_url="http://warden",
+            timeout=120,
+        )
+
+    async def create(self, memory_mib: int) -> str:
+        r = await self.client.post("/v1/sandboxes", json={"memory_mib": memory_mib})
+        r.raise_for_status()
+        return str(r.json()["id"])
+
+    async def exec_true(self, vm_id: str) -> None:
+        body = {"cmd": ["true"]}
+        async with self.client.stream("POST", f"/v1/sandboxes/{vm_id}/exec", json=body) as r:
+            lines = [line async for line in r.aiter_lines()]
+        if json.loads(lines[-1]).get("exit_code") != 0:
+            raise RuntimeError(f"exec through the daemon failed: {lines}")
+
+    async def remove(self, vm_id: str) -> None:
+        await self.client.delete(f"/v1/sandboxes/{vm_id}", params={"force": "true"})
+
+    async def close(self) -> None:
+        await self.client.aclose()
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+async def bench_exec(daemon: Daemon, iterations: int) -> dict[str, Any]:
+    vm_id = await daemon.create(256)
+    sbx = await AsyncSandbox.create(memory_mib=256)
+    try:
+        for _ in range(5):
+            await daemon.exec_true(vm_id)
+            await sbx.commands.run(["true"])
+        via_daemon: list[float] = []
+        embedded: list[float] = []
+        for _ in range(iterations):
+            t0 = time.perf_counter()
+            await daemon.exec_true(vm_id)
+            via_daemon.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            await sbx.commands.run(["true"])
+            embedded.append(time.perf_counter() - t0)
+    finally:
+        await sbx.kill()
+        await daemon.remove(vm_id)
+    d50, e50 = pct(via_daemon, 0.5) * 1e3, pct(embedded, 0.5) * 1e3
+    return {
+        "metric": "exec true p50 (ms), daemon vs embedded",
+        "daemon": round(d50, 3),
+        "embedded": round(e50, 3),
+        "ratio": round(d50 / e50, 3),
+        "daemon_p95": round(pct(via_daemon, 0.95) * 1e3, 3),
+        "embedded_p95": round(pct(embedded, 0.95) * 1e3, 3),
+    }
+
+
+async def bench_list_inspect(daemon: Daemon, iterations: int) -> dict[str, Any]:
+    ids = [await daemon.create(128) for _ in range(LIVE_VMS)]
+    try:
+        lists: list[float] = []
+        inspects: list[float] = []
+        for i in range(iterations):
+            t0 = time.perf_counter()
+            r = await daemon.client.get("/v1/sandboxes")
+            lists.append(time.perf_counter() - t0)
+            assert len(r.json()) >= LIVE_VMS
+            t0 = time.perf_counter()
+            r = await daemon.client.get(f"/v1/sandboxes/{ids[i % LIVE_VMS]}")
+            inspects.append(time.perf_counter() - t0)
+            r.raise_for_status()
+    finally:
+        for vm_id in ids:
+            await daemon.remove(vm_id)
+    return {
+        "metric": f"API latency with {LIVE_VMS} live VMs of 128 MiB (ms)",
+        "list_p50": round(statistics.median(lists) * 1e3, 3),
+        "list_p95": round(pct(lists, 0.95) * 1e3, 3),
+        "inspect_p50": round(statistics.median(inspects) * 1e3, 3),
+        "inspect_p95": round(pct(inspects, 0.95) * 1e3, 3),
+    }
+
+
+async def main() -> dict[str, Any]:
+    # 20 one-vCPU VMs on a 2-CPU host need a vCPU overcommit above the default 4.
+    daemon = Daemon("--vcpu-overcommit", "16", "--log-level", "warning")
+    try:
+        rows = [await bench_exec(daemon, 200), await bench_list_inspect(daemon, 200)]
+    finally:
+        await daemon.close()
+    return {
+        "when": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "host": {"cpus": os.cpu_count()},
+        "results": rows,
+    }
+
+
+def cli() -> None:
+    report = asyncio.run(main())
+    RESULTS.mkdir(exist_ok=True)
+    stamp = report["when"].replace(":", "").replace("-", "")
+    out = RESULTS / f"daemon-{stamp}.json"
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    for row in report["results"]:
+        print(json.dumps(row))
+    print(f"results: {out}")
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,74 @@
+"""What a sandbox needs from where its VM lives: a local Machine, or the manager daemon.
+
+``AsyncSandbox`` talks only to these two protocols, so the embedded engine
+(:class:`warden.vmm.machine.Machine` with :class:`warden.agent.client.AgentClient`) and the
+remote backend (``_remote.RemoteMachine`` with ``RemoteAgent``) serve one implementation of the
+public API. mypy checks that both backends fit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterable, AsyncIterator, Mapping
+from typing import Protocol
+
+from warden.agent.client import EntryInfo, ExecResult, OutputCallback
+from warden.vmm.spec import VMSpec
+from warden.vmm.state import VMState
+
+
+class AgentBackend(Protocol):
+    async def exec(
+        self,
+        cmd: list[str] | str,
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        stdin: bytes | AsyncIterable[bytes] | None = None,
+        timeout: float | None = None,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+    ) -> ExecResult: ...
+
+    async def write_file(
+        self,
+        path: str,
+        data: bytes | AsyncIterable[bytes],
+        *,
+        mode: int = 0o644,
+        parents: bool = True,
+    ) -> int: ...
+
+    def read_file(self, path: str) -> AsyncIterator[bytes]: ...
+
+    async def list_dir(self, path: str) -> list[EntryInfo]: ...
+
+    async def stat(self, path: str) -> EntryInfo: ...
+
+    async def remove(self, path: str, *, recursive: bool = False) -> None: ...
+
+    async def make_dir(self, path: str, *, parents: bool = True, mode: int = 0o755) -> None: ...
+
+    async def info(self) -> dict[str, object]: ...
+
+    async def ping(self) -> float: ...
+
+
+class MachineBackend(Protocol):
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def spec(self) -> VMSpec: ...
+
+    @property
+    def state(self) -> VMState: ...
+
+    @property
+    def exit_code(self) -> int | None: ...
+
+    @property
+    def agent(self) -> AgentBackend: ...
+
+    def console_tail(self, lines: int = ...) -> str: ...
+
+    async def shutdown(self) -> None: ...

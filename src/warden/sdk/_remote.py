@@ -1,0 +1,507 @@
+"""Remote mode: the SDK against a manager daemon (``warden serve``) over its REST API.
+
+``warden.connect(url)`` returns a :class:`Client`. ``client.Sandbox.create(...)`` and
+``await client.AsyncSandbox.create(...)`` give the very same ``Sandbox``/``AsyncSandbox``
+classes as embedded mode: only what stands behind them differs. Embedded, an ``AsyncSandbox``
+wraps a :class:`~warden.vmm.machine.Machine` and its agent client; remote, it wraps a
+:class:`RemoteMachine` whose ``agent`` is a :class:`RemoteAgent` with the same methods, each one
+an HTTP request to the daemon. So the public API has one implementation, and the sync API still
+only hands its async twin to the portal loop.
+
+Operations the daemon's API has no endpoint for (guest ``info`` and ``ping``; the file
+``list``/``stat``/``remove``/``make_dir`` endpoints on a daemon that predates them) raise
+:class:`RemoteUnsupportedError` instead of being emulated by commands in the guest.
+"""
+
+from __future__ import annotations
+
+import base64
+import errno as errno_mod
+import inspect
+import json
+import os
+import re
+from collections.abc import AsyncIterable, AsyncIterator, Mapping
+from types import TracebackType
+from typing import Any, NoReturn, cast
+
+import httpx
+from pydantic import ValidationError
+
+from warden._errors import (
+    AdmissionError,
+    AgentError,
+    CommandTimeoutError,
+    GuestFileError,
+    HostError,
+    NameConflictError,
+    SandboxClosedError,
+    SpecError,
+    WardenError,
+)
+from warden.agent.client import EntryInfo, ExecResult, OutputCallback
+from warden.config import Paths
+from warden.sdk._async import AsyncSandbox
+from warden.sdk._sync import Sandbox
+from warden.vmm.spec import VMSpec, _explain
+from warden.vmm.state import VMState
+
+ENV_HOST = "WARDEN_HOST"
+API = "/v1"
+CONNECT_TIMEOUT_S = 10.0
+PROBE_TIMEOUT_S = 2.0
+
+
+class RemoteUnsupportedError(WardenError, NotImplementedError):
+    """The daemon's API has no endpoint for this operation (yet); use embedded mode for it."""
+
+
+def default_url() -> str:
+    """``$WARDEN_HOST``, else the local daemon's socket ``$WARDEN_HOME/run/warden.sock``."""
+    return os.environ.get(ENV_HOST) or f"unix://{Paths.from_env().run / 'warden.sock'}"
+
+
+def _normalize(url: str) -> str:
+    if url.startswith(("http://", "https://", "unix://")):
+        return url
+    if url.startswith("/"):
+        return f"unix://{url}"
+    raise SpecError(
+        f"host {url!r} is neither unix:///path/to.sock, /path/to.sock nor http://host:port"
+    )
+
+
+def _client_args(url: str) -> tuple[str | None, str]:
+    """(unix socket path or None, base URL) of a normalized host URL."""
+    if url.startswith("unix://"):
+        return url.removeprefix("unix://"), "http://warden"
+    return None, url.rstrip("/")
+
+
+def _async_http(url: str) -> httpx.AsyncClient:
+    uds, base = _client_args(url)
+    transport = httpx.AsyncHTTPTransport(uds=uds) if uds else None
+    return httpx.AsyncClient(
+        transport=transport, base_url=base, timeout=httpx.Timeout(60.0, read=None)
+    )
+
+
+def _sync_http(url: str, timeout: float = 60.0) -> httpx.Client:
+    uds, base = _client_args(url)
+    transport = httpx.HTTPTransport(uds=uds) if uds else None
+    return httpx.Client(transport=transport, base_url=base, timeout=httpx.Timeout(timeout))
+
+
+def daemon_answers(url: str | None = None, *, timeout: float = PROBE_TIMEOUT_S) -> bool:
+    """Whether a warden daemon answers at ``url`` (default: :func:`default_url`)."""
+    target = _normalize(url or default_url())
+    uds, _ = _client_args(target)
+    if uds is not None and not os.path.exists(uds):
+        return False
+    try:
+        with _sync_http(target, timeout) as c:
+            return c.get(f"{API}/info").status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _detail(response: httpx.Response) -> str:
+    try:
+        detail = response.json().get("detail", response.text)
+    except (ValueError, AttributeError):
+        detail = response.text
+    if isinstance(detail, list):  # a 422 from validation: one line per problem
+        detail = "; ".join(
+            f"{'.'.join(str(p) for p in d.get('loc', []))}: {d.get('msg')}" for d in detail
+        )
+    return f"{detail} (HTTP {response.status_code})"
+
+
+_ERRNO = re.compile(r"^\[Errno (\d+)\]")
+
+
+def _raise(response: httpx.Response, *, vm_id: str | None = None, files: bool = False) -> NoReturn:
+    """Turn an error response into the exception embedded mode would raise."""
+    detail, status = _detail(response), response.status_code
+    gone = vm_id is not None and "no VM has id" in detail
+    if files and not gone and status in (400, 404):
+        m = _ERRNO.match(detail)
+        code = int(m.group(1)) if m else (errno_mod.ENOENT if status == 404 else None)
+        raise GuestFileError(code, detail)
+    if gone:
+        raise SandboxClosedError(f"sandbox {vm_id} no longer exists on the daemon: {detail}")
+    if status == 409 and vm_id is not None:
+        raise SandboxClosedError(f"sandbox {vm_id} cannot be used: {detail}")
+    if status == 409:
+        cls = NameConflictError if "exists already" in detail else AdmissionError
+        raise cls(detail)
+    if status == 422:
+        raise SpecError(detail)
+    raise HostError(f"the warden daemon refused the request: {detail}")
+
+
+class RemoteAgent:
+    """The subset of :class:`~warden.agent.client.AgentClient` the SDK uses, over HTTP."""
+
+    def __init__(self, http: httpx.AsyncClient, vm_id: str) -> None:
+        self._http = http
+        self._id = vm_id
+        self._base = f"{API}/sandboxes/{vm_id}"
+
+    async def exec(
+        self,
+        cmd: list[str] | str,
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        stdin: bytes | AsyncIterable[bytes] | None = None,
+        timeout: float | None = None,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+    ) -> ExecResult:
+        """Run a command through the daemon; see ``AgentClient.exec``.
+
+        The API takes stdin whole (base64 in the request body), so an iterable stdin is
+        gathered first. Cancelling the call closes the stream, which kills the command.
+        """
+        body: dict[str, Any] = {"cmd": cmd if isinstance(cmd, str) else list(cmd)}
+        if env is not None:
+            body["env"] = dict(env)
+        if cwd is not None:
+            body["cwd"] = cwd
+        if timeout is not None:
+            body["timeout"] = timeout
+        if stdin is not None:
+            data = stdin if isinstance(stdin, bytes) else b"".join([c async for c in stdin])
+            body["stdin"] = base64.b64encode(data).decode()
+        stdout, stderr = bytearray(), bytearray()
+        final: dict[str, Any] | None = None
+        async with self._http.stream("POST", f"{self._base}/exec", json=body) as r:
+            if not r.is_success:
+                await r.aread()
+                _raise(r, vm_id=self._id)
+            async for line in r.aiter_lines():
+                if not line:
+                    continue
+                msg = json.loads(line)
+                if "stdout" in msg:
+                    chunk = base64.b64decode(msg["stdout"])
+                    stdout += chunk
+                    await _call(on_stdout, chunk)
+                elif "stderr" in msg:
+                    chunk = base64.b64decode(msg["stderr"])
+                    stderr += chunk
+                    await _call(on_stderr, chunk)
+                else:
+                    final = msg
+        if final is None:
+            raise AgentError("the warden daemon ended the command's output without a result")
+        if "error" in final:
+            raise AgentError(str(final["error"]))
+        result = ExecResult(
+            exit_code=final.get("exit_code"),
+            signal=final.get("signal"),
+            stdout=bytes(stdout),
+            stderr=bytes(stderr),
+            timed_out=bool(final.get("timed_out")),
+        )
+        if result.timed_out:
+            error = CommandTimeoutError(
+                f"the command ran longer than its timeout={timeout}s and was killed; pass a "
+                f"larger timeout= (or timeout=None) to let it run longer: {cmd!r}"
+            )
+            error.result = result
+            raise error
+        return result
+
+    async def write_file(
+        self,
+        path: str,
+        data: bytes | AsyncIterable[bytes],
+        *,
+        mode: int = 0o644,
+        parents: bool = True,
+    ) -> int:
+        """Stream ``data`` into ``path`` (the daemon always makes the parents)."""
+        r = await self._http.put(
+            f"{self._base}/files", params={"path": path, "mode": str(mode)}, content=data
+        )
+        if not r.is_success:
+            _raise(r, vm_id=self._id, files=True)
+        return int(r.json()["size"])
+
+    async def read_file(self, path: str) -> AsyncIterator[bytes]:
+        """Stream a file from the guest; leaving the loop early closes the response."""
+        async with self._http.stream("GET", f"{self._base}/files", params={"path": path}) as r:
+            if not r.is_success:
+                await r.aread()
+                _raise(r, vm_id=self._id, files=True)
+            async for chunk in r.aiter_bytes():
+                yield chunk
+
+    def _unsupported(self, what: str) -> NoReturn:
+        raise RemoteUnsupportedError(
+            f"{what} is not available through the warden daemon yet (its API has no endpoint "
+            "for it); run it as a command with sbx.commands.run(), or use embedded mode"
+        )
+
+    async def info(self) -> dict[str, object]:
+        self._unsupported("sandbox.info()")
+
+    async def ping(self) -> float:
+        self._unsupported("sandbox.ping()")
+
+    async def _files(self, method: str, what: str, op: str = "", **params: Any) -> Any:
+        """One of the daemon's small file endpoints; unsupported if the daemon lacks it."""
+        url = f"{self._base}/files/{op}" if op else f"{self._base}/files"
+        query = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in params.items()}
+        r = await self._http.request(method, url, params=query)
+        if r.status_code == 405 or (r.status_code == 404 and _is_no_route(r)):
+            self._unsupported(what)
+        if not r.is_success:
+            _raise(r, vm_id=self._id, files=True)
+        return r.json() if r.status_code != 204 and r.content else None
+
+    async def list_dir(self, path: str) -> list[EntryInfo]:
+        entries = await self._files("GET", "files.list()", "list", path=path)
+        return [EntryInfo.from_json(e) for e in entries]
+
+    async def stat(self, path: str) -> EntryInfo:
+        return EntryInfo.from_json(await self._files("GET", "files.stat()", "stat", path=path))
+
+    async def remove(self, path: str, *, recursive: bool = False) -> None:
+        await self._files("DELETE", "files.remove()", path=path, recursive=recursive)
+
+    async def make_dir(self, path: str, *, parents: bool = True, mode: int = 0o755) -> None:
+        await self._files(
+            "POST", "files.make_dir()", "mkdir", path=path, parents=parents, mode=mode
+        )
+
+
+def _is_no_route(response: httpx.Response) -> bool:
+    """A 404 of the router itself (no such endpoint), not of a VM or a file."""
+    try:
+        return bool(response.json() == {"detail": "Not Found"})
+    except ValueError:
+        return False
+
+
+async def _call(callback: OutputCallback | None, chunk: bytes) -> None:
+    if callback is not None:
+        result = callback(chunk)
+        if inspect.isawaitable(result):
+            await result
+
+
+class RemoteMachine:
+    """Stands where a :class:`~warden.vmm.machine.Machine` stands in an ``AsyncSandbox``."""
+
+    def __init__(self, url: str, http: httpx.AsyncClient, row: dict[str, Any], spec: VMSpec):
+        self.url = url
+        self.id: str = row["id"]
+        self.spec = spec
+        self.state = VMState(row["state"])
+        self.exit_code: int | None = row.get("exit_code")
+        self._http = http
+        self._agent = RemoteAgent(http, self.id)
+
+    @property
+    def agent(self) -> RemoteAgent:
+        return self._agent
+
+    def console_tail(self, lines: int = 40) -> str:
+        """The tail of the guest console, as the daemon has it ("" if it cannot say)."""
+        try:
+            with _sync_http(self.url, 10.0) as c:
+                r = c.get(f"{API}/sandboxes/{self.id}/logs", params={"lines": lines})
+        except httpx.HTTPError:
+            return ""
+        return r.text if r.is_success else ""
+
+    async def shutdown(self) -> None:
+        """Remove the VM from the daemon (killing it). Safe to call twice."""
+        if self.state in (VMState.STOPPED, VMState.FAILED) and self._http.is_closed:
+            return
+        try:
+            r = await self._http.delete(
+                f"{API}/sandboxes/{self.id}", params={"force": "true"}, timeout=120.0
+            )
+            if not r.is_success and r.status_code != 404:
+                _raise(r)
+            self.state = VMState.STOPPED
+        finally:
+            if self.state is VMState.STOPPED:
+                await self._http.aclose()
+
+
+class _AsyncFactory:
+    """``client.AsyncSandbox``: ``await client.AsyncSandbox.create(...)``."""
+
+    def __init__(self, url: str) -> None:
+        self._url = url
+
+    async def create(
+        self,
+        image: str = "default",
+        *,
+        memory_mib: int = 256,
+        vcpus: int = 1,
+        name: str | None = None,
+        env: dict[str, str] | None = None,
+        labels: dict[str, str] | None = None,
+        accel: str = "auto",
+        timeout: float = 60.0,
+        boot: str = "snapshot",
+    ) -> AsyncSandbox:
+        """Create a sandbox on the daemon; the same parameters as ``AsyncSandbox.create``.
+
+        ``accel`` and ``boot`` are the daemon's to choose: only their defaults are accepted.
+        The sandbox is removed from the daemon by ``kill()``/``close()``/leaving ``with``.
+        """
+        if accel != "auto" or boot != "snapshot":
+            raise SpecError(
+                "the warden daemon chooses the accelerator and the boot mode itself; leave "
+                "accel and boot at their defaults, or use embedded mode (warden.Sandbox)"
+            )
+        fields: dict[str, Any] = {
+            "image": image,
+            "memory_mib": memory_mib,
+            "vcpus": vcpus,
+            "name": name,
+            "env": env or {},
+            "labels": labels or {},
+        }
+        try:  # the same checks as embedded mode, before asking; the host's are the daemon's
+            spec = VMSpec.model_validate({**fields, "agent_timeout_s": timeout})
+        except ValidationError as exc:
+            raise SpecError(_explain(exc)) from None
+        if name is None:
+            del fields["name"]
+        http = _async_http(self._url)
+        try:
+            r = await http.post(f"{API}/sandboxes", json=fields, timeout=timeout + 60.0)
+            if not r.is_success:
+                _raise(r)
+        except httpx.TransportError as exc:
+            await http.aclose()
+            raise HostError(_no_daemon(self._url, exc)) from None
+        except BaseException:
+            await http.aclose()
+            raise
+        machine = RemoteMachine(self._url, http, r.json(), spec)
+        return AsyncSandbox(machine)
+
+
+class _SyncFactory:
+    """``client.Sandbox``: ``client.Sandbox.create(...)``."""
+
+    def __init__(self, url: str) -> None:
+        self._async = _AsyncFactory(url)
+
+    def create(
+        self,
+        image: str = "default",
+        *,
+        memory_mib: int = 256,
+        vcpus: int = 1,
+        name: str | None = None,
+        env: dict[str, str] | None = None,
+        labels: dict[str, str] | None = None,
+        accel: str = "auto",
+        timeout: float = 60.0,
+        boot: str = "snapshot",
+    ) -> Sandbox:
+        """See :meth:`_AsyncFactory.create`."""
+        from warden.sdk import _portal
+
+        return Sandbox(
+            _portal.call(
+                self._async.create(
+                    image,
+                    memory_mib=memory_mib,
+                    vcpus=vcpus,
+                    name=name,
+                    env=env,
+                    labels=labels,
+                    accel=accel,
+                    timeout=timeout,
+                    boot=boot,
+                )
+            )
+        )
+
+
+def _no_daemon(url: str, exc: BaseException) -> str:
+    return (
+        f"no warden daemon answers at {url} ({exc}). Start one with `warden serve`, or point "
+        f"warden.connect(url) / ${ENV_HOST} at a running one"
+    )
+
+
+class Client:
+    """A connection to a warden daemon. ``client.Sandbox`` and ``client.AsyncSandbox`` have
+    the ``create`` of ``warden.Sandbox`` and ``warden.AsyncSandbox``, and make the same
+    classes."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.Sandbox = _SyncFactory(url)
+        self.AsyncSandbox = _AsyncFactory(url)
+
+    def __repr__(self) -> str:
+        return f"warden.Client({self.url!r})"
+
+    def create(
+        self,
+        image: str = "default",
+        *,
+        memory_mib: int = 256,
+        vcpus: int = 1,
+        name: str | None = None,
+        env: dict[str, str] | None = None,
+        labels: dict[str, str] | None = None,
+        timeout: float = 60.0,
+    ) -> Sandbox:
+        """Shorthand for ``client.Sandbox.create(...)``."""
+        return self.Sandbox.create(
+            image,
+            memory_mib=memory_mib,
+            vcpus=vcpus,
+            name=name,
+            env=env,
+            labels=labels,
+            timeout=timeout,
+        )
+
+    def info(self) -> dict[str, Any]:
+        """The daemon's host capacity, overcommit ratios and reservations."""
+        try:
+            with _sync_http(self.url, CONNECT_TIMEOUT_S) as c:
+                r = c.get(f"{API}/info")
+        except httpx.TransportError as exc:
+            raise HostError(_no_daemon(self.url, exc)) from None
+        if not r.is_success:
+            _raise(r)
+        return cast(dict[str, Any], r.json())
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        return None
+
+
+def connect(url: str | None = None) -> Client:
+    """Connect to a warden daemon and check that it answers.
+
+    ``url`` is ``unix:///path/to.sock`` (or just the path) or ``http://host:port``; by default
+    ``$WARDEN_HOST``, else the local daemon's socket ``$WARDEN_HOME/run/warden.sock``.
+    """
+    client = Client(_normalize(url or default_url()))
+    client.info()
+    return client

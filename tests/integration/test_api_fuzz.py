@@ -1,0 +1,106 @@
+"""A bounded schemathesis run against the served OpenAPI spec: no request gets a 5xx.
+
+The daemon's app runs in this process (uvicorn on 127.0.0.1, in a thread with its own event
+loop) over a Manager with a private $WARDEN_HOME, which shares the built images and boot
+snapshots of the real one, and a small host capacity, so fuzzed creates boot at most a few
+small VMs. Every VM is removed at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+from schemathesis.core.result import Ok
+
+from warden.config import Paths
+from warden.policy.admission import AdmissionPolicy, HostCapacity
+from warden.server import Manager, create_app
+
+pytestmark = pytest.mark.vm
+
+MAX_EXAMPLES = 8
+
+
+def _private_home(tmp: Path) -> Paths:
+    real = Paths.from_env()
+    home = tmp / "home"
+    home.mkdir()
+    for name in ("cache", "images", "snapshots"):
+        (home / name).symlink_to(real.home / name)
+    return Paths(home)
+
+
+@pytest.fixture(scope="module")
+def api_schema(tmp_path_factory: pytest.TempPathFactory) -> Iterator[schemathesis.BaseSchema]:
+    import uvicorn
+
+    paths = _private_home(tmp_path_factory.mktemp("fuzz"))
+    manager = Manager(
+        paths,
+        policy=AdmissionPolicy(reserved_host_memory_mib=0),
+        capacity=HostCapacity(memory_mib=2 * (128 + AdmissionPolicy().vm_overhead_mib), cpus=2),
+    )
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(manager), log_level="warning"))
+    thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])))
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert server.started
+        yield schemathesis.openapi.from_url(f"{base}/openapi.json")
+    finally:
+        with httpx.Client(base_url=base, timeout=60) as c:
+            for vm in c.get("/v1/sandboxes", params={"all": "true"}).json():
+                c.delete(f"/v1/sandboxes/{vm['id']}", params={"force": "true"})
+            assert c.get("/v1/sandboxes", params={"all": "true"}).json() == []
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+        assert not thread.is_alive()
+        left = list(paths.vms.iterdir()) if paths.vms.is_dir() else []
+        assert left == [], f"VM runtime dirs left behind: {left}"
+
+
+def test_no_server_errors(api_schema: schemathesis.BaseSchema) -> None:
+    failures: list[str] = []
+    operations = 0
+    for result in api_schema.get_all_operations():
+        assert isinstance(result, Ok), result
+        operation = result.ok()
+        operations += 1
+
+        @given(case=operation.as_strategy())
+        @settings(
+            max_examples=MAX_EXAMPLES,
+            deadline=None,
+            derandomize=True,
+            database=None,
+            suppress_health_check=list(HealthCheck),
+        )
+        def run(case: Any) -> None:
+            response = case.call(timeout=60)
+            if response.status_code >= 500:
+                failures.append(
+                    f"{case.method} {case.formatted_path} {case.query} {case.body!r:.200} -> "
+                    f"{response.status_code}: {response.text[:300]}"
+                )
+
+        run()
+    assert operations >= 14
+    assert failures == []
