@@ -53,6 +53,7 @@ test-unit: venv
 
 bench: setup
 	$(PY) -m bench.run
+	$(PY) -m bench.daemon
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
