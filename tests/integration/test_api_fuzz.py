@@ -36,6 +36,7 @@ def _private_home(tmp: Path) -> Paths:
     home = tmp / "home"
     home.mkdir()
     for name in ("cache", "images", "snapshots"):
+        (real.home / name).mkdir(mode=0o700, parents=True, exist_ok=True)  # never dangle
         (home / name).symlink_to(real.home / name)
     return Paths(home)
 

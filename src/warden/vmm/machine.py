@@ -126,7 +126,7 @@ class Machine:
                 raise
             if isinstance(exc, OSError) and self.argv:
                 raise LaunchError(
-                    f"could not start QEMU: {exc}", self.argv, self._exit_code, ""
+                    f"launching the VM failed: {exc}", self.argv, self._exit_code, ""
                 ) from exc
             raise
         self.started_at = time.time()
