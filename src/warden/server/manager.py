@@ -266,7 +266,16 @@ class Manager:
         return await asyncio.to_thread(self.store.list_vms, all=all)
 
     async def machine(self, id_or_name: str) -> Machine:
-        """The running machine of a VM; StateTransitionError (409) if it is not running."""
+        """The running machine of a VM; StateTransitionError (409) if it is not running.
+
+        On the hot path (every exec and file call) a held, running VM is found in memory,
+        without a trip to the database.
+        """
+        held = self.vms.get(id_or_name) or next(
+            (h for h in self.vms.values() if h.machine.spec.name == id_or_name), None
+        )
+        if held is not None and held.machine.state is VMState.RUNNING:
+            return held.machine
         row = await self.get(id_or_name)
         held = self.vms.get(row.id)
         if held is None or held.machine.state is not VMState.RUNNING:
