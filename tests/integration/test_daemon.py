@@ -512,3 +512,72 @@ def test_20_parallel_execs_across_5_vms(daemon: Daemon) -> None:
         assert out == b"x" * (i * 1000 + 1) + b"\n", i
         assert err == f"e{i}\n".encode()
         assert final == {"exit_code": i % 7, "signal": None, "timed_out": False}
+
+
+def test_kill_9_of_the_daemon_during_a_file_transfer(daemon: Daemon) -> None:
+    """The upload fails instead of hanging; after a restart the VM is there once, usable,
+    and holds no half-written file."""
+    import threading
+
+    with daemon.client() as c:
+        vm = _create(c)
+    started = threading.Event()
+    seen: list[BaseException | int] = []
+
+    def body() -> Iterator[bytes]:
+        chunk = os.urandom(1 << 20)
+        for _ in range(4096):  # far more than can pass before the kill
+            started.set()
+            yield chunk
+
+    def upload() -> None:
+        try:
+            with daemon.client() as c:
+                r = c.put(
+                    f"/v1/sandboxes/{vm['id']}/files", params={"path": "/root/big"}, content=body()
+                )
+                seen.append(r.status_code)
+        except httpx.HTTPError as exc:
+            seen.append(exc)
+
+    t = threading.Thread(target=upload)
+    t.start()
+    assert started.wait(10)
+    time.sleep(0.5)  # mid-transfer
+    daemon.signal(signal.SIGKILL)
+    t.join(timeout=30)
+    assert not t.is_alive(), "the in-flight upload hung when the daemon died"
+    assert seen and isinstance(seen[-1], httpx.HTTPError)
+    daemon.start()
+    with daemon.client() as c:
+        listed = [v["id"] for v in c.get("/v1/sandboxes").json()]
+        assert listed.count(vm["id"]) == 1
+        out, _, final = _exec(c, vm["id"], ["sh", "-c", "ls -a /root; echo done"])
+        assert final["exit_code"] == 0 and out.endswith(b"done\n")
+        # The agent writes to a temp name and renames at the end: nothing half-written.
+        assert b"big" not in out
+
+
+def _counts(pid: int) -> tuple[int, int, int]:
+    """Open fds and threads of ``pid``, and the entries under the runtime vms dir."""
+    fds = len(os.listdir(f"/proc/{pid}/fd"))
+    threads = len(os.listdir(f"/proc/{pid}/task"))
+    return fds, threads, len(runtime_dirs())
+
+
+def test_200_create_destroy_cycles_leak_nothing(daemon: Daemon) -> None:
+    assert daemon.proc is not None
+    pid = daemon.proc.pid
+    with daemon.client() as c:
+        c.delete(f"/v1/sandboxes/{_create(c)['id']}", params={"force": "true"})  # warm up
+        before, qemu_before = _counts(pid), qemu_pids()
+        for i in range(200):
+            vm = _create(c, labels={"cycle": str(i)})
+            r = c.delete(f"/v1/sandboxes/{vm['id']}", params={"force": "true"})
+            assert r.status_code == 204, r.text
+        after = _counts(pid)
+        assert qemu_pids() == qemu_before, "a QEMU process outlived its sandbox"
+        assert after[2] == before[2], "runtime dirs were left behind"
+        assert after[0] <= before[0] + 2, f"fds grew from {before[0]} to {after[0]}"
+        assert after[1] <= before[1] + 2, f"threads grew from {before[1]} to {after[1]}"
+        assert c.get("/v1/sandboxes", params={"all": "true"}).json() == []
