@@ -97,3 +97,20 @@ def test_prefix_ties_embedded_vms_to_their_owner() -> None:
     assert ownership.spawn_prefix(Ownership.EMBEDDED)[:3] == ["setpriv", "--pdeathsig", "KILL"]
     assert ownership.spawn_prefix(Ownership.DAEMON) == []
     assert ownership.new_session(Ownership.DAEMON)
+
+
+def test_vm_cgroups_are_made_and_removed(tmp_path: Path) -> None:
+    from warden.vmm import cgroups
+
+    root = tmp_path / "cgroup"
+    group = cgroups.VMCgroup("vm0000000001", root=root)
+    for controller in cgroups.CONTROLLERS:
+        (root / controller).mkdir(parents=True)
+    # A fake cgroupfs: plain dirs take the limit files, and rmdir works once they are gone.
+    group.create(cgroups.Limits.for_vm(128, 1, 64))
+    assert (group.path("memory") / "memory.limit_in_bytes").read_text() == f"{192 << 20}\n"
+    for controller in cgroups.CONTROLLERS:
+        for f in group.path(controller).iterdir():
+            f.unlink()
+    group.remove()
+    assert not any(group.path(c).exists() for c in cgroups.CONTROLLERS)

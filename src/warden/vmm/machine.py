@@ -26,7 +26,8 @@ from warden._errors import AgentTimeoutError, HostError, LaunchError, VMError
 from warden.agent.client import AgentClient
 from warden.config import Paths
 from warden.image.store import Image, load_image, verify_image
-from warden.vmm import ownership
+from warden.policy.admission import TCG_VM_OVERHEAD_MIB
+from warden.vmm import cgroups, ownership
 from warden.vmm.accel import AccelChoice, qemu_version, resolve_accel
 from warden.vmm.argv import (
     XFER_SLOT_SIZE,
@@ -67,6 +68,7 @@ class Machine:
         qemu: str | None = None,
         wrappers: tuple[ArgvWrapper, ...] = (),
         vm_id: str | None = None,
+        use_cgroups: bool = True,
     ) -> None:
         self.spec = spec
         self.paths = paths or Paths.from_env()
@@ -90,6 +92,9 @@ class Machine:
         """``snapshot`` or ``cold``, once launched."""
         self.snapshot_key: str | None = None
         self._final_console: str | None = None
+        self.use_cgroups = use_cgroups
+        self.cgroup: cgroups.VMCgroup | None = None
+        """The VM's cgroups (memory incl. QEMU's overhead, CPU, tasks), where the host has them."""
 
     # -- public surface ------------------------------------------------------------------
 
@@ -193,6 +198,9 @@ class Machine:
         if proc.returncode is not None:
             raise VMError(f"VM {vm_id}: its QEMU (pid {pid}) is not running any more")
         machine._proc = proc
+        group = cgroups.VMCgroup(vm_id)
+        if group.path("memory").is_dir():
+            machine.cgroup = group  # made by the manager that launched it; removed at the end
         deadline = time.monotonic() + timeout
         try:
             async with asyncio.timeout(timeout):
@@ -254,6 +262,17 @@ class Machine:
         ownership.claim(self.run.dir, self.ownership)
         with open(self.run.xfer, "wb") as f:
             f.truncate(XFER_SLOTS * XFER_SLOT_SIZE)  # sparse: costs nothing until used
+        if self.use_cgroups and cgroups.available() is None:
+            # QEMU's own overhead is charged as admission control charges it.
+            limits = cgroups.Limits.for_vm(
+                self.spec.memory_mib, self.spec.vcpus, TCG_VM_OVERHEAD_MIB
+            )
+            group = cgroups.VMCgroup(self.id)
+            try:
+                group.create(limits)
+                self.cgroup = group
+            except OSError as exc:
+                log.warning("VM %s runs without cgroup limits: %s", self.id, exc)
         return boot
 
     async def _boot(self, boot: BootFiles) -> None:
@@ -312,6 +331,11 @@ class Machine:
             if state is not None:
                 state.close()
         ownership.record_qemu(self.run.dir, self._proc.pid)
+        if self.cgroup is not None:
+            try:
+                self.cgroup.attach(self._proc.pid)
+            except OSError as exc:
+                log.warning("VM %s runs without cgroup limits: %s", self.id, exc)
 
     async def _save_snapshot(self, key: str) -> None:
         """Save this just-booted VM as the boot snapshot of its configuration, then resume.
@@ -477,6 +501,8 @@ class Machine:
         await self._stop_process()
         if self._watch is not None and self._watch is not asyncio.current_task():
             self._watch.cancel()
+        if self.cgroup is not None:
+            self.cgroup.remove()
         if self.run.dir.exists():
             self._final_console = _tail(self.run.console, CONSOLE_TAIL_LINES)
             await asyncio.to_thread(shutil.rmtree, self.run.dir, True)

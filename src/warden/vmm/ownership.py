@@ -28,6 +28,9 @@ import threading
 import time
 from pathlib import Path
 
+from warden.vmm import cgroups
+from warden.vmm.cgroups import VMCgroup
+
 OWNER_FILE = "owner.json"
 
 
@@ -117,6 +120,7 @@ def release(rundir: Path, *, grace_s: float = 2.0) -> None:
     pid = _int(data.get("qemu_pid"))
     if pid is not None and is_alive(pid, _int(data.get("qemu_start"))):
         _kill_verified(pid, rundir, grace_s)
+    VMCgroup(rundir.name).remove()
     shutil.rmtree(rundir, ignore_errors=True)
 
 
@@ -138,6 +142,8 @@ def _kill_verified(pid: int, rundir: Path, grace_s: float) -> None:
 def sweep_stale(vms_dir: Path, *, owner_pid: int | None = None) -> list[Path]:
     """Release runtime dirs whose owner is dead (or, with ``owner_pid``, owned by that pid)."""
     swept: list[Path] = []
+    with contextlib.suppress(OSError):
+        cgroups.sweep_empty()
     if not vms_dir.is_dir():
         return swept
     for rundir in sorted(vms_dir.iterdir()):
