@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +31,12 @@ MODES = ["embedded", "daemon"]
 class ServeProcess:
     """A `warden serve` subprocess; stopped by its own pid only."""
 
-    def __init__(self, socket: Path, log: Path) -> None:
+    def __init__(
+        self, socket: Path, log: Path, args: Sequence[str] = ("--log-level", "warning")
+    ) -> None:
         self.socket = socket
         self.log = log
+        self.args = list(args)
         self.url = f"unix://{socket}"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -47,7 +50,7 @@ class ServeProcess:
     def start(self) -> None:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [WARDEN, "serve", "--socket", str(self.socket), "--log-level", "warning"],
+                [WARDEN, "serve", "--socket", str(self.socket), *self.args],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,

@@ -12,9 +12,8 @@ import os
 import secrets
 import signal
 import subprocess
-import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ import httpx
 import pytest
 
 from tests.conftest import qemu_pids, runtime_dirs
+from tests.integration.conftest import WARDEN, ServeProcess
 from warden.config import Paths
 from warden.policy.admission import AdmissionPolicy, HostCapacity
 from warden.store.db import Store, db_path
@@ -29,47 +29,11 @@ from warden.vmm import ownership
 
 pytestmark = pytest.mark.vm
 
-WARDEN = str(Path(sys.executable).parent / "warden")
 MEMORY = 128
 
 
-class Daemon:
-    """A `warden serve` subprocess; start/kill/term by its own pid only."""
-
-    def __init__(
-        self, socket: Path, log: Path, args: Sequence[str] = ("--log-level", "warning")
-    ) -> None:
-        self.socket = socket
-        self.log = log
-        self.args = list(args)
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                [WARDEN, "serve", "--socket", str(self.socket), *self.args],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.log.read_text()
-            try:
-                with self.client() as c:
-                    if c.get("/v1/info").status_code == 200:
-                        return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-        raise AssertionError(f"the daemon did not answer: {self.log.read_text()}")
-
-    def client(self) -> httpx.Client:
-        return httpx.Client(
-            transport=httpx.HTTPTransport(uds=str(self.socket)),
-            base_url="http://warden",
-            timeout=httpx.Timeout(120.0),
-        )
+class Daemon(ServeProcess):
+    """A `warden serve` subprocess whose tests kill, SIGTERM and restart it (by its pid)."""
 
     def signal(self, sig: int) -> None:
         assert self.proc is not None
@@ -78,6 +42,7 @@ class Daemon:
         self.proc = None
 
     def stop(self) -> None:
+        """SIGTERM only: what the daemon leaves running is the test's to check."""
         if self.proc is not None and self.proc.poll() is None:
             self.signal(signal.SIGTERM)
         self.proc = None
