@@ -29,7 +29,6 @@ from warden._errors import (
     NameConflictError,
     SpecError,
     StateTransitionError,
-    VMError,
     VMNotFoundError,
     WardenError,
 )
@@ -142,6 +141,23 @@ def _error(status: int, exc: BaseException) -> JSONResponse:
     return JSONResponse({"detail": str(exc)}, status_code=status)
 
 
+_STATUS: tuple[tuple[type[WardenError], int], ...] = (
+    (VMNotFoundError, 404),
+    (ImageNotFoundError, 404),
+    (NameConflictError, 409),
+    (StateTransitionError, 409),
+    (AdmissionError, 409),
+    (SpecError, 422),
+)
+"""The HTTP status of each error the API expects; any other WardenError is a 500."""
+
+
+def _status(exc: WardenError) -> int:
+    if isinstance(exc, GuestFileError):
+        return 404 if exc.errno == errno.ENOENT else 400
+    return next((status for cls, status in _STATUS if isinstance(exc, cls)), 500)
+
+
 def create_app(manager: Manager, *, manage_lifespan: bool = True) -> FastAPI:
     """The API over ``manager``. With ``manage_lifespan``, the app starts the manager (which
     reattaches to live VMs) and closes it on shutdown (leaving VMs running)."""
@@ -160,42 +176,11 @@ def create_app(manager: Manager, *, manage_lifespan: bool = True) -> FastAPI:
     metrics = Metrics()
     app.state.metrics = metrics
 
-    @app.exception_handler(VMNotFoundError)
-    async def _not_found(request: Request, exc: VMNotFoundError) -> JSONResponse:
-        return _error(404, exc)
-
-    @app.exception_handler(NameConflictError)
-    async def _conflict(request: Request, exc: NameConflictError) -> JSONResponse:
-        return _error(409, exc)
-
-    @app.exception_handler(StateTransitionError)
-    async def _state(request: Request, exc: StateTransitionError) -> JSONResponse:
-        return _error(409, exc)
-
-    @app.exception_handler(AdmissionError)
-    async def _admission(request: Request, exc: AdmissionError) -> JSONResponse:
-        metrics.refused(str(exc))
-        return _error(409, exc)
-
-    @app.exception_handler(ImageNotFoundError)
-    async def _no_image(request: Request, exc: ImageNotFoundError) -> JSONResponse:
-        return _error(404, exc)
-
-    @app.exception_handler(SpecError)
-    async def _spec(request: Request, exc: SpecError) -> JSONResponse:
-        return _error(422, exc)
-
-    @app.exception_handler(GuestFileError)
-    async def _guest_file(request: Request, exc: GuestFileError) -> JSONResponse:
-        return _error(404 if exc.errno == errno.ENOENT else 400, exc)
-
-    @app.exception_handler(VMError)
-    async def _vm(request: Request, exc: VMError) -> JSONResponse:
-        return _error(500, exc)
-
     @app.exception_handler(WardenError)
-    async def _warden(request: Request, exc: WardenError) -> JSONResponse:
-        return _error(500, exc)
+    async def _warden_error(request: Request, exc: WardenError) -> JSONResponse:
+        if isinstance(exc, AdmissionError):
+            metrics.refused(str(exc))
+        return _error(_status(exc), exc)
 
     @app.post(f"{API}/sandboxes", status_code=201)
     async def create(body: CreateRequest) -> Sandbox:
