@@ -1130,9 +1130,17 @@ class Agent:
         import socket
 
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
-            server.bind(path)
+            # Bound and listening under a temp name first: the path appears only once a
+            # connection to it is accepted, never refused.
+            pending = f"{path}.{os.getpid()}.tmp"
+            server.bind(pending)
             try:
                 server.listen(1)
+                os.rename(pending, path)
+            except BaseException:
+                os.unlink(pending)
+                raise
+            try:
                 while True:
                     conn, _ = server.accept()
                     with conn:
