@@ -47,6 +47,9 @@ class ServeProcess:
             timeout=httpx.Timeout(120.0),
         )
 
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
     def start(self) -> None:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(

@@ -517,8 +517,10 @@ def test_kill_9_of_the_daemon_during_a_file_transfer(daemon: Daemon) -> None:
     assert seen and isinstance(seen[-1], httpx.HTTPError)
     daemon.start()
     with daemon.client() as c:
-        listed = [v["id"] for v in c.get("/v1/sandboxes").json()]
-        assert listed.count(vm["id"]) == 1
+        rows = [v for v in c.get("/v1/sandboxes", params={"all": "true"}).json()]
+        mine = [v for v in rows if v["id"] == vm["id"]]
+        assert len(mine) == 1, rows
+        assert mine[0]["state"] == "running", (mine[0], daemon.log_tail())
         out, _, final = _exec(c, vm["id"], ["sh", "-c", "ls -a /root; echo done"])
         assert final["exit_code"] == 0 and out.endswith(b"done\n")
         # The agent writes to a temp name and renames at the end: nothing half-written.

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -20,9 +21,12 @@ from warden import (
     SandboxClosedError,
     SpecError,
 )
+from warden.agent.client import AgentClient
 from warden.config import Paths
+from warden.vmm.argv import XFER_SLOT_SIZE, XFER_SLOTS
 from warden.vmm.machine import Machine
 from warden.vmm.ownership import proc_start_time
+from warden.vmm.spec import VMSpec
 
 from ..conftest import qemu_pids, runtime_dirs
 
@@ -136,3 +140,39 @@ def test_a_vm_whose_qemu_dies_is_marked_failed_and_released(no_leaks: None) -> N
     with pytest.raises(SandboxClosedError, match="exited with code"):
         sbx.commands.run("true")
     sbx.kill()  # still safe
+
+
+@pytest.mark.parametrize("gap", [0.0, 0.5])
+async def test_a_new_host_takes_over_an_agent_left_mid_transfer(gap: float, no_leaks: None) -> None:
+    """What a manager restarted after kill -9 meets: the old host died in the middle of an
+    upload, so the agent is still busy with its requests (and still sends their frames), and the
+    port may never have shown it an EOF. The new host connects as Machine.attach does
+    (``resync=True``) and gets a working session, every time."""
+    machine = Machine(VMSpec(memory_mib=128))
+    await machine.launch()
+    try:
+        await machine.agent.close()
+        for _ in range(3):
+            old = await AgentClient.connect_unix(machine.run.agent, timeout=10)
+            old.enable_xfer(machine.run.xfer, slots=XFER_SLOTS, slot_size=XFER_SLOT_SIZE)
+
+            async def endless() -> AsyncIterator[bytes]:
+                chunk = os.urandom(1 << 20)
+                while True:
+                    yield chunk
+
+            upload = asyncio.create_task(old.write_file("/root/big", endless()))
+            await asyncio.sleep(0.3)
+            old._writer.transport.abort()  # the old host dies mid-frame, without a goodbye
+            with pytest.raises(SandboxClosedError):
+                await upload
+            await asyncio.sleep(gap)
+            new = await AgentClient.connect_unix(machine.run.agent, timeout=20, resync=True)
+            try:
+                result = await new.exec(["sh", "-c", "ls -a /root; echo done"])
+                assert result.exit_code == 0 and result.stdout.endswith(b"done\n")
+                assert b"big" not in result.stdout  # the old upload's temp file is gone too
+            finally:
+                await new.close()
+    finally:
+        await machine.shutdown()

@@ -34,9 +34,11 @@ from warden._errors import (
     ProtocolError,
     SandboxClosedError,
 )
+from warden.agent import client as client_module
 from warden.agent.client import AgentClient, EntryInfo, ExecResult
 from warden.wire.frame import (
     PROTOCOL_VERSION,
+    RESYNC_PADDING_SIZE,
     Channel,
     Frame,
     FrameDecoder,
@@ -571,28 +573,105 @@ def test_malformed_frame_from_host(agent: LocalAgent) -> None:
         raw.close()
 
 
-def test_malformed_frames_never_crash_the_agent(agent: LocalAgent) -> None:
-    sock = agent.sock
-    decoder = FrameDecoder()
+class RawHost:
+    """A host that speaks raw frames to the agent over its socket."""
 
-    def frames_until(ftype: FrameType) -> list[Frame]:
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.decoder = FrameDecoder()
+        sock.settimeout(10)
+
+    def until(self, done: Callable[[Frame], bool]) -> list[Frame]:
         got: list[Frame] = []
-        while not any(f.type == ftype for f in got):
-            data = sock.recv(65536)
+        while not any(done(f) for f in got):
+            data = self.sock.recv(65536)
             assert data, "the agent closed the connection"
-            got.extend(decoder.feed(data))
+            got.extend(self.decoder.feed(data))
         return got
 
-    sock.settimeout(10)
-    # a request before HELLO is a protocol error
-    sock.sendall(encode_json(FrameType.REQUEST, 1, {"op": "ping"}))
-    (error,) = frames_until(FrameType.ERROR)
-    assert error.request_id == 0
-    assert decode_json(error)["error"] == "protocol"
-    # after that the agent drops everything until EOF, and then exits cleanly
-    sock.sendall(encode_json(FrameType.HELLO, 0, {"versions": [1]}) + os.urandom(5000))
-    sock.shutdown(socket.SHUT_WR)
-    assert sock.recv(65536) == b""
+
+def hello(nonce: str) -> bytes:
+    return encode_json(FrameType.HELLO, 0, {"versions": [PROTOCOL_VERSION], "nonce": nonce})
+
+
+def test_agent_skips_junk_and_recovers_on_the_same_connection(agent: LocalAgent) -> None:
+    """A session starts at a HELLO: what comes before one is skipped, and a protocol error
+    ends the session (an ERROR is sent) and the agent hunts for the next HELLO."""
+    host = RawHost(agent.sock)
+    ping = encode_json(FrameType.REQUEST, 1, {"op": "ping"})
+    host.sock.sendall(os.urandom(3000) + ping + hello("n1"))
+    got = host.until(lambda f: f.type == FrameType.HELLO)
+    assert [f.type for f in got] == [FrameType.HELLO], "the request before HELLO was answered"
+    assert decode_json(got[0])["nonce"] == "n1"
+
+    host.sock.sendall(
+        b"\x07"  # protocol version 7: malformed
+        + bytes(11)
+        + encode_json(FrameType.REQUEST, 2, {"op": "ping"})  # skipped: no session
+        + bytes(5000)
+        + hello("n2")
+        + encode_json(FrameType.REQUEST, 3, {"op": "ping"})
+    )
+    got = host.until(lambda f: f.type == FrameType.RESPONSE)
+    assert [(f.type, f.request_id) for f in got] == [
+        (FrameType.ERROR, 0),
+        (FrameType.HELLO, 0),
+        (FrameType.RESPONSE, 3),
+    ]
+    assert decode_json(got[0])["error"] == "protocol"
+    assert decode_json(got[1])["nonce"] == "n2"
+    host.sock.shutdown(socket.SHUT_WR)
+    assert host.sock.recv(65536) == b""
+
+
+def test_a_new_host_takes_over_a_stream_left_mid_frame(agent: LocalAgent) -> None:
+    """A manager killed mid-frame, and the next one connecting before the agent saw an EOF:
+    its HELLO is swallowed by the half-sent frame, so it pads and says HELLO again. The old
+    session ends and its command is killed."""
+    host = RawHost(agent.sock)
+    host.sock.sendall(hello("old"))
+    host.until(lambda f: f.type == FrameType.HELLO)
+    host.sock.sendall(
+        encode_json(FrameType.REQUEST, 1, {"op": "exec", "shell": "echo $$; exec sleep 30"})
+    )
+    (data,) = host.until(lambda f: f.type == FrameType.DATA)
+    pid = int(data.payload)
+    half = encode(Frame(FrameType.DATA, 1, Channel.STDIN, bytes(50_000)))[:20_000]
+    host.sock.sendall(half + hello("new"))  # the new HELLO is swallowed
+    time.sleep(0.3)
+    host.sock.sendall(bytes(RESYNC_PADDING_SIZE) + hello("new"))
+    got = host.until(lambda f: f.type == FrameType.HELLO)
+    replies = [decode_json(f) for f in got if f.type in (FrameType.HELLO, FrameType.ERROR)]
+    assert replies[-1]["nonce"] == "new"
+    assert any(r.get("error") == "protocol" for r in replies[:-1]), replies
+    assert process_gone(pid), "the old session's command survived the takeover"
+    host.sock.sendall(encode_json(FrameType.REQUEST, 1, {"op": "ping"}))  # id 1 is free again
+    (response,) = host.until(lambda f: f.type == FrameType.RESPONSE)
+    assert decode_json(response)["ok"] is True
+
+
+def test_client_resync_takes_over_a_stream_left_mid_frame(
+    agent: LocalAgent, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same takeover through AgentClient(resync=True), as the manager's reattach does it."""
+    monkeypatch.setattr(client_module, "RESYNC_AFTER_S", 0.3)
+    host = RawHost(agent.sock)
+    host.sock.sendall(hello("old"))
+    host.until(lambda f: f.type == FrameType.HELLO)
+    host.sock.sendall(
+        encode_json(FrameType.REQUEST, 1, {"op": "exec", "shell": "echo $$; exec sleep 30"})
+        + encode(Frame(FrameType.DATA, 1, Channel.STDIN, bytes(50_000)))[:20_000]
+    )
+
+    async def main() -> None:
+        reader, writer = await asyncio.open_connection(sock=agent.sock, limit=1 << 20)
+        client = await AgentClient.from_streams(reader, writer, timeout=10, resync=True)
+        try:
+            assert (await client.exec(["echo", "mine"])).stdout == b"mine\n"
+        finally:
+            await client.close()
+
+    run(main())
 
 
 @pytest.mark.parametrize(
@@ -759,7 +838,8 @@ async def greet(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> F
     assert offer["versions"] == [PROTOCOL_VERSION]
     assert len(bytes.fromhex(offer["seed"])) == 32  # a fresh RNG seed for a restored guest
     assert abs(offer["time"] - time.time()) < 60
-    writer.write(encode_json(FrameType.HELLO, 0, {"version": 1, "agent": "fake", "pid": 1}))
+    reply = {"version": 1, "agent": "fake", "pid": 1, "nonce": offer["nonce"]}
+    writer.write(encode_json(FrameType.HELLO, 0, reply))
     return decoder
 
 
@@ -864,6 +944,53 @@ def test_client_ignores_frames_of_unknown_requests() -> None:
         assert isinstance(client, AgentClient)
         assert await client.ping() >= 0
         await client.close()
+        await task
+
+    run(main(), timeout=10)
+
+
+def test_client_skips_what_precedes_its_answer() -> None:
+    """Frames from an earlier host's session (stale output, window acknowledgements, an answer
+    to another HELLO, garbage) come before the answer to ours; the client waits them out."""
+
+    async def stale(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        decoder = FrameDecoder()
+        offer = decode_json(await read_frame(reader, decoder))
+        writer.write(
+            encode(Frame(FrameType.DATA, 7, Channel.STDOUT, b"old output"))
+            + encode(Frame(FrameType.DATA, 3, Channel.XFER, bytes(12)))
+            + encode_json(FrameType.HELLO, 0, {"version": 1, "nonce": "somebody else"})
+            + encode_json(FrameType.ERROR, 0, {"error": "protocol", "message": "stale"})
+            + b"\x63" * 40  # not a frame at all
+            + encode_json(FrameType.HELLO, 0, {"version": 1, "pid": 1, "nonce": offer["nonce"]})
+        )
+        request = await read_frame(reader, decoder)
+        writer.write(encode_json(FrameType.RESPONSE, request.request_id, {"ok": True}))
+        await reader.read()
+        writer.close()
+
+    async def main() -> None:
+        client, task = await fake_agent(stale)
+        assert isinstance(client, AgentClient), client
+        assert await client.ping() >= 0
+        await client.close()
+        await task
+
+    run(main(), timeout=10)
+
+
+def test_client_reports_an_agent_that_refuses_its_hello() -> None:
+    async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        offer = decode_json(await read_frame(reader, FrameDecoder()))
+        report = {"error": "protocol", "message": "no common version", "nonce": offer["nonce"]}
+        writer.write(encode_json(FrameType.ERROR, 0, report))
+        await reader.read()
+        writer.close()
+
+    async def main() -> None:
+        client, task = await fake_agent(refuse)
+        assert isinstance(client, ProtocolError), client
+        assert "no common version" in str(client)
         await task
 
     run(main(), timeout=10)

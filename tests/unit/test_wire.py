@@ -14,9 +14,11 @@ from hypothesis import strategies as st
 from warden.wire.frame import (
     HEADER,
     HEADER_SIZE,
+    HELLO_MAX_PAYLOAD,
     MAX_PAYLOAD,
     MAX_REQUEST_ID,
     PROTOCOL_VERSION,
+    RESYNC_PADDING_SIZE,
     XFER_REF,
     Channel,
     Frame,
@@ -265,3 +267,61 @@ def test_xfer_references_round_trip(offset: int, length: int) -> None:
 def test_bad_xfer_references_are_frame_errors(payload: bytes) -> None:
     with pytest.raises(FrameError):
         decode_xfer_ref(payload)
+
+
+# --------------------------------------------------------------------------------------------
+# hunting for a HELLO (resynchronising a stream an earlier host left mid-frame)
+
+
+def _hello(nonce: str) -> bytes:
+    return encode_json(FrameType.HELLO, 0, {"versions": [PROTOCOL_VERSION], "nonce": nonce})
+
+
+@given(junk=st.binary(max_size=5000), cuts=st.lists(st.integers(0, 6000), max_size=6))
+def test_a_hunting_decoder_skips_to_the_first_hello(junk: bytes, cuts: list[int]) -> None:
+    after = encode(Frame(FrameType.REQUEST, 5, Channel.CONTROL, b'{"op":"ping"}'))
+    stream = junk + _hello("n") + after
+    decoder = FrameDecoder(hunt=True)
+    got: list[Frame] = []
+    for piece in split(stream, cuts):  # the mark may be split across reads
+        got.extend(decoder.feed(piece))
+    # junk could hold a HELLO or ERROR header of its own (the hunt stops at either)
+    if all(bytes([1, t, 0, 0, 0, 0, 0, 0]) not in junk for t in (1, 6)):
+        assert [f.type for f in got] == [FrameType.HELLO, FrameType.REQUEST]
+        assert decode_json(got[0])["nonce"] == "n"
+    assert not decoder.hunting
+
+
+def test_padding_completes_a_half_sent_frame_and_is_skipped() -> None:
+    """What a host taking over from a dead one sends: zeros, then its HELLO."""
+    decoder = FrameDecoder()
+    half = encode(Frame(FrameType.DATA, 1, Channel.STDIN, bytes(MAX_PAYLOAD)))[: MAX_PAYLOAD // 3]
+    assert decoder.feed(half) == []
+    with pytest.raises(FrameError) as caught:  # the first whole frame is the old one
+        decoder.feed(bytes(RESYNC_PADDING_SIZE) + _hello("new"))
+    assert [f.request_id for f in caught.value.frames] == [1]
+    with pytest.raises(FrameError):
+        decoder.feed(b"")  # dead until resync
+    decoder.resync()
+    (hello,) = decoder.feed(b"")
+    assert decode_json(hello)["nonce"] == "new"
+
+
+def test_resync_hunts_from_the_byte_after_the_bad_header() -> None:
+    decoder = FrameDecoder()
+    with pytest.raises(FrameError):
+        decoder.feed(b"\x07" + _hello("a"))  # a bad version byte glued to a HELLO
+    decoder.resync()
+    (hello,) = decoder.feed(b"")
+    assert decode_json(hello)["nonce"] == "a"
+
+
+def test_a_hello_is_small() -> None:
+    with pytest.raises(FrameError, match="HELLO"):
+        encode(Frame(FrameType.HELLO, 0, Channel.CONTROL, bytes(HELLO_MAX_PAYLOAD + 1)))
+    decoder = FrameDecoder(hunt=True)
+    with pytest.raises(FrameError, match="HELLO"):  # a false start while hunting
+        decoder.feed(HEADER.pack(PROTOCOL_VERSION, FrameType.HELLO, 0, 0, 0, HELLO_MAX_PAYLOAD + 1))
+    decoder.resync()
+    (hello,) = decoder.feed(_hello("b"))
+    assert decode_json(hello)["nonce"] == "b"

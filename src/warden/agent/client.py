@@ -37,6 +37,7 @@ from warden._errors import (
 )
 from warden.wire.frame import (
     PROTOCOL_VERSION,
+    RESYNC_PADDING_SIZE,
     XFER_MAX_LENGTH,
     Channel,
     Frame,
@@ -269,13 +270,18 @@ async def _emit(callback: OutputCallback | None, data: bytes) -> None:
             await outcome
 
 
+RESYNC_AFTER_S = 2.0
+"""How long a host that takes over from another waits for the agent's answer before it pads."""
+
+
 class AgentClient:
     """A connection to one guest agent. Make one with :meth:`connect_unix`/:meth:`from_streams`."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._reader = reader
         self._writer = writer
-        self._decoder = FrameDecoder()
+        self._decoder = FrameDecoder(hunt=True)  # skip a stale tail until the agent's HELLO
+        self._nonce = os.urandom(16).hex()
         self._requests: dict[int, _Request] = {}
         self._next_id = 1
         self._closed_by: WardenError | None = None
@@ -288,9 +294,13 @@ class AgentClient:
     # -- connecting
 
     @classmethod
-    async def connect_unix(cls, path: str | Path, *, timeout: float) -> AgentClient:
+    async def connect_unix(
+        cls, path: str | Path, *, timeout: float, resync: bool = False
+    ) -> AgentClient:
         """Connect to the agent's unix socket (retrying until it exists) and say HELLO.
 
+        ``resync``: take over from an earlier host that may have died mid-frame (a manager
+        restarted after kill -9); see ``RESYNC_PADDING_SIZE`` in :mod:`warden.wire.frame`.
         Raises :class:`~warden.AgentTimeoutError` if both do not happen within ``timeout``.
         """
         loop = asyncio.get_running_loop()
@@ -306,17 +316,24 @@ class AgentClient:
                         f"{timeout:g}s: {exc}"
                     ) from None
                 await asyncio.sleep(min(0.02, max(0.0, deadline - loop.time())))
-        return await cls.from_streams(reader, writer, timeout=max(0.0, deadline - loop.time()))
+        return await cls.from_streams(
+            reader, writer, timeout=max(0.0, deadline - loop.time()), resync=resync
+        )
 
     @classmethod
     async def from_streams(
-        cls, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, timeout: float
+        cls,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        *,
+        timeout: float,
+        resync: bool = False,
     ) -> AgentClient:
         """Say HELLO over an open stream pair. Raises AgentTimeoutError if no answer in time."""
         client = cls(reader, writer)
         try:
             async with asyncio.timeout(timeout):
-                await client._handshake()
+                await client._handshake(resync=resync)
         except TimeoutError:
             await client.close()
             raise AgentTimeoutError(
@@ -327,12 +344,27 @@ class AgentClient:
             raise
         return client
 
-    async def _handshake(self) -> None:
+    async def _handshake(self, *, resync: bool) -> None:
         self._reader_task = asyncio.create_task(self._read_loop(), name="warden-agent-reader")
         # A fresh seed and the time with every HELLO: a VM restored from a boot snapshot
-        # must not share its RNG state or its clock with its siblings.
-        hello = {"versions": [PROTOCOL_VERSION], "seed": os.urandom(32).hex(), "time": time.time()}
-        await self._send(encode_json(FrameType.HELLO, 0, hello))
+        # must not share its RNG state or its clock with its siblings. The nonce comes back in
+        # the agent's answer, which tells it apart from an answer to an earlier host.
+        hello = {
+            "versions": [PROTOCOL_VERSION],
+            "nonce": self._nonce,
+            "seed": os.urandom(32).hex(),
+            "time": time.time(),
+        }
+        hello_frame = encode_json(FrameType.HELLO, 0, hello)
+        await self._send(hello_frame)
+        if resync:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._hello), RESYNC_AFTER_S)
+            except TimeoutError:
+                # The agent may have taken our HELLO for the rest of a frame that an earlier
+                # host left half-sent: complete any such frame (the agent then hunts past the
+                # padding for a HELLO), and say HELLO again.
+                await self._send(bytes(RESYNC_PADDING_SIZE) + hello_frame)
         reply = await self._hello
         if reply.get("version") != PROTOCOL_VERSION:
             error = ProtocolError(
@@ -409,23 +441,35 @@ class AgentClient:
                 if not data:
                     self._abort(_ConnectionLostError("the guest agent closed the connection"))
                     return
-                error: FrameError | None = None
-                try:
-                    frames = self._decoder.feed(data)
-                except FrameError as exc:
-                    frames, error = exc.frames, exc  # still act on the good frames before it
-                try:
-                    for frame in frames:
-                        self._dispatch(frame)
-                except FrameError as exc:
-                    error = exc
-                if error is not None:
+                error = self._feed(data)
+                while error is not None and not self._hello.done() and self._closed_by is None:
+                    self._decoder.resync()  # not the agent's answer yet: hunt on
+                    error = self._feed(b"")
+                if error is not None and self._closed_by is None:
                     self._protocol_error(f"malformed frame from the guest agent: {error}")
-                    return
                 if self._closed_by is not None:
                     return
         except (ConnectionError, OSError) as exc:
             self._abort(_ConnectionLostError(f"the connection to the guest agent broke: {exc}"))
+
+    def _feed(self, data: bytes) -> FrameError | None:
+        """Act on the frames in ``data``; return the error that stopped decoding, if any."""
+        error: FrameError | None = None
+        try:
+            frames = self._decoder.feed(data)
+        except FrameError as exc:
+            frames, error = exc.frames, exc  # still act on the good frames before it
+        try:
+            for frame in frames:
+                if self._closed_by is not None:
+                    break
+                if self._hello.done():
+                    self._dispatch(frame)
+                else:
+                    self._greeting(frame)
+        except FrameError as exc:
+            error = exc
+        return error
 
     def _protocol_error(self, message: str) -> None:
         """Tell the agent (ERROR on request 0) and close, failing everything with ProtocolError."""
@@ -435,13 +479,29 @@ class AgentClient:
             )
         self._abort(ProtocolError(message))
 
+    def _greeting(self, frame: Frame) -> None:
+        """Before the agent's answer to our HELLO: everything else is stale, from an earlier
+        host's session (an answer or an error carries the nonce of the HELLO it answers)."""
+        if frame.request_id != 0 or frame.type not in (FrameType.HELLO, FrameType.ERROR):
+            return
+        try:
+            reply = decode_json(frame)
+        except FrameError:
+            return  # stale bytes that looked like a HELLO
+        if reply.get("nonce") != self._nonce:
+            return
+        if frame.type == FrameType.HELLO:
+            self._hello.set_result(reply)
+        else:
+            self._abort(
+                ProtocolError(f"the guest agent refused the HELLO: {reply.get('message', reply)}")
+            )
+
     def _dispatch(self, frame: Frame) -> None:
         """Route one frame from the agent. Raises FrameError on a malformed one."""
         ftype, rid = frame.type, frame.request_id
         if rid == 0:
-            if ftype == FrameType.HELLO and not self._hello.done():
-                self._hello.set_result(decode_json(frame))
-            elif ftype == FrameType.ERROR:
+            if ftype == FrameType.ERROR:
                 report = decode_json(frame)
                 self._abort(
                     ProtocolError(

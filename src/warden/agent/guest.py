@@ -832,13 +832,15 @@ class _Exec(_Op):
 
 
 class Session:
-    """One connection of the host: from its first bytes to EOF (or a protocol error)."""
+    """One host's session: from its HELLO to EOF, a protocol error, or the next HELLO.
+
+    Made by :class:`_Connection` when a HELLO arrives. Its writer dies with it, so frames of
+    its requests that finish later never reach the next host's session.
+    """
 
     def __init__(self, agent: Agent, writer: _Writer) -> None:
         self.agent = agent
         self.writer = writer
-        self.decoder = FrameDecoder()
-        self.greeted = False
         self.broken = False
         self.requests: dict[int, _Op] = {}
         self._lock = threading.Lock()
@@ -869,36 +871,13 @@ class Session:
 
     # -- receiving (main thread)
 
-    def feed(self, data: bytes) -> None:
-        """Handle bytes from the host. Raises :class:`_Shutdown` when asked to stop."""
-        if self.broken:
-            return  # after a protocol error, drop everything until the host disconnects
-        error: FrameError | None = None
-        try:
-            frames = self.decoder.feed(data)
-        except FrameError as exc:
-            error, frames = exc, exc.frames  # act on the good frames before the bad one
-        for frame in frames:
-            try:
-                self.handle(frame)
-            except FrameError as exc:
-                self.protocol_error(str(exc))
-            except Exception:  # noqa: BLE001 - the agent logs and carries on, never dies
-                _log_exception(f"handling {frame.type.name}")
-                if frame.type == FrameType.REQUEST:
-                    self.forget(frame.request_id)
-                    message = "internal error in the agent (see the console)"
-                    self.respond(
-                        frame.request_id, {"ok": False, "error": "agent", "message": message}
-                    )
-            if self.broken:
-                return
-        if error is not None:
-            self.protocol_error(str(error))
-
-    def protocol_error(self, message: str) -> None:
+    def protocol_error(self, message: str, nonce: object = None) -> None:
+        """Tell the host (ERROR on request 0) and end the session."""
         _log(f"protocol error: {message}")
-        self.writer.send(encode_json(FrameType.ERROR, 0, {"error": "protocol", "message": message}))
+        report: dict[str, Any] = {"error": "protocol", "message": message}
+        if nonce is not None:
+            report["nonce"] = nonce
+        self.writer.send(encode_json(FrameType.ERROR, 0, report))
         self.close()
 
     def close(self) -> None:
@@ -916,13 +895,55 @@ class Session:
             except Exception:  # noqa: BLE001 - the agent logs and carries on, never dies
                 _log_exception("cancel")
 
+    def hello(self, frame: Frame) -> None:
+        """Answer the HELLO that began this session, echoing its nonce."""
+        try:
+            hello = decode_json(frame)
+        except FrameError as exc:
+            self.protocol_error(str(exc))
+            return
+        nonce = hello.get("nonce")
+        versions = hello.get("versions")
+        if not isinstance(versions, list) or PROTOCOL_VERSION not in versions:
+            self.protocol_error(
+                f"no common protocol version: the host offers {versions!r}, "
+                f"the agent speaks {PROTOCOL_VERSION}",
+                nonce,
+            )
+            return
+        if os.getpid() == 1:  # only ever in a guest: never touch a host's clock or pool
+            _freshen(hello.get("seed"), hello.get("time"))
+        reply: dict[str, Any] = {
+            "version": PROTOCOL_VERSION,
+            "agent": AGENT_NAME,
+            "pid": os.getpid(),
+            "xfer": self.agent.xfer is not None,
+        }
+        if nonce is not None:
+            reply["nonce"] = nonce
+        try:
+            self.writer.send(encode_json(FrameType.HELLO, 0, reply))
+        except FrameError as exc:  # a nonce too big to echo
+            self.protocol_error(f"cannot answer the HELLO: {exc}")
+
     def handle(self, frame: Frame) -> None:
+        """Act on one frame of this session (any but HELLO). Raises :class:`_Shutdown`."""
+        try:
+            self._handle(frame)
+        except FrameError as exc:
+            self.protocol_error(str(exc))
+        except (_Shutdown, KeyboardInterrupt):
+            raise
+        except Exception:  # noqa: BLE001 - the agent logs and carries on, never dies
+            _log_exception(f"handling {frame.type.name}")
+            if frame.type == FrameType.REQUEST:
+                self.forget(frame.request_id)
+                message = "internal error in the agent (see the console)"
+                self.respond(frame.request_id, {"ok": False, "error": "agent", "message": message})
+
+    def _handle(self, frame: Frame) -> None:
         ftype, rid = frame.type, frame.request_id
-        if ftype == FrameType.HELLO:
-            self._hello(frame)
-        elif not self.greeted:
-            self.protocol_error(f"{ftype.name} frame before HELLO")
-        elif ftype == FrameType.REQUEST:
+        if ftype == FrameType.REQUEST:
             self._request(frame)
         elif ftype in (FrameType.DATA, FrameType.EOF, FrameType.CANCEL):
             with self._lock:
@@ -944,33 +965,6 @@ class Session:
             self.close()
         else:
             self.protocol_error(f"unexpected {ftype.name} frame from the host")
-
-    def _hello(self, frame: Frame) -> None:
-        hello = decode_json(frame)
-        versions = hello.get("versions")
-        if not isinstance(versions, list) or PROTOCOL_VERSION not in versions:
-            self.protocol_error(
-                f"no common protocol version: the host offers {versions!r}, "
-                f"the agent speaks {PROTOCOL_VERSION}"
-            )
-            return
-        if self.greeted:  # a new host behind a connection whose EOF we missed
-            self._cancel_all()
-        self.greeted = True
-        if os.getpid() == 1:  # only ever in a guest: never touch a host's clock or pool
-            _freshen(hello.get("seed"), hello.get("time"))
-        self.writer.send(
-            encode_json(
-                FrameType.HELLO,
-                0,
-                {
-                    "version": PROTOCOL_VERSION,
-                    "agent": AGENT_NAME,
-                    "pid": os.getpid(),
-                    "xfer": self.agent.xfer is not None,
-                },
-            )
-        )
 
     def _request(self, frame: Frame) -> None:
         rid = frame.request_id
@@ -1028,6 +1022,68 @@ class Session:
         return result
 
 
+def _hung_up(poller: select.poll) -> bool:
+    """Whether the host is disconnected from the virtio port right now (it reports POLLHUP)."""
+    events = poller.poll(0)
+    return bool(events) and bool(events[0][1] & (select.POLLHUP | select.POLLERR))
+
+
+class _Connection:
+    """The byte stream from one host connection (the virtio port between two EOFs, or a socket).
+
+    Sessions on it begin at a HELLO. Its decoder hunts for one (see ``RESYNC_PADDING_SIZE`` in
+    :mod:`warden.wire.frame`): bytes before it are a stale tail of an earlier host's stream and
+    are dropped. A malformed frame ends the session, and the hunt starts again from there; a
+    HELLO in the middle of a session ends it and begins the next (a new host behind an EOF the
+    port never showed, such as a manager restarted after kill -9).
+    """
+
+    def __init__(self, agent: Agent, fd: int, lock: threading.Lock, *, poll_writes: bool) -> None:
+        self.agent = agent
+        self.fd = fd
+        self.lock = lock
+        self.poll_writes = poll_writes
+        self.decoder = FrameDecoder(hunt=True)
+        self.session: Session | None = None
+
+    def _writer(self) -> _Writer:
+        return _Writer(self.fd, self.lock, poll_first=self.poll_writes)
+
+    def feed(self, data: bytes) -> None:
+        """Handle bytes from the host. Raises :class:`_Shutdown` when asked to stop."""
+        while True:
+            error: FrameError | None = None
+            try:
+                frames = self.decoder.feed(data)
+            except FrameError as exc:
+                error, frames = exc, exc.frames  # act on the good frames before the bad one
+            for frame in frames:
+                self._handle(frame)
+            if error is None:
+                return
+            session = self.session or Session(self.agent, self._writer())
+            session.protocol_error(f"malformed frame: {error}")
+            self.session = None
+            self.decoder.resync()
+            data = b""  # hunt through what is already buffered
+
+    def _handle(self, frame: Frame) -> None:
+        if frame.type == FrameType.HELLO:
+            self.end_session()
+            self.session = Session(self.agent, self._writer())
+            self.session.hello(frame)
+        elif self.session is not None:
+            self.session.handle(frame)
+        # else: the rest of a session that ended in a protocol error, until the next HELLO
+        if self.session is not None and self.session.broken:
+            self.session = None
+
+    def end_session(self) -> None:
+        if self.session is not None:
+            self.session.close()
+            self.session = None
+
+
 # --------------------------------------------------------------------------------------------
 # The agent
 
@@ -1082,14 +1138,30 @@ class Agent:
         # Load subprocess while the host is still connecting, not in the first exec.
         threading.Thread(target=_warm_up, name="warm-up", daemon=True).start()
 
-    def serve_fd(self, fd: int, *, reconnect: bool, poll_writes: bool = False) -> bool:
+    def serve_fd(
+        self,
+        fd: int,
+        *,
+        reconnect: bool,
+        poll_writes: bool = False,
+    ) -> bool:
         """Serve the connection on ``fd``. Returns True if the host asked for a shutdown.
 
         Without ``reconnect``, EOF ends it. With it (the virtio port), EOF means the host side
         disconnected: the session is reset and the agent waits for the next host on the same fd.
+
+        The port gives EOF only once its buffer is empty, though. A host that dies while the
+        agent is busy with its requests leaves bytes there, and the next host (a manager
+        restarted after kill -9) may connect before they are read. So with ``poll_writes`` the
+        port is also asked after every read whether the host is gone: if so, the session ends
+        and the rest of the old stream is skipped by the next connection's hunt for a HELLO.
         """
         lock = threading.Lock()
-        session: Session | None = None
+        connection: _Connection | None = None
+        hangup: select.poll | None = None
+        if poll_writes:
+            hangup = select.poll()
+            hangup.register(fd, 0)  # POLLHUP and POLLERR are reported regardless
         try:
             while True:
                 try:
@@ -1098,22 +1170,25 @@ class Agent:
                     if not reconnect:
                         _log(f"reading the connection failed: {exc}")
                     data = b""
+                if connection is not None and hangup is not None and _hung_up(hangup):
+                    connection.end_session()
+                    connection = None
                 if not data:
-                    if session is not None:
-                        session.close()
-                        session = None
+                    if connection is not None:
+                        connection.end_session()
+                        connection = None
                     if not reconnect:
                         return False
                     time.sleep(IDLE_POLL)
                     continue
-                if session is None:
-                    session = Session(self, _Writer(fd, lock, poll_first=poll_writes))
-                session.feed(data)
+                if connection is None:
+                    connection = _Connection(self, fd, lock, poll_writes=poll_writes)
+                connection.feed(data)
         except _Shutdown:
             return True
         finally:
-            if session is not None:
-                session.close()
+            if connection is not None:
+                connection.end_session()
 
     def serve_port(self) -> None:
         """Serve the virtio port until the host asks for a shutdown."""

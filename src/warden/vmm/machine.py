@@ -205,7 +205,10 @@ class Machine:
         try:
             async with asyncio.timeout(timeout):
                 machine._qmp = await machine._connect_qmp(deadline)
-                machine._agent = await machine._open_agent(max(0.1, deadline - time.monotonic()))
+                # The earlier manager may have died mid-frame: resynchronise the stream.
+                machine._agent = await machine._open_agent(
+                    max(0.1, deadline - time.monotonic()), resync=True
+                )
         except BaseException as exc:
             await machine._detach_connections()
             machine._proc = None
@@ -368,8 +371,8 @@ class Machine:
                 await self._qmp.execute("cont")
         self._agent = await self._open_agent(self.spec.agent_timeout_s)
 
-    async def _open_agent(self, timeout: float) -> AgentClient:
-        agent = await AgentClient.connect_unix(self.run.agent, timeout=timeout)
+    async def _open_agent(self, timeout: float, *, resync: bool = False) -> AgentClient:
+        agent = await AgentClient.connect_unix(self.run.agent, timeout=timeout, resync=resync)
         agent.enable_xfer(self.run.xfer, slots=XFER_SLOTS, slot_size=XFER_SLOT_SIZE)
         return agent
 

@@ -25,9 +25,11 @@ if TYPE_CHECKING:
 __all__ = [
     "HEADER",
     "HEADER_SIZE",
+    "HELLO_MAX_PAYLOAD",
     "MAX_PAYLOAD",
     "MAX_REQUEST_ID",
     "PROTOCOL_VERSION",
+    "RESYNC_PADDING_SIZE",
     "XFER_ALIGN",
     "XFER_MAX_LENGTH",
     "XFER_SERIAL",
@@ -50,6 +52,20 @@ MAX_PAYLOAD = 1 << 20
 """The largest payload a frame may carry (1 MiB)."""
 
 MAX_REQUEST_ID = (1 << 32) - 1
+
+HELLO_MAX_PAYLOAD = 64 << 10
+"""The largest HELLO payload: a HELLO found while hunting (see below) is checked against it."""
+
+# Resynchronising a stream. A host that takes over a guest from an earlier host (a manager
+# restarted after kill -9) cannot know where that host's bytes stopped: the guest may still be
+# reading a frame it half sent, and may still be sending frames meant for it. So a session
+# starts at a HELLO, and a decoder can *hunt*: skip bytes until a HELLO header (version, type
+# HELLO, channel 0, flags 0, request 0), or an ERROR one (the agent's refusal of a HELLO).
+# The agent echoes the HELLO's nonce, so the host can tell its answer from stale ones. If no
+# answer comes, the agent may have taken the HELLO for the rest of a half-sent frame: the host
+# then sends RESYNC_PADDING_SIZE zero bytes, which complete any such frame and are then skipped
+# by the agent's hunt, and its HELLO again.
+RESYNC_PADDING_SIZE = 12 + MAX_PAYLOAD
 
 # The bulk transfer window: a per-VM virtio-blk disk (serial XFER_SERIAL) that the host writes
 # and the guest reads with O_DIRECT. A DATA frame on channel XFER carries a reference into it
@@ -100,6 +116,12 @@ class Channel(IntEnum):
 
 
 _TYPES: dict[int, FrameType] = {t.value: t for t in FrameType}
+# What a hunt stops at: the first 8 bytes of a HELLO or ERROR header on request 0.
+_MARKS = tuple(
+    HEADER.pack(PROTOCOL_VERSION, ftype, Channel.CONTROL, 0, 0, 0)[:8]
+    for ftype in (FrameType.HELLO, FrameType.ERROR)
+)
+_MARK_SIZE = 8
 _CHANNELS: dict[int, Channel] = {c.value: c for c in Channel}
 
 
@@ -123,6 +145,8 @@ def encode_header(ftype: int, request_id: int, channel: int, length: int) -> byt
         raise FrameError(f"request id {request_id!r} out of range")
     if not 0 <= length <= MAX_PAYLOAD:
         raise FrameError(f"payload of {length} bytes exceeds the maximum of {MAX_PAYLOAD}")
+    if ftype == FrameType.HELLO and length > HELLO_MAX_PAYLOAD:
+        raise FrameError(f"HELLO of {length} bytes exceeds the maximum of {HELLO_MAX_PAYLOAD}")
     return HEADER.pack(PROTOCOL_VERSION, ftype, channel, 0, request_id, length)
 
 
@@ -175,25 +199,50 @@ class FrameDecoder:
 
     A partial frame is kept in a ``bytearray``; consumed bytes are dropped from its front, which
     CPython does in O(1), so streaming large payloads costs about one copy per byte. Once a
-    malformed header was seen, the decoder is dead: every later :meth:`feed` raises again.
+    malformed header was seen, the decoder is dead: every later :meth:`feed` raises again, until
+    :meth:`resync`.
+
+    A *hunting* decoder (``hunt=True``, or after :meth:`resync`) drops bytes until the next HELLO
+    or ERROR header on request 0, and decodes normally from there: the way a session starts on a
+    stream that may hold the stale tail of an earlier one.
     """
 
-    __slots__ = ("_buf", "_error", "_max_payload")
+    __slots__ = ("_buf", "_error", "_hunting", "_max_payload")
 
-    def __init__(self, max_payload: int = MAX_PAYLOAD) -> None:
+    def __init__(self, max_payload: int = MAX_PAYLOAD, *, hunt: bool = False) -> None:
         self._buf = bytearray()
         self._max_payload = max_payload
         self._error: str | None = None
+        self._hunting = hunt
 
     @property
     def buffered(self) -> int:
         """How many bytes of an incomplete frame are held."""
         return len(self._buf)
 
+    @property
+    def hunting(self) -> bool:
+        """Whether bytes are being skipped until the next HELLO or ERROR header."""
+        return self._hunting
+
+    def resync(self) -> None:
+        """Hunt for the next HELLO (or ERROR), from the byte after the last malformed header."""
+        self._error = None
+        self._hunting = True
+
     def feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
         if self._error is not None:
             raise FrameError(self._error)
         buf = self._buf
+        if self._hunting:
+            buf += data
+            data = b""
+            at = min((i for i in map(buf.find, _MARKS) if i >= 0), default=-1)
+            if at < 0:  # keep a tail that may be the start of a split mark
+                del buf[: max(0, len(buf) - _MARK_SIZE + 1)]
+                return []
+            del buf[:at]
+            self._hunting = False
         if buf:
             buf += data
             src: bytes | bytearray | memoryview = buf
@@ -202,6 +251,7 @@ class FrameDecoder:
         frames: list[Frame] = []
         pos = 0
         problem: str | None = None
+        rest = b""
         with memoryview(src) as view:
             end_of_data = len(view)
             unpack_from = HEADER.unpack_from
@@ -209,6 +259,7 @@ class FrameDecoder:
                 version, ftype, channel, flags, request_id, length = unpack_from(view, pos)
                 problem = self._check(version, ftype, channel, flags, length)
                 if problem is not None:
+                    rest = bytes(view[pos + 1 :])  # where a resync hunts from
                     break
                 start = pos + HEADER_SIZE
                 end = start + length
@@ -223,6 +274,7 @@ class FrameDecoder:
         if problem is not None:
             self._error = problem
             buf.clear()
+            buf += rest
             raise FrameError(problem, frames)
         if src is buf:
             del buf[:pos]
@@ -239,6 +291,8 @@ class FrameDecoder:
             return f"reserved flags set ({flags:#x})"
         if length > self._max_payload:
             return f"frame length {length} exceeds the maximum of {self._max_payload}"
+        if ftype == FrameType.HELLO and length > HELLO_MAX_PAYLOAD:
+            return f"HELLO of {length} bytes exceeds the maximum of {HELLO_MAX_PAYLOAD}"
         return None
 
 
