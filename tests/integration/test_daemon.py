@@ -264,6 +264,21 @@ def test_cli_against_the_daemon(daemon: Daemon) -> None:
     assert p.returncode == 3 and p.stdout == b"hi\n"
     p = warden("ps", "--format", "json")
     assert [v["id"] for v in json.loads(p.stdout)] == [vm_id]
+    # CPU%: a guest that spins keeps its QEMU busy; ps shows it (sampled every second).
+    busy = subprocess.Popen(
+        [WARDEN, "exec", vm_id, "--", "timeout", "4", "sh", "-c", "while :; do :; done"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        time.sleep(2.5)
+        cpu = json.loads(warden("inspect", vm_id).stdout)["cpu_percent"]
+        assert isinstance(cpu, float) and cpu > 30, cpu
+        table = warden("ps").stdout.decode()
+        assert "CPU%" in table and vm_id in table
+    finally:
+        assert busy.wait(timeout=60) != 0  # timeout's exit code 124
     assert json.loads(warden("inspect", "cli").stdout)["labels"] == {"k": "v"}
     assert warden("info").returncode == 0
     p = warden("rm", vm_id)

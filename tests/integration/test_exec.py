@@ -13,9 +13,7 @@ from typing import Any
 import pytest
 
 import warden
-from tests.integration.conftest import is_remote
 from warden import CommandTimeoutError, Sandbox
-from warden.sdk import RemoteUnsupportedError
 
 pytestmark = pytest.mark.vm
 
@@ -120,17 +118,12 @@ def test_ten_concurrent_commands_in_one_vm(sbx: Sandbox) -> None:
     assert [r.stdout for r in results] == [f"done {i}\n" for i in range(10)]
 
 
-def test_info(sbx: Sandbox, sdk: Any) -> None:
-    if is_remote(sdk):  # the daemon's API has no guest info/ping endpoint yet
-        with pytest.raises(RemoteUnsupportedError, match="info"):
-            sbx.info()
-        with pytest.raises(RemoteUnsupportedError, match="ping"):
-            sbx.ping()
-        return
+def test_info_and_ping(sbx: Sandbox) -> None:
     info = sbx.info()
     assert str(info["kernel"]).endswith("cloud-amd64")
     assert isinstance(info["mem_total_kib"], int) and info["mem_total_kib"] > 100_000
-    assert sbx.ping() > 0
+    assert isinstance(info["uptime_s"], float) and info["uptime_s"] > 0
+    assert 0 < sbx.ping() < 5
 
 
 async def test_async_sandbox_has_the_same_shape(sdk: Any) -> None:

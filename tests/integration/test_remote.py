@@ -80,6 +80,8 @@ async def test_a_daemon_without_an_endpoint_gives_a_clear_error() -> None:
             await agent.list_dir("/")
         with pytest.raises(RemoteUnsupportedError, match="ping"):
             await agent.ping()
+        with pytest.raises(RemoteUnsupportedError, match="info"):
+            await agent.info()
 
 
 def test_cp_in_and_out_streams_and_keeps_the_mode(

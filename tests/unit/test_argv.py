@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -88,7 +89,7 @@ def test_paths_with_spaces_stay_one_argument() -> None:
     ],
 )
 def test_invalid_specs_are_refused_with_the_option_named(
-    fields: dict[str, object], needle: str
+    fields: dict[str, Any], needle: str
 ) -> None:
     with pytest.raises(SpecError, match=needle):
         VMSpec.parse(**fields)

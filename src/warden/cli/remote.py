@@ -139,9 +139,10 @@ def ps(
         print(json.dumps(vms, indent=2))
         return
     table = Table(box=None)
-    for col in ("ID", "NAME", "STATE", "UPTIME", "MEMORY", "CPUS", "IMAGE"):
-        table.add_column(col)
+    for col in ("ID", "NAME", "STATE", "UPTIME", "MEMORY", "CPUS", "CPU%", "IMAGE"):
+        table.add_column(col, justify="right" if col == "CPU%" else "left")
     for vm in vms:
+        cpu = vm.get("cpu_percent")
         table.add_row(
             vm["id"],
             vm["name"] or "-",
@@ -149,6 +150,7 @@ def ps(
             _uptime(vm["uptime_s"]),
             f"{vm['memory_mib']} MiB",
             str(vm["vcpus"]),
+            "-" if cpu is None else f"{cpu:.1f}",
             vm["image"],
         )
     out.print(table)

@@ -8,9 +8,9 @@ wraps a :class:`~warden.vmm.machine.Machine` and its agent client; remote, it wr
 an HTTP request to the daemon. So the public API has one implementation, and the sync API still
 only hands its async twin to the portal loop.
 
-Operations the daemon's API has no endpoint for (guest ``info`` and ``ping``; the file
-``list``/``stat``/``remove``/``make_dir`` endpoints on a daemon that predates them) raise
-:class:`RemoteUnsupportedError` instead of being emulated by commands in the guest.
+Operations a daemon that predates them has no endpoint for (guest ``info`` and ``ping``, the
+file ``list``/``stat``/``remove``/``make_dir``) raise :class:`RemoteUnsupportedError` instead of
+being emulated by commands in the guest.
 """
 
 from __future__ import annotations
@@ -21,12 +21,12 @@ import inspect
 import json
 import os
 import re
+import time
 from collections.abc import AsyncIterable, AsyncIterator, Mapping
 from types import TracebackType
 from typing import Any, NoReturn, cast
 
 import httpx
-from pydantic import ValidationError
 
 from warden._errors import (
     AdmissionError,
@@ -43,7 +43,7 @@ from warden.agent.client import EntryInfo, ExecResult, OutputCallback
 from warden.config import Paths
 from warden.sdk._async import AsyncSandbox
 from warden.sdk._sync import Sandbox
-from warden.vmm.spec import VMSpec, _explain
+from warden.vmm.spec import VMSpec
 from warden.vmm.state import VMState
 
 ENV_HOST = "WARDEN_HOST"
@@ -246,10 +246,23 @@ class RemoteAgent:
         )
 
     async def info(self) -> dict[str, object]:
-        self._unsupported("sandbox.info()")
+        r = await self._http.get(f"{self._base}/guest")
+        if r.status_code == 404 and _is_no_route(r):
+            self._unsupported("sandbox.info()")
+        if not r.is_success:
+            _raise(r, vm_id=self._id)
+        return cast(dict[str, object], r.json())
 
     async def ping(self) -> float:
-        self._unsupported("sandbox.ping()")
+        """The whole round trip: to the daemon, to the agent and back, in seconds."""
+        start = time.perf_counter()
+        r = await self._http.post(f"{self._base}/ping")
+        elapsed = time.perf_counter() - start
+        if r.status_code in (404, 405) and _is_no_route(r):
+            self._unsupported("sandbox.ping()")
+        if not r.is_success:
+            _raise(r, vm_id=self._id)
+        return elapsed
 
     async def _files(self, method: str, what: str, op: str = "", **params: Any) -> Any:
         """One of the daemon's small file endpoints; unsupported if the daemon lacks it."""
@@ -371,10 +384,8 @@ class _AsyncFactory:
             "env": env or {},
             "labels": labels or {},
         }
-        try:  # the same checks as embedded mode, before asking; the host's are the daemon's
-            spec = VMSpec.model_validate({**fields, "agent_timeout_s": timeout})
-        except ValidationError as exc:
-            raise SpecError(_explain(exc)) from None
+        # The same checks as embedded mode, before asking; the host's are the daemon's.
+        spec = VMSpec.parse(check_host=False, **fields, agent_timeout_s=timeout)
         if name is None:
             del fields["name"]
         http = _async_http(self._url)

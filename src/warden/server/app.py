@@ -75,12 +75,15 @@ class Sandbox(BaseModel):
     started_at: float | None
     stopped_at: float | None
     uptime_s: float | None
+    cpu_percent: float | None = Field(
+        description="CPU use of the VM's QEMU over the last second, in percent of one CPU"
+    )
     pid: int | None
     exit_code: int | None
     error: str | None
 
     @classmethod
-    def from_row(cls, row: VMRow) -> Sandbox:
+    def from_row(cls, row: VMRow, cpu_percent: float | None = None) -> Sandbox:
         running = row.state is VMState.RUNNING and row.started_at is not None
         return cls(
             id=row.id,
@@ -94,6 +97,7 @@ class Sandbox(BaseModel):
             started_at=row.started_at,
             stopped_at=row.stopped_at,
             uptime_s=time.time() - row.started_at if running and row.started_at else None,
+            cpu_percent=None if cpu_percent is None else round(cpu_percent, 1),
             pid=row.qemu_pid if row.state is VMState.RUNNING else None,
             exit_code=row.exit_code,
             error=row.error,
@@ -199,11 +203,12 @@ def create_app(manager: Manager, *, manage_lifespan: bool = True) -> FastAPI:
 
     @app.get(f"{API}/sandboxes")
     async def list_sandboxes(all: bool = False) -> list[Sandbox]:
-        return [Sandbox.from_row(r) for r in await manager.list(all=all)]
+        return [Sandbox.from_row(r, manager.cpu_percent(r)) for r in await manager.list(all=all)]
 
     @app.get(f"{API}/sandboxes/{{ref}}")
     async def inspect(ref: str) -> Sandbox:
-        return Sandbox.from_row(await manager.get(ref))
+        row = await manager.get(ref)
+        return Sandbox.from_row(row, manager.cpu_percent(row))
 
     @app.post(f"{API}/sandboxes/{{ref}}/stop")
     async def stop(ref: str) -> Sandbox:
@@ -270,6 +275,18 @@ def create_app(manager: Manager, *, manage_lifespan: bool = True) -> FastAPI:
     @app.get(f"{API}/info")
     async def info() -> dict[str, Any]:
         return await manager.info()
+
+    @app.get(f"{API}/sandboxes/{{ref}}/guest")
+    async def guest_info(ref: str) -> dict[str, Any]:
+        """Kernel, uptime and memory, as the guest's agent sees them."""
+        machine = await manager.machine(ref)
+        return await machine.agent.info()
+
+    @app.post(f"{API}/sandboxes/{{ref}}/ping")
+    async def ping(ref: str) -> dict[str, float]:
+        """A no-op round trip to the guest's agent; ``agent_rtt_s`` is the daemon's part."""
+        machine = await manager.machine(ref)
+        return {"agent_rtt_s": await machine.agent.ping()}
 
     @app.post(f"{API}/sandboxes/{{ref}}/exec")
     async def exec_(ref: str, body: ExecRequest) -> StreamingResponse:

@@ -30,10 +30,12 @@ from warden.vmm.machine import UNKNOWN_EXIT_CODE, Machine, new_vm_id
 from warden.vmm.ownership import Ownership
 from warden.vmm.spec import VMSpec
 from warden.vmm.state import VMState
+from warden.vmm.usage import CpuMeter
 
 log = logging.getLogger(__name__)
 
 REATTACH_TIMEOUT_S = 10.0
+CPU_SAMPLE_S = 1.0
 STOP_TIMEOUT_S = 3.0
 
 
@@ -64,6 +66,8 @@ class Manager:
         self.capacity = capacity or HostCapacity.from_host()
         self.vms: dict[str, _Held] = {}
         self._final_console: dict[str, str] = {}
+        self.cpu = CpuMeter()
+        self._sampler: asyncio.Task[None] | None = None
 
     # -- life of the manager -----------------------------------------------------------------
 
@@ -74,6 +78,17 @@ class Manager:
             if row.state not in ACTIVE_STATES:
                 continue
             await self._recover(row)
+        self._sampler = asyncio.create_task(self._sample_cpu(), name="warden-cpu-sampler")
+
+    async def _sample_cpu(self) -> None:
+        """Sample the CPU use of every held QEMU, for ``cpu_percent`` (``warden ps``)."""
+        while True:
+            self.cpu.sample(h.machine.pid for h in self.vms.values() if h.machine.pid)
+            await asyncio.sleep(CPU_SAMPLE_S)
+
+    def cpu_percent(self, row: VMRow) -> float | None:
+        """The CPU use of a running VM's QEMU over the last second, in percent of one CPU."""
+        return self.cpu.percent(row.qemu_pid) if row.state is VMState.RUNNING else None
 
     async def _recover(self, row: VMRow) -> None:
         rundir = row.runtime_dir or self.paths.vms / row.id
@@ -115,6 +130,10 @@ class Manager:
 
     async def close(self) -> None:
         """Let go of every VM without stopping it, and close the store."""
+        if self._sampler is not None:
+            self._sampler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sampler
         for held in list(self.vms.values()):
             if held.monitor is not None:
                 held.monitor.cancel()

@@ -67,13 +67,18 @@ class VMSpec(BaseModel):
         return v
 
     @classmethod
-    def parse(cls, **fields: object) -> VMSpec:
-        """Validate ``fields``; raise SpecError naming each bad option and what to do."""
+    def parse(cls, *, check_host: bool = True, **fields: object) -> VMSpec:
+        """Validate ``fields``; raise SpecError naming each bad option and what to do.
+
+        ``check_host=False`` skips :meth:`check_host`: for a client whose VMs run elsewhere
+        (the daemon checks its own host).
+        """
         try:
             spec = cls.model_validate(fields)
         except ValidationError as exc:
             raise SpecError(_explain(exc)) from None
-        spec.check_host()
+        if check_host:
+            spec.check_host()
         return spec
 
     def check_host(self) -> None:
