@@ -7,6 +7,7 @@ other tests (so the built image and boot snapshots are found).
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import secrets
@@ -565,3 +566,85 @@ def test_200_create_destroy_cycles_leak_nothing(daemon: Daemon) -> None:
         assert after[0] <= before[0] + 2, f"fds grew from {before[0]} to {after[0]}"
         assert after[1] <= before[1] + 2, f"threads grew from {before[1]} to {after[1]}"
         assert c.get("/v1/sandboxes", params={"all": "true"}).json() == []
+
+
+def test_exec_with_streamed_stdin(daemon: Daemon) -> None:
+    """stdin_stream: the output streams on the exec request, stdin on a PUT beside it."""
+    import threading
+
+    data = os.urandom(3 * 1024 * 1024 + 5)
+    with daemon.client() as c:
+        vm_id = _create(c)["id"]
+        both = {"cmd": ["true"], "stdin": "", "stdin_stream": True}
+        assert c.post(f"/v1/sandboxes/{vm_id}/exec", json=both).status_code == 422
+        r = c.put(f"/v1/sandboxes/{vm_id}/execs/nope/stdin", content=b"x")
+        assert r.status_code == 404 and "exec_id" in r.json()["detail"]
+
+        sent: list[httpx.Response] = []
+        lines: list[dict[str, Any]] = []
+        request = {"cmd": ["sha256sum"], "stdin_stream": True}
+        with c.stream("POST", f"/v1/sandboxes/{vm_id}/exec", json=request) as r:
+            assert r.status_code == 200
+            feeder: threading.Thread | None = None
+            for line in r.iter_lines():
+                msg = json.loads(line)
+                lines.append(msg)
+                if "exec_id" in msg:
+                    url = f"/v1/sandboxes/{vm_id}/execs/{msg['exec_id']}/stdin"
+
+                    def feed(url: str = url) -> None:
+                        with daemon.client() as c2:
+                            pieces = (data[i : i + 65536] for i in range(0, len(data), 65536))
+                            sent.append(c2.put(url, content=pieces))
+                            sent.append(c2.put(url, content=b"again"))  # one sender only
+
+                    feeder = threading.Thread(target=feed)
+                    feeder.start()
+            assert feeder is not None
+            feeder.join(timeout=60)
+    assert "exec_id" in lines[0]
+    out = b"".join(base64.b64decode(m["stdout"]) for m in lines if "stdout" in m)
+    assert out.split()[0].decode() == hashlib.sha256(data).hexdigest()
+    assert lines[-1]["exit_code"] == 0
+    assert sent[0].status_code == 200 and sent[0].json() == {"bytes": len(data), "complete": True}
+    assert sent[1].status_code in (404, 409)  # attached already, or the command has ended
+
+
+def test_cli_exec_forwards_stdin(daemon: Daemon, tmp_path: Path) -> None:
+    env = {**os.environ, "WARDEN_HOST": str(daemon.socket)}
+    with daemon.client() as c:
+        vm_id = _create(c)["id"]
+    data = os.urandom(2 * 1024 * 1024)
+    src = tmp_path / "in.bin"
+    src.write_bytes(data)
+    with open(src, "rb") as stdin:
+        p = subprocess.run(
+            [WARDEN, "exec", "-i", vm_id, "--", "sha256sum"],
+            stdin=stdin,
+            capture_output=True,
+            env=env,
+            timeout=120,
+            check=False,
+        )
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split()[0].decode() == hashlib.sha256(data).hexdigest()
+    # A command that stops reading: the CLI ends with it, not with its (endless) stdin.
+    with open("/dev/zero", "rb") as zeros:
+        p = subprocess.run(
+            [WARDEN, "exec", "-i", vm_id, "--", "head", "-c", "5"],
+            stdin=zeros,
+            capture_output=True,
+            env=env,
+            timeout=60,
+            check=False,
+        )
+    assert (p.returncode, p.stdout) == (0, bytes(5)), p.stderr
+    p = subprocess.run(
+        [WARDEN, "exec", vm_id, "--", "sh", "-c", "exit 7"],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert p.returncode == 7

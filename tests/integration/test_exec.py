@@ -40,10 +40,20 @@ def test_stdout_and_stderr_are_separate(sbx: Sandbox) -> None:
     assert (r.stdout, r.stderr, r.exit_code) == ("out\n", "err\n", 3)
 
 
-def test_stdin(sbx: Sandbox) -> None:
-    data = bytes(range(256)) * 1000
+@pytest.mark.parametrize("size", [10, 256_000])  # remote: inline, then streamed
+def test_stdin(sbx: Sandbox, size: int) -> None:
+    data = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
     r = sbx.commands.run(["sha256sum"], stdin=data)
     assert r.stdout.split()[0] == hashlib.sha256(data).hexdigest()
+
+
+def test_stdin_echoed_as_it_is_read_does_not_deadlock(sbx: Sandbox) -> None:
+    """cat writes its output while its input still comes: neither direction may wait for the
+    other (in remote mode, stdin streams on its own request)."""
+    data = hashlib.sha256(b"seed").digest() * (4 * 1024 * 1024 // 32)
+    r = sbx.commands.run("cat; echo end >&2", stdin=data, timeout=120)
+    assert r.stdout_bytes == data
+    assert r.stderr == "end\n"
 
 
 def test_env_from_spec_and_from_the_command(sbx: Sandbox) -> None:

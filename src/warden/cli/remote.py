@@ -7,12 +7,14 @@ The daemon is found by ``--host`` or ``$WARDEN_HOST``: a unix socket path (``uni
 
 from __future__ import annotations
 
-import base64
+import asyncio
+import concurrent.futures
 import json
 import os
 import stat as stat_mod
 import sys
-from collections.abc import Iterator
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from typing import IO, Annotated, Any, NoReturn
 
@@ -21,7 +23,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from warden._errors import CommandTimeoutError, WardenError
+from warden.agent.client import ExecResult
 from warden.cli.serve import default_socket
+from warden.sdk._remote import RemoteAgent, _async_http
 
 out = Console()
 err = Console(stderr=True)
@@ -186,43 +191,89 @@ def exec_(
         cmd = cmd[1:]
     if not cmd:
         raise typer.BadParameter("give the command after --", param_hint="CMD")
-    body: dict[str, Any] = {"cmd": cmd}
-    if env:
-        body["env"] = _labels(env)
-    if cwd is not None:
-        body["cwd"] = cwd
-    if timeout is not None:
-        body["timeout"] = timeout
-    if interactive:
-        body["stdin"] = base64.b64encode(sys.stdin.buffer.read()).decode()
-    stdout, stderr = sys.stdout.buffer, sys.stderr.buffer
-    final: dict[str, Any] = {}
-    with _client(host) as c, c.stream("POST", f"/v1/sandboxes/{ref}/exec", json=body) as r:
-        if not r.is_success:
-            r.read()
-            _check(r)
-        for line in r.iter_lines():
-            if not line:
-                continue
-            msg = json.loads(line)
-            if "stdout" in msg:
-                stdout.write(base64.b64decode(msg["stdout"]))
-                stdout.flush()
-            elif "stderr" in msg:
-                stderr.write(base64.b64decode(msg["stderr"]))
-                stderr.flush()
-            else:
-                final = msg
-    if "error" in final:
-        _fail(str(final["error"]))
-    if final.get("timed_out"):
+    url = _url(host)
+    try:
+        result = asyncio.run(
+            _exec(url, ref, cmd, _labels(env) if env else None, cwd, timeout, interactive)
+        )
+    except CommandTimeoutError:
         err.print(f"[red]warden:[/red] the command passed its timeout of {timeout}s")
-        raise typer.Exit(124)
-    if final.get("exit_code") is not None:
-        raise typer.Exit(int(final["exit_code"]))
-    if final.get("signal") is not None:
-        raise typer.Exit(128 + int(final["signal"]))
+        raise typer.Exit(124) from None
+    except httpx.TransportError as exc:
+        _fail(f"no warden daemon answers at {url} ({exc}). Start one with `warden serve`.")
+    except WardenError as exc:
+        _fail(str(exc))
+    if result.exit_code is not None:
+        raise typer.Exit(result.exit_code)
+    if result.signal is not None:
+        raise typer.Exit(128 + result.signal)
     _fail("the daemon ended the output without a result")
+
+
+def _url(host: str | None) -> str:
+    target = host or str(default_socket())
+    if target.startswith(("http://", "https://", "unix://")):
+        return target
+    return f"unix://{target}"
+
+
+async def _exec(
+    url: str,
+    ref: str,
+    cmd: list[str],
+    env: dict[str, str] | None,
+    cwd: str | None,
+    timeout: float | None,
+    interactive: bool,
+) -> ExecResult:
+    """Run ``cmd`` through the daemon with the SDK's remote agent, output straight through."""
+    stdout, stderr = sys.stdout.buffer, sys.stderr.buffer
+
+    def write(stream: IO[bytes]) -> Callable[[bytes], None]:
+        def to(chunk: bytes) -> None:
+            stream.write(chunk)
+            stream.flush()
+
+        return to
+
+    async with _async_http(url) as http:
+        return await RemoteAgent(http, ref).exec(
+            cmd,
+            env=env,
+            cwd=cwd,
+            timeout=timeout,
+            stdin=_stdin_chunks() if interactive else None,
+            on_stdout=write(stdout),
+            on_stderr=write(stderr),
+        )
+
+
+async def _stdin_chunks() -> AsyncIterator[bytes]:
+    """This process's stdin, as it comes (a pipe, a file or a terminal).
+
+    Read by a daemon thread: a blocking read of a terminal must not keep the CLI alive after
+    the command has ended.
+    """
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=4)
+    fd = sys.stdin.fileno()
+
+    def pump() -> None:
+        while True:
+            chunk = os.read(fd, STDIN_CHUNK)
+            try:
+                asyncio.run_coroutine_threadsafe(queue.put(chunk), loop).result()
+            except (RuntimeError, concurrent.futures.CancelledError):
+                return  # the command has ended and its loop with it
+            if not chunk:
+                return
+
+    threading.Thread(target=pump, name="warden-stdin", daemon=True).start()
+    while chunk := await queue.get():
+        yield chunk
+
+
+STDIN_CHUNK = 64 * 1024
 
 
 CP_CHUNK = 1024 * 1024

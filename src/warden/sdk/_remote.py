@@ -15,7 +15,9 @@ being emulated by commands in the guest.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import errno as errno_mod
 import inspect
 import json
@@ -140,6 +142,10 @@ def _raise(response: httpx.Response, *, vm_id: str | None = None, files: bool = 
     raise HostError(f"the warden daemon refused the request: {detail}")
 
 
+INLINE_STDIN_MAX = 64 * 1024
+"""Bytes of stdin sent inline (base64 in the exec request); more, or a stream, is streamed."""
+
+
 class RemoteAgent:
     """The subset of :class:`~warden.agent.client.AgentClient` the SDK uses, over HTTP."""
 
@@ -161,8 +167,9 @@ class RemoteAgent:
     ) -> ExecResult:
         """Run a command through the daemon; see ``AgentClient.exec``.
 
-        The API takes stdin whole (base64 in the request body), so an iterable stdin is
-        gathered first. Cancelling the call closes the stream, which kills the command.
+        Small ``bytes`` stdin goes inline in the request. A stream (or more than
+        ``INLINE_STDIN_MAX`` bytes) is streamed on a second request while the output streams
+        back on the first. Cancelling the call closes the stream, which kills the command.
         """
         body: dict[str, Any] = {"cmd": cmd if isinstance(cmd, str) else list(cmd)}
         if env is not None:
@@ -171,29 +178,43 @@ class RemoteAgent:
             body["cwd"] = cwd
         if timeout is not None:
             body["timeout"] = timeout
-        if stdin is not None:
-            data = stdin if isinstance(stdin, bytes) else b"".join([c async for c in stdin])
-            body["stdin"] = base64.b64encode(data).decode()
+        if isinstance(stdin, bytes) and len(stdin) <= INLINE_STDIN_MAX:
+            body["stdin"] = base64.b64encode(stdin).decode()
+            stdin = None
+        elif stdin is not None:
+            body["stdin_stream"] = True
         stdout, stderr = bytearray(), bytearray()
         final: dict[str, Any] | None = None
-        async with self._http.stream("POST", f"{self._base}/exec", json=body) as r:
-            if not r.is_success:
-                await r.aread()
-                _raise(r, vm_id=self._id)
-            async for line in r.aiter_lines():
-                if not line:
-                    continue
-                msg = json.loads(line)
-                if "stdout" in msg:
-                    chunk = base64.b64decode(msg["stdout"])
-                    stdout += chunk
-                    await _call(on_stdout, chunk)
-                elif "stderr" in msg:
-                    chunk = base64.b64decode(msg["stderr"])
-                    stderr += chunk
-                    await _call(on_stderr, chunk)
-                else:
-                    final = msg
+        feeder: asyncio.Task[None] | None = None
+        try:
+            async with self._http.stream("POST", f"{self._base}/exec", json=body) as r:
+                if not r.is_success:
+                    await r.aread()
+                    _raise(r, vm_id=self._id)
+                async for line in r.aiter_lines():
+                    if not line:
+                        continue
+                    msg = json.loads(line)
+                    if "exec_id" in msg and stdin is not None:
+                        feeder = asyncio.create_task(self._send_stdin(msg["exec_id"], stdin))
+                    elif "stdout" in msg:
+                        chunk = base64.b64decode(msg["stdout"])
+                        stdout += chunk
+                        await _call(on_stdout, chunk)
+                    elif "stderr" in msg:
+                        chunk = base64.b64decode(msg["stderr"])
+                        stderr += chunk
+                        await _call(on_stderr, chunk)
+                    else:
+                        final = msg
+        finally:
+            # The command has ended (or the call failed): what stdin is left no longer matters.
+            if feeder is not None and not feeder.done():
+                feeder.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await feeder
+        if feeder is not None and not feeder.cancelled() and feeder.exception() is not None:
+            raise cast(BaseException, feeder.exception())  # e.g. the stdin source failed
         if final is None:
             raise AgentError("the warden daemon ended the command's output without a result")
         if "error" in final:
@@ -213,6 +234,14 @@ class RemoteAgent:
             error.result = result
             raise error
         return result
+
+    async def _send_stdin(self, exec_id: str, stdin: bytes | AsyncIterable[bytes]) -> None:
+        """Stream ``stdin`` to the command ``exec_id``; its end is the command's EOF."""
+        r = await self._http.put(f"{self._base}/execs/{exec_id}/stdin", content=stdin)
+        if r.status_code == 404:
+            return  # the command ended before its stdin got there: not an error
+        if not r.is_success:
+            _raise(r, vm_id=self._id)
 
     async def write_file(
         self,

@@ -17,9 +17,10 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any, cast
 
-from fastapi import FastAPI, Query, Request, Response
+from fastapi import FastAPI, HTTPException, Query, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from starlette.requests import ClientDisconnect
 
 from warden._errors import (
     AdmissionError,
@@ -35,6 +36,7 @@ from warden._errors import (
 from warden.agent.client import EntryInfo, ExecResult
 from warden.server.manager import Manager
 from warden.server.metrics import CONTENT_TYPE, Metrics, gauge
+from warden.server.stdin import StdinPipe
 from warden.store.db import EventRow, VMRow
 from warden.vmm.spec import VMSpec
 from warden.vmm.state import VMState
@@ -60,7 +62,18 @@ class ExecRequest(BaseModel):
     env: dict[str, str] | None = None
     cwd: str | None = None
     stdin: str | None = Field(default=None, description="base64 of the whole stdin")
+    stdin_stream: bool = Field(
+        default=False,
+        description="stdin comes as the body of PUT .../execs/{exec_id}/stdin; the exec_id is "
+        "the first line of the output stream",
+    )
     timeout: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _one_stdin(self) -> ExecRequest:
+        if self.stdin is not None and self.stdin_stream:
+            raise ValueError("give stdin or stdin_stream, not both")
+        return self
 
 
 class Sandbox(BaseModel):
@@ -288,19 +301,56 @@ def create_app(manager: Manager, *, manage_lifespan: bool = True) -> FastAPI:
         machine = await manager.machine(ref)
         return {"agent_rtt_s": await machine.agent.ping()}
 
+    pipes: dict[str, StdinPipe] = {}
+
     @app.post(f"{API}/sandboxes/{{ref}}/exec")
     async def exec_(ref: str, body: ExecRequest) -> StreamingResponse:
         machine = await manager.machine(ref)
         agent = machine.agent
-        stdin: bytes | None = None
+        stdin: bytes | AsyncIterator[bytes] | None = None
+        pipe: StdinPipe | None = None
         if body.stdin is not None:
             try:
                 stdin = base64.b64decode(body.stdin, validate=True)
             except binascii.Error as exc:
                 raise SpecError(f"stdin is not valid base64: {exc}") from None
-        return StreamingResponse(
-            _exec_stream(agent.exec, body, stdin, metrics), media_type="application/x-ndjson"
-        )
+            metrics.bytes.inc(len(stdin), direction="exec_stdin")
+        elif body.stdin_stream:
+            pipe = StdinPipe(machine.id)
+            pipes[pipe.id] = pipe
+            stdin = pipe.chunks()
+
+        async def output() -> AsyncIterator[bytes]:
+            try:
+                if pipe is not None:
+                    yield _line({"exec_id": pipe.id})
+                async for line in _exec_stream(agent.exec, body, stdin, metrics):
+                    yield line
+            finally:
+                if pipe is not None:
+                    pipe.close()
+                    pipes.pop(pipe.id, None)
+
+        return StreamingResponse(output(), media_type="application/x-ndjson")
+
+    @app.put(f"{API}/sandboxes/{{ref}}/execs/{{exec_id}}/stdin")
+    async def exec_stdin(ref: str, exec_id: str, request: Request) -> dict[str, Any]:
+        """The stdin of a command started with ``stdin_stream``, as a streamed body."""
+        machine = await manager.machine(ref)
+        pipe = pipes.get(exec_id)
+        if pipe is None or pipe.vm_id != machine.id:
+            raise HTTPException(
+                404, f"no command with exec_id {exec_id} runs in sandbox {ref}; it may have ended"
+            )
+        if pipe.attached:
+            raise HTTPException(409, f"the stdin of exec_id {exec_id} is being sent already")
+        pipe.attached = True
+        try:
+            sent, complete = await pipe.feed(request.stream())
+        except ClientDisconnect:
+            return {"bytes": 0, "complete": False}  # nobody reads this; stdin has ended
+        metrics.bytes.inc(sent, direction="exec_stdin")
+        return {"bytes": sent, "complete": complete}
 
     @app.put(f"{API}/sandboxes/{{ref}}/files")
     async def put_file(
@@ -371,7 +421,7 @@ def _line(obj: dict[str, Any]) -> bytes:
 
 
 async def _exec_stream(
-    exec_fn: Any, body: ExecRequest, stdin: bytes | None, metrics: Metrics
+    exec_fn: Any, body: ExecRequest, stdin: bytes | AsyncIterator[bytes] | None, metrics: Metrics
 ) -> AsyncIterator[bytes]:
     """Run the command; yield NDJSON lines of its output as it comes, then its result."""
     queue: asyncio.Queue[bytes | None] = asyncio.Queue()

@@ -125,7 +125,7 @@ def gauge(name: str, help_text: str, values: Mapping[Labels, float]) -> list[str
     return lines
 
 
-BYTE_DIRECTIONS = ("files_in", "files_out", "exec_stdout", "exec_stderr")
+BYTE_DIRECTIONS = ("files_in", "files_out", "exec_stdin", "exec_stdout", "exec_stderr")
 
 
 class Metrics:
