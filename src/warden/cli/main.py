@@ -150,7 +150,8 @@ async def _run(
 def _daemon_for_run(host: str | None, cold: bool) -> Client | None:
     """The daemon `warden run` uses: the given host (which must answer), else the local
     socket's daemon if one answers (and --cold is not asked for), else None (embedded)."""
-    from warden.sdk._remote import connect, daemon_answers, default_url
+    from warden.sdk._endpoint import default_url
+    from warden.sdk._remote import connect, daemon_answers
 
     if host:
         return connect(host)

@@ -23,10 +23,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from warden._errors import CommandTimeoutError, WardenError
+from warden._errors import CommandTimeoutError, SpecError, WardenError
 from warden.agent.client import ExecResult
-from warden.cli.serve import default_socket
-from warden.sdk._remote import RemoteAgent, _async_http
+from warden.sdk._endpoint import Endpoint
+from warden.sdk._remote import RemoteAgent
 
 out = Console()
 err = Console(stderr=True)
@@ -48,25 +48,21 @@ def _fail(message: str) -> NoReturn:
     raise typer.Exit(EXIT_WARDEN_ERROR)
 
 
+def _endpoint(host: str | None) -> Endpoint:
+    try:
+        return Endpoint.resolve(host)
+    except SpecError as exc:
+        _fail(str(exc))
+
+
 @contextmanager
 def _client(host: str | None) -> Iterator[httpx.Client]:
-    target = host or str(default_socket())
-    if target.startswith(("http://", "https://")):
-        client = httpx.Client(base_url=target, timeout=httpx.Timeout(60.0, read=None))
-    else:
-        path = target.removeprefix("unix://")
-        transport = httpx.HTTPTransport(uds=path)
-        client = httpx.Client(
-            transport=transport, base_url="http://warden", timeout=httpx.Timeout(60.0, read=None)
-        )
+    endpoint = _endpoint(host)
     try:
-        with client:
+        with endpoint.sync_client(httpx.Timeout(60.0, read=None)) as client:
             yield client
     except httpx.TransportError as exc:
-        _fail(
-            f"no warden daemon answers at {target} ({exc}). Start one with `warden serve` "
-            "(or point --host / WARDEN_HOST at a running one)."
-        )
+        _fail(endpoint.unreachable(exc))
 
 
 def _check(response: httpx.Response) -> Any:
@@ -191,16 +187,16 @@ def exec_(
         cmd = cmd[1:]
     if not cmd:
         raise typer.BadParameter("give the command after --", param_hint="CMD")
-    url = _url(host)
+    endpoint = _endpoint(host)
     try:
         result = asyncio.run(
-            _exec(url, ref, cmd, _labels(env) if env else None, cwd, timeout, interactive)
+            _exec(endpoint, ref, cmd, _labels(env) if env else None, cwd, timeout, interactive)
         )
     except CommandTimeoutError:
         err.print(f"[red]warden:[/red] the command passed its timeout of {timeout}s")
         raise typer.Exit(124) from None
     except httpx.TransportError as exc:
-        _fail(f"no warden daemon answers at {url} ({exc}). Start one with `warden serve`.")
+        _fail(endpoint.unreachable(exc))
     except WardenError as exc:
         _fail(str(exc))
     if result.exit_code is not None:
@@ -210,15 +206,8 @@ def exec_(
     _fail("the daemon ended the output without a result")
 
 
-def _url(host: str | None) -> str:
-    target = host or str(default_socket())
-    if target.startswith(("http://", "https://", "unix://")):
-        return target
-    return f"unix://{target}"
-
-
 async def _exec(
-    url: str,
+    endpoint: Endpoint,
     ref: str,
     cmd: list[str],
     env: dict[str, str] | None,
@@ -236,7 +225,7 @@ async def _exec(
 
         return to
 
-    async with _async_http(url) as http:
+    async with endpoint.async_client(httpx.Timeout(60.0, read=None)) as http:
         return await RemoteAgent(http, ref).exec(
             cmd,
             env=env,

@@ -1,4 +1,5 @@
-"""``warden serve``: run the manager daemon on a unix socket (mode 0600).
+"""``warden serve``: run the manager daemon on a unix socket (mode 0600), and optionally on TCP
+(TLS and a bearer token: ``server/run.py``).
 
 SIGTERM or SIGINT stop it gracefully: it stops accepting connections, lets in-flight requests
 finish (up to a grace period), and exits leaving every VM running for the next daemon.
@@ -26,7 +27,6 @@ from warden.server import logs
 
 err = Console(stderr=True)
 
-GRACEFUL_SHUTDOWN_S = 10
 LOCK_NAME = "manager.lock"
 
 
@@ -61,6 +61,15 @@ def serve(
         int,
         typer.Option("--reserved-memory", help="Host memory in MiB never handed to VMs.", min=0),
     ] = AdmissionPolicy.reserved_host_memory_mib,
+    tcp: Annotated[
+        str | None,
+        typer.Option(
+            "--tcp",
+            metavar="HOST:PORT",
+            help="Also listen on TCP, with TLS and a bearer token (both made on first use, "
+            "under $WARDEN_HOME): e.g. 127.0.0.1:8443.",
+        ),
+    ] = None,
 ) -> None:
     """Run the manager daemon: it holds the VMs and serves the REST API on a unix socket.
 
@@ -88,15 +97,30 @@ def serve(
     except WardenError as exc:
         err.print(f"[red]warden:[/red] {exc}", highlight=False)
         raise typer.Exit(1) from None
+    from warden.server import run
+
+    listener: run.TcpListener | None = None
     try:
         sock = _bind(path)
+        if tcp is not None:
+            listener = run.listen_tcp(paths, tcp)
     except WardenError as exc:
         err.print(f"[red]warden:[/red] {exc}", highlight=False)
+        with contextlib.suppress(NameError):
+            sock.close()
+            path.unlink(missing_ok=True)
+        os.close(lock)
         raise typer.Exit(1) from None
     try:
-        asyncio.run(_serve(paths, sock, log_level, policy))
+        # uvicorn re-raises the signal that stopped it once it is done; with these handlers
+        # that is a no-op, so `serve` returns and removes its socket instead of dying by it.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, _ignore)
+        asyncio.run(run.serve(paths, sock, log_level, policy, listener))
     finally:
         sock.close()
+        if listener is not None:
+            listener.sock.close()
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
         os.close(lock)
@@ -141,30 +165,6 @@ def _bind(path: Path) -> socket.socket:
     sock.listen(128)
     sock.set_inheritable(False)
     return sock
-
-
-async def _serve(
-    paths: Paths, sock: socket.socket, log_level: str, policy: AdmissionPolicy
-) -> None:
-    import uvicorn
-
-    from warden.server import Manager, create_app
-
-    manager = Manager(paths, policy=policy)
-    app = create_app(manager)
-    config = uvicorn.Config(
-        app,
-        log_level=log_level.lower(),
-        log_config=None,  # uvicorn's loggers propagate to ours (logs.setup): one format
-        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
-        lifespan="on",
-    )
-    server = uvicorn.Server(config)
-    # uvicorn re-raises the signal that stopped it once it is done; with these handlers that
-    # is a no-op, so `serve` returns and removes its socket instead of dying by the signal.
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, _ignore)
-    await server.serve(sockets=[sock])
 
 
 def _ignore(signum: int, frame: object) -> None:

@@ -42,13 +42,12 @@ from warden._errors import (
     WardenError,
 )
 from warden.agent.client import EntryInfo, ExecResult, OutputCallback
-from warden.config import Paths
 from warden.sdk._async import AsyncSandbox
+from warden.sdk._endpoint import Endpoint
 from warden.sdk._sync import Sandbox
 from warden.vmm.spec import VMSpec
 from warden.vmm.state import VMState
 
-ENV_HOST = "WARDEN_HOST"
 API = "/v1"
 CONNECT_TIMEOUT_S = 10.0
 PROBE_TIMEOUT_S = 2.0
@@ -58,50 +57,14 @@ class RemoteUnsupportedError(WardenError, NotImplementedError):
     """The daemon's API has no endpoint for this operation (yet); use embedded mode for it."""
 
 
-def default_url() -> str:
-    """``$WARDEN_HOST``, else the local daemon's socket ``$WARDEN_HOME/run/warden.sock``."""
-    return os.environ.get(ENV_HOST) or f"unix://{Paths.from_env().run / 'warden.sock'}"
-
-
-def _normalize(url: str) -> str:
-    if url.startswith(("http://", "https://", "unix://")):
-        return url
-    if url.startswith("/"):
-        return f"unix://{url}"
-    raise SpecError(
-        f"host {url!r} is neither unix:///path/to.sock, /path/to.sock nor http://host:port"
-    )
-
-
-def _client_args(url: str) -> tuple[str | None, str]:
-    """(unix socket path or None, base URL) of a normalized host URL."""
-    if url.startswith("unix://"):
-        return url.removeprefix("unix://"), "http://warden"
-    return None, url.rstrip("/")
-
-
-def _async_http(url: str) -> httpx.AsyncClient:
-    uds, base = _client_args(url)
-    transport = httpx.AsyncHTTPTransport(uds=uds) if uds else None
-    return httpx.AsyncClient(
-        transport=transport, base_url=base, timeout=httpx.Timeout(60.0, read=None)
-    )
-
-
-def _sync_http(url: str, timeout: float = 60.0) -> httpx.Client:
-    uds, base = _client_args(url)
-    transport = httpx.HTTPTransport(uds=uds) if uds else None
-    return httpx.Client(transport=transport, base_url=base, timeout=httpx.Timeout(timeout))
-
-
 def daemon_answers(url: str | None = None, *, timeout: float = PROBE_TIMEOUT_S) -> bool:
     """Whether a warden daemon answers at ``url`` (default: :func:`default_url`)."""
-    target = _normalize(url or default_url())
-    uds, _ = _client_args(target)
+    endpoint = Endpoint.resolve(url)
+    uds = endpoint.socket_path
     if uds is not None and not os.path.exists(uds):
         return False
     try:
-        with _sync_http(target, timeout) as c:
+        with endpoint.sync_client(timeout) as c:
             return c.get(f"{API}/info").status_code == 200
     except httpx.HTTPError:
         return False
@@ -338,8 +301,10 @@ async def _call(callback: OutputCallback | None, chunk: bytes) -> None:
 class RemoteMachine:
     """Stands where a :class:`~warden.vmm.machine.Machine` stands in an ``AsyncSandbox``."""
 
-    def __init__(self, url: str, http: httpx.AsyncClient, row: dict[str, Any], spec: VMSpec):
-        self.url = url
+    def __init__(
+        self, endpoint: Endpoint, http: httpx.AsyncClient, row: dict[str, Any], spec: VMSpec
+    ):
+        self.endpoint = endpoint
         self.id: str = row["id"]
         self.spec = spec
         self.state = VMState(row["state"])
@@ -354,7 +319,7 @@ class RemoteMachine:
     def console_tail(self, lines: int = 40) -> str:
         """The tail of the guest console, as the daemon has it ("" if it cannot say)."""
         try:
-            with _sync_http(self.url, 10.0) as c:
+            with self.endpoint.sync_client(10.0) as c:
                 r = c.get(f"{API}/sandboxes/{self.id}/logs", params={"lines": lines})
         except httpx.HTTPError:
             return ""
@@ -379,8 +344,8 @@ class RemoteMachine:
 class _AsyncFactory:
     """``client.AsyncSandbox``: ``await client.AsyncSandbox.create(...)``."""
 
-    def __init__(self, url: str) -> None:
-        self._url = url
+    def __init__(self, endpoint: Endpoint) -> None:
+        self._endpoint = endpoint
 
     async def create(
         self,
@@ -417,26 +382,26 @@ class _AsyncFactory:
         spec = VMSpec.parse(check_host=False, **fields, agent_timeout_s=timeout)
         if name is None:
             del fields["name"]
-        http = _async_http(self._url)
+        http = self._endpoint.async_client(httpx.Timeout(60.0, read=None))
         try:
             r = await http.post(f"{API}/sandboxes", json=fields, timeout=timeout + 60.0)
             if not r.is_success:
                 _raise(r)
         except httpx.TransportError as exc:
             await http.aclose()
-            raise HostError(_no_daemon(self._url, exc)) from None
+            raise HostError(self._endpoint.unreachable(exc)) from None
         except BaseException:
             await http.aclose()
             raise
-        machine = RemoteMachine(self._url, http, r.json(), spec)
+        machine = RemoteMachine(self._endpoint, http, r.json(), spec)
         return AsyncSandbox(machine)
 
 
 class _SyncFactory:
     """``client.Sandbox``: ``client.Sandbox.create(...)``."""
 
-    def __init__(self, url: str) -> None:
-        self._async = _AsyncFactory(url)
+    def __init__(self, endpoint: Endpoint) -> None:
+        self._async = _AsyncFactory(endpoint)
 
     def create(
         self,
@@ -471,22 +436,16 @@ class _SyncFactory:
         )
 
 
-def _no_daemon(url: str, exc: BaseException) -> str:
-    return (
-        f"no warden daemon answers at {url} ({exc}). Start one with `warden serve`, or point "
-        f"warden.connect(url) / ${ENV_HOST} at a running one"
-    )
-
-
 class Client:
     """A connection to a warden daemon. ``client.Sandbox`` and ``client.AsyncSandbox`` have
     the ``create`` of ``warden.Sandbox`` and ``warden.AsyncSandbox``, and make the same
     classes."""
 
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.Sandbox = _SyncFactory(url)
-        self.AsyncSandbox = _AsyncFactory(url)
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
+        self.url = endpoint.url
+        self.Sandbox = _SyncFactory(endpoint)
+        self.AsyncSandbox = _AsyncFactory(endpoint)
 
     def __repr__(self) -> str:
         return f"warden.Client({self.url!r})"
@@ -516,10 +475,10 @@ class Client:
     def info(self) -> dict[str, Any]:
         """The daemon's host capacity, overcommit ratios and reservations."""
         try:
-            with _sync_http(self.url, CONNECT_TIMEOUT_S) as c:
+            with self.endpoint.sync_client(CONNECT_TIMEOUT_S) as c:
                 r = c.get(f"{API}/info")
         except httpx.TransportError as exc:
-            raise HostError(_no_daemon(self.url, exc)) from None
+            raise HostError(self.endpoint.unreachable(exc)) from None
         if not r.is_success:
             _raise(r)
         return cast(dict[str, Any], r.json())
@@ -536,12 +495,16 @@ class Client:
         return None
 
 
-def connect(url: str | None = None) -> Client:
+def connect(
+    url: str | None = None, *, token: str | None = None, ca_cert: str | None = None
+) -> Client:
     """Connect to a warden daemon and check that it answers.
 
-    ``url`` is ``unix:///path/to.sock`` (or just the path) or ``http://host:port``; by default
-    ``$WARDEN_HOST``, else the local daemon's socket ``$WARDEN_HOME/run/warden.sock``.
+    ``url`` is ``unix:///path/to.sock`` (or just the path), or ``https://host:port`` for a
+    daemon's TCP listener; by default ``$WARDEN_HOST``, else the local daemon's socket
+    ``$WARDEN_HOME/run/warden.sock``. Over TCP, ``token`` (default ``$WARDEN_TOKEN``) is the
+    daemon's API token and ``ca_cert`` (default ``$WARDEN_CA_CERT``) a copy of its certificate.
     """
-    client = Client(_normalize(url or default_url()))
+    client = Client(Endpoint.resolve(url, token=token, ca_cert=ca_cert))
     client.info()
     return client

@@ -1,0 +1,113 @@
+"""Run the manager's API: on its unix socket, and optionally on TCP with TLS and a token.
+
+Both listeners serve the same app and the same :class:`~warden.server.Manager`; the TCP one
+wraps it in :class:`~warden.server.auth.BearerAuth`. ``warden serve`` (``cli/serve.py``) binds
+the sockets first, so a bad address fails before anything starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import uvicorn
+
+from warden._errors import WardenError
+from warden.config import Paths
+from warden.policy.admission import AdmissionPolicy
+from warden.server.app import create_app
+from warden.server.auth import BearerAuth, load_or_create_token
+from warden.server.manager import Manager
+from warden.server.tls import ensure_cert
+
+GRACEFUL_SHUTDOWN_S = 10
+
+
+@dataclass(frozen=True)
+class TcpListener:
+    sock: socket.socket
+    cert: Path
+    key: Path
+    token: str
+
+
+def listen_tcp(paths: Paths, where: str) -> TcpListener:
+    """Bind ``HOST:PORT`` (``[v6]:PORT`` too), and make sure of its certificate and token."""
+    host, sep, port_text = where.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise WardenError(f"--tcp {where!r} is not HOST:PORT, e.g. 127.0.0.1:8443")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, int(port_text)))
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        raise WardenError(f"cannot listen on {where}: {exc.strerror or exc}") from None
+    sock.set_inheritable(False)
+    try:
+        cert, key = ensure_cert(paths.home, host)
+        token = load_or_create_token(paths.home)
+    except BaseException:
+        sock.close()
+        raise
+    return TcpListener(sock, cert, key, token)
+
+
+class _Server(uvicorn.Server):
+    """One of a group of servers that stop together on SIGTERM/SIGINT (each installs its own
+    handler, and only the last one installed would hear the signal)."""
+
+    def __init__(self, config: uvicorn.Config, group: list[_Server]) -> None:
+        super().__init__(config)
+        self.group = group
+        group.append(self)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        for server in self.group:
+            uvicorn.Server.handle_exit(server, sig, frame)
+
+
+async def serve(
+    paths: Paths,
+    sock: socket.socket,
+    log_level: str,
+    policy: AdmissionPolicy,
+    listener: TcpListener | None,
+) -> None:
+    manager = Manager(paths, policy=policy)
+    app = create_app(manager)
+    common: dict[str, Any] = {
+        "log_level": log_level.lower(),
+        "log_config": None,  # uvicorn's loggers propagate to ours (logs.setup): one format
+        "timeout_graceful_shutdown": GRACEFUL_SHUTDOWN_S,
+    }
+    group: list[_Server] = []
+    local = _Server(uvicorn.Config(app, lifespan="on", **common), group)
+    if listener is None:
+        await local.serve(sockets=[sock])
+        return
+    remote = _Server(
+        uvicorn.Config(
+            BearerAuth(app, listener.token),
+            lifespan="off",  # the manager is started and stopped by the local server's
+            ssl_certfile=str(listener.cert),
+            ssl_keyfile=str(listener.key),
+            **common,
+        ),
+        group,
+    )
+
+    async def serve_remote() -> None:
+        while not local.started and not local.should_exit:  # after the manager has started
+            await asyncio.sleep(0.02)
+        if not local.should_exit:
+            await remote.serve(sockets=[listener.sock])
+
+    await asyncio.gather(local.serve(sockets=[sock]), serve_remote())
