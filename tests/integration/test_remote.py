@@ -36,7 +36,7 @@ def _warden(
 
 
 def test_connect_refuses_a_bad_url_and_a_missing_daemon(tmp_path: Path) -> None:
-    with pytest.raises(warden.SpecError, match="http://host:port"):
+    with pytest.raises(warden.SpecError, match="https://host:port"):
         warden.connect("ftp://nowhere")
     with pytest.raises(warden.HostError, match="warden serve"):
         warden.connect(f"unix://{tmp_path / 'none.sock'}")
