@@ -932,8 +932,6 @@ class Session:
             self._handle(frame)
         except FrameError as exc:
             self.protocol_error(str(exc))
-        except (_Shutdown, KeyboardInterrupt):
-            raise
         except Exception:  # noqa: BLE001 - the agent logs and carries on, never dies
             _log_exception(f"handling {frame.type.name}")
             if frame.type == FrameType.REQUEST:
