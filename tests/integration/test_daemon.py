@@ -648,3 +648,21 @@ def test_cli_exec_forwards_stdin(daemon: Daemon, tmp_path: Path) -> None:
         check=False,
     )
     assert p.returncode == 7
+
+
+def test_a_client_that_goes_away_kills_its_command(daemon: Daemon) -> None:
+    with daemon.client() as c:
+        vm_id = _create(c)["id"]
+        body = {"cmd": "echo $$; exec sleep 60"}
+        with c.stream("POST", f"/v1/sandboxes/{vm_id}/exec", json=body) as r:
+            first = json.loads(next(r.iter_lines()))
+            pid = int(base64.b64decode(first["stdout"]))
+        # the response is closed unread: the daemon must cancel the command
+        deadline = time.monotonic() + 10
+        alive = True
+        while alive and time.monotonic() < deadline:
+            _, err, final = _exec(c, vm_id, ["sh", "-c", f"kill -0 {pid}"])
+            assert final["exit_code"] == 0 or b"No such process" in err, err
+            alive = final["exit_code"] == 0
+            time.sleep(0.2)
+        assert not alive, f"the command (guest pid {pid}) outlived its client"

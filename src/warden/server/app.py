@@ -34,6 +34,7 @@ from warden._errors import (
     WardenError,
 )
 from warden.agent.client import EntryInfo, ExecResult
+from warden.server.lines import Lines, LineStream
 from warden.server.manager import Manager
 from warden.server.metrics import CONTENT_TYPE, Metrics, gauge
 from warden.server.stdin import StdinPipe
@@ -304,7 +305,7 @@ def create_app(manager: Manager, *, manage_lifespan: bool = True) -> FastAPI:
     pipes: dict[str, StdinPipe] = {}
 
     @app.post(f"{API}/sandboxes/{{ref}}/exec")
-    async def exec_(ref: str, body: ExecRequest) -> StreamingResponse:
+    async def exec_(ref: str, body: ExecRequest) -> LineStream:
         machine = await manager.machine(ref)
         agent = machine.agent
         stdin: bytes | AsyncIterator[bytes] | None = None
@@ -320,18 +321,17 @@ def create_app(manager: Manager, *, manage_lifespan: bool = True) -> FastAPI:
             pipes[pipe.id] = pipe
             stdin = pipe.chunks()
 
-        async def output() -> AsyncIterator[bytes]:
-            try:
-                if pipe is not None:
-                    yield _line({"exec_id": pipe.id})
-                async for line in _exec_stream(agent.exec, body, stdin, metrics):
-                    yield line
-            finally:
-                if pipe is not None:
-                    pipe.close()
-                    pipes.pop(pipe.id, None)
+        lines: Lines = asyncio.Queue()
+        if pipe is not None:
+            lines.put_nowait(_line({"exec_id": pipe.id}))
+        run = asyncio.create_task(_run_exec(agent.exec, body, stdin, metrics, lines))
 
-        return StreamingResponse(output(), media_type="application/x-ndjson")
+        def closed() -> None:
+            if pipe is not None:
+                pipe.close()
+                pipes.pop(pipe.id, None)
+
+        return LineStream(lines, run, on_close=closed)
 
     @app.put(f"{API}/sandboxes/{{ref}}/execs/{{exec_id}}/stdin")
     async def exec_stdin(ref: str, exec_id: str, request: Request) -> dict[str, Any]:
@@ -420,62 +420,51 @@ def _line(obj: dict[str, Any]) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
 
 
-async def _exec_stream(
-    exec_fn: Any, body: ExecRequest, stdin: bytes | AsyncIterator[bytes] | None, metrics: Metrics
-) -> AsyncIterator[bytes]:
-    """Run the command; yield NDJSON lines of its output as it comes, then its result."""
-    queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+async def _run_exec(
+    exec_fn: Any,
+    body: ExecRequest,
+    stdin: bytes | AsyncIterator[bytes] | None,
+    metrics: Metrics,
+    lines: Lines,
+) -> None:
+    """Run the command; queue NDJSON lines of its output as it comes, then its result."""
     started = time.monotonic()
 
     def out(chunk: bytes) -> None:
         metrics.bytes.inc(len(chunk), direction="exec_stdout")
-        queue.put_nowait(_line({"stdout": base64.b64encode(chunk).decode()}))
+        lines.put_nowait(_line({"stdout": base64.b64encode(chunk).decode()}))
 
     def err(chunk: bytes) -> None:
         metrics.bytes.inc(len(chunk), direction="exec_stderr")
-        queue.put_nowait(_line({"stderr": base64.b64encode(chunk).decode()}))
+        lines.put_nowait(_line({"stderr": base64.b64encode(chunk).decode()}))
 
-    async def run() -> None:
-        try:
-            result: ExecResult = await exec_fn(
-                body.cmd,
-                env=body.env,
-                cwd=body.cwd,
-                stdin=stdin,
-                timeout=body.timeout,
-                on_stdout=out,
-                on_stderr=err,
-            )
-            final: dict[str, Any] = {
-                "exit_code": result.exit_code,
-                "signal": result.signal,
-                "timed_out": result.timed_out,
-            }
-            outcome = "timeout" if result.timed_out else "ok"
-        except CommandTimeoutError as exc:
-            outcome = "timeout"
-            partial = exc.result
-            final = {
-                "exit_code": getattr(partial, "exit_code", None),
-                "signal": getattr(partial, "signal", None),
-                "timed_out": True,
-            }
-        except WardenError as exc:
-            final = {"error": str(exc)}
-            outcome = "error"
-        metrics.exec_seconds.observe(time.monotonic() - started, outcome=outcome)
-        queue.put_nowait(_line(final))
-        queue.put_nowait(None)
-
-    task = asyncio.create_task(run())
     try:
-        while True:
-            item = await queue.get()
-            if item is None:
-                break
-            yield item
-    finally:
-        if not task.done():
-            task.cancel()  # the client went away: cancelling kills the command
-        with contextlib.suppress(BaseException):
-            await task
+        result: ExecResult = await exec_fn(
+            body.cmd,
+            env=body.env,
+            cwd=body.cwd,
+            stdin=stdin,
+            timeout=body.timeout,
+            on_stdout=out,
+            on_stderr=err,
+        )
+        final: dict[str, Any] = {
+            "exit_code": result.exit_code,
+            "signal": result.signal,
+            "timed_out": result.timed_out,
+        }
+        outcome = "timeout" if result.timed_out else "ok"
+    except CommandTimeoutError as exc:
+        outcome = "timeout"
+        partial = exc.result
+        final = {
+            "exit_code": getattr(partial, "exit_code", None),
+            "signal": getattr(partial, "signal", None),
+            "timed_out": True,
+        }
+    except WardenError as exc:
+        final = {"error": str(exc)}
+        outcome = "error"
+    metrics.exec_seconds.observe(time.monotonic() - started, outcome=outcome)
+    lines.put_nowait(_line(final))
+    lines.put_nowait(None)
