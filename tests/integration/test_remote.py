@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import subprocess
@@ -15,6 +16,8 @@ import pytest
 import warden
 from tests.integration.conftest import ServeProcess
 from warden.sdk import RemoteUnsupportedError
+from warden.sdk._endpoint import Endpoint
+from warden.sdk._lines import LinePool
 from warden.sdk._remote import RemoteAgent
 
 pytestmark = pytest.mark.vm
@@ -75,7 +78,7 @@ async def test_a_daemon_without_an_endpoint_gives_a_clear_error() -> None:
     async with httpx.AsyncClient(
         transport=httpx.MockTransport(handler), base_url="http://warden"
     ) as http:
-        agent = RemoteAgent(http, "vm1")
+        agent = RemoteAgent(http, LinePool(Endpoint("unix:///nonexistent.sock")), "vm1")
         with pytest.raises(RemoteUnsupportedError, match=r"files\.list"):
             await agent.list_dir("/")
         with pytest.raises(RemoteUnsupportedError, match="ping"):
@@ -163,3 +166,26 @@ def test_run_on_a_host_that_does_not_answer_fails(tmp_path: Path) -> None:
     p = _warden("run", "--host", str(tmp_path / "none.sock"), "--", "true")
     assert p.returncode == 125
     assert b"warden serve" in p.stderr
+
+
+def test_exec_survives_the_daemon_closing_an_idle_connection(
+    warden_daemon: ServeProcess,
+) -> None:
+    """exec keeps its connection to the daemon alive between commands; the daemon closes idle
+    ones (uvicorn: after 5 s). The next exec must notice and take a new connection."""
+    client = warden.connect(warden_daemon.url)
+    with client.Sandbox.create(memory_mib=128) as sbx:
+        assert sbx.commands.run("echo 1").stdout == "1\n"
+        time.sleep(6)
+        assert sbx.commands.run("echo 2").stdout == "2\n"
+
+        # and many at once: one connection each, all kept for the next round
+        async def burst() -> list[str]:
+            remote = sbx._inner
+            results = await asyncio.gather(*(remote.commands.run(f"echo {i}") for i in range(8)))
+            return [r.stdout for r in results]
+
+        from warden.sdk import _portal
+
+        assert _portal.call(burst()) == [f"{i}\n" for i in range(8)]
+        assert _portal.call(burst()) == [f"{i}\n" for i in range(8)]

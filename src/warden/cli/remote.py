@@ -26,6 +26,7 @@ from rich.table import Table
 from warden._errors import CommandTimeoutError, SpecError, WardenError
 from warden.agent.client import ExecResult
 from warden.sdk._endpoint import Endpoint
+from warden.sdk._lines import LinePool
 from warden.sdk._remote import RemoteAgent
 
 out = Console()
@@ -225,16 +226,20 @@ async def _exec(
 
         return to
 
+    lines = LinePool(endpoint)
     async with endpoint.async_client(httpx.Timeout(60.0, read=None)) as http:
-        return await RemoteAgent(http, ref).exec(
-            cmd,
-            env=env,
-            cwd=cwd,
-            timeout=timeout,
-            stdin=_stdin_chunks() if interactive else None,
-            on_stdout=write(stdout),
-            on_stderr=write(stderr),
-        )
+        try:
+            return await RemoteAgent(http, lines, ref).exec(
+                cmd,
+                env=env,
+                cwd=cwd,
+                timeout=timeout,
+                stdin=_stdin_chunks() if interactive else None,
+                on_stdout=write(stdout),
+                on_stderr=write(stderr),
+            )
+        finally:
+            await lines.aclose()
 
 
 async def _stdin_chunks() -> AsyncIterator[bytes]:

@@ -61,20 +61,29 @@ class Endpoint:
     def socket_path(self) -> str | None:
         return self.url.removeprefix("unix://") if self.url.startswith("unix://") else None
 
+    def headers(self) -> dict[str, str]:
+        """What every request carries: the bearer token, if there is one."""
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """How to check the daemon's certificate: pinned if ``ca_cert``, else the system's."""
+        if not self.ca_cert:
+            return ssl.create_default_context()
+        try:
+            return ssl.create_default_context(cafile=self.ca_cert)
+        except (OSError, ssl.SSLError) as exc:
+            raise SpecError(
+                f"cannot use {self.ca_cert} as the daemon's certificate ({exc}); set "
+                f"{ENV_CA_CERT} to a copy of the daemon's $WARDEN_HOME/tls/server.crt"
+            ) from None
+
     def _client_args(self) -> dict[str, Any]:
         args: dict[str, Any] = {
-            "base_url": "http://warden" if self.socket_path else self.url.rstrip("/")
+            "base_url": "http://warden" if self.socket_path else self.url.rstrip("/"),
+            "headers": self.headers(),
         }
-        if self.token:
-            args["headers"] = {"Authorization": f"Bearer {self.token}"}
-        if self.ca_cert and self.url.startswith("https://"):
-            try:
-                args["verify"] = ssl.create_default_context(cafile=self.ca_cert)
-            except (OSError, ssl.SSLError) as exc:
-                raise SpecError(
-                    f"cannot use {self.ca_cert} as the daemon's certificate ({exc}); set "
-                    f"{ENV_CA_CERT} to a copy of the daemon's $WARDEN_HOME/tls/server.crt"
-                ) from None
+        if self.url.startswith("https://"):
+            args["verify"] = self.ssl_context()
         return args
 
     def async_client(self, timeout: httpx.Timeout | float = 60.0) -> httpx.AsyncClient:

@@ -44,6 +44,7 @@ from warden._errors import (
 from warden.agent.client import EntryInfo, ExecResult, OutputCallback
 from warden.sdk._async import AsyncSandbox
 from warden.sdk._endpoint import Endpoint
+from warden.sdk._lines import LinePool
 from warden.sdk._sync import Sandbox
 from warden.vmm.spec import VMSpec
 from warden.vmm.state import VMState
@@ -112,8 +113,9 @@ INLINE_STDIN_MAX = 64 * 1024
 class RemoteAgent:
     """The subset of :class:`~warden.agent.client.AgentClient` the SDK uses, over HTTP."""
 
-    def __init__(self, http: httpx.AsyncClient, vm_id: str) -> None:
+    def __init__(self, http: httpx.AsyncClient, lines: LinePool, vm_id: str) -> None:
         self._http = http
+        self._lines = lines  # exec's output stream: the hot path, without httpx's cost
         self._id = vm_id
         self._base = f"{API}/sandboxes/{vm_id}"
 
@@ -150,13 +152,10 @@ class RemoteAgent:
         final: dict[str, Any] | None = None
         feeder: asyncio.Task[None] | None = None
         try:
-            async with self._http.stream("POST", f"{self._base}/exec", json=body) as r:
-                if not r.is_success:
-                    await r.aread()
-                    _raise(r, vm_id=self._id)
-                async for line in r.aiter_lines():
-                    if not line:
-                        continue
+            async with self._lines.post(f"{self._base}/exec", body) as r:
+                if r.status_code != 200:
+                    _raise(await r.read(), vm_id=self._id)
+                async for line in r.lines():
                     msg = json.loads(line)
                     if "exec_id" in msg and stdin is not None:
                         feeder = asyncio.create_task(self._send_stdin(msg["exec_id"], stdin))
@@ -310,7 +309,8 @@ class RemoteMachine:
         self.state = VMState(row["state"])
         self.exit_code: int | None = row.get("exit_code")
         self._http = http
-        self._agent = RemoteAgent(http, self.id)
+        self._lines = LinePool(endpoint)
+        self._agent = RemoteAgent(http, self._lines, self.id)
 
     @property
     def agent(self) -> RemoteAgent:
@@ -338,6 +338,7 @@ class RemoteMachine:
             self.state = VMState.STOPPED
         finally:
             if self.state is VMState.STOPPED:
+                await self._lines.aclose()
                 await self._http.aclose()
 
 
