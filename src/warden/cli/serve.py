@@ -99,16 +99,20 @@ def serve(
         raise typer.Exit(1) from None
     from warden.server import run
 
-    listener: run.TcpListener | None = None
     try:
         sock = _bind(path)
+    except WardenError as exc:
+        err.print(f"[red]warden:[/red] {exc}", highlight=False)
+        os.close(lock)
+        raise typer.Exit(1) from None
+    listener: run.TcpListener | None = None
+    try:
         if tcp is not None:
             listener = run.listen_tcp(paths, tcp)
     except WardenError as exc:
         err.print(f"[red]warden:[/red] {exc}", highlight=False)
-        with contextlib.suppress(NameError):
-            sock.close()
-            path.unlink(missing_ok=True)
+        sock.close()
+        path.unlink(missing_ok=True)
         os.close(lock)
         raise typer.Exit(1) from None
     try:
