@@ -156,7 +156,7 @@ def test_decode_json_raises_only_frame_error(payload: bytes) -> None:
         ({"version": 0}, "version"),
         ({"version": 2}, "version"),
         ({"ftype": 0}, "type"),
-        ({"ftype": 8}, "type"),
+        ({"ftype": 9}, "type"),
         ({"ftype": 255}, "type"),
         ({"channel": 6}, "channel"),
         ({"flags": 1}, "flags"),

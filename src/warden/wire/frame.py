@@ -26,10 +26,12 @@ __all__ = [
     "HEADER",
     "HEADER_SIZE",
     "HELLO_MAX_PAYLOAD",
+    "INITIAL_WINDOW",
     "MAX_PAYLOAD",
     "MAX_REQUEST_ID",
     "PROTOCOL_VERSION",
     "RESYNC_PADDING_SIZE",
+    "SESSION_VERSION",
     "XFER_ALIGN",
     "XFER_MAX_LENGTH",
     "XFER_SERIAL",
@@ -39,14 +41,22 @@ __all__ = [
     "FrameError",
     "FrameType",
     "decode_json",
+    "decode_window",
     "decode_xfer_ref",
     "encode",
     "encode_json",
+    "encode_window",
     "encode_xfer_ref",
 ]
 
 PROTOCOL_VERSION = 1
-"""The only protocol version this module speaks."""
+"""The framing version: the first byte of every header. The only one this module speaks."""
+
+SESSION_VERSION = 2
+"""The session protocol that a HELLO negotiates (its ``versions``/``version`` keys).
+
+2 added WINDOW frames (flow control of what the guest sends) and the ``user`` of a request.
+The framing did not change, so the header's version stays PROTOCOL_VERSION."""
 
 MAX_PAYLOAD = 1 << 20
 """The largest payload a frame may carry (1 MiB)."""
@@ -76,6 +86,17 @@ XFER_ALIGN = 4096
 XFER_MAX_LENGTH = 4 << 20
 XFER_REF = struct.Struct(">QI")
 
+# Flow control of what the guest sends (stdout, stderr, file reads), like HTTP/2's
+# WINDOW_UPDATE (RFC 9113, section 6.9). Each such stream of a request starts with a credit of
+# INITIAL_WINDOW bytes. Every DATA frame the agent sends on it spends its payload's length; the
+# host grants more with a WINDOW frame (host -> guest, on that request and channel, payload a
+# u32 increment) once its consumer has taken the data. An agent with no credit left stops
+# reading the process's pipe or the file, so a producer faster than its reader is slowed down
+# instead of buffered. A DATA frame beyond the credit is a protocol error: the host ends the
+# session. So the host holds at most INITIAL_WINDOW bytes of each stream.
+INITIAL_WINDOW = 1 << 20
+WINDOW = struct.Struct(">I")
+
 HEADER = struct.Struct(">BBBBII")
 """version, type, channel, flags, request_id, length."""
 
@@ -104,6 +125,7 @@ class FrameType(IntEnum):
     RESPONSE = 5
     ERROR = 6
     CANCEL = 7
+    WINDOW = 8
 
 
 class Channel(IntEnum):
@@ -294,6 +316,25 @@ class FrameDecoder:
         if ftype == FrameType.HELLO and length > HELLO_MAX_PAYLOAD:
             return f"HELLO of {length} bytes exceeds the maximum of {HELLO_MAX_PAYLOAD}"
         return None
+
+
+def encode_window(request_id: int, channel: int, increment: int) -> bytes:
+    """A WINDOW frame granting ``increment`` more bytes on one stream of a request."""
+    if not 0 < increment <= MAX_REQUEST_ID:
+        raise FrameError(f"bad window increment {increment}")
+    return encode_header(FrameType.WINDOW, request_id, channel, WINDOW.size) + WINDOW.pack(
+        increment
+    )
+
+
+def decode_window(payload: bytes) -> int:
+    """The increment of a WINDOW frame; FrameError if malformed."""
+    if len(payload) != WINDOW.size:
+        raise FrameError(f"a WINDOW payload is {WINDOW.size} bytes, not {len(payload)}")
+    (increment,) = WINDOW.unpack(payload)
+    if increment == 0:
+        raise FrameError("a WINDOW increment of 0")
+    return int(increment)
 
 
 def encode_xfer_ref(offset: int, length: int) -> bytes:
