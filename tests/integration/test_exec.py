@@ -98,8 +98,11 @@ def test_timeout_kills_the_command(sbx: Sandbox) -> None:
     pid = sbx.commands.run("cat /tmp/sleeper").stdout.strip()
     assert pid.isdigit()
     # The whole process group is gone, the background sleep included.
-    gone = sbx.commands.run(f"for i in 1 2 3 4 5; do [ -d /proc/{pid} ] || exit 0; sleep 0.2; done")
-    assert gone.exit_code == 0
+    # The loop exits 0 only once the process is gone, and 1 if it outlives 5 s.
+    gone = sbx.commands.run(
+        f"for i in $(seq 25); do [ -d /proc/{pid} ] || exit 0; sleep 0.2; done; exit 1"
+    )
+    assert gone.exit_code == 0, f"the background sleep (pid {pid}) outlived the timeout's kill"
 
 
 def test_killed_by_a_signal(sbx: Sandbox) -> None:
