@@ -1,0 +1,31 @@
+"""``/v1/events``: the lifecycle events of VMs, in id order."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from fastapi import APIRouter, Query
+
+from warden._errors import VMNotFoundError
+from warden.server.models import Event
+from warden.server.routes import API, ManagerDep
+
+router = APIRouter(prefix=API)
+
+
+@router.get("/events")
+async def events(
+    manager: ManagerDep,
+    after: int = Query(0, ge=0, description="return events with a larger id"),
+    vm: str | None = Query(None, min_length=1, description="only this VM's (id or name)"),
+    limit: int = Query(1000, ge=1, le=10000),
+) -> list[Event]:
+    """Lifecycle events in id order. Follow them by polling with the last id seen."""
+    vm_id = vm
+    if vm is not None:
+        # A name is resolved while its VM exists; a removed VM's events stay under its id.
+        with contextlib.suppress(VMNotFoundError):
+            vm_id = (await manager.get(vm)).id
+    rows = await asyncio.to_thread(manager.store.events_since, after, vm_id=vm_id, limit=limit)
+    return [Event.from_row(r) for r in rows]

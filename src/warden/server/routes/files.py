@@ -1,0 +1,89 @@
+"""``/v1/sandboxes/{ref}/files``: streamed upload and download, stat, list, remove, mkdir."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any, cast
+
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.responses import StreamingResponse
+
+from warden.server.models import Entry
+from warden.server.routes import API, ManagerDep, MetricsDep
+
+router = APIRouter(prefix=f"{API}/sandboxes")
+
+
+@router.put("/{ref}/files")
+async def put_file(
+    ref: str,
+    request: Request,
+    manager: ManagerDep,
+    metrics: MetricsDep,
+    path: str = Query(min_length=1),
+    mode: int = 0o644,
+) -> dict[str, Any]:
+    machine = await manager.machine(ref)
+    size = await machine.agent.write_file(path, request.stream(), mode=mode)
+    metrics.bytes.inc(size, direction="files_in")
+    return {"path": path, "size": size}
+
+
+@router.get("/{ref}/files")
+async def get_file(
+    ref: str, manager: ManagerDep, metrics: MetricsDep, path: str = Query(min_length=1)
+) -> StreamingResponse:
+    machine = await manager.machine(ref)
+    chunks = cast(AsyncGenerator[bytes, None], machine.agent.read_file(path))
+    # Read the first chunk before answering, so a missing file is a 404, not a cut stream.
+    try:
+        first = await anext(chunks)
+    except StopAsyncIteration:
+        first = b""
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            if first:
+                metrics.bytes.inc(len(first), direction="files_out")
+                yield first
+            async for chunk in chunks:
+                metrics.bytes.inc(len(chunk), direction="files_out")
+                yield chunk
+        finally:
+            await chunks.aclose()
+
+    return StreamingResponse(body(), media_type="application/octet-stream")
+
+
+@router.get("/{ref}/files/stat")
+async def stat_file(ref: str, manager: ManagerDep, path: str = Query(min_length=1)) -> Entry:
+    machine = await manager.machine(ref)
+    return Entry.from_info(await machine.agent.stat(path))
+
+
+@router.get("/{ref}/files/list")
+async def list_files(ref: str, manager: ManagerDep, path: str = Query(min_length=1)) -> list[Entry]:
+    machine = await manager.machine(ref)
+    return [Entry.from_info(e) for e in await machine.agent.list_dir(path)]
+
+
+@router.delete("/{ref}/files", status_code=204)
+async def remove_file(
+    ref: str, manager: ManagerDep, path: str = Query(min_length=1), recursive: bool = False
+) -> Response:
+    machine = await manager.machine(ref)
+    await machine.agent.remove(path, recursive=recursive)
+    return Response(status_code=204)
+
+
+@router.post("/{ref}/files/mkdir")
+async def make_dir(
+    ref: str,
+    manager: ManagerDep,
+    path: str = Query(min_length=1),
+    parents: bool = True,
+    mode: int = Query(0o755, ge=0, le=0o7777),
+) -> Entry:
+    machine = await manager.machine(ref)
+    await machine.agent.make_dir(path, parents=parents, mode=mode)
+    return Entry.from_info(await machine.agent.stat(path))

@@ -1,0 +1,74 @@
+"""``/v1/sandboxes``: create, list, inspect, stop, remove; a VM's console log, guest info and
+a ping of its agent."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import APIRouter, Query, Response
+from fastapi.responses import PlainTextResponse
+
+from warden._errors import AdmissionError, NameConflictError
+from warden.server.models import CreateRequest, Sandbox
+from warden.server.routes import API, ManagerDep, MetricsDep
+from warden.vmm.spec import VMSpec
+
+router = APIRouter(prefix=f"{API}/sandboxes")
+
+
+@router.post("", status_code=201)
+async def create(body: CreateRequest, manager: ManagerDep, metrics: MetricsDep) -> Sandbox:
+    spec = VMSpec.parse(**body.model_dump())
+    started = time.monotonic()
+    outcome = "error"
+    try:
+        row = await manager.create(spec)
+        outcome = "ok"
+    except (AdmissionError, NameConflictError):
+        outcome = "refused"
+        raise
+    finally:
+        metrics.create_seconds.observe(time.monotonic() - started, outcome=outcome)
+    return Sandbox.from_row(row)
+
+
+@router.get("")
+async def list_sandboxes(manager: ManagerDep, all: bool = False) -> list[Sandbox]:
+    return [Sandbox.from_row(r, manager.cpu_percent(r)) for r in await manager.list(all=all)]
+
+
+@router.get("/{ref}")
+async def inspect(ref: str, manager: ManagerDep) -> Sandbox:
+    row = await manager.get(ref)
+    return Sandbox.from_row(row, manager.cpu_percent(row))
+
+
+@router.post("/{ref}/stop")
+async def stop(ref: str, manager: ManagerDep) -> Sandbox:
+    return Sandbox.from_row(await manager.stop(ref))
+
+
+@router.delete("/{ref}", status_code=204)
+async def remove(ref: str, manager: ManagerDep, force: bool = False) -> Response:
+    await manager.remove(ref, force=force)
+    return Response(status_code=204)
+
+
+@router.get("/{ref}/logs", response_class=PlainTextResponse)
+async def logs(ref: str, manager: ManagerDep, lines: int = Query(100, ge=1, le=10000)) -> str:
+    return await manager.console(ref, lines)
+
+
+@router.get("/{ref}/guest")
+async def guest_info(ref: str, manager: ManagerDep) -> dict[str, Any]:
+    """Kernel, uptime and memory, as the guest's agent sees them."""
+    machine = await manager.machine(ref)
+    return await machine.agent.info()
+
+
+@router.post("/{ref}/ping")
+async def ping(ref: str, manager: ManagerDep) -> dict[str, float]:
+    """A no-op round trip to the guest's agent; ``agent_rtt_s`` is the daemon's part."""
+    machine = await manager.machine(ref)
+    return {"agent_rtt_s": await machine.agent.ping()}
