@@ -12,20 +12,26 @@ from __future__ import annotations
 import contextlib
 import errno
 from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from warden._errors import (
     AdmissionError,
+    AgentError,
+    AgentTimeoutError,
     GuestFileError,
     ImageNotFoundError,
     NameConflictError,
+    SandboxClosedError,
     SpecError,
     StateTransitionError,
     VMNotFoundError,
     WardenError,
 )
+from warden.server.limits import BodyLimit
 from warden.server.manager import Manager
 from warden.server.metrics import Metrics
 from warden.server.routes import events, files, sandboxes, system
@@ -44,8 +50,21 @@ _STATUS: tuple[tuple[type[WardenError], int], ...] = (
     (StateTransitionError, 409),
     (AdmissionError, 409),
     (SpecError, 422),
+    (SandboxClosedError, 409),  # the VM was stopped or died under the request
+    (AgentTimeoutError, 504),  # the guest's agent did not answer in time
+    (AgentError, 502),  # the guest's agent failed or broke the protocol
 )
-"""The HTTP status of each error the API expects; any other WardenError is a 500."""
+"""The HTTP status of each error the API expects, first match wins; any other WardenError is
+a 500 (the daemon's own fault). Bad input never gets that far: the models refuse it (422)."""
+
+
+def _problems(exc: RequestValidationError) -> list[dict[str, Any]]:
+    """Each problem's place and message, without the input: that can be large, and not JSON
+    (``NaN``), and the client has it."""
+    return [
+        {"type": str(e.get("type")), "loc": [str(p) for p in e.get("loc", ())], "msg": e["msg"]}
+        for e in exc.errors()
+    ]
 
 
 def _status(exc: WardenError) -> int:
@@ -54,9 +73,12 @@ def _status(exc: WardenError) -> int:
     return next((status for cls, status in _STATUS if isinstance(exc, cls)), 500)
 
 
-def create_app(manager: Manager, *, manage_lifespan: bool = True) -> FastAPI:
+def create_app(
+    manager: Manager, *, manage_lifespan: bool = True, allow_root: bool = False
+) -> FastAPI:
     """The API over ``manager``. With ``manage_lifespan``, the app starts the manager (which
-    reattaches to live VMs) and closes it on shutdown (leaving VMs running)."""
+    reattaches to live VMs) and closes it on shutdown (leaving VMs running). Without
+    ``allow_root``, a command or file operation as the guest's root gets a 403."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -73,12 +95,18 @@ def create_app(manager: Manager, *, manage_lifespan: bool = True) -> FastAPI:
     app.state.manager = manager
     app.state.metrics = metrics
     app.state.pipes = dict[str, StdinPipe]()
+    app.state.allow_root = allow_root
+    app.add_middleware(BodyLimit)
 
     @app.exception_handler(WardenError)
     async def _warden_error(request: Request, exc: WardenError) -> JSONResponse:
         if isinstance(exc, AdmissionError):
             metrics.refused(str(exc))
         return _error(_status(exc), exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": _problems(exc)}, status_code=422)
 
     for module in (sandboxes, events, system, exec_routes, files):
         app.include_router(module.router)

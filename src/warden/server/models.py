@@ -3,39 +3,90 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    model_validator,
+)
 
 from warden.agent.client import EntryInfo
+from warden.server.limits import (
+    MAX_ARG,
+    MAX_ARGV,
+    MAX_EXEC_TIMEOUT_S,
+    MAX_MEMORY_MIB,
+    Arg,
+    Env,
+    GuestPath,
+    Labels,
+    Timeout,
+    WorkloadUser,
+    no_nul,
+)
 from warden.store.db import EventRow, VMRow
+from warden.vmm.spec import MAX_VCPUS, MIN_MEMORY_MIB
 from warden.vmm.state import VMState
 
 
 class CreateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str | None = None
-    image: str = "default"
-    memory_mib: int = 256
-    vcpus: int = 1
-    env: dict[str, str] = Field(default_factory=dict)
-    labels: dict[str, str] = Field(default_factory=dict)
+    name: str | None = Field(
+        default=None, min_length=1, max_length=63, description="unique, [a-z0-9][a-z0-9_.-]*"
+    )
+    image: str = Field(default="default", min_length=1, max_length=63)
+    memory_mib: int = Field(default=256, ge=MIN_MEMORY_MIB, le=MAX_MEMORY_MIB)
+    vcpus: int = Field(default=1, ge=1, le=MAX_VCPUS)
+    env: Env = Field(default_factory=dict)
+    labels: Labels = Field(default_factory=dict)
+
+
+Argv = Annotated[list[Arg], Field(min_length=1, max_length=MAX_ARGV)]
+ShellLine = Annotated[str, Field(min_length=1, max_length=MAX_ARG), AfterValidator(no_nul)]
+
+
+def _cmd_kind(value: object) -> str:
+    return "shell" if isinstance(value, str) else "argv"
+
+
+Cmd = Annotated[
+    Annotated[Argv, Tag("argv")] | Annotated[ShellLine, Tag("shell")],
+    Discriminator(_cmd_kind),
+]
+"""A command: an argv list, or one line for ``/bin/sh -c``. A problem is reported in the
+form given (``cmd.argv.0``, ``cmd.shell``), not in both."""
 
 
 class ExecRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    cmd: list[str] | str = Field(min_length=1)
-    env: dict[str, str] | None = None
-    cwd: str | None = None
-    stdin: str | None = Field(default=None, description="base64 of the whole stdin")
+    cmd: Cmd = Field(description="an argv list, or a line for /bin/sh -c")
+    env: Env | None = None
+    cwd: GuestPath | None = Field(default=None, description="default: the user's home")
+    stdin: str | None = Field(
+        default=None,
+        description="base64 of the whole stdin (the body is at most 1 MiB: stream more with "
+        "stdin_stream)",
+    )
     stdin_stream: bool = Field(
         default=False,
         description="stdin comes as the body of PUT .../execs/{exec_id}/stdin; the exec_id is "
         "the first line of the output stream",
     )
-    timeout: float | None = Field(default=None, gt=0)
+    timeout: Timeout | None = Field(
+        default=None, description=f"seconds, at most {MAX_EXEC_TIMEOUT_S:g}"
+    )
+    user: WorkloadUser = Field(
+        default="user",
+        description='"user" (uid 1000) or "root"; a daemon refuses root (403) unless it was '
+        "started with --allow-root",
+    )
 
     @model_validator(mode="after")
     def _one_stdin(self) -> ExecRequest:

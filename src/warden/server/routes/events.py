@@ -8,6 +8,7 @@ import contextlib
 from fastapi import APIRouter, Query
 
 from warden._errors import VMNotFoundError
+from warden.server.limits import MAX_EVENT_ID, MAX_REF
 from warden.server.models import Event
 from warden.server.routes import API, ManagerDep
 
@@ -17,8 +18,10 @@ router = APIRouter(prefix=API)
 @router.get("/events")
 async def events(
     manager: ManagerDep,
-    after: int = Query(0, ge=0, description="return events with a larger id"),
-    vm: str | None = Query(None, min_length=1, description="only this VM's (id or name)"),
+    after: int = Query(0, ge=0, le=MAX_EVENT_ID, description="return events with a larger id"),
+    vm: str | None = Query(
+        None, min_length=1, max_length=MAX_REF, description="only this VM's (id or name)"
+    ),
     limit: int = Query(1000, ge=1, le=10000),
 ) -> list[Event]:
     """Lifecycle events in id order. Follow them by polling with the last id seen."""

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, AsyncIterator
-from typing import Any, cast
+from typing import Annotated, Any, cast
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
+from warden.server.limits import MAX_MODE, GuestPath
 from warden.server.models import Entry
-from warden.server.routes import API, ManagerDep, MetricsDep
+from warden.server.routes import API, ManagerDep, MetricsDep, UserDep
 
 router = APIRouter(prefix=f"{API}/sandboxes")
+
+PathQuery = Annotated[GuestPath, Query(description="an absolute path in the guest")]
 
 
 @router.put("/{ref}/files")
@@ -20,8 +23,9 @@ async def put_file(
     request: Request,
     manager: ManagerDep,
     metrics: MetricsDep,
-    path: str = Query(min_length=1),
-    mode: int = 0o644,
+    path: PathQuery,
+    user: UserDep,
+    mode: int = Query(0o644, ge=0, le=MAX_MODE, description="permission bits, e.g. 420 (0o644)"),
 ) -> dict[str, Any]:
     machine = await manager.machine(ref)
     size = await machine.agent.write_file(path, request.stream(), mode=mode)
@@ -31,7 +35,7 @@ async def put_file(
 
 @router.get("/{ref}/files")
 async def get_file(
-    ref: str, manager: ManagerDep, metrics: MetricsDep, path: str = Query(min_length=1)
+    ref: str, manager: ManagerDep, metrics: MetricsDep, path: PathQuery, user: UserDep
 ) -> StreamingResponse:
     machine = await manager.machine(ref)
     chunks = cast(AsyncGenerator[bytes, None], machine.agent.read_file(path))
@@ -56,20 +60,20 @@ async def get_file(
 
 
 @router.get("/{ref}/files/stat")
-async def stat_file(ref: str, manager: ManagerDep, path: str = Query(min_length=1)) -> Entry:
+async def stat_file(ref: str, manager: ManagerDep, path: PathQuery, user: UserDep) -> Entry:
     machine = await manager.machine(ref)
     return Entry.from_info(await machine.agent.stat(path))
 
 
 @router.get("/{ref}/files/list")
-async def list_files(ref: str, manager: ManagerDep, path: str = Query(min_length=1)) -> list[Entry]:
+async def list_files(ref: str, manager: ManagerDep, path: PathQuery, user: UserDep) -> list[Entry]:
     machine = await manager.machine(ref)
     return [Entry.from_info(e) for e in await machine.agent.list_dir(path)]
 
 
 @router.delete("/{ref}/files", status_code=204)
 async def remove_file(
-    ref: str, manager: ManagerDep, path: str = Query(min_length=1), recursive: bool = False
+    ref: str, manager: ManagerDep, path: PathQuery, user: UserDep, recursive: bool = False
 ) -> Response:
     machine = await manager.machine(ref)
     await machine.agent.remove(path, recursive=recursive)
@@ -80,9 +84,10 @@ async def remove_file(
 async def make_dir(
     ref: str,
     manager: ManagerDep,
-    path: str = Query(min_length=1),
+    path: PathQuery,
+    user: UserDep,
     parents: bool = True,
-    mode: int = Query(0o755, ge=0, le=0o7777),
+    mode: int = Query(0o755, ge=0, le=MAX_MODE),
 ) -> Entry:
     machine = await manager.machine(ref)
     await machine.agent.make_dir(path, parents=parents, mode=mode)
