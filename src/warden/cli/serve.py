@@ -70,11 +70,21 @@ def serve(
             "under $WARDEN_HOME): e.g. 127.0.0.1:8443.",
         ),
     ] = None,
+    allow_root: Annotated[
+        bool,
+        typer.Option(
+            "--allow-root",
+            help="Let API clients run commands and file operations as the guest's root "
+            '("user": "root"); without it they get HTTP 403 and run as the unprivileged '
+            "user (uid 1000).",
+        ),
+    ] = False,
 ) -> None:
     """Run the manager daemon: it holds the VMs and serves the REST API on a unix socket.
 
     Admission control refuses a create (HTTP 409) that would pass the memory or vcpu limit;
-    `warden info` shows the capacity, the limits and what the VMs reserve.
+    `warden info` shows the capacity, the limits and what the VMs reserve. Workloads run as
+    the guest's unprivileged user unless --allow-root lets a request ask for root.
     """
     if log_format not in logs.FORMATS:
         raise typer.BadParameter(
@@ -120,7 +130,7 @@ def serve(
         # that is a no-op, so `serve` returns and removes its socket instead of dying by it.
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, _ignore)
-        asyncio.run(run.serve(paths, sock, log_level, policy, listener))
+        asyncio.run(run.serve(paths, sock, log_level, policy, listener, allow_root=allow_root))
     finally:
         sock.close()
         if listener is not None:

@@ -80,9 +80,11 @@ async def serve(
     log_level: str,
     policy: AdmissionPolicy,
     listener: TcpListener | None,
+    *,
+    allow_root: bool = False,
 ) -> None:
     manager = Manager(paths, policy=policy)
-    app = create_app(manager)
+    app = create_app(manager, allow_root=allow_root)
     common: dict[str, Any] = {
         "log_level": log_level.lower(),
         "log_config": None,  # uvicorn's loggers propagate to ours (logs.setup): one format
