@@ -18,6 +18,7 @@ import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
@@ -47,10 +48,11 @@ from warden.wire.frame import (
     encode,
     encode_json,
 )
+from warden.wire.ops import USER_GID, USER_UID
 
 T = TypeVar("T")
 
-AGENT = [sys.executable, "-m", "warden.agent.guest"]
+AGENT = [sys.executable, "-m", "warden.guest"]
 
 
 def run(coro: Awaitable[T], timeout: float = 60.0) -> T:
@@ -80,6 +82,8 @@ class LocalAgent:
     proc: subprocess.Popen[bytes]
     sock: socket.socket
     log: Path
+    home: Path
+    """The home of the guest's user here (the agent's ``--user-home``)."""
     expect_clean_exit: bool = True
     clients: list[AgentClient] = field(default_factory=list)
 
@@ -103,20 +107,39 @@ def _check_exit(proc: subprocess.Popen[bytes], log: Path, expect_clean: bool) ->
     assert "Traceback" not in output, output
 
 
+def owned_by_user(path: Path) -> Path:
+    """Give ``path`` to the guest's ``user`` (uid 1000), as whom the agent runs by default."""
+    if os.geteuid() == 0:  # else the agent cannot switch users either, and acts as itself
+        os.chown(path, USER_UID, USER_GID)
+    return path
+
+
 @pytest.fixture
-def agent(tmp_path: Path) -> Iterator[LocalAgent]:
+def user_tmp() -> Iterator[Path]:
+    """A scratch dir the guest's user may reach (pytest's tmp_path is root's, mode 0700)."""
+    path = Path(tempfile.mkdtemp(prefix="warden-agent-test-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path)
+
+
+@pytest.fixture
+def agent(tmp_path: Path, user_tmp: Path) -> Iterator[LocalAgent]:
     parent, child = socket.socketpair()
     log = tmp_path / "agent.log"
+    home = user_tmp / "home"
+    home.mkdir(mode=0o700)
+    owned_by_user(home)
     with open(log, "wb") as log_file:
         proc = subprocess.Popen(
-            [*AGENT, "--fd", str(child.fileno())],
+            [*AGENT, "--fd", str(child.fileno()), "--user-home", str(home)],
             pass_fds=[child.fileno()],
             stdin=subprocess.DEVNULL,
             stdout=log_file,
             stderr=log_file,
         )
     child.close()
-    handle = LocalAgent(proc, parent, log)
+    handle = LocalAgent(proc, parent, log, home)
     try:
         yield handle
     finally:
@@ -125,10 +148,12 @@ def agent(tmp_path: Path) -> Iterator[LocalAgent]:
 
 
 @pytest.fixture
-def workdir(tmp_path: Path) -> Iterator[Path]:
-    """A scratch dir for the agent to work in; removed afterwards (the tests write MiBs)."""
-    path = tmp_path / "work"
+def workdir(user_tmp: Path) -> Iterator[Path]:
+    """A scratch dir for the agent to work in, owned by its default user; removed afterwards
+    (the tests write MiBs)."""
+    path = user_tmp / "work"
     path.mkdir()
+    owned_by_user(path)
     yield path
     shutil.rmtree(path)
 
@@ -701,13 +726,15 @@ def test_agent_answers_garbage_with_error(agent: LocalAgent, garbage: bytes) -> 
     assert decode_json(error)["error"] == "protocol"
 
 
-def test_agent_reconnect_after_protocol_error(tmp_path: Path) -> None:
+def test_agent_reconnect_after_protocol_error(tmp_path: Path, user_tmp: Path) -> None:
     """The virtio port stays open across host connections; --listen mimics that."""
     path = tmp_path / "agent.sock"
     log = tmp_path / "agent.log"
     with open(log, "wb") as log_file:
         proc = subprocess.Popen(
-            [*AGENT, "--listen", str(path)], stdin=subprocess.DEVNULL, stderr=log_file
+            [*AGENT, "--listen", str(path), "--user-home", str(user_tmp)],
+            stdin=subprocess.DEVNULL,
+            stderr=log_file,
         )
 
     async def main() -> None:

@@ -29,7 +29,8 @@ HASH_LEN = 16
 KERNEL_FORMAT = 2
 INITRD_FORMAT = 1
 BASE_FORMAT = 1
-ROOTFS_FORMAT = 2
+ROOTFS_FORMAT = 3
+"""3: the account ``user``, no setuid/setgid bits, owners kept (not -all-root)."""
 
 DEFAULT_KERNEL_PACKAGE = "linux-image-cloud-amd64"
 DEFAULT_PACKAGES = ("python3", "python3-cryptography", "python3-cffi-backend", "qemu-guest-agent")

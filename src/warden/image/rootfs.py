@@ -4,9 +4,10 @@ Two stages, cached apart so that changing only the agent does not rerun mmdebstr
 
 * :func:`build_base` runs mmdebstrap with the host's own apt sources and trims the tree
   (docs, man pages, locales, apt lists, host files that mmdebstrap copied in).
-* :func:`build_rootfs` hard-links a copy of that tree, writes the agent files, compiles them
-  with the guest's Python (the read-only root never needs to write a .pyc), and packs it all
-  with mksquashfs.
+* :func:`build_rootfs` hard-links a copy of that tree, adds the workload's account ``user``
+  (:func:`add_user`), strips every setuid and setgid bit (:func:`strip_setid`), writes the agent
+  files, compiles them with the guest's Python (the read-only root never needs to write a
+  .pyc), and packs it all with mksquashfs, keeping the tree's owners (root, but ``/home/user``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from warden._errors import HostError, ImageBuildError
+from warden.agent import bundle
 from warden.image import tools
+from warden.wire.ops import USER_GID, USER_HOME, USER_UID, User
 
 APT_SOURCE_DIR = Path("/etc/apt")
 SQUASHFS_LEVEL = 6
@@ -252,7 +255,7 @@ def write_agent(root: Path, files: Mapping[str, bytes]) -> None:
         os.utime(path, (AGENT_MTIME, AGENT_MTIME))
 
 
-AGENT_MODULE = "warden.agent.guest"
+AGENT_MODULE = bundle.AGENT_MODULE
 """Imported once at build time by the guest's Python: a missing module fails the build."""
 
 
@@ -314,7 +317,6 @@ def mksquashfs_argv(tree: Path, out: Path) -> list[str]:
         "zstd",
         "-Xcompression-level",
         str(SQUASHFS_LEVEL),
-        "-all-root",
         "-mkfs-time",
         "0",
         "-no-xattrs",
@@ -327,6 +329,78 @@ def make_squashfs(tree: Path, out: Path) -> None:
     tools.run("mksquashfs", mksquashfs_argv(tree, out), timeout=1800)
 
 
+# -- the workload's account ----------------------------------------------------------------------
+
+USER_SHELL = "/bin/sh"
+SHADOW_GROUP = "shadow"
+
+
+def _rewrite(path: Path, text: str, mode: int, gid: int = 0) -> None:
+    """Replace ``path`` with a new file (never write through a hard link into the base)."""
+    path.unlink(missing_ok=True)
+    path.write_text(text)
+    os.chown(path, 0, gid)
+    path.chmod(mode)
+
+
+def _with_entry(text: str, name: str, line: str) -> str:
+    kept = [ln for ln in text.splitlines() if ln.split(":", 1)[0] != name]
+    return "\n".join([*kept, line]) + "\n"
+
+
+def _group_id(group_text: str, name: str) -> int:
+    for line in group_text.splitlines():
+        fields = line.split(":")
+        if fields[0] == name and len(fields) > 2 and fields[2].isdigit():
+            return int(fields[2])
+    return 0
+
+
+def add_user(root: Path) -> None:
+    """Add the account ``user`` (uid/gid 1000, locked password) and its home, mode 0700."""
+    etc = root / "etc"
+    passwd = _with_entry(
+        (etc / "passwd").read_text(),
+        User.USER,
+        f"{User.USER}:x:{USER_UID}:{USER_GID}:warden workload:{USER_HOME}:{USER_SHELL}",
+    )
+    group = _with_entry((etc / "group").read_text(), User.USER, f"{User.USER}:x:{USER_GID}:")
+    _rewrite(etc / "passwd", passwd, 0o644)
+    _rewrite(etc / "group", group, 0o644)
+    # Every account's password is locked: "*" for the system ones, "!" for user.
+    shadow = "".join(
+        f"{name}:{'!' if name == User.USER else '*'}:19000:0:99999:7:::\n"
+        for name in (line.split(":", 1)[0] for line in passwd.splitlines() if line)
+    )
+    _rewrite(etc / "shadow", shadow, 0o640, _group_id(group, SHADOW_GROUP))
+    home = root / USER_HOME.lstrip("/")
+    home.mkdir(parents=True, exist_ok=True)
+    os.chown(home, USER_UID, USER_GID)
+    home.chmod(0o700)
+
+
+def strip_setid(root: Path) -> list[str]:
+    """Clear every setuid and setgid bit of a regular file (copying it out of the hard-linked
+    base first). The workload gets root only by asking the host, never through a binary.
+    Returns the paths changed, relative to ``root``."""
+    import stat
+
+    changed: list[str] = []
+    for dirpath, _dirnames, filenames in os.walk(root):
+        for name in filenames:
+            path = Path(dirpath) / name
+            st = path.lstat()
+            if not stat.S_ISREG(st.st_mode) or not st.st_mode & (stat.S_ISUID | stat.S_ISGID):
+                continue
+            copy = path.with_name(f".{name}.warden-copy")
+            shutil.copy2(path, copy)
+            os.chown(copy, st.st_uid, st.st_gid)
+            copy.chmod(stat.S_IMODE(st.st_mode) & ~(stat.S_ISUID | stat.S_ISGID))
+            os.replace(copy, path)
+            changed.append(str(path.relative_to(root)))
+    return sorted(changed)
+
+
 def build_rootfs(
     base: Path, agent_files: Mapping[str, bytes], guest_dir: str, out: Path, workdir: Path
 ) -> None:
@@ -335,6 +409,8 @@ def build_rootfs(
     link_copy(base, tree)
     try:
         ancestors = _ancestor_times(tree, guest_dir.lstrip("/"))
+        add_user(tree)
+        strip_setid(tree)
         write_agent(tree, agent_files)
         compile_agent(tree, guest_dir)
         fix_times(tree, guest_dir, ancestors)

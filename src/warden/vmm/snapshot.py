@@ -11,7 +11,7 @@ on from there.
 * The snapshot is taken before any user request reaches the VM, with the agent connection
   closed, so it holds a just-booted guest and nothing of any user.
 * Every restored VM gets a fresh RNG seed and the time in the agent HELLO, before it runs
-  anything (see ``agent/guest.py:_freshen``).
+  anything (see ``guest/pid1.py:freshen``).
 * Files are written to a temp name and renamed, so a crash never leaves half a snapshot; a
   snapshot that fails to restore is deleted and the VM boots cold.
 """

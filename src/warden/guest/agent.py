@@ -1,0 +1,187 @@
+"""Serving connections: the byte stream from each host, cut into sessions at each HELLO."""
+
+from __future__ import annotations
+
+import os
+import select
+import threading
+import time
+
+from warden.guest.args import Shutdown
+from warden.guest.log import log, log_exception
+from warden.guest.reaper import Reaper
+from warden.guest.session import Session
+from warden.guest.writer import Writer
+from warden.guest.xfer import XferWindow, find_xfer
+from warden.wire.frame import FrameDecoder, FrameError, FrameType
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from warden.wire.frame import Frame
+
+READ_SIZE = 256 * 1024
+"""How much the main thread asks for per read of the connection."""
+IDLE_POLL = 0.01
+"""Sleep between reads while the host side of the port is disconnected."""
+
+
+def _hung_up(poller: select.poll) -> bool:
+    """Whether the host is disconnected from the virtio port right now (it reports POLLHUP)."""
+    events = poller.poll(0)
+    return bool(events) and bool(events[0][1] & (select.POLLHUP | select.POLLERR))
+
+
+class Connection:
+    """The byte stream from one host connection (the virtio port between two EOFs, or a socket).
+
+    Sessions on it begin at a HELLO. Its decoder hunts for one (see ``RESYNC_PADDING_SIZE`` in
+    :mod:`warden.wire.frame`): bytes before it are a stale tail of an earlier host's stream and
+    are dropped. A malformed frame ends the session, and the hunt starts again from there; a
+    HELLO in the middle of a session ends it and begins the next (a new host behind an EOF the
+    port never showed, such as a manager restarted after kill -9).
+    """
+
+    def __init__(self, agent: Agent, fd: int, lock: threading.Lock, *, poll_writes: bool) -> None:
+        self.agent = agent
+        self.fd = fd
+        self.lock = lock
+        self.poll_writes = poll_writes
+        self.decoder = FrameDecoder(hunt=True)
+        self.session: Session | None = None
+
+    def _writer(self) -> Writer:
+        return Writer(self.fd, self.lock, poll_first=self.poll_writes)
+
+    def feed(self, data: bytes) -> None:
+        """Handle bytes from the host. Raises :class:`Shutdown` when asked to stop."""
+        while True:
+            error: FrameError | None = None
+            try:
+                frames = self.decoder.feed(data)
+            except FrameError as exc:
+                error, frames = exc, exc.frames  # act on the good frames before the bad one
+            for frame in frames:
+                self._handle(frame)
+            if error is None:
+                return
+            session = self.session or Session(self.agent, self._writer())
+            session.protocol_error(f"malformed frame: {error}")
+            self.session = None
+            self.decoder.resync()
+            data = b""  # hunt through what is already buffered
+
+    def _handle(self, frame: Frame) -> None:
+        if frame.type == FrameType.HELLO:
+            self.end_session()
+            self.session = Session(self.agent, self._writer())
+            self.session.hello(frame)
+        elif self.session is not None:
+            self.session.handle(frame)
+        # else: the rest of a session that ended in a protocol error, until the next HELLO
+        if self.session is not None and self.session.broken:
+            self.session = None
+
+    def end_session(self) -> None:
+        if self.session is not None:
+            self.session.close()
+            self.session = None
+
+
+class Agent:
+    def __init__(self) -> None:
+        self.reaper = Reaper()
+        self.xfer: XferWindow | None = find_xfer() if os.getpid() == 1 else None
+        # Load subprocess and ctypes while the host is still connecting, not in a request.
+        threading.Thread(target=_warm_up, name="warm-up", daemon=True).start()
+
+    def serve_fd(
+        self,
+        fd: int,
+        *,
+        reconnect: bool,
+        poll_writes: bool = False,
+    ) -> bool:
+        """Serve the connection on ``fd``. Returns True if the host asked for a shutdown.
+
+        Without ``reconnect``, EOF ends it. With it (the virtio port), EOF means the host side
+        disconnected: the session is reset and the agent waits for the next host on the same fd.
+
+        The port gives EOF only once its buffer is empty, though. A host that dies while the
+        agent is busy with its requests leaves bytes there, and the next host (a manager
+        restarted after kill -9) may connect before they are read. So with ``poll_writes`` the
+        port is also asked after every read whether the host is gone: if so, the session ends
+        and the rest of the old stream is skipped by the next connection's hunt for a HELLO.
+        """
+        lock = threading.Lock()
+        connection: Connection | None = None
+        hangup: select.poll | None = None
+        if poll_writes:
+            hangup = select.poll()
+            hangup.register(fd, 0)  # POLLHUP and POLLERR are reported regardless
+        try:
+            while True:
+                try:
+                    data = os.read(fd, READ_SIZE)
+                except OSError as exc:
+                    if not reconnect:
+                        log(f"reading the connection failed: {exc}")
+                    data = b""
+                if connection is not None and hangup is not None and _hung_up(hangup):
+                    connection.end_session()
+                    connection = None
+                if not data:
+                    if connection is not None:
+                        connection.end_session()
+                        connection = None
+                    if not reconnect:
+                        return False
+                    time.sleep(IDLE_POLL)
+                    continue
+                if connection is None:
+                    connection = Connection(self, fd, lock, poll_writes=poll_writes)
+                connection.feed(data)
+        except Shutdown:
+            return True
+        finally:
+            if connection is not None:
+                connection.end_session()
+
+    def serve_port(self, fd: int) -> None:
+        """Serve the virtio port ``fd`` until the host asks for a shutdown."""
+        while True:
+            try:
+                if self.serve_fd(fd, reconnect=True, poll_writes=True):
+                    return
+            except Exception:  # noqa: BLE001 - the agent logs and carries on, never dies
+                log_exception("serve")
+                time.sleep(0.1)
+
+    def serve_listen(self, path: str) -> None:
+        import socket
+
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+            # Bound and listening under a temp name first: the path appears only once a
+            # connection to it is accepted, never refused.
+            pending = f"{path}.{os.getpid()}.tmp"
+            server.bind(pending)
+            try:
+                server.listen(1)
+                os.rename(pending, path)
+            except BaseException:
+                os.unlink(pending)
+                raise
+            try:
+                while True:
+                    conn, _ = server.accept()
+                    with conn:
+                        if self.serve_fd(conn.fileno(), reconnect=False):
+                            return
+            finally:
+                os.unlink(path)
+
+
+def _warm_up() -> None:
+    import ctypes
+    import subprocess
+
+    del subprocess, ctypes

@@ -1,0 +1,262 @@
+"""One host's session: from its HELLO to EOF, a protocol error, or the next HELLO.
+
+The HELLO picks the session version: the highest that both sides speak (:data:`VERSIONS`).
+Version 2 adds WINDOW credit for every stream the agent sends (:mod:`warden.guest.flow`) and
+makes the unprivileged ``user`` the default account; version 1 (spoken during the transition)
+has unlimited credit and runs as root unless a request names its user.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+from warden.guest import files, users
+from warden.guest.args import Invalid, Shutdown, arg_bool, failure, file_error
+from warden.guest.exec import Exec
+from warden.guest.fileread import ReadFile
+from warden.guest.filewrite import WriteFile
+from warden.guest.info import AGENT_NAME, op_info
+from warden.guest.log import log, log_exception
+from warden.wire.frame import (
+    INITIAL_WINDOW,
+    Channel,
+    FrameError,
+    FrameType,
+    decode_json,
+    decode_window,
+    encode_header,
+    encode_json,
+)
+from warden.wire.ops import ErrorKind, Key, Op, User
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any
+
+    from warden.guest.agent import Agent
+    from warden.guest.request import Request
+    from warden.guest.writer import Writer
+    from warden.wire.frame import Frame
+
+VERSIONS = (1, 2)
+"""The session versions this agent speaks."""
+
+_FILE_OPS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    Op.STAT: files.op_stat,
+    Op.LIST: files.op_list,
+    Op.REMOVE: files.op_remove,
+    Op.MKDIR: files.op_mkdir,
+}
+
+
+class Session:
+    """Made by the connection when a HELLO arrives. Its writer dies with it, so frames of its
+    requests that finish later never reach the next host's session."""
+
+    def __init__(self, agent: Agent, writer: Writer) -> None:
+        self.agent = agent
+        self.writer = writer
+        self.broken = False
+        self.version = 1
+        self.initial_window: int | None = None
+        """The credit each guest-sent stream starts with; None: unlimited (version 1)."""
+        self.default_user = User.ROOT
+        self.requests: dict[int, Request] = {}
+        self._lock = threading.Lock()
+
+    # -- sending (any thread)
+
+    def send_data(self, request_id: int, channel: int, data: bytes) -> bool:
+        header = encode_header(FrameType.DATA, request_id, channel, len(data))
+        return self.writer.send(header + data)
+
+    def send_eof(self, request_id: int, channel: int) -> bool:
+        return self.writer.send(encode_header(FrameType.EOF, request_id, channel, 0))
+
+    def respond(self, request_id: int, response: dict[str, Any]) -> None:
+        try:
+            data = encode_json(FrameType.RESPONSE, request_id, response)
+        except FrameError as exc:
+            message = f"cannot send the response: {exc}"
+            data = encode_json(FrameType.RESPONSE, request_id, failure(ErrorKind.AGENT, message))
+        self.writer.send(data)
+
+    def forget(self, request_id: int) -> None:
+        with self._lock:
+            self.requests.pop(request_id, None)
+
+    # -- receiving (main thread)
+
+    def protocol_error(self, message: str, nonce: object = None) -> None:
+        """Tell the host (ERROR on request 0) and end the session."""
+        log(f"protocol error: {message}")
+        report: dict[str, Any] = {Key.ERROR: ErrorKind.PROTOCOL, Key.MESSAGE: message}
+        if nonce is not None:
+            report[Key.NONCE] = nonce
+        self.writer.send(encode_json(FrameType.ERROR, 0, report))
+        self.close()
+
+    def close(self) -> None:
+        """End the session: stop sending, kill its processes, drop its requests."""
+        self.broken = True
+        self.writer.dead = True
+        with self._lock:
+            ops = list(self.requests.values())
+        for op in ops:
+            try:
+                op.cancel()
+            except Exception:  # noqa: BLE001 - the agent logs and carries on, never dies
+                log_exception("cancel")
+
+    def hello(self, frame: Frame) -> None:
+        """Answer the HELLO that began this session, echoing its nonce."""
+        try:
+            hello = decode_json(frame)
+        except FrameError as exc:
+            self.protocol_error(str(exc))
+            return
+        nonce = hello.get(Key.NONCE)
+        offered = hello.get(Key.VERSIONS)
+        common = [v for v in VERSIONS if isinstance(offered, list) and v in offered]
+        if not common:
+            self.protocol_error(
+                f"no common protocol version: the host offers {offered!r}, "
+                f"the agent speaks {list(VERSIONS)}",
+                nonce,
+            )
+            return
+        self._set_version(max(common))
+        if os.getpid() == 1:  # only ever in a guest: never touch a host's clock or pool
+            from warden.guest.pid1 import freshen
+
+            freshen(hello.get(Key.SEED), hello.get(Key.TIME))
+        reply: dict[str, Any] = {
+            Key.VERSION: self.version,
+            Key.AGENT: AGENT_NAME,
+            Key.PID: os.getpid(),
+            Key.XFER: self.agent.xfer is not None,
+        }
+        if nonce is not None:
+            reply[Key.NONCE] = nonce
+        try:
+            self.writer.send(encode_json(FrameType.HELLO, 0, reply))
+        except FrameError as exc:  # a nonce too big to echo
+            self.protocol_error(f"cannot answer the HELLO: {exc}")
+
+    def _set_version(self, version: int) -> None:
+        self.version = version
+        if version >= 2:
+            self.initial_window = INITIAL_WINDOW
+            self.default_user = User.USER
+
+    def handle(self, frame: Frame) -> None:
+        """Act on one frame of this session (any but HELLO). Raises :class:`Shutdown`."""
+        try:
+            self._handle(frame)
+        except FrameError as exc:
+            self.protocol_error(str(exc))
+        except Exception:  # noqa: BLE001 - the agent logs and carries on, never dies
+            log_exception(f"handling {frame.type.name}")
+            if frame.type == FrameType.REQUEST:
+                self.forget(frame.request_id)
+                message = "internal error in the agent (see the console)"
+                self.respond(frame.request_id, failure(ErrorKind.AGENT, message))
+
+    def _handle(self, frame: Frame) -> None:
+        ftype, rid = frame.type, frame.request_id
+        if ftype == FrameType.REQUEST:
+            self._request(frame)
+        elif ftype == FrameType.WINDOW and self.version >= 2:
+            increment = decode_window(frame.payload)  # FrameError: a protocol error
+            op = self._op(rid)
+            if op is not None:  # else finished or unknown: ignored
+                op.on_window(frame.channel, increment)
+        elif ftype in (FrameType.DATA, FrameType.EOF, FrameType.CANCEL):
+            self._stream_frame(frame)
+        elif ftype == FrameType.ERROR:
+            log(f"the host reported a protocol error: {frame.payload[:500]!r}")
+            self.close()
+        else:
+            self.protocol_error(f"unexpected {ftype.name} frame from the host")
+
+    def _op(self, rid: int) -> Request | None:
+        with self._lock:
+            return self.requests.get(rid)
+
+    def _stream_frame(self, frame: Frame) -> None:
+        op = self._op(frame.request_id)
+        if op is None:
+            if frame.type == FrameType.DATA and frame.channel == Channel.XFER:
+                # Every window reference is acknowledged, even for a finished request,
+                # or the host would lose that part of its window.
+                self.send_data(frame.request_id, Channel.XFER, frame.payload)
+            return  # a request that already finished (or never started): not an error
+        if frame.type == FrameType.DATA:
+            op.on_data(frame)
+        elif frame.type == FrameType.EOF:
+            op.on_eof(frame)
+        else:
+            op.cancel()
+
+    def _request(self, frame: Frame) -> None:
+        rid = frame.request_id
+        if rid == 0:
+            self.protocol_error("REQUEST on request id 0")
+            return
+        if self._op(rid) is not None:
+            self.protocol_error(f"request id {rid} is already in use")
+            return
+        args = decode_json(frame)
+        op = args.get(Key.OP)
+        try:
+            if not isinstance(op, str):
+                raise Invalid("a request needs an 'op' string")
+            self._dispatch(rid, op, args)
+        except Invalid as exc:
+            self.respond(rid, failure(ErrorKind.INVALID, f"{op}: {exc}"))
+
+    def _dispatch(self, rid: int, op: str, args: dict[str, Any]) -> None:
+        if op == Op.PING:
+            self.respond(rid, {Key.OK: True})
+        elif op == Op.INFO:
+            self.respond(rid, {**op_info(args), Key.OK: True})
+        elif op == Op.SHUTDOWN:
+            reboot = arg_bool(args, Key.REBOOT, False)
+            self.respond(rid, {Key.OK: True})
+            raise Shutdown(reboot)
+        elif op in _FILE_OPS:
+            self.respond(rid, self._file_op(op, args))
+        elif op == Op.EXEC:
+            self._start(Exec(self, rid, args, users.account(args, self.default_user)))
+        elif op == Op.READ:
+            self._start(ReadFile(self, rid, args, users.account(args, self.default_user)))
+        elif op == Op.WRITE:
+            writer = WriteFile(self, rid, args, users.account(args, self.default_user))
+            if writer.start():
+                with self._lock:
+                    self.requests[rid] = writer
+        else:
+            self.respond(rid, failure(ErrorKind.INVALID, f"unknown op {op!r}"))
+
+    def _start(self, op: Exec | ReadFile) -> None:
+        with self._lock:
+            self.requests[op.request_id] = op
+        op.start()
+
+    def _file_op(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
+        account = users.account(args, self.default_user)
+        files.load(op)
+        try:
+            with users.acting_as(account):
+                result = _FILE_OPS[op](args)
+        except Invalid:
+            raise
+        except OSError as exc:
+            return file_error(op, str(args.get(Key.PATH)), exc)
+        except Exception as exc:  # noqa: BLE001 - reported to the host
+            log_exception(op)
+            return failure(ErrorKind.AGENT, f"{op}: {type(exc).__name__}: {exc}")
+        result[Key.OK] = True
+        return result
