@@ -12,6 +12,8 @@ and its message says what the user can do about it::
      +-- VMError                a VM failed to start or died
      |    +-- LaunchError       carries argv, exit code and console tail
      |    +-- AgentTimeoutError the guest agent did not answer in time (quotes the console)
+     |         +-- AgentUnresponsiveError  a running agent missed a liveness ping or a call's
+     |                                     deadline; its connection was closed
      +-- AgentError             the guest agent refused or failed an operation
      |    +-- ProtocolError     a malformed frame; the connection was closed
      |    +-- CommandTimeoutError  a command passed its timeout and was killed
@@ -85,6 +87,11 @@ class LaunchError(VMError):
 
 class AgentTimeoutError(VMError, TimeoutError):
     """The guest agent did not answer within its deadline."""
+
+
+class AgentUnresponsiveError(AgentTimeoutError):
+    """A connected guest agent did not answer a liveness ping or a call within its deadline, or
+    stopped reading its channel. The connection was closed: the VM can only be stopped."""
 
 
 class AgentError(WardenError):

@@ -40,6 +40,7 @@ from warden.agent.client import AgentClient, EntryInfo, ExecResult
 from warden.wire.frame import (
     PROTOCOL_VERSION,
     RESYNC_PADDING_SIZE,
+    SESSION_VERSION,
     Channel,
     Frame,
     FrameDecoder,
@@ -862,7 +863,7 @@ async def greet(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> F
     decoder = FrameDecoder()
     hello = await read_frame(reader, decoder)
     offer = decode_json(hello)
-    assert offer["versions"] == [PROTOCOL_VERSION]
+    assert offer["versions"] == [SESSION_VERSION, 1]  # version 1: agents of the last release
     assert len(bytes.fromhex(offer["seed"])) == 32  # a fresh RNG seed for a restored guest
     assert abs(offer["time"] - time.time()) < 60
     reply = {"version": 1, "agent": "fake", "pid": 1, "nonce": offer["nonce"]}

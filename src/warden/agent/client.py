@@ -5,13 +5,34 @@ virtio-serial port, or any asyncio stream pair). A single reader task decodes fr
 each to the queue of the request it belongs to, so many requests and their streams interleave
 on the connection::
 
-    client = await AgentClient.connect_unix(vm_dir / "agent.sock", timeout=30)
+    client = await AgentClient.connect_unix(vm_dir / "agent.sock", timeout=30, name=vm_id)
     result = await client.exec(["uname", "-r"])
-    await client.write_file("/root/x.txt", b"hello")
+    await client.write_file("/home/user/x.txt", b"hello")
+
+The guest is hostile, so everything it sends is bounded, checked and has a deadline:
+
+- **Memory.** In a session of version 2 every stream the agent sends (stdout, stderr, a file
+  read) has a flow-control window of ``INITIAL_WINDOW`` bytes. The client grants more credit
+  (WINDOW frames) only once its consumer took the data (an output callback returned, the caller
+  of :meth:`AgentClient.read_file` asked for the next chunk), so a slow consumer slows the guest
+  down and the host holds at most one window per stream. DATA beyond the credit is a protocol
+  error. A version 1 agent has no windows: the reader stops reading the connection while more
+  than ``INITIAL_WINDOW`` bytes wait for their consumers. ``exec`` collects at most
+  ``max_output`` bytes of each stream.
+- **The transfer window.** An acknowledgement is accepted only for a reference that is
+  outstanding for that request, with its offset and length; anything else ends the session
+  before the window file is touched.
+- **Deadlines.** Quick calls (ping, info, stat, list, remove, mkdir, shutdown) must be answered
+  within ``call_timeout``. While any request is pending, a watchdog pings the agent every
+  ``ping_interval`` seconds and gives up after ``ping_timeout``; a send that blocks (a frozen
+  guest stops draining the socket) gives up after ``call_timeout``. Each ends the connection
+  with :class:`~warden.AgentUnresponsiveError`.
 
 If the connection breaks, every pending request fails (:class:`~warden.ProtocolError` after a
-malformed frame, :class:`~warden.AgentError` when the connection is lost,
-:class:`~warden.SandboxClosedError` after :meth:`AgentClient.close`); no request waits forever.
+malformed or forbidden frame, :class:`~warden.AgentUnresponsiveError` after a missed deadline,
+:class:`~warden.AgentError` when the connection is lost, :class:`~warden.SandboxClosedError`
+after :meth:`AgentClient.close`); no request waits forever. ``on_broken`` hears of each of these
+but the last, once.
 """
 
 from __future__ import annotations
@@ -19,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import logging
 import os
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
@@ -29,15 +51,20 @@ from typing import Any
 from warden._errors import (
     AgentError,
     AgentTimeoutError,
+    AgentUnresponsiveError,
     CommandTimeoutError,
     GuestFileError,
     ProtocolError,
     SandboxClosedError,
+    SpecError,
     WardenError,
 )
 from warden.wire.frame import (
-    PROTOCOL_VERSION,
+    INITIAL_WINDOW,
+    MAX_REQUEST_ID,
     RESYNC_PADDING_SIZE,
+    SESSION_VERSION,
+    XFER_ALIGN,
     XFER_MAX_LENGTH,
     Channel,
     Frame,
@@ -48,32 +75,77 @@ from warden.wire.frame import (
     decode_xfer_ref,
     encode_header,
     encode_json,
+    encode_window,
     encode_xfer_ref,
 )
+from warden.wire.ops import DEFAULT_USER, USERS, ErrorKind, Key, Op
 
-__all__ = ["AgentClient", "EntryInfo", "ExecResult", "OutputCallback"]
+__all__ = [
+    "CALL_TIMEOUT_S",
+    "DEFAULT_MAX_OUTPUT",
+    "PING_INTERVAL_S",
+    "PING_TIMEOUT_S",
+    "AgentClient",
+    "BrokenCallback",
+    "EntryInfo",
+    "ExecResult",
+    "OutputCallback",
+]
+
+log = logging.getLogger(__name__)
 
 SEND_CHUNK = 256 * 1024
+"""The largest DATA payload the client sends (well under ``MAX_PAYLOAD``)."""
 XFER_MIN = 64 * 1024
 """Pieces smaller than this go inline in DATA frames; larger ones through the window."""
-"""The largest DATA payload the client sends (well under ``MAX_PAYLOAD``)."""
 READ_SIZE = 256 * 1024
 STREAM_LIMIT = 1 << 20
 """Buffer limit of the streams :meth:`AgentClient.connect_unix` opens."""
 
+LEGACY_SESSION_VERSION = 1
+"""The session before flow control and ``user`` (agents of the previous release)."""
+SESSION_VERSIONS = (SESSION_VERSION, LEGACY_SESSION_VERSION)
+"""What the client's HELLO offers, preferred first."""
+
+CALL_TIMEOUT_S = 30.0
+"""The deadline of a quick call (ping, info, stat, list, remove, mkdir, shutdown) and of a send."""
+PING_INTERVAL_S = 5.0
+"""How often the watchdog pings the agent while requests are pending."""
+PING_TIMEOUT_S = 10.0
+"""How long the watchdog waits for the answer to its ping."""
+DEFAULT_MAX_OUTPUT = 16 << 20
+"""What :meth:`AgentClient.exec` collects of each stream by default (16 MiB)."""
+GRANT_AT = INITIAL_WINDOW // 2
+"""Consumed bytes of a stream that the client gathers before it grants them back as credit."""
+LEGACY_HOLD_LIMIT = INITIAL_WINDOW
+"""Version 1 sessions: the reader pauses while more than this waits for consumers."""
+CLOSE_GRACE_S = 1.0
+"""How long a closing connection may take to flush before it is cut."""
+
 OutputCallback = Callable[[bytes], object]
 """Called with each chunk of output; if it returns an awaitable, that is awaited."""
+BrokenCallback = Callable[[WardenError], object]
+"""Called once with the reason when the connection is lost or aborted (not on close())."""
+
+_OUTPUT_CHANNELS: dict[str, tuple[Channel, ...]] = {
+    Op.EXEC: (Channel.STDOUT, Channel.STDERR),
+    Op.READ: (Channel.FILE,),
+}
+"""The streams the agent may send for each op; DATA on any other is a protocol error."""
+_QUICK_OPS = frozenset({Op.PING, Op.INFO, Op.STAT, Op.LIST, Op.REMOVE, Op.MKDIR, Op.SHUTDOWN})
 
 
 @dataclass(frozen=True)
 class ExecResult:
-    """How a command ended, and everything it wrote."""
+    """How a command ended, and what it wrote (at most ``max_output`` bytes of each stream)."""
 
     exit_code: int | None
     signal: int | None
     stdout: bytes
     stderr: bytes
     timed_out: bool
+    truncated: bool = False
+    """Whether stdout or stderr was cut at ``max_output`` (the callbacks saw all of it)."""
 
 
 @dataclass(frozen=True)
@@ -92,18 +164,18 @@ class EntryInfo:
     @classmethod
     def from_json(cls, obj: object) -> EntryInfo:
         if not isinstance(obj, dict):
-            raise ProtocolError(f"the guest agent sent a malformed entry: {obj!r}")
+            raise ProtocolError(f"the guest agent sent a malformed entry: {obj!r:.200}")
         try:
             return cls(
-                name=str(obj["name"]),
-                path=str(obj["path"]),
-                type=str(obj["type"]),
-                size=int(obj["size"]),
-                mode=int(obj["mode"]),
-                mtime=float(obj["mtime"]),
+                name=str(obj[Key.NAME]),
+                path=str(obj[Key.PATH]),
+                type=str(obj[Key.TYPE]),
+                size=int(obj[Key.SIZE]),
+                mode=int(obj[Key.MODE]),
+                mtime=float(obj[Key.MTIME]),
             )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ProtocolError(f"the guest agent sent a malformed entry: {obj!r}") from exc
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
+            raise ProtocolError(f"the guest agent sent a malformed entry: {obj!r:.200}") from exc
 
 
 class _ConnectionLostError(AgentError):
@@ -111,23 +183,63 @@ class _ConnectionLostError(AgentError):
 
 
 _Item = Frame | dict[str, Any] | WardenError
-"""What a request's queue holds: DATA/EOF frames, the decoded RESPONSE, or the failure."""
+"""What a request's queue holds: DATA frames, the decoded RESPONSE, or the failure."""
 
 
 class _Request:
-    """One request on the connection: the frames the agent sends for it, and a way to answer."""
+    """One request on the connection: the frames the agent sends for it, and a way to answer.
 
-    def __init__(self, client: AgentClient, request_id: int, op: str) -> None:
+    Its queue is bounded by the flow-control credit: DATA frames (the agent may send at most
+    the credit of each of the op's streams; empty ones are dropped), one RESPONSE, one failure.
+    """
+
+    def __init__(self, client: AgentClient, request_id: int, op: str, *, flow: bool) -> None:
         self.client = client
         self.id = request_id
         self.op = op
         self.done = False
+        self.answered = False
+        """The RESPONSE (or a failure) was delivered: no more credit is worth granting."""
+        self._flow = flow
         self._cancel_sent = False
         self._queue: asyncio.Queue[_Item] = asyncio.Queue()
+        channels = _OUTPUT_CHANNELS.get(op, ())
+        self.credit: dict[Channel, int] = dict.fromkeys(channels, INITIAL_WINDOW)
+        """What the agent may still send on each stream (tracked in every session)."""
+        self._ungranted: dict[Channel, int] = dict.fromkeys(channels, 0)
+        self._ended: set[Channel] = set()
+        self.held = 0
+        """Bytes of DATA in the queue, not yet taken by the consumer."""
 
     # -- fed by the reader task
 
-    def deliver(self, item: _Item) -> None:
+    def accept(self, frame: Frame) -> str | None:
+        """Take a DATA or EOF frame from the agent; return what is wrong with it, if anything."""
+        channel = frame.channel
+        if channel not in self.credit:
+            return f"{frame.type.name} on the {channel.name} stream of a {self.op} request"
+        if channel in self._ended:
+            return f"{frame.type.name} after the end of the {channel.name} stream"
+        if frame.type == FrameType.EOF:
+            self._ended.add(channel)
+            return None
+        size = len(frame.payload)
+        if self._flow:
+            if size > self.credit[channel]:
+                return (
+                    f"{size} bytes on the {channel.name} stream of request {self.id}, beyond "
+                    f"its flow-control credit of {self.credit[channel]}"
+                )
+            self.credit[channel] -= size
+        if size:
+            self.held += size
+            self.client._hold(size)
+            self._queue.put_nowait(frame)
+        return None
+
+    def deliver(self, item: dict[str, Any] | WardenError) -> None:
+        """The RESPONSE, or the failure of the connection."""
+        self.answered = True
         self._queue.put_nowait(item)
 
     # -- used by the operation
@@ -137,9 +249,10 @@ class _Request:
         return not self._queue.empty()
 
     async def next(self) -> Frame | dict[str, Any]:
-        """The next DATA/EOF frame, or the (successful) response dict, which ends the request.
+        """The next DATA frame, or the (successful) response dict, which ends the request.
 
-        Raises the mapped error of an unsuccessful response, or of a broken connection.
+        Raises the mapped error of an unsuccessful response, or of a broken connection. The
+        caller calls :meth:`consumed` once it took a DATA frame's bytes.
         """
         item = await self._queue.get()
         if isinstance(item, WardenError):
@@ -150,12 +263,35 @@ class _Request:
             return self._check(item)
         return item
 
+    def consumed(self, frame: Frame) -> None:
+        """The consumer took ``frame``'s data: let go of it, and grant the agent more credit."""
+        size = len(frame.payload)
+        self.held -= size
+        self.client._release(size)
+        if not self._flow or self.answered:
+            return
+        channel = frame.channel
+        ungranted = self._ungranted[channel] + size
+        if ungranted < GRANT_AT:
+            self._ungranted[channel] = ungranted
+            return
+        self._ungranted[channel] = 0
+        self.credit[channel] += ungranted
+        self.client._send_nowait(encode_window(self.id, channel, ungranted))
+
+    def discard(self) -> None:
+        """The request is over: let go of whatever its consumer did not take."""
+        self.client._release(self.held)
+        self.held = 0
+        self.answered = True
+
     async def response(self) -> dict[str, Any]:
         """Skip any stream frames and return the successful response."""
         while True:
             item = await self.next()
             if isinstance(item, dict):
                 return item
+            self.consumed(item)
 
     async def send_data(self, channel: Channel, data: bytes | memoryview) -> None:
         await self.client._send(encode_header(FrameType.DATA, self.id, channel, len(data)) + data)
@@ -170,20 +306,22 @@ class _Request:
             self.client._send_nowait(encode_header(FrameType.CANCEL, self.id, Channel.CONTROL, 0))
 
     def _check(self, response: dict[str, Any]) -> dict[str, Any]:
-        if response.get("ok") is True:
+        if response.get(Key.OK) is True:
             return response
-        kind = response.get("error")
-        message = response.get("message")
-        if kind == "file":
-            errno = response.get("errno")
-            strerror = response.get("strerror") or message
-            path = response.get("path")
+        kind = response.get(Key.ERROR)
+        message = response.get(Key.MESSAGE)
+        if kind == ErrorKind.FILE:
+            errno = response.get(Key.ERRNO)
+            strerror = response.get(Key.STRERROR) or message
+            path = response.get(Key.PATH)
             raise GuestFileError(
                 errno if isinstance(errno, int) else None,
-                f"{self.op} failed in the guest: {strerror}",
-                str(path) if path is not None else None,
+                f"{self.op} failed in the guest: {strerror!s:.1000}",
+                f"{path!s:.4096}" if path is not None else None,
             )
-        raise AgentError(f"{self.op} failed in the guest agent ({kind}): {message}")
+        raise AgentError(
+            f"{self.op} failed in {self.client.who} ({kind!s:.100}): {message!s:.1000}"
+        )
 
 
 async def _chunks(
@@ -220,19 +358,32 @@ class _XferWindow:
     """The host's side of the transfer window: a file that backs the guest's XFER disk.
 
     It is cut into equal slots. A slot is taken, written with pwrite, referenced in an XFER
-    frame, and given back when the guest acknowledges that reference.
+    frame of one request, and given back when the guest acknowledges exactly that reference
+    (offset, length) on that request. Nothing else frees a slot.
     """
 
     def __init__(self, path: Path, slots: int, slot_size: int) -> None:
         self.slot_size = slot_size
         self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        size = os.fstat(self.fd).st_size
+        if slots < 1 or slots * slot_size > size:
+            os.close(self.fd)
+            raise ValueError(
+                f"the transfer window {path} holds {size} bytes, not {slots} slots of {slot_size}"
+            )
         self._free: asyncio.Queue[int] = asyncio.Queue()
+        self._outstanding: dict[int, tuple[int, int]] = {}
+        """offset -> (request id, length) of every reference the guest has not acknowledged."""
         self._closed = asyncio.Event()
         for i in range(slots):
             self._free.put_nowait(i * slot_size)
 
-    async def put(self, data: memoryview) -> bytes:
-        """Copy ``data`` into a free slot; return the reference to send."""
+    @property
+    def outstanding(self) -> int:
+        return len(self._outstanding)
+
+    async def _take(self) -> int | None:
+        """A free slot's offset, or None once the window is closed."""
         if self._free.empty():
             get = asyncio.ensure_future(self._free.get())
             closed = asyncio.ensure_future(self._closed.wait())
@@ -243,24 +394,71 @@ class _XferWindow:
                 if not get.done():
                     get.cancel()
             if not get.done() or get.cancelled():
-                raise SandboxClosedError("the agent connection closed during a file transfer")
+                return None
             offset = get.result()
         else:
             offset = self._free.get_nowait()
         if self._closed.is_set():
-            raise SandboxClosedError("the agent connection closed during a file transfer")
-        os.pwrite(self.fd, data, offset)
-        return encode_xfer_ref(offset, len(data))
+            return None
+        return offset
 
-    def release(self, reference: bytes) -> None:
-        offset, _ = decode_xfer_ref(reference)
+    async def put(self, request_id: int, data: memoryview) -> bytes | None:
+        """Copy ``data`` into a free slot for a request; the reference to send, or None if the
+        window closed meanwhile."""
+        offset = await self._take()
+        if offset is None:
+            return None
+        length = len(data)
+        try:
+            window_size = os.fstat(self.fd).st_size
+            if not 0 < length <= self.slot_size or offset + length > window_size:
+                raise ValueError(
+                    f"a piece of {length} bytes at {offset} does not fit the transfer window "
+                    f"({window_size} bytes, slots of {self.slot_size})"
+                )
+            os.pwrite(self.fd, data, offset)
+        except BaseException:
+            self._free.put_nowait(offset)
+            raise
+        self._outstanding[offset] = (request_id, length)
+        return encode_xfer_ref(offset, length)
+
+    def acknowledge(self, request_id: int, reference: bytes) -> str | None:
+        """Free the slot of an acknowledged reference; what is wrong with it, if anything."""
+        try:
+            offset, length = decode_xfer_ref(reference)
+        except FrameError as exc:
+            return str(exc)
+        if self._outstanding.get(offset) != (request_id, length):
+            return (
+                f"a transfer window acknowledgement of {length} bytes at offset {offset} on "
+                f"request {request_id}, which is not outstanding for that request"
+            )
+        del self._outstanding[offset]
         self._free.put_nowait(offset)
+        return None
 
     def close(self) -> None:
         if not self._closed.is_set():
             self._closed.set()
             with contextlib.suppress(OSError):
                 os.close(self.fd)
+
+
+class _Collector:
+    """What exec keeps of one stream: at most ``limit`` bytes."""
+
+    def __init__(self, limit: int) -> None:
+        self.data = bytearray()
+        self.limit = limit
+        self.truncated = False
+
+    def add(self, chunk: bytes) -> None:
+        room = self.limit - len(self.data)
+        if len(chunk) > room:
+            self.truncated = True
+            chunk = chunk[: max(0, room)]
+        self.data += chunk
 
 
 async def _emit(callback: OutputCallback | None, data: bytes) -> None:
@@ -270,14 +468,49 @@ async def _emit(callback: OutputCallback | None, data: bytes) -> None:
             await outcome
 
 
+def _user_arg(user: str) -> str:
+    if user not in USERS:
+        raise SpecError(f"user must be one of {', '.join(map(repr, USERS))}, not {user!r:.100}")
+    return user
+
+
+async def _answer_within(request: _Request, seconds: float) -> dict[str, Any] | None:
+    """The request's response, or None if it did not come within ``seconds``."""
+    scope = asyncio.timeout(seconds)
+    try:
+        async with scope:
+            return await request.response()
+    except TimeoutError:
+        if scope.expired():
+            return None
+        raise
+
+
 RESYNC_AFTER_S = 2.0
 """How long a host that takes over from another waits for the agent's answer before it pads."""
+
+
+@dataclass(frozen=True)
+class Deadlines:
+    """How long the client waits for the agent (seconds); see the module's docstring."""
+
+    call: float = CALL_TIMEOUT_S
+    ping_interval: float = PING_INTERVAL_S
+    ping: float = PING_TIMEOUT_S
 
 
 class AgentClient:
     """A connection to one guest agent. Make one with :meth:`connect_unix`/:meth:`from_streams`."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        *,
+        name: str | None = None,
+        on_broken: BrokenCallback | None = None,
+        deadlines: Deadlines | None = None,
+    ) -> None:
         self._reader = reader
         self._writer = writer
         self._decoder = FrameDecoder(hunt=True)  # skip a stale tail until the agent's HELLO
@@ -287,21 +520,56 @@ class AgentClient:
         self._closed_by: WardenError | None = None
         self._hello: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._reader_task: asyncio.Task[None] | None = None
+        self._watchdog_task: asyncio.Task[None] | None = None
         self._xfer: _XferWindow | None = None
+        self._name = name
+        self._on_broken = on_broken
+        self._deadlines = deadlines or Deadlines()
+        self._established = False
+        self._shutting_down = False
+        self._flow = False
+        self._held = 0  # DATA bytes waiting for their consumers, over all requests
+        self._drained = asyncio.Event()
+        self._paused = False  # version 1: the reader waits for consumers
+        self._pauses = 0
+        self._busy = 0  # requests the watchdog watches over
+        self._busy_event = asyncio.Event()
+        self.session_version = 0
+        """The session version the agent chose (2: flow control and ``user``; 1: neither)."""
         self.agent_hello: dict[str, Any] = {}
         """The agent's HELLO: ``version``, ``agent`` and ``pid``."""
+
+    @property
+    def name(self) -> str | None:
+        """The VM this connection belongs to, as named in error messages."""
+        return self._name
+
+    @property
+    def who(self) -> str:
+        """The agent, as error messages call it."""
+        return f"the guest agent of VM {self._name}" if self._name else "the guest agent"
 
     # -- connecting
 
     @classmethod
     async def connect_unix(
-        cls, path: str | Path, *, timeout: float, resync: bool = False
+        cls,
+        path: str | Path,
+        *,
+        timeout: float,
+        resync: bool = False,
+        name: str | None = None,
+        on_broken: BrokenCallback | None = None,
+        deadlines: Deadlines | None = None,
     ) -> AgentClient:
         """Connect to the agent's unix socket (retrying until it exists) and say HELLO.
 
         ``resync``: take over from an earlier host that may have died mid-frame (a manager
         restarted after kill -9); see ``RESYNC_PADDING_SIZE`` in :mod:`warden.wire.frame`.
-        Raises :class:`~warden.AgentTimeoutError` if both do not happen within ``timeout``.
+        ``name`` (the VM's id) appears in error messages; ``on_broken(error)`` is called once
+        if the connection is later lost, or aborted for a protocol violation or an unresponsive
+        agent. Raises :class:`~warden.AgentTimeoutError` if both do not happen within
+        ``timeout``.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -311,13 +579,20 @@ class AgentClient:
                 break
             except (FileNotFoundError, ConnectionRefusedError) as exc:
                 if loop.time() >= deadline:
+                    vm = f" of VM {name}" if name else ""
                     raise AgentTimeoutError(
-                        f"could not connect to the guest agent socket {path} within "
+                        f"could not connect to the guest agent socket{vm} {path} within "
                         f"{timeout:g}s: {exc}"
                     ) from None
                 await asyncio.sleep(min(0.02, max(0.0, deadline - loop.time())))
         return await cls.from_streams(
-            reader, writer, timeout=max(0.0, deadline - loop.time()), resync=resync
+            reader,
+            writer,
+            timeout=max(0.0, deadline - loop.time()),
+            resync=resync,
+            name=name,
+            on_broken=on_broken,
+            deadlines=deadlines,
         )
 
     @classmethod
@@ -328,16 +603,19 @@ class AgentClient:
         *,
         timeout: float,
         resync: bool = False,
+        name: str | None = None,
+        on_broken: BrokenCallback | None = None,
+        deadlines: Deadlines | None = None,
     ) -> AgentClient:
         """Say HELLO over an open stream pair. Raises AgentTimeoutError if no answer in time."""
-        client = cls(reader, writer)
+        client = cls(reader, writer, name=name, on_broken=on_broken, deadlines=deadlines)
         try:
             async with asyncio.timeout(timeout):
                 await client._handshake(resync=resync)
         except TimeoutError:
             await client.close()
             raise AgentTimeoutError(
-                f"the guest agent did not answer HELLO within {timeout:g}s"
+                f"{client.who} did not answer HELLO within {timeout:g}s"
             ) from None
         except BaseException:
             await client.close()
@@ -350,10 +628,10 @@ class AgentClient:
         # must not share its RNG state or its clock with its siblings. The nonce comes back in
         # the agent's answer, which tells it apart from an answer to an earlier host.
         hello = {
-            "versions": [PROTOCOL_VERSION],
-            "nonce": self._nonce,
-            "seed": os.urandom(32).hex(),
-            "time": time.time(),
+            Key.VERSIONS: list(SESSION_VERSIONS),
+            Key.NONCE: self._nonce,
+            Key.SEED: os.urandom(32).hex(),
+            Key.TIME: time.time(),
         }
         hello_frame = encode_json(FrameType.HELLO, 0, hello)
         await self._send(hello_frame)
@@ -366,13 +644,20 @@ class AgentClient:
                 # padding for a HELLO), and say HELLO again.
                 await self._send(bytes(RESYNC_PADDING_SIZE) + hello_frame)
         reply = await self._hello
-        if reply.get("version") != PROTOCOL_VERSION:
+        version = reply.get(Key.VERSION)
+        offered = list(SESSION_VERSIONS)
+        if not isinstance(version, int) or isinstance(version, bool) or version not in offered:
             error = ProtocolError(
-                f"the guest agent chose protocol version {reply.get('version')!r}"
+                f"{self.who} chose session version {version!r:.50}, which the host did not "
+                f"offer ({offered}); rebuild the image (warden image build)"
             )
             self._abort(error)
             raise error
+        self.session_version = version
+        self._flow = version >= SESSION_VERSION
         self.agent_hello = reply
+        self._established = True
+        self._watchdog_task = asyncio.create_task(self._watch(), name="warden-agent-watchdog")
 
     # -- the connection
 
@@ -382,9 +667,11 @@ class AgentClient:
         Only if the agent found the window's disk (its HELLO says ``xfer``). Returns whether
         the window is in use.
         """
-        if not 0 < slot_size <= XFER_MAX_LENGTH or slot_size % 4096:
-            raise ValueError(f"slot_size must be a multiple of 4096 up to {XFER_MAX_LENGTH}")
-        if not self.agent_hello.get("xfer") or self._xfer is not None:
+        if not 0 < slot_size <= XFER_MAX_LENGTH or slot_size % XFER_ALIGN:
+            raise ValueError(
+                f"slot_size must be a multiple of {XFER_ALIGN} up to {XFER_MAX_LENGTH}"
+            )
+        if self.agent_hello.get(Key.XFER) is not True or self._xfer is not None:
             return self._xfer is not None
         self._xfer = _XferWindow(path, slots, slot_size)
         return True
@@ -401,25 +688,59 @@ class AgentClient:
         """A fresh exception saying why the connection is closed."""
         cause = self._closed_by
         if cause is None:
-            return SandboxClosedError("the agent connection is closed")
+            return SandboxClosedError(f"the connection to {self.who} is closed")
         return type(cause)(*cause.args)
 
     async def _send(self, data: bytes) -> None:
+        """Send ``data``; waits (at most ``Deadlines.call``) while the agent does not read."""
         if self._closed_by is not None:
             raise self._closed_error()
+        timeout = self._deadlines.call
+        scope = asyncio.timeout(timeout)
         try:
             self._writer.write(data)
-            await self._writer.drain()
+            if self._writer.transport.get_write_buffer_size():
+                async with scope:
+                    await self._writer.drain()
+        except TimeoutError:
+            if not scope.expired():
+                raise
+            raise self._unresponsive(f"stopped reading its channel for {timeout:g}s") from None
         except (ConnectionError, OSError) as exc:
-            self._abort(_ConnectionLostError(f"the connection to the guest agent broke: {exc}"))
+            self._abort(_ConnectionLostError(f"the connection to {self.who} broke: {exc}"))
             raise self._closed_error() from exc
 
     def _send_nowait(self, data: bytes) -> None:
         if self._closed_by is None and not self._writer.is_closing():
             self._writer.write(data)
 
-    def _abort(self, error: WardenError) -> None:
-        """Close the connection and fail every pending request with (a copy of) ``error``."""
+    def _unresponsive(self, what: str) -> AgentUnresponsiveError:
+        """End the connection because the agent ``what``; the error to raise."""
+        vm = f" {self._name}" if self._name else ""
+        error = AgentUnresponsiveError(
+            f"{self.who} {what}: it is frozen or overloaded, and its connection was closed. "
+            f"Stop and remove the VM{vm}; a new one starts clean"
+        )
+        self._abort(error, hard=True)
+        return AgentUnresponsiveError(*error.args)
+
+    def _protocol_error(self, problem: str) -> None:
+        """Tell the agent (ERROR on request 0) and close, failing everything with ProtocolError."""
+        vm = f" {self._name}" if self._name else ""
+        message = (
+            f"{self.who} broke the protocol ({problem}); the connection was closed. The guest "
+            f"cannot be trusted any more: stop and remove the VM{vm}"
+        )
+        with contextlib.suppress(FrameError):
+            report = {Key.ERROR: ErrorKind.PROTOCOL, Key.MESSAGE: problem[:1000]}
+            self._send_nowait(encode_json(FrameType.ERROR, 0, report))
+        self._abort(ProtocolError(message))
+
+    def _abort(self, error: WardenError, *, hard: bool = False) -> None:
+        """Close the connection and fail every pending request with (a copy of) ``error``.
+
+        ``hard``: drop what is still unsent instead of flushing it (the agent does not read).
+        """
         if self._closed_by is not None:
             return
         self._closed_by = error
@@ -432,25 +753,68 @@ class AgentClient:
         self._requests.clear()
         for request in requests:
             request.deliver(type(error)(*error.args))
-        self._writer.close()
+        self._drained.set()
+        transport = self._writer.transport
+        if hard:
+            transport.abort()
+        else:
+            self._writer.close()
+            asyncio.get_running_loop().call_later(CLOSE_GRACE_S, transport.abort)
+        for task in (self._reader_task, self._watchdog_task):
+            if task is not None and task is not asyncio.current_task():
+                task.cancel()
+        self._report_broken(error)
+
+    def _report_broken(self, error: WardenError) -> None:
+        """Tell ``on_broken`` once, unless the host closed the connection on purpose."""
+        callback, self._on_broken = self._on_broken, None
+        if callback is None or not self._established or isinstance(error, SandboxClosedError):
+            return
+        if self._shutting_down and isinstance(error, _ConnectionLostError):
+            return  # the guest powered off, as asked
+        try:
+            callback(type(error)(*error.args))
+        except Exception:  # a broken callback must not break the client's cleanup
+            log.exception("the on_broken callback of %s failed", self.who)
+
+    # -- the reader
 
     async def _read_loop(self) -> None:
         try:
-            while True:
+            while self._closed_by is None:
                 data = await self._reader.read(READ_SIZE)
                 if not data:
-                    self._abort(_ConnectionLostError("the guest agent closed the connection"))
+                    self._abort(_ConnectionLostError(f"{self.who} closed the connection"))
                     return
                 error = self._feed(data)
                 while error is not None and not self._hello.done() and self._closed_by is None:
                     self._decoder.resync()  # not the agent's answer yet: hunt on
                     error = self._feed(b"")
                 if error is not None and self._closed_by is None:
-                    self._protocol_error(f"malformed frame from the guest agent: {error}")
-                if self._closed_by is not None:
-                    return
+                    self._protocol_error(str(error))
+                if not self._flow and self._held > LEGACY_HOLD_LIMIT:
+                    await self._wait_drained()
         except (ConnectionError, OSError) as exc:
-            self._abort(_ConnectionLostError(f"the connection to the guest agent broke: {exc}"))
+            self._abort(_ConnectionLostError(f"the connection to {self.who} broke: {exc}"))
+
+    async def _wait_drained(self) -> None:
+        """Version 1 (no flow control): stop reading until the consumers caught up."""
+        self._pauses += 1
+        self._paused = True
+        try:
+            while self._held > LEGACY_HOLD_LIMIT and self._closed_by is None:
+                self._drained.clear()
+                await self._drained.wait()
+        finally:
+            self._paused = False
+
+    def _hold(self, size: int) -> None:
+        self._held += size
+
+    def _release(self, size: int) -> None:
+        self._held -= size
+        if self._held <= LEGACY_HOLD_LIMIT:
+            self._drained.set()
 
     def _feed(self, data: bytes) -> FrameError | None:
         """Act on the frames in ``data``; return the error that stopped decoding, if any."""
@@ -471,14 +835,6 @@ class AgentClient:
             error = exc
         return error
 
-    def _protocol_error(self, message: str) -> None:
-        """Tell the agent (ERROR on request 0) and close, failing everything with ProtocolError."""
-        with contextlib.suppress(FrameError):
-            self._send_nowait(
-                encode_json(FrameType.ERROR, 0, {"error": "protocol", "message": message})
-            )
-        self._abort(ProtocolError(message))
-
     def _greeting(self, frame: Frame) -> None:
         """Before the agent's answer to our HELLO: everything else is stale, from an earlier
         host's session (an answer or an error carries the nonce of the HELLO it answers)."""
@@ -488,79 +844,136 @@ class AgentClient:
             reply = decode_json(frame)
         except FrameError:
             return  # stale bytes that looked like a HELLO
-        if reply.get("nonce") != self._nonce:
+        if reply.get(Key.NONCE) != self._nonce:
             return
         if frame.type == FrameType.HELLO:
             self._hello.set_result(reply)
         else:
-            self._abort(
-                ProtocolError(f"the guest agent refused the HELLO: {reply.get('message', reply)}")
-            )
+            message = reply.get(Key.MESSAGE, reply)
+            self._abort(ProtocolError(f"{self.who} refused the HELLO: {message!s:.1000}"))
 
     def _dispatch(self, frame: Frame) -> None:
-        """Route one frame from the agent. Raises FrameError on a malformed one."""
+        """Route one frame from the agent. Raises FrameError on a malformed or forbidden one."""
         ftype, rid = frame.type, frame.request_id
         if rid == 0:
-            if ftype == FrameType.ERROR:
-                report = decode_json(frame)
-                self._abort(
-                    ProtocolError(
-                        f"the guest agent reported a protocol error and dropped the connection: "
-                        f"{report.get('message', report)}"
-                    )
-                )
-            else:
+            if ftype != FrameType.ERROR:
                 raise FrameError(f"unexpected {ftype.name} frame on request 0")
+            report = decode_json(frame)
+            self._abort(
+                ProtocolError(
+                    f"{self.who} reported a protocol error and dropped the connection: "
+                    f"{report.get(Key.MESSAGE, report)!s:.1000}"
+                )
+            )
             return
-        if ftype not in (FrameType.DATA, FrameType.EOF, FrameType.RESPONSE):
-            raise FrameError(f"unexpected {ftype.name} frame from the agent")
         if ftype == FrameType.DATA and frame.channel == Channel.XFER:
             if self._xfer is None:
                 raise FrameError("a transfer window acknowledgement, but no window is open")
-            self._xfer.release(frame.payload)
+            problem = self._xfer.acknowledge(rid, frame.payload)
+            if problem is not None:
+                raise FrameError(problem)
             return
-        item: _Item = decode_json(frame) if ftype == FrameType.RESPONSE else frame
+        if ftype not in (FrameType.DATA, FrameType.EOF, FrameType.RESPONSE):
+            raise FrameError(f"unexpected {ftype.name} frame from the agent")
+        response = decode_json(frame) if ftype == FrameType.RESPONSE else None
         request = self._requests.get(rid)
         if request is None:
             return  # a request the caller abandoned (cancelled); its late frames are dropped
-        if ftype == FrameType.RESPONSE:
+        if response is not None:
             del self._requests[rid]
-        request.deliver(item)
+            request.deliver(response)
+            return
+        problem = request.accept(frame)
+        if problem is not None:
+            raise FrameError(problem)
+
+    # -- requests
 
     @contextlib.asynccontextmanager
-    async def _request(self, args: dict[str, Any]) -> AsyncIterator[_Request]:
-        """Send a REQUEST and yield its stream; CANCEL it if the caller leaves early."""
+    async def _request(
+        self, args: dict[str, Any], *, watched: bool = True
+    ) -> AsyncIterator[_Request]:
+        """Send a REQUEST and yield its stream; CANCEL it if the caller leaves early.
+
+        ``watched``: the watchdog pings the agent while the request is pending (all but its
+        own pings, which are sent without waiting for the agent to read).
+        """
         if self._closed_by is not None:
             raise self._closed_error()
         rid = self._next_id
-        self._next_id = rid + 1 if rid < 0xFFFFFFFF else 1
-        request = _Request(self, rid, str(args["op"]))
+        self._next_id = rid + 1 if rid < MAX_REQUEST_ID else 1
+        request = _Request(self, rid, str(args[Key.OP]), flow=self._flow)
         self._requests[rid] = request
+        if watched:
+            self._busy += 1
+            self._busy_event.set()
         try:
-            await self._send(encode_json(FrameType.REQUEST, rid, args))
+            frame = encode_json(FrameType.REQUEST, rid, args)
+            if watched:
+                await self._send(frame)
+            else:
+                self._send_nowait(frame)
             yield request
         except BaseException:
             request.cancel()
             raise
         finally:
             self._requests.pop(rid, None)
+            request.discard()
+            if watched:
+                self._busy -= 1
+                if not self._busy:
+                    self._busy_event.clear()
 
     async def _call(self, args: dict[str, Any]) -> dict[str, Any]:
+        """A quick request: its response must come within ``Deadlines.call``."""
+        timeout = self._deadlines.call
         async with self._request(args) as request:
-            return await request.response()
+            response = await _answer_within(request, timeout)
+            if response is None:
+                raise self._unresponsive(
+                    f"did not answer a {request.op} request within {timeout:g}s"
+                )
+        return response
+
+    async def _watch(self) -> None:
+        """While requests are pending, ping the agent every ``ping_interval`` seconds."""
+        while self._closed_by is None:
+            await self._busy_event.wait()
+            await asyncio.sleep(self._deadlines.ping_interval)
+            if self._busy and self._closed_by is None:
+                await self._probe()
+
+    async def _probe(self) -> None:
+        """One liveness ping; ends the connection if no answer comes within its deadline."""
+        timeout = self._deadlines.ping
+        try:
+            async with self._request({Key.OP: Op.PING}, watched=False) as request:
+                while True:
+                    pauses = self._pauses
+                    if await _answer_within(request, timeout) is not None:
+                        return
+                    if not self._paused and pauses == self._pauses:
+                        raise self._unresponsive(
+                            f"did not answer a liveness ping within {timeout:g}s"
+                        )
+                    # version 1: the reader was paused for a slow consumer, so the answer may
+                    # be waiting behind that consumer's data: give it another period
+        except WardenError:
+            return  # the connection ended (this ping's failure ended it, or something else)
 
     # -- operations
 
     async def ping(self) -> float:
         """Round-trip time of a no-op request, in seconds."""
         start = time.perf_counter()
-        await self._call({"op": "ping"})
+        await self._call({Key.OP: Op.PING})
         return time.perf_counter() - start
 
     async def info(self) -> dict[str, object]:
         """Kernel release, uptime, memory, agent version and pid of the guest."""
-        response = await self._call({"op": "info"})
-        response.pop("ok", None)
+        response = await self._call({Key.OP: Op.INFO})
+        response.pop(Key.OK, None)
         return response
 
     async def exec(
@@ -573,45 +986,32 @@ class AgentClient:
         timeout: float | None = None,
         on_stdout: OutputCallback | None = None,
         on_stderr: OutputCallback | None = None,
+        user: str = DEFAULT_USER,
+        max_output: int = DEFAULT_MAX_OUTPUT,
     ) -> ExecResult:
-        """Run a command in the guest and wait for it.
+        """Run a command in the guest as ``user`` (``"user"`` or ``"root"``) and wait for it.
 
         A string runs under ``/bin/sh -c``; a list is an argv. Output is streamed to the
-        callbacks as it arrives and also collected in the result. A command that cannot be
-        started gives exit code 127 (126 if not executable), like a shell. Raises
-        :class:`~warden.CommandTimeoutError` (with ``.result``) when ``timeout`` passes.
-        Cancelling the call kills the command's process group.
+        callbacks as it arrives (an async callback is awaited before more output is read), and
+        at most ``max_output`` bytes of each stream are also collected in the result
+        (``truncated`` says if some were not). A command that cannot be started gives exit code
+        127 (126 if not executable), like a shell. Raises :class:`~warden.CommandTimeoutError`
+        (with ``.result``) when ``timeout`` passes. Cancelling the call kills the command's
+        process group.
         """
-        args: dict[str, Any] = {"op": "exec", "stdin": stdin is not None}
-        if isinstance(cmd, str):
-            args["shell"] = cmd
-        else:
-            args["argv"] = list(cmd)
-        if env is not None:
-            args["env"] = dict(env)
-        if cwd is not None:
-            args["cwd"] = cwd
-        if timeout is not None:
-            args["timeout"] = timeout
-        stdout, stderr = bytearray(), bytearray()
+        if max_output < 0:
+            raise SpecError(f"max_output must be 0 or more bytes, not {max_output}")
+        args = _exec_args(cmd, env=env, cwd=cwd, stdin=stdin, timeout=timeout, user=user)
+        outputs = {
+            Channel.STDOUT: (_Collector(max_output), on_stdout),
+            Channel.STDERR: (_Collector(max_output), on_stderr),
+        }
         async with self._request(args) as request:
             feeder = None
             if stdin is not None:
                 feeder = asyncio.create_task(self._feed_stdin(request, stdin))
             try:
-                while True:
-                    item = await request.next()
-                    if isinstance(item, dict):
-                        response = item
-                        break
-                    if item.type != FrameType.DATA:
-                        continue
-                    if item.channel == Channel.STDOUT:
-                        stdout += item.payload
-                        await _emit(on_stdout, item.payload)
-                    elif item.channel == Channel.STDERR:
-                        stderr += item.payload
-                        await _emit(on_stderr, item.payload)
+                response = await _pump_output(request, outputs)
             finally:
                 feeder_error = None
                 if feeder is not None:
@@ -621,17 +1021,19 @@ class AgentClient:
                         feeder_error = feeder.exception()
             if feeder_error is not None:
                 raise feeder_error  # the stdin source failed, so the command was cancelled
+        (out, _), (err, _) = outputs[Channel.STDOUT], outputs[Channel.STDERR]
         result = ExecResult(
-            exit_code=_opt_int(response.get("exit_code")),
-            signal=_opt_int(response.get("signal")),
-            stdout=bytes(stdout),
-            stderr=bytes(stderr),
-            timed_out=bool(response.get("timed_out")),
+            exit_code=_opt_int(response.get(Key.EXIT_CODE)),
+            signal=_opt_int(response.get(Key.SIGNAL)),
+            stdout=bytes(out.data),
+            stderr=bytes(err.data),
+            timed_out=response.get(Key.TIMED_OUT) is True,
+            truncated=out.truncated or err.truncated,
         )
         if result.timed_out:
             error = CommandTimeoutError(
                 f"the command ran longer than its timeout={timeout}s and was killed; pass a "
-                f"larger timeout= (or timeout=None) to let it run longer: {cmd!r}"
+                f"larger timeout= (or timeout=None) to let it run longer: {cmd!r:.200}"
             )
             error.result = result  # the partial output, for the caller
             raise error
@@ -655,76 +1057,146 @@ class AgentClient:
         *,
         mode: int = 0o644,
         parents: bool = True,
+        user: str = DEFAULT_USER,
     ) -> int:
-        """Write a file in the guest atomically (temp file + rename). Returns its size."""
-        args = {"op": "write", "path": path, "mode": mode, "parents": parents}
+        """Write a file in the guest atomically (temp file + rename) as ``user``. Returns its
+        size."""
+        args = {
+            Key.OP: Op.WRITE,
+            Key.PATH: path,
+            Key.MODE: mode,
+            Key.PARENTS: parents,
+            Key.USER: _user_arg(user),
+        }
         xfer = self._xfer
         async with self._request(args) as request:
             async for chunk in _chunks(data, xfer.slot_size if xfer else SEND_CHUNK):
                 if request.has_news():
                     break  # the agent refused early (e.g. a missing dir): stop sending
                 if xfer is not None and len(chunk) >= XFER_MIN:
-                    await request.send_data(Channel.XFER, await xfer.put(chunk))
+                    reference = await xfer.put(request.id, chunk)
+                    if reference is None:
+                        raise self._closed_error()
+                    await request.send_data(Channel.XFER, reference)
                 else:
                     await request.send_data(Channel.FILE, chunk)
             else:
                 await request.send_eof(Channel.FILE)
             response = await request.response()
-        return int(response["size"])
+        return self._size(response, Key.SIZE)
 
-    async def read_file(self, path: str) -> AsyncIterator[bytes]:
-        """Stream a file from the guest in chunks. Leaving the loop early cancels the read."""
-        async with self._request({"op": "read", "path": path}) as request:
+    async def read_file(self, path: str, *, user: str = DEFAULT_USER) -> AsyncIterator[bytes]:
+        """Stream a file from the guest in chunks, read as ``user``. Leaving the loop early
+        cancels the read. The agent may send the next chunks only as the caller takes these."""
+        args = {Key.OP: Op.READ, Key.PATH: path, Key.USER: _user_arg(user)}
+        async with self._request(args) as request:
             while True:
                 item = await request.next()
                 if isinstance(item, dict):
                     return
-                if item.type == FrameType.DATA and item.channel == Channel.FILE:
-                    yield item.payload
+                yield item.payload
+                request.consumed(item)
 
-    async def read_file_bytes(self, path: str) -> bytes:
+    async def read_file_bytes(self, path: str, *, user: str = DEFAULT_USER) -> bytes:
         """A whole file from the guest."""
-        return b"".join([chunk async for chunk in self.read_file(path)])
+        return b"".join([chunk async for chunk in self.read_file(path, user=user)])
 
-    async def list_dir(self, path: str) -> list[EntryInfo]:
-        response = await self._call({"op": "list", "path": path})
-        entries = response.get("entries")
+    async def list_dir(self, path: str, *, user: str = DEFAULT_USER) -> list[EntryInfo]:
+        response = await self._call({Key.OP: Op.LIST, Key.PATH: path, Key.USER: _user_arg(user)})
+        entries = response.get(Key.ENTRIES)
         if not isinstance(entries, list):
-            raise ProtocolError("the guest agent sent a list response without entries")
+            raise ProtocolError(f"{self.who} sent a list response without entries")
         return [EntryInfo.from_json(entry) for entry in entries]
 
-    async def stat(self, path: str) -> EntryInfo:
-        response = await self._call({"op": "stat", "path": path})
-        return EntryInfo.from_json(response.get("entry"))
+    async def stat(self, path: str, *, user: str = DEFAULT_USER) -> EntryInfo:
+        response = await self._call({Key.OP: Op.STAT, Key.PATH: path, Key.USER: _user_arg(user)})
+        return EntryInfo.from_json(response.get(Key.ENTRY))
 
-    async def remove(self, path: str, *, recursive: bool = False) -> None:
-        await self._call({"op": "remove", "path": path, "recursive": recursive})
+    async def remove(self, path: str, *, recursive: bool = False, user: str = DEFAULT_USER) -> None:
+        args = {Key.OP: Op.REMOVE, Key.PATH: path, Key.RECURSIVE: recursive}
+        await self._call({**args, Key.USER: _user_arg(user)})
 
-    async def make_dir(self, path: str, *, parents: bool = True, mode: int = 0o755) -> None:
-        await self._call({"op": "mkdir", "path": path, "parents": parents, "mode": mode})
+    async def make_dir(
+        self, path: str, *, parents: bool = True, mode: int = 0o755, user: str = DEFAULT_USER
+    ) -> None:
+        args = {Key.OP: Op.MKDIR, Key.PATH: path, Key.PARENTS: parents, Key.MODE: mode}
+        await self._call({**args, Key.USER: _user_arg(user)})
 
     async def shutdown(self) -> None:
         """Ask the agent to power the guest off; returns once it agreed (or hung up)."""
+        self._shutting_down = True
         # The guest may go down before (or instead of) answering.
         with contextlib.suppress(_ConnectionLostError):
-            await self._call({"op": "shutdown"})
+            await self._call({Key.OP: Op.SHUTDOWN})
         await self.close()
 
     async def close(self) -> None:
         """Close the connection. Pending requests fail with SandboxClosedError."""
-        self._abort(SandboxClosedError("the agent connection was closed"))
-        task = self._reader_task
-        if task is not None and not task.done():
-            task.cancel()
-            await asyncio.wait([task])
-        with contextlib.suppress(ConnectionError, OSError):
-            await self._writer.wait_closed()
+        self._abort(SandboxClosedError(f"the connection to {self.who} was closed"))
+        for task in (self._reader_task, self._watchdog_task):
+            if task is not None and not task.done() and task is not asyncio.current_task():
+                task.cancel()
+                await asyncio.wait([task])
+        try:
+            async with asyncio.timeout(CLOSE_GRACE_S):
+                await self._writer.wait_closed()
+        except (TimeoutError, ConnectionError, OSError):
+            self._writer.transport.abort()  # the agent did not take what was left to send
+
+    def _size(self, response: dict[str, Any], key: str) -> int:
+        value = response.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ProtocolError(f"{self.who} sent a response with a bad {key}: {value!r:.100}")
+        return value
 
     async def __aenter__(self) -> AgentClient:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
+
+
+def _exec_args(
+    cmd: list[str] | str,
+    *,
+    env: Mapping[str, str] | None,
+    cwd: str | None,
+    stdin: object,
+    timeout: float | None,
+    user: str,
+) -> dict[str, Any]:
+    """The arguments of an exec REQUEST."""
+    args: dict[str, Any] = {
+        Key.OP: Op.EXEC,
+        Key.STDIN: stdin is not None,
+        Key.USER: _user_arg(user),
+    }
+    if isinstance(cmd, str):
+        args[Key.SHELL] = cmd
+    else:
+        args[Key.ARGV] = list(cmd)
+    if env is not None:
+        args[Key.ENV] = dict(env)
+    if cwd is not None:
+        args[Key.CWD] = cwd
+    if timeout is not None:
+        args[Key.TIMEOUT] = timeout
+    return args
+
+
+async def _pump_output(
+    request: _Request, outputs: dict[Channel, tuple[_Collector, OutputCallback | None]]
+) -> dict[str, Any]:
+    """Collect and hand on an exec's output until its response; credit flows back to the agent
+    only once each chunk's callback returned."""
+    while True:
+        item = await request.next()
+        if isinstance(item, dict):
+            return item
+        collector, callback = outputs[item.channel]  # accept() let only stdout and stderr in
+        collector.add(item.payload)
+        await _emit(callback, item.payload)
+        request.consumed(item)
 
 
 def _opt_int(value: object) -> int | None:

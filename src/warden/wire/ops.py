@@ -74,6 +74,10 @@ class Key:
     ENTRIES = "entries"
     ERRNO = "errno"
     STRERROR = "strerror"
+    # a file entry (stat's ``entry``, list's ``entries``; also PATH, SIZE, MODE)
+    NAME = "name"
+    TYPE = "type"
+    MTIME = "mtime"
     # HELLO
     VERSIONS = "versions"
     VERSION = "version"
