@@ -8,6 +8,8 @@ JSON body may take before anything parses it.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import re
 from typing import Annotated, Any, Literal
@@ -56,6 +58,14 @@ def no_nul(value: str) -> str:
     return value
 
 
+def _base64(value: str) -> str:
+    try:
+        base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as exc:  # ValueError: not ASCII
+        raise ValueError(f"is not valid base64 ({exc}); encode stdin with base64") from None
+    return value
+
+
 def _absolute(value: str) -> str:
     no_nul(value)
     if not value.startswith("/"):
@@ -81,6 +91,7 @@ Env = Annotated[dict[EnvKey, EnvValue], Field(max_length=MAX_ENV)]
 LabelKey = Annotated[str, Field(min_length=1, max_length=MAX_LABEL_KEY)]
 LabelValue = Annotated[str, Field(max_length=MAX_LABEL_VALUE)]
 Labels = Annotated[dict[LabelKey, LabelValue], Field(max_length=MAX_LABELS)]
+Base64 = Annotated[str, AfterValidator(_base64)]
 Timeout = Annotated[float, Field(gt=0, le=MAX_EXEC_TIMEOUT_S, allow_inf_nan=False)]
 
 _STREAMED = re.compile(r"^/v1/sandboxes/[^/]+/(files|execs/[^/]+/stdin)$")

@@ -22,6 +22,7 @@ from warden.server.limits import (
     MAX_EXEC_TIMEOUT_S,
     MAX_MEMORY_MIB,
     Arg,
+    Base64,
     Env,
     GuestPath,
     Labels,
@@ -69,7 +70,7 @@ class ExecRequest(BaseModel):
     cmd: Cmd = Field(description="an argv list, or a line for /bin/sh -c")
     env: Env | None = None
     cwd: GuestPath | None = Field(default=None, description="default: the user's home")
-    stdin: str | None = Field(
+    stdin: Base64 | None = Field(
         default=None,
         description="base64 of the whole stdin (the body is at most 1 MiB: stream more with "
         "stdin_stream)",

@@ -18,7 +18,14 @@ from warden.agent.client import ExecResult
 from warden.server.lines import Lines, LineStream
 from warden.server.metrics import Metrics
 from warden.server.models import ExecRequest
-from warden.server.routes import API, ManagerDep, MetricsDep, PipesDep
+from warden.server.routes import (
+    API,
+    AllowRootDep,
+    ManagerDep,
+    MetricsDep,
+    PipesDep,
+    require_user,
+)
 from warden.server.stdin import StdinPipe
 
 router = APIRouter(prefix=f"{API}/sandboxes")
@@ -26,8 +33,14 @@ router = APIRouter(prefix=f"{API}/sandboxes")
 
 @router.post("/{ref}/exec")
 async def exec_(
-    ref: str, body: ExecRequest, manager: ManagerDep, metrics: MetricsDep, pipes: PipesDep
+    ref: str,
+    body: ExecRequest,
+    manager: ManagerDep,
+    metrics: MetricsDep,
+    pipes: PipesDep,
+    allow_root: AllowRootDep,
 ) -> LineStream:
+    require_user(body.user, allow_root)
     machine = await manager.machine(ref)
     agent = machine.agent
     stdin: bytes | AsyncIterator[bytes] | None = None
