@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 from qemu.qmp import QMPClient, QMPError
 
-from warden._errors import AgentTimeoutError, HostError, LaunchError, VMError
+from warden._errors import AgentTimeoutError, HostError, LaunchError, VMError, WardenError
 from warden.agent.client import AgentClient
 from warden.config import Paths
 from warden.image.store import Image, load_image, verify_image
@@ -371,8 +371,18 @@ class Machine:
                 await self._qmp.execute("cont")
         self._agent = await self._open_agent(self.spec.agent_timeout_s)
 
+    def _on_agent_broken(self, error: WardenError) -> None:
+        """The agent connection broke: a protocol violation, an unresponsive agent, or lost."""
+        log.warning("VM %s: %s", self.id, error)
+
     async def _open_agent(self, timeout: float, *, resync: bool = False) -> AgentClient:
-        agent = await AgentClient.connect_unix(self.run.agent, timeout=timeout, resync=resync)
+        agent = await AgentClient.connect_unix(
+            self.run.agent,
+            timeout=timeout,
+            resync=resync,
+            name=self.id,
+            on_broken=self._on_agent_broken,
+        )
         agent.enable_xfer(self.run.xfer, slots=XFER_SLOTS, slot_size=XFER_SLOT_SIZE)
         return agent
 
