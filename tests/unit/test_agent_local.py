@@ -190,7 +190,7 @@ async def pid_of(client: AgentClient, script: str, **kwargs: Any) -> tuple[async
 
 def test_hello_ping_info(agent: LocalAgent) -> None:
     async def body(client: AgentClient) -> None:
-        assert client.agent_hello["version"] == PROTOCOL_VERSION
+        assert client.agent_hello["version"] == SESSION_VERSION
         assert client.agent_hello["pid"] == agent.proc.pid
         assert str(client.agent_hello["agent"]).startswith("warden-agent/")
         assert 0 < await client.ping() < 1
@@ -241,7 +241,7 @@ def test_exec_env_and_cwd(agent: LocalAgent, workdir: Path) -> None:
         default = await client.exec("echo $PATH; echo $HOME; echo $LANG")
         path, home, lang = default.stdout.decode().splitlines()
         assert path == "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-        assert (home, lang) == ("/root", "C.UTF-8")
+        assert (home, lang) == (str(agent.home), "C.UTF-8")  # the default user's home
         # the agent's own environment does not leak into commands
         leaked = await client.exec(["sh", "-c", "echo ${PYTEST_CURRENT_TEST:-clean}"])
         assert leaked.stdout == b"clean\n"
@@ -255,8 +255,9 @@ def test_exec_env_and_cwd(agent: LocalAgent, workdir: Path) -> None:
         assert relative.stdout == f"tool ran in {workdir}\n".encode()
         on_path = await client.exec(["tool.sh"], env={"PATH": f"/nowhere:{workdir}:/bin"})
         assert on_path.stdout.startswith(b"tool ran in ")
-        if os.access("/root", os.X_OK):
-            assert (await client.exec(["pwd"])).stdout == b"/root\n"
+        assert (await client.exec(["pwd"])).stdout == f"{agent.home}\n".encode()
+        as_root = await client.exec(["sh", "-c", "echo $HOME; id -u"], user="root")
+        assert as_root.stdout == b"/root\n0\n"
 
     with_client(agent, body)
 
