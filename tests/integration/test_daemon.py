@@ -114,12 +114,12 @@ def test_api_contract(daemon: Daemon) -> None:
         assert out == b"piped" and final["exit_code"] == 0
 
         data = os.urandom(3 * 1024 * 1024 + 17)
-        r = c.put(f"/v1/sandboxes/{vm_id}/files", params={"path": "/root/d.bin"}, content=data)
+        r = c.put(f"/v1/sandboxes/{vm_id}/files", params={"path": "/home/user/d.bin"}, content=data)
         assert r.status_code == 200, r.text
         assert r.json()["size"] == len(data)
-        r = c.get(f"/v1/sandboxes/{vm_id}/files", params={"path": "/root/d.bin"})
+        r = c.get(f"/v1/sandboxes/{vm_id}/files", params={"path": "/home/user/d.bin"})
         assert r.status_code == 200 and r.content == data
-        r = c.get(f"/v1/sandboxes/{vm_id}/files", params={"path": "/root/missing"})
+        r = c.get(f"/v1/sandboxes/{vm_id}/files", params={"path": "/home/user/missing"})
         assert r.status_code == 404
 
         r = c.post("/v1/sandboxes", json={"name": name, "memory_mib": MEMORY})
@@ -305,23 +305,25 @@ def test_file_endpoints(daemon: Daemon) -> None:
     with daemon.client() as c:
         vm_id = _create(c)["id"]
         base = f"/v1/sandboxes/{vm_id}/files"
-        r = c.post(f"{base}/mkdir", params={"path": "/root/d/e", "mode": 0o700})
+        r = c.post(f"{base}/mkdir", params={"path": "/home/user/d/e", "mode": 0o700})
         assert r.status_code == 200, r.text
         assert r.json()["type"] == "dir" and r.json()["mode"] == 0o700
-        r = c.put(base, params={"path": "/root/d/f.txt", "mode": 0o600}, content=b"12345")
+        r = c.put(base, params={"path": "/home/user/d/f.txt", "mode": 0o600}, content=b"12345")
         assert r.status_code == 200, r.text
-        st = c.get(f"{base}/stat", params={"path": "/root/d/f.txt"}).json()
-        assert st["name"] == "f.txt" and st["path"] == "/root/d/f.txt"
+        st = c.get(f"{base}/stat", params={"path": "/home/user/d/f.txt"}).json()
+        assert st["name"] == "f.txt" and st["path"] == "/home/user/d/f.txt"
         assert (st["type"], st["size"], st["mode"]) == ("file", 5, 0o600)
         assert set(st) == {"name", "path", "type", "size", "mode", "mtime"}
-        listed = c.get(f"{base}/list", params={"path": "/root/d"}).json()
+        listed = c.get(f"{base}/list", params={"path": "/home/user/d"}).json()
         assert sorted((e["name"], e["type"]) for e in listed) == [("e", "dir"), ("f.txt", "file")]
-        assert c.get(f"{base}/stat", params={"path": "/root/nope"}).status_code == 404
-        assert c.get(f"{base}/list", params={"path": "/root/nope"}).status_code == 404
-        r = c.delete(base, params={"path": "/root/d"})
+        assert c.get(f"{base}/stat", params={"path": "/home/user/nope"}).status_code == 404
+        assert c.get(f"{base}/list", params={"path": "/home/user/nope"}).status_code == 404
+        r = c.delete(base, params={"path": "/home/user/d"})
         assert r.status_code == 400, "a non-empty dir is removed only with recursive"
-        assert c.delete(base, params={"path": "/root/d", "recursive": "true"}).status_code == 204
-        assert c.get(f"{base}/stat", params={"path": "/root/d"}).status_code == 404
+        assert (
+            c.delete(base, params={"path": "/home/user/d", "recursive": "true"}).status_code == 204
+        )
+        assert c.get(f"{base}/stat", params={"path": "/home/user/d"}).status_code == 404
         assert c.get(f"{base}/stat", params={"path": ""}).status_code == 422
 
 
@@ -433,8 +435,11 @@ def test_events_and_metrics(daemon: Daemon) -> None:
             out, _, _ = _exec(c, vm_id, ["sh", "-c", "printf abc; printf de >&2"])
             assert out == b"abc"
             data = os.urandom(100_000)
-            c.put(f"/v1/sandboxes/{vm_id}/files", params={"path": "/root/x"}, content=data)
-            assert c.get(f"/v1/sandboxes/{vm_id}/files", params={"path": "/root/x"}).content == data
+            c.put(f"/v1/sandboxes/{vm_id}/files", params={"path": "/home/user/x"}, content=data)
+            assert (
+                c.get(f"/v1/sandboxes/{vm_id}/files", params={"path": "/home/user/x"}).content
+                == data
+            )
             metrics = c.get("/metrics")
             assert metrics.headers["content-type"].startswith("text/plain; version=0.0.4")
             text = metrics.text
@@ -523,7 +528,9 @@ def test_kill_9_of_the_daemon_during_a_file_transfer(daemon: Daemon) -> None:
         try:
             with daemon.client() as c:
                 r = c.put(
-                    f"/v1/sandboxes/{vm['id']}/files", params={"path": "/root/big"}, content=body()
+                    f"/v1/sandboxes/{vm['id']}/files",
+                    params={"path": "/home/user/big"},
+                    content=body(),
                 )
                 seen.append(r.status_code)
         except httpx.HTTPError as exc:
@@ -543,7 +550,7 @@ def test_kill_9_of_the_daemon_during_a_file_transfer(daemon: Daemon) -> None:
         mine = [v for v in rows if v["id"] == vm["id"]]
         assert len(mine) == 1, rows
         assert mine[0]["state"] == "running", (mine[0], daemon.log_tail())
-        out, _, final = _exec(c, vm["id"], ["sh", "-c", "ls -a /root; echo done"])
+        out, _, final = _exec(c, vm["id"], ["sh", "-c", "ls -a /home/user; echo done"])
         assert final["exit_code"] == 0 and out.endswith(b"done\n")
         # The agent writes to a temp name and renames at the end: nothing half-written.
         assert b"big" not in out

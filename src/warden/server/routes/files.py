@@ -28,7 +28,7 @@ async def put_file(
     mode: int = Query(0o644, ge=0, le=MAX_MODE, description="permission bits, e.g. 420 (0o644)"),
 ) -> dict[str, Any]:
     machine = await manager.machine(ref)
-    size = await machine.agent.write_file(path, request.stream(), mode=mode)
+    size = await machine.agent.write_file(path, request.stream(), mode=mode, user=user)
     metrics.bytes.inc(size, direction="files_in")
     return {"path": path, "size": size}
 
@@ -38,7 +38,7 @@ async def get_file(
     ref: str, manager: ManagerDep, metrics: MetricsDep, path: PathQuery, user: UserDep
 ) -> StreamingResponse:
     machine = await manager.machine(ref)
-    chunks = cast(AsyncGenerator[bytes, None], machine.agent.read_file(path))
+    chunks = cast(AsyncGenerator[bytes, None], machine.agent.read_file(path, user=user))
     # Read the first chunk before answering, so a missing file is a 404, not a cut stream.
     try:
         first = await anext(chunks)
@@ -62,13 +62,13 @@ async def get_file(
 @router.get("/{ref}/files/stat")
 async def stat_file(ref: str, manager: ManagerDep, path: PathQuery, user: UserDep) -> Entry:
     machine = await manager.machine(ref)
-    return Entry.from_info(await machine.agent.stat(path))
+    return Entry.from_info(await machine.agent.stat(path, user=user))
 
 
 @router.get("/{ref}/files/list")
 async def list_files(ref: str, manager: ManagerDep, path: PathQuery, user: UserDep) -> list[Entry]:
     machine = await manager.machine(ref)
-    return [Entry.from_info(e) for e in await machine.agent.list_dir(path)]
+    return [Entry.from_info(e) for e in await machine.agent.list_dir(path, user=user)]
 
 
 @router.delete("/{ref}/files", status_code=204)
@@ -76,7 +76,7 @@ async def remove_file(
     ref: str, manager: ManagerDep, path: PathQuery, user: UserDep, recursive: bool = False
 ) -> Response:
     machine = await manager.machine(ref)
-    await machine.agent.remove(path, recursive=recursive)
+    await machine.agent.remove(path, recursive=recursive, user=user)
     return Response(status_code=204)
 
 
@@ -90,5 +90,5 @@ async def make_dir(
     mode: int = Query(0o755, ge=0, le=MAX_MODE),
 ) -> Entry:
     machine = await manager.machine(ref)
-    await machine.agent.make_dir(path, parents=parents, mode=mode)
-    return Entry.from_info(await machine.agent.stat(path))
+    await machine.agent.make_dir(path, parents=parents, mode=mode, user=user)
+    return Entry.from_info(await machine.agent.stat(path, user=user))
