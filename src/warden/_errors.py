@@ -19,6 +19,7 @@ and its message says what the user can do about it::
      |    +-- CommandTimeoutError  a command passed its timeout and was killed
      |    +-- GuestFileError    a file operation failed in the guest (errno + path)
      +-- SandboxClosedError     the sandbox was killed or closed already
+     +-- SizeLimitError         a file copied out of a guest passed the caller's max_size
      +-- StoreError             the manager's state database refused a change
      |    +-- NameConflictError    the name is taken (HTTP 409)
      |    +-- VMNotFoundError      no VM has that id or name (HTTP 404)
@@ -114,6 +115,11 @@ class GuestFileError(AgentError, OSError):
 
 class SandboxClosedError(WardenError):
     """The sandbox was already killed or closed."""
+
+
+class SizeLimitError(WardenError):
+    """A file copied out of a guest is larger than the caller's ``max_size``. Nothing was kept:
+    a partial local file is removed."""
 
 
 class StoreError(WardenError):

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 import warden
+from tests.integration.conftest import is_remote
 from warden import CommandTimeoutError, Sandbox
 
 pytestmark = pytest.mark.vm
@@ -63,7 +64,7 @@ def test_env_from_spec_and_from_the_command(sbx: Sandbox) -> None:
 
 def test_cwd(sbx: Sandbox) -> None:
     assert sbx.commands.run("pwd", cwd="/tmp").stdout == "/tmp\n"
-    assert sbx.commands.run("pwd").stdout == "/root\n"
+    assert sbx.commands.run("pwd").stdout == "/home/user\n"  # the user's home by default
 
 
 def test_bad_cwd_is_an_error_not_a_hang(sbx: Sandbox) -> None:
@@ -80,10 +81,47 @@ def test_command_not_found(sbx: Sandbox) -> None:
 
 def test_fifty_mib_of_output(sbx: Sandbox) -> None:
     size = 50 * 1024 * 1024
-    r = sbx.commands.run(f"head -c {size} /dev/zero | tr '\\0' 'x'", timeout=300)
-    assert r.exit_code == 0
+    script = f"head -c {size} /dev/zero | tr '\\0' 'x'"
+    r = sbx.commands.run(script, timeout=300, max_output=size)
+    assert (r.exit_code, r.truncated) == (0, False)
     assert len(r.stdout_bytes) == size
     assert r.stdout_bytes.count(b"x") == size
+
+
+def test_commands_run_as_the_unprivileged_user_by_default(sbx: Sandbox, sdk: Any) -> None:
+    r = sbx.commands.run("id -u; id -g; echo $HOME; touch /root/x")
+    assert r.stdout.splitlines() == ["1000", "1000", "/home/user"]
+    assert r.exit_code != 0 and "Permission denied" in r.stderr
+    if is_remote(sdk):  # this module's daemon runs without --allow-root
+        with pytest.raises(warden.HostError, match="allow-root"):
+            sbx.commands.run("id -u", user="root")
+    else:
+        r = sbx.commands.run("id -u; touch /root/x", user="root")
+        assert (r.stdout, r.exit_code) == ("0\n", 0)
+
+
+def test_max_output_caps_what_is_kept_and_says_so(sbx: Sandbox) -> None:
+    size = 3 * 1024 * 1024 + 5
+    seen = [0, 0]
+
+    def out(text: str) -> None:
+        seen[0] += len(text)
+
+    def err(text: str) -> None:
+        seen[1] += len(text)
+
+    script = f"head -c {size} /dev/zero | tr '\\0' o; head -c 100 /dev/zero | tr '\\0' e >&2"
+    r = sbx.commands.run(script, max_output=1000, on_stdout=out, on_stderr=err, timeout=120)
+    assert (r.exit_code, r.truncated) == (0, True)
+    assert r.stdout == "o" * 1000  # stdout cut...
+    assert r.stderr == "e" * 100  # ...stderr, under the cap, whole
+    assert seen == [size, 100]  # the handlers saw everything
+    r = sbx.commands.run("echo small", max_output=6)
+    assert (r.stdout, r.truncated) == ("small\n", False)
+    r = sbx.commands.run("echo small", max_output=0)
+    assert (r.stdout, r.truncated) == ("", True)
+    with pytest.raises(warden.SpecError, match="max_output"):
+        sbx.commands.run("true", max_output=-1)
 
 
 def test_streaming_callbacks_see_output_as_it_comes(sbx: Sandbox) -> None:

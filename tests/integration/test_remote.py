@@ -17,7 +17,7 @@ import warden
 from tests.integration.conftest import ServeProcess
 from warden.sdk import RemoteUnsupportedError
 from warden.sdk._endpoint import Endpoint
-from warden.sdk._lines import LinePool
+from warden.sdk._lines import RecordPool
 from warden.sdk._remote import RemoteAgent
 
 pytestmark = pytest.mark.vm
@@ -78,7 +78,7 @@ async def test_a_daemon_without_an_endpoint_gives_a_clear_error() -> None:
     async with httpx.AsyncClient(
         transport=httpx.MockTransport(handler), base_url="http://warden"
     ) as http:
-        agent = RemoteAgent(http, LinePool(Endpoint("unix:///nonexistent.sock")), "vm1")
+        agent = RemoteAgent(http, RecordPool(Endpoint("unix:///nonexistent.sock")), "vm1")
         with pytest.raises(RemoteUnsupportedError, match=r"files\.list"):
             await agent.list_dir("/")
         with pytest.raises(RemoteUnsupportedError, match="ping"):

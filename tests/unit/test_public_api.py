@@ -21,6 +21,7 @@ EXPECTED_ALL = {
     "LaunchError",
     "Sandbox",
     "SandboxClosedError",
+    "SizeLimitError",
     "SpecError",
     "VMError",
     "WardenError",

@@ -13,7 +13,7 @@ from warden._errors import CommandTimeoutError, WardenError
 from warden.cli.doctor import doctor
 from warden.cli.events import events
 from warden.cli.image import image_app
-from warden.cli.remote import HostOption
+from warden.cli.remote import HostOption, UserOption
 from warden.cli.remote import register as register_remote
 from warden.cli.serve import serve
 
@@ -72,6 +72,7 @@ def run(
     cold: Annotated[
         bool, typer.Option("--cold", help="Boot from scratch, not from the boot snapshot.")
     ] = False,
+    user: UserOption = "user",
     host: HostOption = None,
 ) -> None:
     """Boot a VM, run CMD in it, stream its output, and exit with CMD's exit code.
@@ -97,6 +98,7 @@ def run(
                 stdin,
                 "cold" if cold else "snapshot",
                 client,
+                user,
             )
         )
     except CommandTimeoutError as exc:
@@ -118,6 +120,7 @@ async def _run(
     stdin: bytes | None,
     boot: str,
     client: Client | None = None,
+    user: str = "user",
 ) -> int:
     from warden.sdk import AsyncSandbox
 
@@ -133,7 +136,8 @@ async def _run(
 
     create = client.AsyncSandbox.create if client is not None else AsyncSandbox.create
     async with await create(image, memory_mib=memory, vcpus=cpus, boot=boot) as sbx:
-        # Raw bytes straight through: the CLI must pass binary output unchanged.
+        # Raw bytes straight through: the CLI must pass binary output unchanged. None of it
+        # is kept (max_output=0): a command may write without end.
         result = await sbx._agent().exec(
             command,
             env=env,
@@ -141,6 +145,8 @@ async def _run(
             timeout=timeout,
             on_stdout=write_out,
             on_stderr=write_err,
+            user=user,
+            max_output=0,
         )
     if result.exit_code is not None:
         return result.exit_code

@@ -11,6 +11,7 @@ import asyncio
 import concurrent.futures
 import json
 import os
+import signal
 import stat as stat_mod
 import sys
 import threading
@@ -25,14 +26,24 @@ from rich.table import Table
 
 from warden._errors import CommandTimeoutError, SpecError, WardenError
 from warden.agent.client import ExecResult
+from warden.sdk import _download as _download_mod
 from warden.sdk._endpoint import Endpoint
-from warden.sdk._lines import LinePool
+from warden.sdk._lines import RecordPool
 from warden.sdk._remote import RemoteAgent
 
 out = Console()
 err = Console(stderr=True)
 
 EXIT_WARDEN_ERROR = 125
+
+UserOption = Annotated[
+    str,
+    typer.Option(
+        "--user",
+        "-u",
+        help='The guest user: "user" (uid 1000) or "root" (a daemon must allow it).',
+    ),
+]
 
 HostOption = Annotated[
     str | None,
@@ -181,6 +192,7 @@ def exec_(
     interactive: Annotated[
         bool, typer.Option("-i", "--interactive", help="Forward stdin to the command.")
     ] = False,
+    user: UserOption = "user",
     host: HostOption = None,
 ) -> None:
     """Run CMD in a sandbox, stream its output, and exit with its exit code."""
@@ -191,7 +203,16 @@ def exec_(
     endpoint = _endpoint(host)
     try:
         result = asyncio.run(
-            _exec(endpoint, ref, cmd, _labels(env) if env else None, cwd, timeout, interactive)
+            _exec(
+                endpoint,
+                ref,
+                cmd,
+                _labels(env) if env else None,
+                cwd,
+                timeout,
+                interactive,
+                user,
+            )
         )
     except CommandTimeoutError:
         err.print(f"[red]warden:[/red] the command passed its timeout of {timeout}s")
@@ -215,8 +236,10 @@ async def _exec(
     cwd: str | None,
     timeout: float | None,
     interactive: bool,
+    user: str,
 ) -> ExecResult:
-    """Run ``cmd`` through the daemon with the SDK's remote agent, output straight through."""
+    """Run ``cmd`` through the daemon with the SDK's remote agent, output straight through
+    (none of it is kept: a command may write without end)."""
     stdout, stderr = sys.stdout.buffer, sys.stderr.buffer
 
     def write(stream: IO[bytes]) -> Callable[[bytes], None]:
@@ -226,7 +249,7 @@ async def _exec(
 
         return to
 
-    lines = LinePool(endpoint)
+    lines = RecordPool(endpoint)
     async with endpoint.async_client(httpx.Timeout(60.0, read=None)) as http:
         try:
             return await RemoteAgent(http, lines, ref).exec(
@@ -237,6 +260,8 @@ async def _exec(
                 stdin=_stdin_chunks() if interactive else None,
                 on_stdout=write(stdout),
                 on_stderr=write(stderr),
+                user=user,
+                max_output=0,
             )
         finally:
             await lines.aclose()
@@ -292,11 +317,22 @@ def _file_chunks(f: IO[bytes]) -> Iterator[bytes]:
 def cp(
     src: Annotated[str, typer.Argument(help="A local path, or ID:PATH in a sandbox; - is stdin.")],
     dst: Annotated[str, typer.Argument(help="ID:PATH in a sandbox, or a local path; - is stdout.")],
+    max_size: Annotated[
+        str,
+        typer.Option(
+            "--max-size",
+            help="Copying out: refuse a file larger than this (bytes, or with K, M, G, T); "
+            "0 for no limit.",
+        ),
+    ] = "1G",
+    user: UserOption = "user",
     host: HostOption = None,
 ) -> None:
     """Copy a file into a sandbox (SRC ID:DST) or out of one (ID:SRC DST), streamed.
 
-    A DST ending in / (or an existing local directory) gets SRC's file name.
+    A DST ending in / (or an existing local directory) gets SRC's file name. A file copied out
+    keeps its holes (zero runs are not written), appears only once complete (never a partial
+    file, even after Ctrl-C or SIGTERM) and is made with mode 0600.
     """
     src_ref, src_path = _split_ref(src)
     dst_ref, dst_path = _split_ref(dst)
@@ -306,14 +342,31 @@ def cp(
         )
     if not (src_path and dst_path):
         raise typer.BadParameter("give a path after ID:", param_hint="SRC DST")
+    limit = parse_size(max_size)
     if dst_ref is not None:
-        _upload(src_path, dst_ref, dst_path, host)
+        _upload(src_path, dst_ref, dst_path, user, host)
     else:
         assert src_ref is not None
-        _download(src_ref, src_path, dst_path, host)
+        _download(src_ref, src_path, dst_path, limit or None, user, host)
 
 
-def _upload(local: str, ref: str, path: str, host: str | None) -> None:
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """``10M`` -> 10485760 (binary units; an optional trailing B or iB)."""
+    value = text.strip().upper().removesuffix("B").removesuffix("I")
+    unit = value[-1:] if value[-1:] in _UNITS and value[-1:] else ""
+    number = value[: len(value) - len(unit)]
+    if not number.isdigit():
+        raise typer.BadParameter(
+            f"{text!r} is not a size: give bytes, or a number with K, M, G or T (e.g. 512M)",
+            param_hint="'--max-size'",
+        )
+    return int(number) * _UNITS[unit]
+
+
+def _upload(local: str, ref: str, path: str, user: str, host: str | None) -> None:
     if path.endswith("/"):
         if local == "-":
             raise typer.BadParameter("name the file to write stdin to", param_hint="DST")
@@ -331,7 +384,7 @@ def _upload(local: str, ref: str, path: str, host: str | None) -> None:
             _check(
                 c.put(
                     f"/v1/sandboxes/{ref}/files",
-                    params={"path": path, "mode": mode},
+                    params={"path": path, "mode": mode, "user": user},
                     content=_file_chunks(f),
                     timeout=httpx.Timeout(60.0, read=None, write=None),
                 )
@@ -341,34 +394,52 @@ def _upload(local: str, ref: str, path: str, host: str | None) -> None:
             f.close()
 
 
-def _download(ref: str, path: str, local: str, host: str | None) -> None:
+def _download(
+    ref: str, path: str, local: str, max_size: int | None, user: str, host: str | None
+) -> None:
     if local != "-" and (local.endswith("/") or os.path.isdir(local)):
         local = os.path.join(local, os.path.basename(path.rstrip("/")))
-    with (
-        _client(host) as c,
-        c.stream("GET", f"/v1/sandboxes/{ref}/files", params={"path": path}) as r,
-    ):
-        if not r.is_success:
-            r.read()
-            _check(r)
-        if local == "-":
-            for chunk in r.iter_bytes():
+    endpoint = _endpoint(host)
+    try:
+        asyncio.run(_copy_out(endpoint, ref, path, local, max_size, user))
+    except httpx.TransportError as exc:
+        _fail(endpoint.unreachable(exc))
+    except WardenError as exc:
+        _fail(str(exc))
+    except OSError as exc:
+        _fail(f"cannot write {local}: {exc.strerror or exc}")
+    except asyncio.CancelledError:
+        err.print("[red]warden:[/red] cp was stopped (SIGTERM); nothing was kept")
+        raise typer.Exit(128 + signal.SIGTERM) from None
+
+
+async def _copy_out(
+    endpoint: Endpoint, ref: str, path: str, local: str, max_size: int | None, user: str
+) -> None:
+    """Stream ``path`` out of sandbox ``ref`` into ``local`` (or stdout for ``-``) with the
+    SDK's bounded, sparse, all-or-nothing download. SIGTERM cancels it like Ctrl-C does."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    loop.add_signal_handler(signal.SIGTERM, task.cancel)
+    lines = RecordPool(endpoint)
+    try:
+        async with endpoint.async_client(httpx.Timeout(60.0, read=None)) as http:
+            agent = RemoteAgent(http, lines, ref)
+            if max_size is not None:
+                size = (await agent.stat(path, user=user)).size
+                if size > max_size:
+                    raise _download_mod.too_large(path, size, max_size)
+            chunks = agent.read_file(path, user=user)
+            if local != "-":
+                await _download_mod.download(chunks, path, local, max_size)
+                return
+            async for chunk in _download_mod.bounded(chunks, path, max_size):
                 sys.stdout.buffer.write(chunk)
             sys.stdout.buffer.flush()
-            return
-        # Into a temp file beside the target, renamed at the end: never a half-written DST.
-        folder, name = os.path.split(os.path.abspath(local))
-        part = os.path.join(folder, f".{name}.warden-{os.getpid()}.part")
-        try:
-            with open(part, "wb") as out_file:
-                for chunk in r.iter_bytes():
-                    out_file.write(chunk)
-            os.replace(part, local)
-        except OSError as exc:
-            _fail(f"cannot write {local}: {exc.strerror}")
-        finally:
-            if os.path.exists(part):
-                os.unlink(part)
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
+        await lines.aclose()
 
 
 def stop(

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import codecs
+import contextlib
 import inspect
+import os
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
 from types import TracebackType
 from typing import IO, Any, Literal, overload
 
-from warden._errors import GuestFileError, SandboxClosedError
+from warden._errors import GuestFileError, SandboxClosedError, SpecError
+from warden.agent.client import DEFAULT_MAX_OUTPUT
 from warden.config import Paths
+from warden.sdk import _download
 from warden.sdk._backend import AgentBackend, MachineBackend
 from warden.sdk._types import CommandResult, EntryInfo
 from warden.vmm.machine import Machine
@@ -18,6 +22,8 @@ from warden.vmm.state import VMState
 
 CHUNK = 1024 * 1024
 """How much of a file object is read per step (one transfer-window slot)."""
+DEFAULT_MAX_READ = 64 * 1024 * 1024
+"""The default ``max_size`` of ``files.read``, which holds the whole file in memory."""
 
 OutputHandler = Callable[[str], Awaitable[None] | None]
 FileData = bytes | str | IO[bytes] | AsyncIterable[bytes]
@@ -146,12 +152,21 @@ class AsyncCommands:
         timeout: float | None = 60.0,
         on_stdout: OutputHandler | None = None,
         on_stderr: OutputHandler | None = None,
+        user: str = "user",
+        max_output: int = DEFAULT_MAX_OUTPUT,
     ) -> CommandResult:
         """Run ``cmd`` (a shell string, or an argv list run without a shell) and wait for it.
 
         ``timeout`` (seconds, None for none) kills the command and raises CommandTimeoutError.
-        ``on_stdout``/``on_stderr`` get decoded output as it arrives.
+        ``on_stdout``/``on_stderr`` get decoded output as it arrives: all of it, in constant
+        memory; a slow handler slows the command's output down instead of buffering it.
+        ``user`` is the guest user that runs it: ``"user"`` (uid 1000, home /home/user, the
+        default cwd) or ``"root"`` (a daemon allows root only if started with --allow-root).
+        ``max_output`` caps the bytes of stdout and of stderr (each) kept in the result
+        (default 16 MiB; 0 keeps none); ``result.truncated`` says whether output was cut.
         """
+        if max_output < 0:
+            raise SpecError(f"max_output must be 0 or more bytes, not {max_output}")
         merged = {**self._sbx.spec.env, **(env or {})}
         command: str | list[str] = cmd if isinstance(cmd, str) else list(cmd)
         data = stdin.encode() if isinstance(stdin, str) else stdin
@@ -163,6 +178,8 @@ class AsyncCommands:
             timeout=timeout,
             on_stdout=_decoding(on_stdout),
             on_stderr=_decoding(on_stderr),
+            user=user,
+            max_output=max_output,
         )
         sig = res.signal
         code = res.exit_code if res.exit_code is not None else 128 + (sig or 0)
@@ -173,6 +190,7 @@ class AsyncCommands:
             signal=sig,
             stdout_bytes=res.stdout,
             stderr_bytes=res.stderr,
+            truncated=res.truncated,
         )
 
 
@@ -193,12 +211,19 @@ def _decoding(handler: OutputHandler | None) -> Callable[[bytes], Any] | None:
 
 
 class AsyncFiles:
-    """Move files in and out of the sandbox. Data is streamed in chunks."""
+    """Move files in and out of the sandbox. Data is streamed in chunks.
+
+    Every method takes ``user``: the guest user whose permissions apply, ``"user"`` (the
+    default, uid 1000) or ``"root"``. What comes out of the guest is bounded by ``max_size``
+    (bytes; None for no limit): past it, :class:`~warden.SizeLimitError`.
+    """
 
     def __init__(self, sandbox: AsyncSandbox) -> None:
         self._sbx = sandbox
 
-    async def write(self, path: str, data: FileData, *, mode: int = 0o644) -> int:
+    async def write(
+        self, path: str, data: FileData, *, mode: int = 0o644, user: str = "user"
+    ) -> int:
         """Write ``data`` (bytes, str, a binary file object or an async iterable) to ``path``.
 
         Parent directories are made. Returns the number of bytes written.
@@ -214,44 +239,100 @@ class AsyncFiles:
             payload = data
         else:
             payload = _read_chunks(data)
-        return await self._sbx._agent().write_file(path, payload, mode=mode, parents=True)
+        agent = self._sbx._agent()
+        return await agent.write_file(path, payload, mode=mode, parents=True, user=user)
 
     @overload
-    async def read(self, path: str, *, format: Literal["text"] = "text") -> str: ...
+    async def read(
+        self,
+        path: str,
+        *,
+        format: Literal["text"] = "text",
+        user: str = ...,
+        max_size: int | None = ...,
+    ) -> str: ...
     @overload
-    async def read(self, path: str, *, format: Literal["bytes"]) -> bytes: ...
+    async def read(
+        self,
+        path: str,
+        *,
+        format: Literal["bytes"],
+        user: str = ...,
+        max_size: int | None = ...,
+    ) -> bytes: ...
 
-    async def read(self, path: str, *, format: Literal["text", "bytes"] = "text") -> str | bytes:
-        """Read a whole file, as text (UTF-8) or bytes. Use :meth:`stream` for large files."""
-        parts = [chunk async for chunk in self.stream(path)]
+    async def read(
+        self,
+        path: str,
+        *,
+        format: Literal["text", "bytes"] = "text",
+        user: str = "user",
+        max_size: int | None = DEFAULT_MAX_READ,
+    ) -> str | bytes:
+        """Read a whole file, as text (UTF-8) or bytes; at most ``max_size`` bytes (64 MiB by
+        default). Use :meth:`stream` or :meth:`download` for large files."""
+        parts = [chunk async for chunk in self.stream(path, user=user, max_size=max_size)]
         raw = b"".join(parts)
         return raw if format == "bytes" else raw.decode(errors="replace")
 
-    def stream(self, path: str) -> AsyncIterator[bytes]:
-        """Read a file chunk by chunk."""
-        return self._sbx._agent().read_file(path)
+    def stream(
+        self, path: str, *, user: str = "user", max_size: int | None = None
+    ) -> AsyncIterator[bytes]:
+        """Read a file chunk by chunk, in constant memory; stop early to cancel the read."""
+        chunks = self._sbx._agent().read_file(path, user=user)
+        return _download.bounded(chunks, path, _limit(max_size))
 
-    async def list(self, path: str) -> list[EntryInfo]:
-        return await self._sbx._agent().list_dir(path)
+    async def download(
+        self,
+        path: str,
+        dest: str | os.PathLike[str],
+        *,
+        user: str = "user",
+        max_size: int | None = _download.DEFAULT_MAX_DOWNLOAD,
+    ) -> int:
+        """Copy ``path`` out of the sandbox to the local file ``dest``; returns its size.
 
-    async def stat(self, path: str) -> EntryInfo:
-        return await self._sbx._agent().stat(path)
+        At most ``max_size`` bytes (1 GiB by default): a larger file is refused before it is
+        sent when its size says so, and cut off when it grows. Zero runs become holes, so a
+        sparse file stays sparse. ``dest`` appears only once complete: on any error or
+        cancellation nothing is left. The file is made with mode 0600.
+        """
+        limit = _limit(max_size)
+        if limit is not None:
+            with contextlib.suppress(GuestFileError):  # e.g. no stat endpoint: checked as sent
+                size = (await self.stat(path, user=user)).size
+                if size > limit:
+                    raise _download.too_large(path, size, limit)
+        chunks = self._sbx._agent().read_file(path, user=user)
+        return await _download.download(chunks, path, os.fspath(dest), limit)
 
-    async def exists(self, path: str) -> bool:
+    async def list(self, path: str, *, user: str = "user") -> list[EntryInfo]:
+        return await self._sbx._agent().list_dir(path, user=user)
+
+    async def stat(self, path: str, *, user: str = "user") -> EntryInfo:
+        return await self._sbx._agent().stat(path, user=user)
+
+    async def exists(self, path: str, *, user: str = "user") -> bool:
         try:
-            await self.stat(path)
+            await self.stat(path, user=user)
         except GuestFileError as exc:
             if exc.errno == 2:
                 return False
             raise
         return True
 
-    async def remove(self, path: str, *, recursive: bool = False) -> None:
-        await self._sbx._agent().remove(path, recursive=recursive)
+    async def remove(self, path: str, *, recursive: bool = False, user: str = "user") -> None:
+        await self._sbx._agent().remove(path, recursive=recursive, user=user)
 
-    async def make_dir(self, path: str, *, mode: int = 0o755) -> None:
+    async def make_dir(self, path: str, *, mode: int = 0o755, user: str = "user") -> None:
         """Make ``path`` and its parents. Succeeds if it exists already."""
-        await self._sbx._agent().make_dir(path, parents=True, mode=mode)
+        await self._sbx._agent().make_dir(path, parents=True, mode=mode, user=user)
+
+
+def _limit(max_size: int | None) -> int | None:
+    if max_size is not None and max_size < 0:
+        raise SpecError(f"max_size must be 0 or more bytes (or None), not {max_size}")
+    return max_size
 
 
 async def _read_chunks(f: IO[bytes]) -> AsyncIterator[bytes]:

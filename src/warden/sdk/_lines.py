@@ -1,11 +1,11 @@
-"""The client side of the daemon's NDJSON streams (``exec``): lean HTTP/1.1 over h11.
+"""The client side of the daemon's exec output stream (``warden.records``): lean HTTP/1.1.
 
 On the exec path httpx costs more than the daemon itself. Measured here, an exec of ``true``
 through the daemon took 13.0 ms with httpx and 11.3 ms with this client, against about 11 ms
-embedded. So this client does one thing only: POST a JSON body and hand back the lines of the
-answer. It keeps connections alive to one :class:`~warden.sdk._endpoint.Endpoint` (a unix
-socket, or TCP with TLS and the bearer token). h11 handles the protocol, as it does under
-httpx. Everything else in the SDK uses httpx.
+embedded. So this client does one thing only: POST a JSON body and hand back the answer as
+checked binary records. It keeps connections alive to one
+:class:`~warden.sdk._endpoint.Endpoint` (a unix socket, or TCP with TLS and the bearer
+token). h11 handles the protocol, as it does under httpx. Everything else in the SDK uses httpx.
 
 Leaving the ``async with`` early (an error, a cancellation) closes the connection; for exec,
 the daemon then kills the command.
@@ -24,10 +24,13 @@ import h11
 import httpx
 
 from warden._errors import HostError
+from warden.records import MEDIA_TYPE, Kind, RecordDecoder, StreamError
 from warden.sdk._endpoint import Endpoint
 
 CONNECT_TIMEOUT_S = 60.0
-READ_SIZE = 64 * 1024
+READ_SIZE = 256 * 1024
+MAX_ERROR_BODY = 1 << 20
+"""The most of an error answer (a JSON detail) that is read."""
 MAX_IDLE = 8
 """Connections kept open for later requests; more are closed once their answer is read."""
 
@@ -36,8 +39,8 @@ class _Broken(Exception):
     """The connection failed before the status line came (a keep-alive one may be stale)."""
 
 
-class LineResponse:
-    """The status and headers of an answer, and its body as lines or whole."""
+class RecordResponse:
+    """The status and headers of an answer, and its body as exec records or whole."""
 
     def __init__(self, conn: _Connection, event: h11.Response) -> None:
         self._conn = conn
@@ -45,24 +48,39 @@ class LineResponse:
         self.headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in event.headers]
         self.complete = False
 
-    async def lines(self) -> AsyncIterator[bytes]:
-        """The body's lines (without their newlines), as they come."""
-        pending = b""
+    async def records(self) -> AsyncIterator[tuple[Kind, bytes | dict[str, Any]]]:
+        """The body's records (``warden.records``), checked as they come.
+
+        Holds at most one record and one read: the next read waits until the caller took
+        the records before it, so a slow caller slows the daemon (and the guest) down.
+        """
+        media = dict(self.headers).get("content-type", "")
+        if media != MEDIA_TYPE:
+            raise StreamError(
+                f"the warden daemon answered exec with {media or 'no media type'}, not "
+                f"{MEDIA_TYPE}; upgrade the daemon to the SDK's version"
+            )
+        decoder = RecordDecoder()
         async for data in self._conn.body():
-            pending += data
-            *whole, pending = pending.split(b"\n")
-            for line in whole:
-                if line:
-                    yield line
-        if pending:
-            yield pending
+            for record in decoder.feed(data):
+                yield record
+        decoder.end()
         self.complete = True
 
     async def read(self) -> httpx.Response:
-        """The whole answer, as an httpx.Response (for the SDK's error mapping)."""
-        body = b"".join([data async for data in self._conn.body()])
+        """The whole answer, as an httpx.Response (for the SDK's error mapping); at most
+        ``MAX_ERROR_BODY`` bytes of it."""
+        parts: list[bytes] = []
+        size = 0
+        async for data in self._conn.body():
+            size += len(data)
+            if size > MAX_ERROR_BODY:
+                raise StreamError(
+                    f"the warden daemon sent an error answer over {MAX_ERROR_BODY} bytes"
+                )
+            parts.append(data)
         self.complete = True
-        return httpx.Response(self.status_code, headers=self.headers, content=body)
+        return httpx.Response(self.status_code, headers=self.headers, content=b"".join(parts))
 
 
 class _Connection:
@@ -139,22 +157,23 @@ class _Connection:
         self.writer.close()
 
 
-class LinePool:
-    """Keep-alive connections to one daemon, for requests whose answers are read as lines."""
+class RecordPool:
+    """Keep-alive connections to one daemon, for requests whose answers are exec records."""
 
     def __init__(self, endpoint: Endpoint) -> None:
         self._endpoint = endpoint
         self._idle: list[_Connection] = []
         self._headers = [("host", "warden"), ("content-type", "application/json")]
+        self._headers.append(("accept", MEDIA_TYPE))
         self._headers += list(endpoint.headers().items())
 
     @contextlib.asynccontextmanager
-    async def post(self, target: str, payload: dict[str, Any]) -> AsyncIterator[LineResponse]:
-        """POST ``payload`` as JSON to ``target``; the answer's status, then its lines."""
+    async def post(self, target: str, payload: dict[str, Any]) -> AsyncIterator[RecordResponse]:
+        """POST ``payload`` as JSON to ``target``; the answer's status, then its records."""
         body = json.dumps(payload, separators=(",", ":")).encode()
         headers = [*self._headers, ("content-length", str(len(body)))]
         conn, event = await self._send(target, body, headers)
-        response = LineResponse(conn, event)
+        response = RecordResponse(conn, event)
         try:
             yield response
         except (OSError, h11.RemoteProtocolError) as exc:

@@ -20,7 +20,6 @@ import base64
 import contextlib
 import errno as errno_mod
 import inspect
-import json
 import os
 import re
 import time
@@ -41,10 +40,11 @@ from warden._errors import (
     SpecError,
     WardenError,
 )
-from warden.agent.client import EntryInfo, ExecResult, OutputCallback
+from warden.agent.client import DEFAULT_MAX_OUTPUT, EntryInfo, ExecResult, OutputCallback
+from warden.records import Kind
 from warden.sdk._async import AsyncSandbox
 from warden.sdk._endpoint import Endpoint
-from warden.sdk._lines import LinePool
+from warden.sdk._lines import RecordPool
 from warden.sdk._sync import Sandbox
 from warden.vmm.spec import VMSpec
 from warden.vmm.state import VMState
@@ -106,6 +106,11 @@ def _raise(response: httpx.Response, *, vm_id: str | None = None, files: bool = 
     raise HostError(f"the warden daemon refused the request: {detail}")
 
 
+READ_CHUNK = 256 * 1024
+"""Bytes of a downloaded file taken from the connection per step."""
+MAX_ERROR_BODY = 1 << 20
+"""The most of an error answer that is read."""
+
 INLINE_STDIN_MAX = 64 * 1024
 """Bytes of stdin sent inline (base64 in the exec request); more, or a stream, is streamed."""
 
@@ -113,7 +118,7 @@ INLINE_STDIN_MAX = 64 * 1024
 class RemoteAgent:
     """The subset of :class:`~warden.agent.client.AgentClient` the SDK uses, over HTTP."""
 
-    def __init__(self, http: httpx.AsyncClient, lines: LinePool, vm_id: str) -> None:
+    def __init__(self, http: httpx.AsyncClient, lines: RecordPool, vm_id: str) -> None:
         self._http = http
         self._lines = lines  # exec's output stream: the hot path, without httpx's cost
         self._id = vm_id
@@ -129,14 +134,18 @@ class RemoteAgent:
         timeout: float | None = None,
         on_stdout: OutputCallback | None = None,
         on_stderr: OutputCallback | None = None,
+        user: str = "user",
+        max_output: int = DEFAULT_MAX_OUTPUT,
     ) -> ExecResult:
         """Run a command through the daemon; see ``AgentClient.exec``.
 
         Small ``bytes`` stdin goes inline in the request. A stream (or more than
         ``INLINE_STDIN_MAX`` bytes) is streamed on a second request while the output streams
-        back on the first. Cancelling the call closes the stream, which kills the command.
+        back on the first. Output is kept up to ``max_output`` bytes per stream; a callback
+        that takes its time slows the daemon and the guest down (nothing piles up). Cancelling
+        the call closes the stream, which kills the command.
         """
-        body: dict[str, Any] = {"cmd": cmd if isinstance(cmd, str) else list(cmd)}
+        body: dict[str, Any] = {"cmd": cmd if isinstance(cmd, str) else list(cmd), "user": user}
         if env is not None:
             body["env"] = dict(env)
         if cwd is not None:
@@ -148,27 +157,20 @@ class RemoteAgent:
             stdin = None
         elif stdin is not None:
             body["stdin_stream"] = True
-        stdout, stderr = bytearray(), bytearray()
-        final: dict[str, Any] | None = None
+        output = _Output(max_output, on_stdout, on_stderr)
         feeder: asyncio.Task[None] | None = None
         try:
             async with self._lines.post(f"{self._base}/exec", body) as r:
                 if r.status_code != 200:
                     _raise(await r.read(), vm_id=self._id)
-                async for line in r.lines():
-                    msg = json.loads(line)
-                    if "exec_id" in msg and stdin is not None:
-                        feeder = asyncio.create_task(self._send_stdin(msg["exec_id"], stdin))
-                    elif "stdout" in msg:
-                        chunk = base64.b64decode(msg["stdout"])
-                        stdout += chunk
-                        await _call(on_stdout, chunk)
-                    elif "stderr" in msg:
-                        chunk = base64.b64decode(msg["stderr"])
-                        stderr += chunk
-                        await _call(on_stderr, chunk)
-                    else:
-                        final = msg
+                async for kind, payload in r.records():
+                    if isinstance(payload, bytes):
+                        await output.take(kind, payload)
+                    elif "exec_id" in payload and stdin is not None and feeder is None:
+                        exec_id = str(payload["exec_id"])
+                        feeder = asyncio.create_task(self._send_stdin(exec_id, stdin))
+                    elif "exec_id" not in payload:
+                        output.final = payload
         finally:
             # The command has ended (or the call failed): what stdin is left no longer matters.
             if feeder is not None and not feeder.done():
@@ -177,25 +179,7 @@ class RemoteAgent:
                     await feeder
         if feeder is not None and not feeder.cancelled() and feeder.exception() is not None:
             raise cast(BaseException, feeder.exception())  # e.g. the stdin source failed
-        if final is None:
-            raise AgentError("the warden daemon ended the command's output without a result")
-        if "error" in final:
-            raise AgentError(str(final["error"]))
-        result = ExecResult(
-            exit_code=final.get("exit_code"),
-            signal=final.get("signal"),
-            stdout=bytes(stdout),
-            stderr=bytes(stderr),
-            timed_out=bool(final.get("timed_out")),
-        )
-        if result.timed_out:
-            error = CommandTimeoutError(
-                f"the command ran longer than its timeout={timeout}s and was killed; pass a "
-                f"larger timeout= (or timeout=None) to let it run longer: {cmd!r}"
-            )
-            error.result = result
-            raise error
-        return result
+        return output.result(cmd, timeout)
 
     async def _send_stdin(self, exec_id: str, stdin: bytes | AsyncIterable[bytes]) -> None:
         """Stream ``stdin`` to the command ``exec_id``; its end is the command's EOF."""
@@ -212,22 +196,23 @@ class RemoteAgent:
         *,
         mode: int = 0o644,
         parents: bool = True,
+        user: str = "user",
     ) -> int:
         """Stream ``data`` into ``path`` (the daemon always makes the parents)."""
-        r = await self._http.put(
-            f"{self._base}/files", params={"path": path, "mode": str(mode)}, content=data
-        )
+        params = {"path": path, "mode": str(mode), "user": user}
+        r = await self._http.put(f"{self._base}/files", params=params, content=data)
         if not r.is_success:
             _raise(r, vm_id=self._id, files=True)
         return int(r.json()["size"])
 
-    async def read_file(self, path: str) -> AsyncIterator[bytes]:
-        """Stream a file from the guest; leaving the loop early closes the response."""
-        async with self._http.stream("GET", f"{self._base}/files", params={"path": path}) as r:
+    async def read_file(self, path: str, *, user: str = "user") -> AsyncIterator[bytes]:
+        """Stream a file from the guest; leaving the loop early closes the response (which
+        stops the read). The next chunk is read only once the caller took the last one."""
+        params = {"path": path, "user": user}
+        async with self._http.stream("GET", f"{self._base}/files", params=params) as r:
             if not r.is_success:
-                await r.aread()
-                _raise(r, vm_id=self._id, files=True)
-            async for chunk in r.aiter_bytes():
+                _raise(await _read_bounded(r), vm_id=self._id, files=True)
+            async for chunk in r.aiter_raw(READ_CHUNK):
                 yield chunk
 
     def _unsupported(self, what: str) -> NoReturn:
@@ -266,20 +251,39 @@ class RemoteAgent:
             _raise(r, vm_id=self._id, files=True)
         return r.json() if r.status_code != 204 and r.content else None
 
-    async def list_dir(self, path: str) -> list[EntryInfo]:
-        entries = await self._files("GET", "files.list()", "list", path=path)
+    async def list_dir(self, path: str, *, user: str = "user") -> list[EntryInfo]:
+        entries = await self._files("GET", "files.list()", "list", path=path, user=user)
         return [EntryInfo.from_json(e) for e in entries]
 
-    async def stat(self, path: str) -> EntryInfo:
-        return EntryInfo.from_json(await self._files("GET", "files.stat()", "stat", path=path))
+    async def stat(self, path: str, *, user: str = "user") -> EntryInfo:
+        entry = await self._files("GET", "files.stat()", "stat", path=path, user=user)
+        return EntryInfo.from_json(entry)
 
-    async def remove(self, path: str, *, recursive: bool = False) -> None:
-        await self._files("DELETE", "files.remove()", path=path, recursive=recursive)
+    async def remove(self, path: str, *, recursive: bool = False, user: str = "user") -> None:
+        await self._files("DELETE", "files.remove()", path=path, recursive=recursive, user=user)
 
-    async def make_dir(self, path: str, *, parents: bool = True, mode: int = 0o755) -> None:
+    async def make_dir(
+        self, path: str, *, parents: bool = True, mode: int = 0o755, user: str = "user"
+    ) -> None:
         await self._files(
-            "POST", "files.make_dir()", "mkdir", path=path, parents=parents, mode=mode
+            "POST", "files.make_dir()", "mkdir", path=path, parents=parents, mode=mode, user=user
         )
+
+
+async def _read_bounded(response: httpx.Response) -> httpx.Response:
+    """An error answer with its body read, refusing one over ``MAX_ERROR_BODY`` bytes."""
+    parts: list[bytes] = []
+    size = 0
+    async for data in response.aiter_raw():
+        size += len(data)
+        if size > MAX_ERROR_BODY:
+            raise HostError(
+                f"the warden daemon sent an error answer of more than {MAX_ERROR_BODY} bytes "
+                f"(HTTP {response.status_code})"
+            )
+        parts.append(data)
+    content = b"".join(parts)
+    return httpx.Response(response.status_code, headers=response.headers, content=content)
 
 
 def _is_no_route(response: httpx.Response) -> bool:
@@ -297,6 +301,56 @@ async def _call(callback: OutputCallback | None, chunk: bytes) -> None:
             await result
 
 
+class _Output:
+    """What a remote command wrote: kept up to ``max_output`` bytes per stream, all of it
+    handed to the callbacks; and its final status."""
+
+    def __init__(
+        self, max_output: int, on_stdout: OutputCallback | None, on_stderr: OutputCallback | None
+    ) -> None:
+        self.max_output = max_output
+        self.streams = {Kind.STDOUT: bytearray(), Kind.STDERR: bytearray()}
+        self.callbacks = {Kind.STDOUT: on_stdout, Kind.STDERR: on_stderr}
+        self.truncated = False
+        self.final: dict[str, Any] | None = None
+
+    async def take(self, kind: Kind, chunk: bytes) -> None:
+        kept = self.streams[kind]
+        room = self.max_output - len(kept)
+        if len(chunk) > room:
+            self.truncated = True
+        if room > 0:
+            kept += chunk[:room]
+        await _call(self.callbacks[kind], chunk)
+
+    def result(self, cmd: list[str] | str, timeout: float | None) -> ExecResult:
+        final = self.final
+        if final is None:
+            raise AgentError("the warden daemon ended the command's output without a result")
+        if "error" in final:
+            raise AgentError(str(final["error"]))
+        result = ExecResult(
+            exit_code=_opt_int(final.get("exit_code")),
+            signal=_opt_int(final.get("signal")),
+            stdout=bytes(self.streams[Kind.STDOUT]),
+            stderr=bytes(self.streams[Kind.STDERR]),
+            timed_out=bool(final.get("timed_out")),
+            truncated=self.truncated,
+        )
+        if result.timed_out:
+            error = CommandTimeoutError(
+                f"the command ran longer than its timeout={timeout}s and was killed; pass a "
+                f"larger timeout= (or timeout=None) to let it run longer: {cmd!r}"
+            )
+            error.result = result
+            raise error
+        return result
+
+
+def _opt_int(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 class RemoteMachine:
     """Stands where a :class:`~warden.vmm.machine.Machine` stands in an ``AsyncSandbox``."""
 
@@ -309,7 +363,7 @@ class RemoteMachine:
         self.state = VMState(row["state"])
         self.exit_code: int | None = row.get("exit_code")
         self._http = http
-        self._lines = LinePool(endpoint)
+        self._lines = RecordPool(endpoint)
         self._agent = RemoteAgent(http, self._lines, self.id)
 
     @property

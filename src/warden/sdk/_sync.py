@@ -5,12 +5,21 @@ Nothing here re-implements behaviour: every method hands its async twin to the p
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
 from typing import Literal, overload
 
+from warden.agent.client import DEFAULT_MAX_OUTPUT
 from warden.sdk import _portal
-from warden.sdk._async import AsyncCommands, AsyncFiles, AsyncSandbox, FileData
+from warden.sdk._async import (
+    DEFAULT_MAX_READ,
+    AsyncCommands,
+    AsyncFiles,
+    AsyncSandbox,
+    FileData,
+)
+from warden.sdk._download import DEFAULT_MAX_DOWNLOAD
 from warden.sdk._types import CommandResult, EntryInfo
 from warden.vmm.spec import VMSpec
 
@@ -123,6 +132,8 @@ class Commands:
         timeout: float | None = 60.0,
         on_stdout: SyncOutputHandler | None = None,
         on_stderr: SyncOutputHandler | None = None,
+        user: str = "user",
+        max_output: int = DEFAULT_MAX_OUTPUT,
     ) -> CommandResult:
         """See :meth:`AsyncCommands.run`."""
         return _portal.call(
@@ -134,43 +145,84 @@ class Commands:
                 timeout=timeout,
                 on_stdout=on_stdout,
                 on_stderr=on_stderr,
+                user=user,
+                max_output=max_output,
             )
         )
 
 
 class Files:
-    """Move files in and out of the sandbox. Data is streamed in chunks."""
+    """Move files in and out of the sandbox. Data is streamed in chunks. See
+    :class:`~warden.sdk._async.AsyncFiles` for ``user`` and ``max_size``."""
 
     def __init__(self, inner: AsyncFiles) -> None:
         self._inner = inner
 
-    def write(self, path: str, data: FileData, *, mode: int = 0o644) -> int:
-        return _portal.call(self._inner.write(path, data, mode=mode))
+    def write(self, path: str, data: FileData, *, mode: int = 0o644, user: str = "user") -> int:
+        return _portal.call(self._inner.write(path, data, mode=mode, user=user))
 
     @overload
-    def read(self, path: str, *, format: Literal["text"] = "text") -> str: ...
+    def read(
+        self,
+        path: str,
+        *,
+        format: Literal["text"] = "text",
+        user: str = ...,
+        max_size: int | None = ...,
+    ) -> str: ...
     @overload
-    def read(self, path: str, *, format: Literal["bytes"]) -> bytes: ...
+    def read(
+        self,
+        path: str,
+        *,
+        format: Literal["bytes"],
+        user: str = ...,
+        max_size: int | None = ...,
+    ) -> bytes: ...
 
-    def read(self, path: str, *, format: Literal["text", "bytes"] = "text") -> str | bytes:
+    def read(
+        self,
+        path: str,
+        *,
+        format: Literal["text", "bytes"] = "text",
+        user: str = "user",
+        max_size: int | None = DEFAULT_MAX_READ,
+    ) -> str | bytes:
+        """See :meth:`AsyncFiles.read`."""
         if format == "bytes":
-            return _portal.call(self._inner.read(path, format="bytes"))
-        return _portal.call(self._inner.read(path, format="text"))
+            return _portal.call(
+                self._inner.read(path, format="bytes", user=user, max_size=max_size)
+            )
+        return _portal.call(self._inner.read(path, format="text", user=user, max_size=max_size))
 
-    def stream(self, path: str) -> Iterator[bytes]:
-        return _portal.iterate(self._inner.stream(path))
+    def stream(
+        self, path: str, *, user: str = "user", max_size: int | None = None
+    ) -> Iterator[bytes]:
+        """See :meth:`AsyncFiles.stream`."""
+        return _portal.iterate(self._inner.stream(path, user=user, max_size=max_size))
 
-    def list(self, path: str) -> list[EntryInfo]:
-        return _portal.call(self._inner.list(path))
+    def download(
+        self,
+        path: str,
+        dest: str | os.PathLike[str],
+        *,
+        user: str = "user",
+        max_size: int | None = DEFAULT_MAX_DOWNLOAD,
+    ) -> int:
+        """See :meth:`AsyncFiles.download`. Ctrl-C cancels it and leaves no file."""
+        return _portal.call(self._inner.download(path, dest, user=user, max_size=max_size))
 
-    def stat(self, path: str) -> EntryInfo:
-        return _portal.call(self._inner.stat(path))
+    def list(self, path: str, *, user: str = "user") -> list[EntryInfo]:
+        return _portal.call(self._inner.list(path, user=user))
 
-    def exists(self, path: str) -> bool:
-        return _portal.call(self._inner.exists(path))
+    def stat(self, path: str, *, user: str = "user") -> EntryInfo:
+        return _portal.call(self._inner.stat(path, user=user))
 
-    def remove(self, path: str, *, recursive: bool = False) -> None:
-        _portal.call(self._inner.remove(path, recursive=recursive))
+    def exists(self, path: str, *, user: str = "user") -> bool:
+        return _portal.call(self._inner.exists(path, user=user))
 
-    def make_dir(self, path: str, *, mode: int = 0o755) -> None:
-        _portal.call(self._inner.make_dir(path, mode=mode))
+    def remove(self, path: str, *, recursive: bool = False, user: str = "user") -> None:
+        _portal.call(self._inner.remove(path, recursive=recursive, user=user))
+
+    def make_dir(self, path: str, *, mode: int = 0o755, user: str = "user") -> None:
+        _portal.call(self._inner.make_dir(path, mode=mode, user=user))

@@ -20,3 +20,6 @@ class CommandResult:
     signal: int | None = None
     stdout_bytes: bytes = field(default=b"", repr=False)
     stderr_bytes: bytes = field(default=b"", repr=False)
+    truncated: bool = False
+    """Output was cut at ``max_output`` (stdout or stderr, or both): the command wrote more
+    than the result holds. ``on_stdout``/``on_stderr`` saw all of it."""
