@@ -1,0 +1,73 @@
+"""Who the daemon's workloads run as: the guest's unprivileged user by default, root only on a
+request that asks for it (``"user": "root"``) to a daemon started with ``--allow-root``.
+
+The default daemon's 403 for root is in test_bad_input.py; this module runs its own daemon with
+--allow-root (one daemon per $WARDEN_HOME, so not beside that module's), with one real VM.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.integration.conftest import ServeProcess
+from warden.wire.ops import USER_HOME, USER_UID
+
+pytestmark = pytest.mark.vm
+
+
+@pytest.fixture(scope="module")
+def vm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[httpx.Client, str]]:
+    tmp = tmp_path_factory.mktemp("allow-root")
+    serve = ServeProcess(
+        tmp / "w.sock", tmp / "daemon.log", args=("--log-level", "warning", "--allow-root")
+    )
+    serve.start()
+    try:
+        with serve.client() as http:
+            r = http.post("/v1/sandboxes", json={"memory_mib": 256})
+            assert r.status_code == 201, r.text
+            yield http, f"/v1/sandboxes/{r.json()['id']}"
+    finally:
+        serve.stop()
+
+
+def _stdout(response: httpx.Response) -> bytes:
+    """The stdout of an exec response: NDJSON lines of base64 chunks, or raw output."""
+    assert response.status_code == 200, response.text[:500]
+    out = b""
+    try:
+        for line in response.content.splitlines():
+            obj: dict[str, Any] = json.loads(line)
+            if "stdout" in obj:
+                out += base64.b64decode(obj["stdout"])
+    except (ValueError, UnicodeDecodeError):
+        return response.content  # the stream engineer's binary records carry raw bytes
+    return out
+
+
+def test_exec_runs_as_the_user_unless_root_is_asked_for(vm: tuple[httpx.Client, str]) -> None:
+    http, base = vm
+    default = _stdout(http.post(f"{base}/exec", json={"cmd": ["sh", "-c", "id -u; pwd"]}))
+    assert f"{USER_UID}\n{USER_HOME}\n".encode() in default
+    root = _stdout(http.post(f"{base}/exec", json={"cmd": ["id", "-u"], "user": "root"}))
+    assert b"0\n" in root and str(USER_UID).encode() not in root
+
+
+def test_files_run_as_the_user_unless_root_is_asked_for(vm: tuple[httpx.Client, str]) -> None:
+    http, base = vm
+    r = http.put(f"{base}/files", params={"path": "/root/secret"}, content=b"x")
+    assert r.status_code == 400 and "Permission denied" in r.text, r.text
+    r = http.put(f"{base}/files", params={"path": "/root/secret", "user": "root"}, content=b"x")
+    assert r.status_code == 200, r.text
+    r = http.get(f"{base}/files", params={"path": "/root/secret"})
+    assert r.status_code == 400, r.text
+    r = http.get(f"{base}/files", params={"path": "/root/secret", "user": "root"})
+    assert r.status_code == 200 and r.content == b"x"
+    r = http.put(f"{base}/files", params={"path": f"{USER_HOME}/mine"}, content=b"y")
+    assert r.status_code == 200, r.text
