@@ -5,18 +5,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import json
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, Request
 from starlette.requests import ClientDisconnect
 
-from warden._errors import CommandTimeoutError, SpecError, WardenError
-from warden.agent.client import ExecResult
-from warden.server.lines import Lines, LineStream
-from warden.server.metrics import Metrics
+from warden import records
+from warden._errors import SpecError
+from warden.server.lines import RecordQueue, RecordStream, run_exec
 from warden.server.models import ExecRequest
 from warden.server.routes import (
     API,
@@ -31,7 +28,19 @@ from warden.server.stdin import StdinPipe
 router = APIRouter(prefix=f"{API}/sandboxes")
 
 
-@router.post("/{ref}/exec")
+@router.post(
+    "/{ref}/exec",
+    response_class=RecordStream,
+    status_code=200,
+    responses={
+        200: {
+            "description": "The command's output and final status as binary records "
+            "(see warden.records): [kind u8][length u32 BE][payload]; kinds 1 stdout, "
+            "2 stderr, 3 a JSON control record (exec_id, then the final status or error).",
+            "content": {records.MEDIA_TYPE: {}},
+        }
+    },
+)
 async def exec_(
     ref: str,
     body: ExecRequest,
@@ -39,7 +48,7 @@ async def exec_(
     metrics: MetricsDep,
     pipes: PipesDep,
     allow_root: AllowRootDep,
-) -> LineStream:
+) -> RecordStream:
     require_user(body.user, allow_root)
     machine = await manager.machine(ref)
     agent = machine.agent
@@ -56,17 +65,24 @@ async def exec_(
         pipes[pipe.id] = pipe
         stdin = pipe.chunks()
 
-    lines: Lines = asyncio.Queue()
+    queue = RecordQueue()
     if pipe is not None:
-        lines.put_nowait(_line({"exec_id": pipe.id}))
-    run = asyncio.create_task(_run_exec(agent.exec, body, stdin, metrics, lines))
+        queue.put_nowait(records.encode_control({"exec_id": pipe.id}))
+    args = {
+        "cmd": body.cmd,
+        "env": body.env,
+        "cwd": body.cwd,
+        "timeout": body.timeout,
+        "user": body.user,
+    }
+    run = asyncio.create_task(run_exec(agent.exec, args, stdin, metrics, queue))
 
     def closed() -> None:
         if pipe is not None:
             pipe.close()
             pipes.pop(pipe.id, None)
 
-    return LineStream(lines, run, on_close=closed)
+    return RecordStream(queue, run, on_close=closed)
 
 
 @router.put("/{ref}/execs/{exec_id}/stdin")
@@ -94,58 +110,3 @@ async def exec_stdin(
         return {"bytes": 0, "complete": False}  # nobody reads this; stdin has ended
     metrics.bytes.inc(sent, direction="exec_stdin")
     return {"bytes": sent, "complete": complete}
-
-
-def _line(obj: dict[str, Any]) -> bytes:
-    return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
-
-
-async def _run_exec(
-    exec_fn: Any,
-    body: ExecRequest,
-    stdin: bytes | AsyncIterator[bytes] | None,
-    metrics: Metrics,
-    lines: Lines,
-) -> None:
-    """Run the command; queue NDJSON lines of its output as it comes, then its result."""
-    started = time.monotonic()
-
-    def out(chunk: bytes) -> None:
-        metrics.bytes.inc(len(chunk), direction="exec_stdout")
-        lines.put_nowait(_line({"stdout": base64.b64encode(chunk).decode()}))
-
-    def err(chunk: bytes) -> None:
-        metrics.bytes.inc(len(chunk), direction="exec_stderr")
-        lines.put_nowait(_line({"stderr": base64.b64encode(chunk).decode()}))
-
-    try:
-        result: ExecResult = await exec_fn(
-            body.cmd,
-            env=body.env,
-            cwd=body.cwd,
-            stdin=stdin,
-            timeout=body.timeout,
-            user=body.user,
-            on_stdout=out,
-            on_stderr=err,
-        )
-        final: dict[str, Any] = {
-            "exit_code": result.exit_code,
-            "signal": result.signal,
-            "timed_out": result.timed_out,
-        }
-        outcome = "timeout" if result.timed_out else "ok"
-    except CommandTimeoutError as exc:
-        outcome = "timeout"
-        partial = exc.result
-        final = {
-            "exit_code": getattr(partial, "exit_code", None),
-            "signal": getattr(partial, "signal", None),
-            "timed_out": True,
-        }
-    except WardenError as exc:
-        final = {"error": str(exc)}
-        outcome = "error"
-    metrics.exec_seconds.observe(time.monotonic() - started, outcome=outcome)
-    lines.put_nowait(_line(final))
-    lines.put_nowait(None)
