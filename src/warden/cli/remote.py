@@ -411,6 +411,9 @@ def _download(
     except asyncio.CancelledError:
         err.print("[red]warden:[/red] cp was stopped (SIGTERM); nothing was kept")
         raise typer.Exit(128 + signal.SIGTERM) from None
+    except KeyboardInterrupt:
+        err.print("[red]warden:[/red] cp was interrupted; nothing was kept")
+        raise typer.Exit(128 + signal.SIGINT) from None
 
 
 async def _copy_out(
