@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.integration.conftest import ServeProcess
+from warden import records
 from warden.server.limits import (
     MAX_ARG,
     MAX_ARGV,
@@ -390,7 +391,9 @@ def test_streamed_bodies_are_not_limited_like_json(daemon: Daemon) -> None:
 def _exec_ok(d: Daemon) -> None:
     r = d.http.post(f"{VM.format(vm=d.vm)}/exec", json={"cmd": ["echo", "still here"]})
     assert r.status_code == 200, r.text
-    assert b"still here" in r.content or b"c3RpbGwgaGVyZQ" in r.content  # raw or base64
+    got = records.RecordDecoder().feed(r.content)
+    assert (records.Kind.STDOUT, b"still here\n") in got
+    assert got[-1] == (records.Kind.CONTROL, {"exit_code": 0, "signal": None, "timed_out": False})
 
 
 _TEXT = st.text(alphabet=st.characters(codec="utf-8"), max_size=40)
@@ -453,8 +456,11 @@ def test_fuzzed_exec_never_gets_a_5xx(daemon: Daemon, body: dict[str, Any]) -> N
         headers={"content-type": "application/json"},
     )
     assert r.status_code < 500, f"{body!r:.300} -> {r.status_code}: {r.text[:300]}"
-    if r.status_code == 200:  # the stream ends with a result, not a daemon error
-        assert r.content, body
+    if r.status_code == 200:  # the stream ends with the command's result, or an error
+        decoder = records.RecordDecoder()
+        got = decoder.feed(r.content)
+        decoder.end()
+        assert got[-1][0] is records.Kind.CONTROL, body
 
 
 _READ_PATHS = st.one_of(_GOOD_DIRS, _PATHS)

@@ -7,15 +7,13 @@ The default daemon's 403 for root is in test_bad_input.py; this module runs its 
 
 from __future__ import annotations
 
-import base64
-import json
 from collections.abc import Iterator
-from typing import Any
 
 import httpx
 import pytest
 
 from tests.integration.conftest import ServeProcess
+from warden import records
 from warden.wire.ops import USER_HOME, USER_UID
 
 pytestmark = pytest.mark.vm
@@ -38,25 +36,21 @@ def vm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[httpx.Client,
 
 
 def _stdout(response: httpx.Response) -> bytes:
-    """The stdout of an exec response: NDJSON lines of base64 chunks, or raw output."""
+    """The stdout of an exec response (binary records), checking it ended with exit code 0."""
     assert response.status_code == 200, response.text[:500]
-    out = b""
-    try:
-        for line in response.content.splitlines():
-            obj: dict[str, Any] = json.loads(line)
-            if "stdout" in obj:
-                out += base64.b64decode(obj["stdout"])
-    except (ValueError, UnicodeDecodeError):
-        return response.content  # the stream engineer's binary records carry raw bytes
-    return out
+    decoder = records.RecordDecoder()
+    got = decoder.feed(response.content)
+    decoder.end()
+    assert got[-1] == (records.Kind.CONTROL, {"exit_code": 0, "signal": None, "timed_out": False})
+    return b"".join(p for k, p in got if k is records.Kind.STDOUT and isinstance(p, bytes))
 
 
 def test_exec_runs_as_the_user_unless_root_is_asked_for(vm: tuple[httpx.Client, str]) -> None:
     http, base = vm
     default = _stdout(http.post(f"{base}/exec", json={"cmd": ["sh", "-c", "id -u; pwd"]}))
-    assert f"{USER_UID}\n{USER_HOME}\n".encode() in default
+    assert default == f"{USER_UID}\n{USER_HOME}\n".encode()
     root = _stdout(http.post(f"{base}/exec", json={"cmd": ["id", "-u"], "user": "root"}))
-    assert b"0\n" in root and str(USER_UID).encode() not in root
+    assert root == b"0\n"
 
 
 def test_files_run_as_the_user_unless_root_is_asked_for(vm: tuple[httpx.Client, str]) -> None:
