@@ -547,6 +547,22 @@ async def test_an_agent_that_answers_pings_keeps_a_long_call_alive() -> None:
         assert s.broken == []
 
 
+async def test_a_host_loop_blocked_past_the_ping_deadline_is_not_the_agents_fault() -> None:
+    """A synchronous callback blocks the host's loop while a ping is out: the answer arrives
+    only after the deadline passed in loop time, and is still taken."""
+    async with session(deadlines=QUICK) as s:
+        call = asyncio.create_task(s.client.exec(["x"], on_stdout=lambda _: time.sleep(1.5)))
+        rid, _ = await s.agent.request(Op.EXEC)
+        ping = await s.agent.frame()  # the watchdog's first ping, 0.2 s in
+        assert decode_json(ping)[Key.OP] == Op.PING
+        s.agent.data(rid, Channel.STDOUT, b"x")  # its callback blocks the loop for 1.5 s
+        await asyncio.sleep(0.1)
+        s.agent.respond(ping.request_id, {Key.OK: True})
+        s.agent.respond(rid, {Key.OK: True, Key.EXIT_CODE: 0})
+        assert (await call).stdout == b"x"
+        assert s.broken == []
+
+
 async def test_a_send_that_blocks_has_a_deadline() -> None:
     """A frozen guest stops draining the socket: the write gives up after the call deadline."""
     async with session(deadlines=Deadlines(call=0.5, ping_interval=100, ping=100)) as s:

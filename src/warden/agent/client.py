@@ -119,6 +119,8 @@ GRANT_AT = INITIAL_WINDOW // 2
 """Consumed bytes of a stream that the client gathers before it grants them back as credit."""
 LEGACY_HOLD_LIMIT = INITIAL_WINDOW
 """Version 1 sessions: the reader pauses while more than this waits for consumers."""
+LATE_ANSWER_GRACE_S = 0.5
+"""How long the client still waits for an answer after its deadline passed (see _answer_within)."""
 CLOSE_GRACE_S = 1.0
 """How long a closing connection may take to flush before it is cut."""
 
@@ -475,15 +477,20 @@ def _user_arg(user: str) -> str:
 
 
 async def _answer_within(request: _Request, seconds: float) -> dict[str, Any] | None:
-    """The request's response, or None if it did not come within ``seconds``."""
-    scope = asyncio.timeout(seconds)
-    try:
-        async with scope:
-            return await request.response()
-    except TimeoutError:
-        if scope.expired():
-            return None
-        raise
+    """The request's response, or None if it did not come within ``seconds``.
+
+    A moment of grace follows the deadline: if the host's own event loop was blocked (a slow
+    synchronous output callback), the answer may be waiting unread in the socket.
+    """
+    for wait in (seconds, LATE_ANSWER_GRACE_S):
+        scope = asyncio.timeout(wait)
+        try:
+            async with scope:
+                return await request.response()
+        except TimeoutError:
+            if not scope.expired():
+                raise
+    return None
 
 
 RESYNC_AFTER_S = 2.0
