@@ -3,7 +3,9 @@
 The daemon's app runs in this process (uvicorn on 127.0.0.1, in a thread with its own event
 loop) over a Manager with a private $WARDEN_HOME, which shares the built images and boot
 snapshots of the real one, and a small host capacity, so fuzzed creates boot at most a few
-small VMs. Every VM is removed at the end.
+small VMs. One VM is made first and most fuzzed requests name it, so the fuzzed values reach
+its guest agent (safe: without --allow-root they run as the guest's unprivileged user); the
+requests that would stop or remove it keep their fuzzed ref. Every VM is removed at the end.
 """
 
 from __future__ import annotations
@@ -25,10 +27,14 @@ from schemathesis.core.result import Ok
 from warden.config import Paths
 from warden.policy.admission import AdmissionPolicy, HostCapacity
 from warden.server import Manager, create_app
+from warden.vmm.spec import MIN_MEMORY_MIB
 
 pytestmark = pytest.mark.vm
 
 MAX_EXAMPLES = 8
+MEMORY = max(128, MIN_MEMORY_MIB)
+KEEP_REF = {("DELETE", "/v1/sandboxes/{ref}"), ("POST", "/v1/sandboxes/{ref}/stop")}
+"""The operations whose fuzzed ref is kept: with the VM's id they would end it."""
 
 
 def _private_home(tmp: Path) -> Paths:
@@ -42,14 +48,16 @@ def _private_home(tmp: Path) -> Paths:
 
 
 @pytest.fixture(scope="module")
-def api_schema(tmp_path_factory: pytest.TempPathFactory) -> Iterator[schemathesis.BaseSchema]:
+def api_schema(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[schemathesis.BaseSchema, str]]:
     import uvicorn
 
     paths = _private_home(tmp_path_factory.mktemp("fuzz"))
     manager = Manager(
         paths,
         policy=AdmissionPolicy(reserved_host_memory_mib=0),
-        capacity=HostCapacity(memory_mib=2 * (128 + AdmissionPolicy().vm_overhead_mib), cpus=2),
+        capacity=HostCapacity(memory_mib=2 * (MEMORY + AdmissionPolicy().vm_overhead_mib), cpus=2),
     )
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
@@ -64,7 +72,10 @@ def api_schema(tmp_path_factory: pytest.TempPathFactory) -> Iterator[schemathesi
         while not server.started and time.monotonic() < deadline:
             time.sleep(0.02)
         assert server.started
-        yield schemathesis.openapi.from_url(f"{base}/openapi.json")
+        with httpx.Client(base_url=base, timeout=120) as c:
+            r = c.post("/v1/sandboxes", json={"memory_mib": MEMORY})
+            assert r.status_code == 201, r.text
+        yield schemathesis.openapi.from_url(f"{base}/openapi.json"), r.json()["id"]
     finally:
         with httpx.Client(base_url=base, timeout=60) as c:
             for vm in c.get("/v1/sandboxes", params={"all": "true"}).json():
@@ -78,10 +89,11 @@ def api_schema(tmp_path_factory: pytest.TempPathFactory) -> Iterator[schemathesi
         assert left == [], f"VM runtime dirs left behind: {left}"
 
 
-def test_no_server_errors(api_schema: schemathesis.BaseSchema) -> None:
+def test_no_server_errors(api_schema: tuple[schemathesis.BaseSchema, str]) -> None:
+    schema, vm_id = api_schema
     failures: list[str] = []
     operations = 0
-    for result in api_schema.get_all_operations():
+    for result in schema.get_all_operations():
         assert isinstance(result, Ok), result
         operation = result.ok()
         operations += 1
@@ -95,6 +107,8 @@ def test_no_server_errors(api_schema: schemathesis.BaseSchema) -> None:
             suppress_health_check=list(HealthCheck),
         )
         def run(case: Any) -> None:
+            if case.path_parameters and (case.method, case.operation.path) not in KEEP_REF:
+                case.path_parameters["ref"] = vm_id
             response = case.call(timeout=60)
             if response.status_code >= 500:
                 failures.append(
