@@ -18,7 +18,7 @@ from warden.vmm.argv import (
     host_tsc_khz,
     kernel_cmdline,
 )
-from warden.vmm.spec import VMSpec
+from warden.vmm.spec import MIN_MEMORY_MIB, VMSpec
 
 BOOT = BootFiles(Path("/img/vmlinuz"), Path("/img/initrd.img"), Path("/img/rootfs.sqfs"))
 RUN = RuntimeFiles(Path("/var/lib/warden/run/vms/abc123"))
@@ -43,7 +43,7 @@ def test_microvm_without_defaults_or_nic() -> None:
 
 @given(
     vcpus=st.integers(min_value=1, max_value=8),
-    memory=st.integers(min_value=64, max_value=8192),
+    memory=st.integers(min_value=MIN_MEMORY_MIB, max_value=8192),
 )
 def test_resources_follow_the_spec(vcpus: int, memory: int) -> None:
     argv = build_argv(VMSpec(vcpus=vcpus, memory_mib=memory), BOOT, RUN, accel="tcg")
