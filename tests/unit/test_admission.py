@@ -213,7 +213,7 @@ def test_create_is_check_plus_insert_in_one_transaction(tmp_path: Path) -> None:
         create(store, "b", 448)  # 1024 charged: exactly full
         events = store.events_since(0)
         with pytest.raises(AdmissionError, match="memory"):
-            create(store, "c", 64)
+            create(store, "c", 128)
         assert store.get_vm("c") is None and store.events_since(0) == events
         store.update_state("a", VMState.FAILED)
         create(store, "c", 448)

@@ -191,7 +191,7 @@ def test_duplicate_name_is_refused_without_a_trace(store: Store) -> None:
 
 
 def test_refused_admission_leaves_no_trace(store: Store) -> None:
-    store.create_vm("a", spec("a", memory=100, vcpus=2))
+    store.create_vm("a", spec("a", memory=200, vcpus=2))
     seen: list[Reservations] = []
 
     def refuse(r: Reservations) -> None:
@@ -201,7 +201,7 @@ def test_refused_admission_leaves_no_trace(store: Store) -> None:
     events = store.events_since(0)
     with pytest.raises(AdmissionError):
         store.create_vm("b", spec("b"), admit=refuse)
-    assert seen == [Reservations(memory_mib=100, vcpus=2, vms=1)]
+    assert seen == [Reservations(memory_mib=200, vcpus=2, vms=1)]
     assert store.get_vm("b") is None
     assert store.events_since(0) == events
 
@@ -213,12 +213,18 @@ ALLOWED = {
     (S.RUNNING, S.STOPPING),
     (S.RUNNING, S.FAILED),
     (S.RUNNING, S.STOPPED),
+    (S.RUNNING, S.UNHEALTHY),
+    (S.UNHEALTHY, S.RUNNING),
+    (S.UNHEALTHY, S.STOPPING),
+    (S.UNHEALTHY, S.STOPPED),
+    (S.UNHEALTHY, S.FAILED),
     (S.STOPPING, S.STOPPED),
     (S.STOPPING, S.FAILED),
 }
 PATH_TO = {
     S.CREATING: [],
     S.RUNNING: [S.RUNNING],
+    S.UNHEALTHY: [S.RUNNING, S.UNHEALTHY],
     S.STOPPING: [S.RUNNING, S.STOPPING],
     S.STOPPED: [S.RUNNING, S.STOPPED],
     S.FAILED: [S.FAILED],
@@ -304,8 +310,9 @@ def test_delete_only_a_finished_vm(store: Store) -> None:
 def test_list_and_reservations(store: Store) -> None:
     assert store.reservations() == Reservations(memory_mib=0, vcpus=0, vms=0)
     layout = [
-        ("c", S.CREATING, 100, 1),
+        ("c", S.CREATING, 150, 1),
         ("r", S.RUNNING, 200, 2),
+        ("u", S.UNHEALTHY, 350, 3),
         ("s", S.STOPPING, 400, 4),
         ("x", S.STOPPED, 800, 8),
         ("f", S.FAILED, 1600, 16),
@@ -314,12 +321,12 @@ def test_list_and_reservations(store: Store) -> None:
         store.create_vm(vm_id, spec(vm_id, memory=memory, vcpus=vcpus))
         for step in PATH_TO[state]:
             store.update_state(vm_id, step)
-    assert [v.id for v in store.list_vms()] == ["c", "r", "s"]
-    assert [v.id for v in store.list_vms(all=True)] == ["c", "r", "s", "x", "f"]
+    assert [v.id for v in store.list_vms()] == ["c", "r", "u", "s"]
+    assert [v.id for v in store.list_vms(all=True)] == ["c", "r", "u", "s", "x", "f"]
     res = store.reservations()
-    assert res == Reservations(memory_mib=700, vcpus=7, vms=3)
+    assert res == Reservations(memory_mib=1100, vcpus=10, vms=4)
     memory, vcpus, _ = res
-    assert (memory, vcpus) == (700, 7)
+    assert (memory, vcpus) == (1100, 10)
 
 
 # -- events ------------------------------------------------------------------------------------

@@ -47,22 +47,15 @@ from warden._errors import (
 )
 from warden.config import Paths
 from warden.vmm.spec import VMSpec
-from warden.vmm.state import VMState
+from warden.vmm.state import VMState, check_transition
 
 DB_NAME = "state.db"
 BUSY_TIMEOUT_MS = 5000
 
-ACTIVE_STATES: frozenset[VMState] = frozenset({VMState.CREATING, VMState.RUNNING, VMState.STOPPING})
+ACTIVE_STATES: frozenset[VMState] = frozenset(
+    {VMState.CREATING, VMState.RUNNING, VMState.UNHEALTHY, VMState.STOPPING}
+)
 """States whose VM holds (or may hold) a QEMU process: they count against host capacity."""
-
-TRANSITIONS: Mapping[VMState, frozenset[VMState]] = {
-    VMState.CREATING: frozenset({VMState.RUNNING, VMState.FAILED}),
-    VMState.RUNNING: frozenset({VMState.STOPPING, VMState.FAILED, VMState.STOPPED}),
-    VMState.STOPPING: frozenset({VMState.STOPPED, VMState.FAILED}),
-    VMState.STOPPED: frozenset(),
-    VMState.FAILED: frozenset(),
-}
-"""The allowed ``from -> to`` state changes. stopped and failed are final."""
 
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
     # 1: VMs and their lifecycle events. events.vm_id is not a foreign key on purpose: the
@@ -103,7 +96,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
-# "state IN (?, ?, ?)" and its parameters: the filter for ACTIVE_STATES.
+# "state IN (?, ?, ...)" and its parameters: the filter for ACTIVE_STATES.
 _ACTIVE_PARAMS = tuple(sorted(s.value for s in ACTIVE_STATES))
 _WHERE_ACTIVE = f" WHERE state IN ({', '.join('?' * len(_ACTIVE_PARAMS))})"
 
@@ -332,7 +325,7 @@ class Store:
         exit_code: int | None = None,
         error: str | None = None,
     ) -> VMRow:
-        """Move a VM to ``state`` if TRANSITIONS allows it, and append its event.
+        """Move a VM to ``state`` if ``vmm.state.TRANSITIONS`` allows it; append its event.
 
         Entering ``running`` sets ``started_at``; entering ``stopped`` or ``failed`` sets
         ``stopped_at``. ``exit_code`` and ``error`` are stored when given (None keeps the old
@@ -342,12 +335,7 @@ class Store:
         now = self._clock()
         with self._write() as conn:
             row = _get(conn, vm_id)
-            if state not in TRANSITIONS[row.state]:
-                allowed = ", ".join(sorted(TRANSITIONS[row.state])) or "none, it is final"
-                raise StateTransitionError(
-                    f"VM {vm_id} is {row.state.value} and cannot become {state.value} "
-                    f"(allowed from {row.state.value}: {allowed})"
-                )
+            check_transition(vm_id, row.state, state)
             started_at = now if state is VMState.RUNNING else row.started_at
             final = state in (VMState.STOPPED, VMState.FAILED)
             stopped_at = now if final else row.stopped_at
