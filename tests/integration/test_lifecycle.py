@@ -44,9 +44,9 @@ async def test_three_vms_at_once(no_leaks: None) -> None:
     try:
         assert len({s.id for s in sandboxes}) == 3
         # Each VM has its own writable layer: a file in one is not in another.
-        await sandboxes[0].files.write("/root/only-here", "1")
+        await sandboxes[0].files.write("/home/user/only-here", "1")
         results = await asyncio.gather(
-            *(s.commands.run("test -e /root/only-here && echo yes || echo no") for s in sandboxes)
+            *(s.commands.run("test -e /home/user/only-here && echo yes || echo no") for s in sandboxes)
         )
         assert [r.stdout for r in results] == ["yes\n", "no\n", "no\n"]
     finally:
@@ -161,7 +161,7 @@ async def test_a_new_host_takes_over_an_agent_left_mid_transfer(gap: float, no_l
                 while True:
                     yield chunk
 
-            upload = asyncio.create_task(old.write_file("/root/big", endless()))
+            upload = asyncio.create_task(old.write_file("/home/user/big", endless()))
             await asyncio.sleep(0.3)
             old._writer.transport.abort()  # the old host dies mid-frame, without a goodbye
             with pytest.raises(SandboxClosedError):
@@ -169,7 +169,7 @@ async def test_a_new_host_takes_over_an_agent_left_mid_transfer(gap: float, no_l
             await asyncio.sleep(gap)
             new = await AgentClient.connect_unix(machine.run.agent, timeout=20, resync=True)
             try:
-                result = await new.exec(["sh", "-c", "ls -a /root; echo done"])
+                result = await new.exec(["sh", "-c", "ls -a /home/user; echo done"])
                 assert result.exit_code == 0 and result.stdout.endswith(b"done\n")
                 assert b"big" not in result.stdout  # the old upload's temp file is gone too
             finally:

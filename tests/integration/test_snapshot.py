@@ -35,8 +35,8 @@ def test_restored_vms_work_and_differ(no_leaks: None) -> None:
             rand, clock = r.stdout.strip().rsplit("\n", 1)
             # The guest clock was set from the host at HELLO, not left at snapshot time.
             assert abs(int(clock) - time.time()) < 30
-            sbx.files.write("/root/f", "works")
-            assert sbx.files.read("/root/f") == "works"
+            sbx.files.write("/home/user/f", "works")
+            assert sbx.files.read("/home/user/f") == "works"
             seen.append((rand, clock))
     assert seen[0][0] != seen[1][0], "two restored VMs produced the same random bytes"
 

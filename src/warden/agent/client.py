@@ -1083,7 +1083,10 @@ class AgentClient:
                 if xfer is not None and len(chunk) >= XFER_MIN:
                     reference = await xfer.put(request.id, chunk)
                     if reference is None:
-                        raise self._closed_error()
+                        raise SandboxClosedError(
+                            f"the connection to {self.who} closed during a file transfer: "
+                            f"{self._closed_error()}"
+                        )
                     await request.send_data(Channel.XFER, reference)
                 else:
                     await request.send_data(Channel.FILE, chunk)
