@@ -46,7 +46,10 @@ async def test_three_vms_at_once(no_leaks: None) -> None:
         # Each VM has its own writable layer: a file in one is not in another.
         await sandboxes[0].files.write("/home/user/only-here", "1")
         results = await asyncio.gather(
-            *(s.commands.run("test -e /home/user/only-here && echo yes || echo no") for s in sandboxes)
+            *(
+                s.commands.run("test -e /home/user/only-here && echo yes || echo no")
+                for s in sandboxes
+            )
         )
         assert [r.stdout for r in results] == ["yes\n", "no\n", "no\n"]
     finally:
