@@ -384,6 +384,10 @@ async def test_version_1_agent_is_paused_by_a_slow_consumer() -> None:
         flooder.cancel()
         gate.set()
         call.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await call
+        with contextlib.suppress(asyncio.CancelledError):
+            await flooder
 
 
 # --------------------------------------------------------------------------------------------
