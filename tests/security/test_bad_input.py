@@ -318,11 +318,6 @@ def test_bad_input_gets_a_4xx_that_says_what_to_change(daemon: Daemon, case: Cas
     assert case.says in _detail(response), response.text[:500]
 
 
-@pytest.mark.xfail(
-    MIN_MEMORY_MIB <= 64,
-    reason="vmm engineer: VMSpec refuses memory too small to boot (MIN_MEMORY_MIB, measured)",
-    strict=True,
-)
 def test_memory_too_small_to_boot_is_refused_naming_the_minimum(daemon: Daemon) -> None:
     response = daemon.http.post("/v1/sandboxes", json={"memory_mib": 64})
     if response.status_code == 201:  # booted (or tried to): not this test's to keep

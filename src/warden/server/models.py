@@ -32,7 +32,7 @@ from warden.server.limits import (
 )
 from warden.store.db import EventRow, VMRow
 from warden.vmm.spec import MAX_VCPUS, MIN_MEMORY_MIB
-from warden.vmm.state import VMState
+from warden.vmm.state import LIVE_STATES, VMState
 
 
 class CreateRequest(BaseModel):
@@ -117,7 +117,7 @@ class Sandbox(BaseModel):
 
     @classmethod
     def from_row(cls, row: VMRow, cpu_percent: float | None = None) -> Sandbox:
-        running = row.state is VMState.RUNNING and row.started_at is not None
+        running = row.state in LIVE_STATES and row.started_at is not None
         return cls(
             id=row.id,
             name=row.name,
@@ -131,7 +131,7 @@ class Sandbox(BaseModel):
             stopped_at=row.stopped_at,
             uptime_s=time.time() - row.started_at if running and row.started_at else None,
             cpu_percent=None if cpu_percent is None else round(cpu_percent, 1),
-            pid=row.qemu_pid if row.state is VMState.RUNNING else None,
+            pid=row.qemu_pid if row.state in LIVE_STATES else None,
             exit_code=row.exit_code,
             error=row.error,
         )
