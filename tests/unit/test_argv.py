@@ -69,6 +69,15 @@ def test_file_backed_memory_is_shareable() -> None:
     assert f"mem-path={RUN.memory}" in backend
 
 
+def test_console_goes_to_a_socket_when_the_host_caps_it() -> None:
+    plain = _opt(build_argv(VMSpec(), BOOT, RUN, accel="tcg"), "-chardev")
+    capped = _opt(build_argv(VMSpec(), BOOT, RUN, accel="tcg", console_socket=True), "-chardev")
+    assert f"file,id=console,path={RUN.console}" in plain
+    # QEMU waits for the host's reader before the guest runs, so no boot message is lost.
+    assert f"socket,id=console,path={RUN.console_sock},server=on,wait=on" in capped
+    assert not any(c.startswith("file,") for c in capped)
+
+
 def test_paths_with_spaces_stay_one_argument() -> None:
     boot = BootFiles(Path("/a b/vmlinuz"), Path("/a b/initrd"), Path("/a b/root fs"))
     argv = build_argv(VMSpec(), boot, RUN, accel="tcg")

@@ -29,7 +29,7 @@ from warden.vmm import ownership
 from warden.vmm.machine import UNKNOWN_EXIT_CODE, Machine, new_vm_id
 from warden.vmm.ownership import Ownership
 from warden.vmm.spec import VMSpec
-from warden.vmm.state import VMState
+from warden.vmm.state import LIVE_STATES, VMState
 from warden.vmm.usage import CpuMeter
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,8 @@ class _Held:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     stopping: bool = False
     monitor: asyncio.Task[None] | None = None
+    marking: asyncio.Task[None] | None = None
+    """Recording in the store that the VM turned unhealthy."""
 
 
 class Manager:
@@ -88,12 +90,12 @@ class Manager:
 
     def cpu_percent(self, row: VMRow) -> float | None:
         """The CPU use of a running VM's QEMU over the last second, in percent of one CPU."""
-        return self.cpu.percent(row.qemu_pid) if row.state is VMState.RUNNING else None
+        return self.cpu.percent(row.qemu_pid) if row.state in LIVE_STATES else None
 
     async def _recover(self, row: VMRow) -> None:
         rundir = row.runtime_dir or self.paths.vms / row.id
         alive = row.qemu_pid is not None and ownership.is_alive(row.qemu_pid, row.qemu_start)
-        if row.state is VMState.RUNNING and alive and row.qemu_pid is not None:
+        if row.state in LIVE_STATES and alive and row.qemu_pid is not None:
             try:
                 machine = await Machine.attach(
                     row.spec(),
@@ -109,6 +111,8 @@ class Manager:
                 await self._fail_row(row.id, rundir, f"reattach failed: {exc}")
                 return
             self._hold(machine)
+            if row.state is VMState.UNHEALTHY:  # its agent answers a new session again
+                await asyncio.to_thread(self.store.update_state, row.id, VMState.RUNNING)
             log.info("VM %s: reattached (pid %s)", row.id, row.qemu_pid)
             return
         if row.state is VMState.STOPPING:
@@ -183,12 +187,30 @@ class Manager:
             self.store.set_pid, vm_id, pid, ownership.proc_start_time(pid) if pid else None
         )
         self._hold(machine)
-        return await asyncio.to_thread(self.store.update_state, vm_id, VMState.RUNNING)
+        row = await asyncio.to_thread(self.store.update_state, vm_id, VMState.RUNNING)
+        if machine.state is VMState.UNHEALTHY:  # it broke before its row said running
+            await self._mark_unhealthy(vm_id, machine.error or "the guest agent broke")
+            row = await self.get(vm_id)
+        return row
 
     def _hold(self, machine: Machine) -> None:
         held = _Held(machine)
         self.vms[machine.id] = held
+        machine.on_unhealthy = self._on_unhealthy
         held.monitor = asyncio.create_task(self._monitor(held), name=f"warden-monitor-{machine.id}")
+
+    def _on_unhealthy(self, machine: Machine, reason: str) -> None:
+        """A held VM's agent connection broke: record it (``ps``/``inspect`` show the reason)."""
+        held = self.vms.get(machine.id)
+        if held is not None and held.machine is machine:
+            held.marking = asyncio.create_task(
+                self._mark_unhealthy(machine.id, reason), name=f"warden-unhealthy-{machine.id}"
+            )
+
+    async def _mark_unhealthy(self, vm_id: str, reason: str) -> None:
+        # Refused if a stop or the QEMU's exit got there first; that state says more.
+        with contextlib.suppress(StateTransitionError, VMNotFoundError):
+            await asyncio.to_thread(self.store.update_state, vm_id, VMState.UNHEALTHY, error=reason)
 
     async def _monitor(self, held: _Held) -> None:
         """Notice a QEMU that dies on its own: mark its row failed (Machine frees its files)."""
@@ -198,7 +220,7 @@ class Manager:
             return
         # Machine's own watcher marks it failed and cleans up; give it a moment.
         for _ in range(100):
-            if machine.state is not VMState.RUNNING:
+            if machine.state not in LIVE_STATES:
                 break
             await asyncio.sleep(0.01)
         log.warning("VM %s: QEMU exited on its own (code %s)", machine.id, code)
@@ -214,10 +236,10 @@ class Manager:
         self.vms.pop(machine.id, None)
 
     async def stop(self, vm_id: str, *, force: bool = False) -> VMRow:
-        """Stop a running VM (QMP quit, then SIGKILL; at once with ``force``)."""
+        """Stop a running or unhealthy VM (QMP quit, then SIGKILL; at once with ``force``)."""
         row = await self.get(vm_id)
         held = self.vms.get(row.id)
-        if row.state is not VMState.RUNNING or held is None:
+        if row.state not in LIVE_STATES or held is None:
             if row.state in (VMState.STOPPED, VMState.FAILED):
                 return row
             raise StateTransitionError(
@@ -227,6 +249,9 @@ class Manager:
             if self.vms.get(row.id) is not held:  # a concurrent stop won the race
                 return await self.get(row.id)
             held.stopping = True
+            if held.marking is not None:  # let the unhealthy mark land first: one order
+                with contextlib.suppress(Exception):
+                    await held.marking
             await asyncio.to_thread(self.store.update_state, row.id, VMState.STOPPING)
             machine = held.machine
             try:
@@ -297,6 +322,11 @@ class Manager:
             return held.machine
         row = await self.get(id_or_name)
         held = self.vms.get(row.id)
+        if held is not None and held.machine.state is VMState.UNHEALTHY:
+            raise StateTransitionError(
+                f"VM {row.id} is unhealthy ({held.machine.error}); it cannot run anything: "
+                f"stop and remove it (`warden rm -f {row.id}`)"
+            )
         if held is None or held.machine.state is not VMState.RUNNING:
             raise StateTransitionError(f"VM {row.id} is {row.state.value}, not running")
         return held.machine

@@ -47,6 +47,11 @@ class RuntimeFiles:
         return self.dir / "console.log"
 
     @property
+    def console_sock(self) -> Path:
+        """QEMU's console socket: the host reads it into ``console`` (``vmm/console.py``)."""
+        return self.dir / "console.sock"
+
+    @property
     def qemu_log(self) -> Path:
         return self.dir / "qemu.log"
 
@@ -125,8 +130,15 @@ def build_argv(
     agent_port: str = AGENT_PORT_NAME,
     tsc_khz: int | None = None,
     tune: bool = True,
+    console_socket: bool = False,
 ) -> list[str]:
-    """Return QEMU's argv for ``spec``. ``accel`` is the resolved accelerator: kvm or tcg."""
+    """Return QEMU's argv for ``spec``. ``accel`` is the resolved accelerator: kvm or tcg.
+
+    ``console_socket`` serves the serial console on ``run.console_sock`` for the host to read
+    into a capped log (``vmm/console.py``); QEMU then waits for that connection before it
+    starts the guest. Without it QEMU writes ``run.console`` itself, with no cap: only for
+    boots that run no workload (the accelerator probe, the benchmark's peer).
+    """
     if accel not in ("kvm", "tcg"):
         raise ValueError(f"accel must be resolved to kvm or tcg, not {accel!r}")
     mem = f"{spec.memory_mib}M"
@@ -136,6 +148,10 @@ def build_argv(
         backend = f"memory-backend-ram,id=mem,size={mem}"
     accel_opt = "kvm" if accel == "kvm" else f"tcg,tb-size={TCG_TB_SIZE_MIB}"
     cpu = "host,-arch-capabilities" if accel == "kvm" else "max"
+    if console_socket:
+        console = f"socket,id=console,path={run.console_sock},server=on,wait=on"
+    else:
+        console = f"file,id=console,path={run.console}"
     return [
         qemu,
         "-name", f"warden-{run.dir.name},debug-threads=on",
@@ -152,7 +168,7 @@ def build_argv(
         "-kernel", str(boot.kernel),
         "-initrd", str(boot.initrd),
         "-append", kernel_cmdline(mode, accel=accel, tsc_khz=tsc_khz, tune=tune),
-        "-chardev", f"file,id=console,path={run.console}",
+        "-chardev", console,
         "-serial", "chardev:console",
         "-drive", f"id=root,file={boot.rootfs},if=none,format=raw,readonly=on",
         "-device", "virtio-blk-device,drive=root",

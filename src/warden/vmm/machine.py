@@ -27,7 +27,7 @@ from warden.agent.client import AgentClient
 from warden.config import Paths
 from warden.image.store import Image, load_image, verify_image
 from warden.policy.admission import TCG_VM_OVERHEAD_MIB
-from warden.vmm import cgroups, ownership
+from warden.vmm import cgroups, console, ownership
 from warden.vmm.accel import AccelChoice, qemu_version, resolve_accel
 from warden.vmm.argv import (
     XFER_SLOT_SIZE,
@@ -40,16 +40,21 @@ from warden.vmm.argv import (
 from warden.vmm.ownership import Ownership
 from warden.vmm.snapshot import BootSnapshots
 from warden.vmm.spec import VMSpec
-from warden.vmm.state import VMState
+from warden.vmm.state import LIVE_STATES, VMState, check_transition
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 QEMU_BINARY = "qemu-system-x86_64"
 CONSOLE_TAIL_LINES = 25
+CONSOLE_DRAIN_S = 1.0
+"""How long the console reader may take to catch up once QEMU exited (for the tail)."""
 
 ArgvWrapper = Callable[[list[str]], list[str]]
 """A launch step that wraps QEMU's argv (ownership today; the jail later)."""
+
+UnhealthyCallback = Callable[["Machine", str], object]
+"""Called once (on the event loop) when a running VM turns unhealthy, with the reason."""
 
 
 def new_vm_id() -> str:
@@ -95,11 +100,21 @@ class Machine:
         self.use_cgroups = use_cgroups
         self.cgroup: cgroups.VMCgroup | None = None
         """The VM's cgroups (memory incl. QEMU's overhead, CPU, tasks), where the host has them."""
+        self.console_log = console.ConsoleLog(self.run.console)
+        self._console_task: asyncio.Task[None] | None = None
+        self.error: str | None = None
+        """Why the VM is unhealthy (its agent connection broke), or None."""
+        self.on_unhealthy: UnhealthyCallback | None = None
 
     # -- public surface ------------------------------------------------------------------
 
     @property
     def agent(self) -> AgentClient:
+        if self.state is VMState.UNHEALTHY:
+            raise VMError(
+                f"VM {self.id} is unhealthy ({self.error}); its guest agent cannot be used: "
+                "stop it and start a new one"
+            )
         if self._agent is None or self.state is not VMState.RUNNING:
             raise VMError(f"VM {self.id} is {self.state.value}, not running")
         return self._agent
@@ -116,7 +131,14 @@ class Machine:
         """The last lines of the guest console (kept after the runtime dir is gone)."""
         if self._final_console is not None:
             return "\n".join(self._final_console.splitlines()[-lines:])
-        return _tail(self.run.console, lines)
+        return self.console_log.tail(lines)
+
+    def _set_state(self, new: VMState) -> None:
+        """Change the state through ``vmm.state.TRANSITIONS`` (StateTransitionError if not
+        allowed); setting the current state again changes nothing."""
+        if new is not self.state:
+            check_transition(self.id, self.state, new)
+            self.state = new
 
     async def launch(self) -> None:
         """Start QEMU and wait for the guest agent. On any failure, roll back and raise."""
@@ -135,15 +157,14 @@ class Machine:
                 ) from exc
             raise
         self.started_at = time.time()
-        self.state = VMState.RUNNING
+        self._set_state(VMState.RUNNING)
         self._watch = asyncio.create_task(self._watch_exit(), name=f"warden-vm-{self.id}")
 
     async def shutdown(self, *, timeout: float = 3.0) -> None:
         """Stop the VM: QMP ``quit`` first, SIGKILL after ``timeout``; always clean up."""
         if self.state in (VMState.STOPPED, VMState.FAILED) and self._proc is None:
             return
-        if self.state is VMState.RUNNING:
-            self.state = VMState.STOPPING
+        self._begin_stop()
         try:
             if self._agent is not None:
                 await self._agent.close()
@@ -154,18 +175,25 @@ class Machine:
                     await asyncio.wait_for(self._proc.wait(), timeout)
         finally:
             await self._hard_stop()
-            if self.state is not VMState.FAILED:
-                self.state = VMState.STOPPED
+            self._end_stop()
 
     async def kill(self) -> None:
         """Stop the VM at once (SIGKILL) and clean up."""
-        if self.state is VMState.RUNNING:
-            self.state = VMState.STOPPING
+        self._begin_stop()
         try:
             await self._hard_stop()
         finally:
-            if self.state is not VMState.FAILED:
-                self.state = VMState.STOPPED
+            self._end_stop()
+
+    def _begin_stop(self) -> None:
+        if self.state in LIVE_STATES:
+            self._set_state(VMState.STOPPING)
+
+    def _end_stop(self) -> None:
+        if self.state is VMState.STOPPING:
+            self._set_state(VMState.STOPPED)
+        elif self.state is VMState.CREATING:  # stopped before its launch finished
+            self._set_state(VMState.FAILED)
 
     async def wait(self) -> int:
         """Wait for QEMU to exit; return its exit code."""
@@ -204,6 +232,7 @@ class Machine:
         deadline = time.monotonic() + timeout
         try:
             async with asyncio.timeout(timeout):
+                await machine._start_console(deadline)
                 machine._qmp = await machine._connect_qmp(deadline)
                 # The earlier manager may have died mid-frame: resynchronise the stream.
                 machine._agent = await machine._open_agent(
@@ -212,7 +241,7 @@ class Machine:
         except BaseException as exc:
             await machine._detach_connections()
             machine._proc = None
-            machine.state = VMState.FAILED
+            machine._set_state(VMState.FAILED)
             if isinstance(exc, asyncio.CancelledError):
                 raise
             raise VMError(
@@ -220,7 +249,7 @@ class Machine:
                 f"{exc or type(exc).__name__}"
             ) from exc
         machine.started_at = started_at or time.time()
-        machine.state = VMState.RUNNING
+        machine._set_state(VMState.RUNNING)
         machine._watch = asyncio.create_task(machine._watch_exit(), name=f"warden-vm-{vm_id}")
         return machine
 
@@ -236,6 +265,7 @@ class Machine:
         await self._detach_connections()
 
     async def _detach_connections(self) -> None:
+        await self._stop_console()
         if self._agent is not None:
             with contextlib.suppress(Exception):
                 await self._agent.close()
@@ -282,7 +312,13 @@ class Machine:
         """Restore the boot snapshot of this configuration if there is one, else boot cold."""
         assert self.accel is not None
         qemu_argv = build_argv(
-            self.spec, boot, self.run, accel=self.accel.name, qemu=self.qemu, tsc_khz=tsc_khz()
+            self.spec,
+            boot,
+            self.run,
+            accel=self.accel.name,
+            qemu=self.qemu,
+            tsc_khz=tsc_khz(),
+            console_socket=True,
         )
         argv = qemu_argv
         for wrap in self.wrappers:
@@ -372,8 +408,18 @@ class Machine:
         self._agent = await self._open_agent(self.spec.agent_timeout_s)
 
     def _on_agent_broken(self, error: WardenError) -> None:
-        """The agent connection broke: a protocol violation, an unresponsive agent, or lost."""
-        log.warning("VM %s: %s", self.id, error)
+        """The agent connection broke: a protocol violation, an unresponsive agent, or lost.
+
+        A running VM turns unhealthy (the reason in ``error``); it can still be stopped.
+        """
+        if self.state is not VMState.RUNNING:
+            log.warning("VM %s (%s): %s", self.id, self.state.value, error)
+            return  # launching (the launch fails by itself), stopping, or gone already
+        self.error = str(error).splitlines()[0] if str(error) else type(error).__name__
+        self._set_state(VMState.UNHEALTHY)
+        log.warning("VM %s is unhealthy: %s", self.id, self.error)
+        if self.on_unhealthy is not None:
+            self.on_unhealthy(self, self.error)
 
     async def _open_agent(self, timeout: float, *, resync: bool = False) -> AgentClient:
         agent = await AgentClient.connect_unix(
@@ -395,6 +441,7 @@ class Machine:
         deadline = time.monotonic() + self.spec.agent_timeout_s
         exited = asyncio.create_task(self._proc.wait())
         try:
+            await self._race(self._start_console(deadline), exited, deadline, "the console")
             self._qmp = await self._race(self._connect_qmp(deadline), exited, deadline, "QMP")
             if restored:
                 await self._race(self._resume_restored(self._qmp), exited, deadline, "restore")
@@ -427,6 +474,7 @@ class Machine:
                 await task
         if exited in done:
             self._exit_code = exited.result()
+            await self._stop_console(drain=True)
             raise LaunchError(
                 f"QEMU exited while waiting for {what}" + self._qemu_log_hint(),
                 self.argv,
@@ -462,6 +510,25 @@ class Machine:
             await asyncio.sleep(0.005)
         await qmp.execute("cont")
 
+    async def _start_console(self, deadline: float) -> None:
+        """Connect to QEMU's console socket and copy it into the capped console log."""
+        stream = await console.connect(self.run.console_sock, deadline)
+        self._console_task = asyncio.create_task(
+            console.pump(stream, self.console_log), name=f"warden-console-{self.id}"
+        )
+
+    async def _stop_console(self, *, drain: bool = False) -> None:
+        """Stop the console reader; with ``drain`` (QEMU has exited), let it read to the end."""
+        task, self._console_task = self._console_task, None
+        if task is None:
+            return
+        if drain:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(task), CONSOLE_DRAIN_S)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
     async def _connect_qmp(self, deadline: float) -> QMPClient:
         qmp = QMPClient(f"warden-{self.id}")
         while not self.run.qmp.exists() and time.monotonic() < deadline:
@@ -481,9 +548,9 @@ class Machine:
         """Notice QEMU dying on its own: mark the VM failed and release its resources."""
         assert self._proc is not None
         code = await self._proc.wait()
-        if self.state is VMState.RUNNING:
+        if self.state in LIVE_STATES:
             self._exit_code = code
-            self.state = VMState.FAILED
+            self._set_state(VMState.FAILED)
             log.warning("VM %s: QEMU exited unexpectedly with code %s", self.id, code)
             await self._cleanup()
 
@@ -505,9 +572,10 @@ class Machine:
                 self._proc.send_signal(signal.SIGKILL)
         if self._proc is not None:
             self._exit_code = await self._proc.wait()
+        await self._stop_console(drain=True)
 
     async def _rollback(self) -> None:
-        self.state = VMState.FAILED
+        self._set_state(VMState.FAILED)
         await self._hard_stop()
 
     async def _cleanup(self) -> None:
@@ -517,7 +585,7 @@ class Machine:
         if self.cgroup is not None:
             self.cgroup.remove()
         if self.run.dir.exists():
-            self._final_console = _tail(self.run.console, CONSOLE_TAIL_LINES)
+            self._final_console = self.console_log.tail(CONSOLE_TAIL_LINES)
             await asyncio.to_thread(shutil.rmtree, self.run.dir, True)
 
 
