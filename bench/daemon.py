@@ -1,8 +1,12 @@
-"""Issue 3's benchmarks: what the manager daemon adds, measured against embedded mode.
+"""Issues 3 and 6: what the manager daemon adds, measured against embedded mode.
 
-* exec of ``true`` with the SDK, on a sandbox of the daemon (its REST API, an NDJSON stream
-  over its unix socket) against an embedded one, alternating, in one run: the daemon's added
-  latency as a ratio at p50 (target at most 1.3x);
+* exec of ``true`` with the SDK, on a sandbox of the daemon (its REST API, a binary record
+  stream over its unix socket) against an embedded one, alternating, in one run: the daemon's
+  added latency as a ratio at p50 (target at most 1.3x);
+* exec stdout throughput of ``head -c 256M /dev/zero``, daemon and embedded, alternating
+  (target at least 50 MB/s);
+* the daemon's peak RSS above idle while one guest streams 1 GiB to a slow client (one that
+  takes at most ``SLOW_CLIENT_MBPS``; target at most 64 MiB);
 * list and inspect latency with 20 live VMs of 128 MiB each.
 
 Run with ``python -m bench.daemon``; results go to ``bench/results/daemon-<utc time>.json``.
@@ -105,6 +109,104 @@ async def bench_exec(daemon: Daemon, iterations: int) -> dict[str, Any]:
     }
 
 
+THROUGHPUT_MIB = 256
+SLOW_CLIENT_MBPS = 12.0
+FLOOD_MIB = 1024
+
+
+async def _stream_mbps(sbx: AsyncSandbox) -> float:
+    """MB/s of ``head -c 256M /dev/zero`` into a callback that only counts (nothing kept)."""
+    got = 0
+
+    def count(chunk: bytes) -> None:
+        nonlocal got
+        got += len(chunk)
+
+    t0 = time.perf_counter()
+    r = await sbx._agent().exec(
+        f"head -c {THROUGHPUT_MIB}M /dev/zero", on_stdout=count, max_output=0, timeout=600
+    )
+    elapsed = time.perf_counter() - t0
+    if r.exit_code != 0 or got != THROUGHPUT_MIB << 20:
+        raise RuntimeError(f"the stream ended early: {got} bytes, {r!r}")
+    return got / elapsed / 1e6
+
+
+async def bench_stdout_throughput(daemon: Daemon, runs: int) -> dict[str, Any]:
+    """``head -c 256M /dev/zero`` through the daemon and embedded, alternating."""
+    remote = await warden.connect(f"unix://{daemon.socket}").AsyncSandbox.create(memory_mib=256)
+    sbx = await AsyncSandbox.create(memory_mib=256)
+    via_daemon: list[float] = []
+    embedded: list[float] = []
+    try:
+        for _ in range(runs):
+            via_daemon.append(await _stream_mbps(remote))
+            embedded.append(await _stream_mbps(sbx))
+    finally:
+        await sbx.kill()
+        await remote.kill()
+    return {
+        "metric": f"exec stdout throughput, head -c {THROUGHPUT_MIB}M /dev/zero (MB/s)",
+        "daemon": round(statistics.median(via_daemon), 1),
+        "embedded": round(statistics.median(embedded), 1),
+        "daemon_runs": [round(v, 1) for v in via_daemon],
+        "embedded_runs": [round(v, 1) for v in embedded],
+        "target": ">= 50",
+    }
+
+
+def _rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+async def bench_slow_client_rss(daemon: Daemon) -> dict[str, Any]:
+    """The daemon's RSS, sampled every 50 ms, while a guest streams 1 GiB to a client that
+    reads at most SLOW_CLIENT_MBPS: what the guest cannot send yet must wait in the guest."""
+    remote = await warden.connect(f"unix://{daemon.socket}").AsyncSandbox.create(memory_mib=256)
+    pid = daemon.proc.pid
+    got = 0
+    t0 = time.perf_counter()
+
+    async def slow(chunk: bytes) -> None:
+        nonlocal got
+        got += len(chunk)
+        ahead = got / (SLOW_CLIENT_MBPS * 1e6) - (time.perf_counter() - t0)
+        if ahead > 0:
+            await asyncio.sleep(ahead)
+
+    try:
+        for _ in range(3):
+            await remote.commands.run("true")
+        idle = peak = _rss(pid)
+        t0 = time.perf_counter()
+        run = asyncio.create_task(
+            remote._agent().exec(
+                f"head -c {FLOOD_MIB}M /dev/zero", on_stdout=slow, max_output=0, timeout=3600
+            )
+        )
+        while not run.done():
+            peak = max(peak, _rss(pid))
+            await asyncio.sleep(0.05)
+        result = await run
+        elapsed = time.perf_counter() - t0
+    finally:
+        await remote.kill()
+    if result.exit_code != 0 or got != FLOOD_MIB << 20:
+        raise RuntimeError(f"the stream ended early: {got} bytes, {result!r}")
+    return {
+        "metric": f"daemon RSS while a guest streams {FLOOD_MIB} MiB to a client reading "
+        f"{SLOW_CLIENT_MBPS:g} MB/s (MiB)",
+        "idle_rss": round(idle / 2**20, 1),
+        "peak_rss": round(peak / 2**20, 1),
+        "peak_above_idle": round((peak - idle) / 2**20, 1),
+        "client_mbps": round(got / elapsed / 1e6, 1),
+        "target": "<= 64 above idle",
+    }
+
+
 async def bench_list_inspect(daemon: Daemon, iterations: int) -> dict[str, Any]:
     ids = [await daemon.create(128) for _ in range(LIVE_VMS)]
     try:
@@ -135,7 +237,12 @@ async def main() -> dict[str, Any]:
     # 20 one-vCPU VMs on a 2-CPU host need a vCPU overcommit above the default 4.
     daemon = Daemon("--vcpu-overcommit", "16", "--log-level", "warning")
     try:
-        rows = [await bench_exec(daemon, 200), await bench_list_inspect(daemon, 200)]
+        rows = [
+            await bench_exec(daemon, 200),
+            await bench_stdout_throughput(daemon, 3),
+            await bench_slow_client_rss(daemon),
+            await bench_list_inspect(daemon, 200),
+        ]
     finally:
         await daemon.close()
     return {

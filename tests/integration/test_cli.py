@@ -50,3 +50,12 @@ def test_doctor_reports_the_accelerator() -> None:
     out = p.stdout.decode()
     assert "accelerator" in out
     assert "tcg" in out or "kvm" in out
+
+
+def test_run_as_the_user_by_default_and_as_root_on_request(no_leaks: None) -> None:
+    p = _warden("run", "--", "sh", "-c", "id -u; pwd")
+    assert (p.returncode, p.stdout) == (0, b"1000\n/home/user\n"), p.stderr
+    p = _warden("run", "--user", "root", "--", "id", "-u")
+    assert (p.returncode, p.stdout) == (0, b"0\n"), p.stderr
+    p = _warden("run", "--user", "nobody", "--", "id", "-u")
+    assert p.returncode == 125 and b"user" in p.stderr

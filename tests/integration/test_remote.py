@@ -97,15 +97,15 @@ def test_cp_in_and_out_streams_and_keeps_the_mode(
     src.chmod(0o750)
     client = warden.connect(warden_daemon.url)
     with client.create(memory_mib=256) as sbx:
-        p = _warden("cp", str(src), f"{sbx.id}:/root/in/", *host)
+        p = _warden("cp", str(src), f"{sbx.id}:/home/user/in/", *host)
         assert p.returncode == 0, p.stderr
-        r = sbx.commands.run("sha256sum /root/in/blob.bin; stat -c %a /root/in/blob.bin")
+        r = sbx.commands.run("sha256sum /home/user/in/blob.bin; stat -c %a /home/user/in/blob.bin")
         assert r.stdout.split()[0] == hashlib.sha256(data).hexdigest()
         assert r.stdout.split()[-1] == "750"
 
         out_dir = tmp_path / "out"
         out_dir.mkdir()
-        p = _warden("cp", f"{sbx.id}:/root/in/blob.bin", str(out_dir), *host)
+        p = _warden("cp", f"{sbx.id}:/home/user/in/blob.bin", str(out_dir), *host)
         assert p.returncode == 0, p.stderr
         assert (out_dir / "blob.bin").read_bytes() == data
 
@@ -160,6 +160,41 @@ def test_run_uses_the_daemon_on_host(warden_daemon: ServeProcess) -> None:
     assert p.returncode == 124 and b"timeout" in p.stderr
     p = _warden("run", "--memory", "0", "--", "true", env=env)
     assert p.returncode == 125 and b"memory_mib" in p.stderr
+
+
+def test_exec_runs_as_the_user_and_root_needs_allow_root(warden_daemon: ServeProcess) -> None:
+    host = ["--host", warden_daemon.url]
+    client = warden.connect(warden_daemon.url)
+    with client.create(memory_mib=128) as sbx:
+        p = _warden("exec", *host, sbx.id, "--", "id", "-u")
+        assert (p.returncode, p.stdout) == (0, b"1000\n"), p.stderr
+        p = _warden("exec", "--user", "root", *host, sbx.id, "--", "id", "-u")
+        assert p.returncode == 125 and b"--allow-root" in p.stderr, p.stderr
+        p = _warden("cp", "--user", "root", "-", f"{sbx.id}:/etc/x", *host, stdin=b"x")
+        assert p.returncode == 125 and b"--allow-root" in p.stderr, p.stderr
+
+
+def test_exec_streams_more_output_than_it_keeps(warden_daemon: ServeProcess) -> None:
+    """The CLI keeps nothing of what it streams: 192 MiB through `warden exec` arrive whole,
+    and the CLI's peak RSS stays far below that (it held all of it before)."""
+    host = ["--host", warden_daemon.url]
+    client = warden.connect(warden_daemon.url)
+    with client.create(memory_mib=128) as sbx:
+        size = 192 * 1024 * 1024
+        argv = [WARDEN, "exec", *host, sbx.id, "--", "head", "-c", str(size), "/dev/zero"]
+        # A fresh Python runs the CLI as its only child, then reports that child's peak RSS.
+        measure = (
+            "import resource, subprocess, sys; code = subprocess.call(sys.argv[1:]); "
+            "sys.stderr.write(f'\\nmaxrss={resource.getrusage(resource.RUSAGE_CHILDREN)"
+            ".ru_maxrss}'); sys.exit(code)"
+        )
+        p = subprocess.run(
+            [sys.executable, "-c", measure, *argv], capture_output=True, timeout=300, check=False
+        )
+        assert p.returncode == 0, p.stderr
+        assert len(p.stdout) == size and p.stdout.count(0) == size
+    peak_mib = int(p.stderr.rsplit(b"maxrss=", 1)[1]) / 1024
+    assert peak_mib < 160, f"warden exec peaked at {peak_mib:.0f} MiB for {size >> 20} MiB"
 
 
 def test_run_on_a_host_that_does_not_answer_fails(tmp_path: Path) -> None:
