@@ -21,7 +21,7 @@ import typer
 from rich.console import Console
 
 from warden._errors import SpecError, WardenError
-from warden.config import Paths
+from warden.config import Paths, private_dir
 from warden.policy.admission import AdmissionPolicy
 from warden.server import logs
 
@@ -142,7 +142,7 @@ def serve(
 
 def _lock(paths: Paths) -> int:
     """One daemon per $WARDEN_HOME: hold an exclusive lock for our whole life."""
-    paths.run.mkdir(parents=True, exist_ok=True)
+    private_dir(paths.run)
     fd = os.open(paths.run / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

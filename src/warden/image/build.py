@@ -32,7 +32,7 @@ from typing import Literal
 
 from warden._errors import HostError, ImageBuildError
 from warden.agent import bundle
-from warden.config import Paths
+from warden.config import Paths, private_dir, restrict
 from warden.image import initramfs, kernel, recipe, rootfs, store, tools
 
 StepStatus = Literal["start", "done", "cached", "failed"]
@@ -134,7 +134,7 @@ def _publish(paths: Paths, final: Path, build: Callable[[Path, Path], None]) -> 
         out.mkdir()
         work.mkdir()
         build(out, work)
-        out.chmod(0o755)
+        restrict(out)  # root-only: 0700, its files 0600
         if final.exists():  # --force: move the old one aside; it is deleted with tmp
             final.rename(tmp / "old")
         out.rename(final)
@@ -180,7 +180,7 @@ def build_image(
     rep = _Reporter(progress)
     with rep.step("host"):
         busybox = check_host()
-    paths.cache.mkdir(parents=True, exist_ok=True)
+    private_dir(paths.cache)
 
     with store.cache_lock(paths, rep.waiting):
         for entry in paths.cache.iterdir():  # temp dirs of builds that were killed
@@ -286,6 +286,8 @@ def build_image(
                 initrd=store.make_artifact(idir / store.ARTIFACT_FILES["initrd"]),
                 rootfs=store.make_artifact(rdir / store.ARTIFACT_FILES["rootfs"]),
             )
+            for made in (kdir, idir, bdir, rdir):
+                restrict(made)  # also what an older warden left readable by all
             store.write_manifest(paths, image, [kdir.name, idir.name, bdir.name, rdir.name])
             removed = store.gc_cache(paths)
             st.detail = f"{store.manifest_path(paths, name)}" + (

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from warden._errors import ImageError, ImageNotFoundError
-from warden.config import Paths
+from warden.config import Paths, open_private, private_dir, write_private
 
 MANIFEST_FORMAT = 1
 KINDS = ("kernel", "initrd", "rootfs")
@@ -210,14 +210,11 @@ def load_image(paths: Paths, name: str) -> Image:
 
 def write_manifest(paths: Paths, image: Image, cache_dirs: list[str]) -> Path:
     """Write ``images/<name>.json`` atomically."""
-    paths.images.mkdir(parents=True, exist_ok=True)
+    private_dir(paths.images)
     dest = manifest_path(paths, image.name)
-    tmp = dest.with_name(f"{TMP_PREFIX}{dest.name}.{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(image_to_json(paths, image, cache_dirs), indent=2) + "\n")
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_private(
+        dest, (json.dumps(image_to_json(paths, image, cache_dirs), indent=2) + "\n").encode()
+    )
     return dest
 
 
@@ -246,8 +243,8 @@ def cache_lock(paths: Paths, waiting: Callable[[bool], None] | None = None) -> I
     If another process holds it, ``waiting(True)`` is called before blocking and
     ``waiting(False)`` once the lock is ours.
     """
-    paths.cache.mkdir(parents=True, exist_ok=True)
-    fd = os.open(paths.cache / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    private_dir(paths.cache)
+    fd = open_private(paths.cache / LOCK_NAME, os.O_RDWR | os.O_CREAT)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -18,6 +18,8 @@ from typing import Any
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from warden.config import private_dir
+
 TOKEN_FILE = "api-token"  # noqa: S105 - a file name, not a secret
 
 
@@ -31,7 +33,8 @@ def load_or_create_token(home: Path) -> str:
     if token:
         return token
     token = secrets.token_urlsafe(32)
-    home.mkdir(parents=True, exist_ok=True)
+    if not home.exists():
+        private_dir(home)
     tmp = path.with_name(f".{TOKEN_FILE}.{os.getpid()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     with os.fdopen(fd, "w", encoding="ascii") as f:

@@ -18,6 +18,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from warden.config import private_dir
+
 VALID_DAYS = 365
 RENEW_BEFORE = datetime.timedelta(days=30)
 
@@ -91,14 +93,15 @@ def ensure_cert(home: Path, host: str) -> tuple[Path, Path]:
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
         .sign(key, hashes.SHA256())
     )
-    cert_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    private_dir(cert_path.parent)
     key_bytes = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
     _write(key_path, key_bytes, 0o600)
-    _write(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    # 0600 too: clients pin a copy they were given; nothing else on the host needs to read it.
+    _write(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o600)
     return cert_path, key_path
 
 

@@ -45,7 +45,7 @@ from warden._errors import (
     StoreError,
     VMNotFoundError,
 )
-from warden.config import Paths
+from warden.config import Paths, private_dir
 from warden.vmm.spec import VMSpec
 from warden.vmm.state import VMState, check_transition
 
@@ -455,7 +455,8 @@ class Store:
 
 
 def _connect(path: Path, busy_timeout_ms: int) -> sqlite3.Connection:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.parent.exists():
+        private_dir(path.parent)
     try:
         # Create it 0600 before SQLite does (SQLite gives its -wal and -shm files the same mode).
         os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))

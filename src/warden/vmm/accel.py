@@ -8,6 +8,7 @@ version and kernel hash). Everything else runs under TCG.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import functools
 import hashlib
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Literal
 
 from warden._errors import HostError
-from warden.config import Paths
+from warden.config import PRIVATE_FILE, Paths, open_private, private_dir, write_private
 from warden.vmm.argv import BootFiles, RuntimeFiles, build_argv
 from warden.vmm.spec import VMSpec
 
@@ -83,19 +84,20 @@ def probe_kvm(paths: Paths, boot: BootFiles, kernel_sha256: str, qemu: str) -> A
     if why_not is not None:
         return AccelChoice("tcg", f"{why_not}; using TCG")
     key = _cache_key(qemu, kernel_sha256)
-    paths.cache.mkdir(parents=True, exist_ok=True)
+    private_dir(paths.cache)
     cache_file = paths.cache / "accel-probe.json"
-    with open(paths.cache / ".accel.lock", "w") as lock:
+    lock_fd = open_private(paths.cache / ".accel.lock", os.O_RDWR | os.O_CREAT)
+    with os.fdopen(lock_fd, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        with contextlib.suppress(OSError):  # made readable by all by an older warden
+            os.chmod(cache_file, PRIVATE_FILE)
         cached = _read_cache(cache_file).get(key)
         if cached is not None:
             return AccelChoice(cached["name"], cached["reason"] + " (cached probe)")
         choice = _probe(boot, qemu)
         entries = _read_cache(cache_file)
         entries[key] = asdict(choice)
-        tmp = cache_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(entries, indent=1))
-        tmp.replace(cache_file)
+        write_private(cache_file, json.dumps(entries, indent=1).encode())
     return choice
 
 

@@ -24,7 +24,7 @@ from qemu.qmp import QMPClient, QMPError
 
 from warden._errors import AgentTimeoutError, HostError, LaunchError, VMError, WardenError
 from warden.agent.client import AgentClient
-from warden.config import Paths
+from warden.config import PRIVATE_DIR, Paths, open_private, private_dir
 from warden.image.store import Image, load_image, verify_image
 from warden.policy.admission import TCG_VM_OVERHEAD_MIB
 from warden.vmm import cgroups, console, ownership
@@ -47,6 +47,8 @@ _T = TypeVar("_T")
 
 QEMU_BINARY = "qemu-system-x86_64"
 CONSOLE_TAIL_LINES = 25
+QEMU_UMASK = 0o077
+"""What QEMU makes (its sockets, pid file, RAM file) is for root only, like the rest."""
 CONSOLE_DRAIN_S = 1.0
 """How long the console reader may take to catch up once QEMU exited (for the tail)."""
 
@@ -290,10 +292,12 @@ class Machine:
         self.accel = resolve_accel(
             self.spec.accel, self.paths, boot, self.image.kernel.sha256, self.qemu
         )
-        self.run.dir.parent.mkdir(parents=True, exist_ok=True)
-        self.run.dir.mkdir(mode=0o700)
+        private_dir(self.run.dir.parent.parent)  # run/
+        private_dir(self.run.dir.parent)  # run/vms/: its names are VM ids
+        self.run.dir.mkdir(mode=PRIVATE_DIR)
         ownership.claim(self.run.dir, self.ownership)
-        with open(self.run.xfer, "wb") as f:
+        fd = open_private(self.run.xfer, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        with os.fdopen(fd, "wb") as f:
             f.truncate(XFER_SLOTS * XFER_SLOT_SIZE)  # sparse: costs nothing until used
         if self.use_cgroups and cgroups.available() is None:
             # QEMU's own overhead is charged as admission control charges it.
@@ -357,7 +361,8 @@ class Machine:
             if state is not None:
                 pass_fds = (state.fileno(),)
                 argv += ["-incoming", f"fd:{state.fileno()}"]
-            with open(self.run.qemu_log, "wb") as qemu_log:
+            log_fd = open_private(self.run.qemu_log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            with os.fdopen(log_fd, "wb") as qemu_log:
                 self._proc = await asyncio.create_subprocess_exec(
                     *argv,
                     stdin=asyncio.subprocess.DEVNULL,
@@ -365,6 +370,7 @@ class Machine:
                     stderr=asyncio.subprocess.STDOUT,
                     start_new_session=ownership.new_session(self.ownership),
                     pass_fds=pass_fds,
+                    umask=QEMU_UMASK,
                 )
         finally:
             if state is not None:

@@ -98,7 +98,9 @@ def read_owner(rundir: Path) -> dict[str, object] | None:
 
 def _write_owner(rundir: Path, data: dict[str, object]) -> None:
     tmp = rundir / f".{OWNER_FILE}.tmp"
-    tmp.write_text(json.dumps(data))
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(data))
     tmp.replace(rundir / OWNER_FILE)
 
 

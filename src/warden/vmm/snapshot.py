@@ -32,7 +32,14 @@ from pathlib import Path
 from qemu.qmp import QMPClient
 
 from warden._errors import VMError
-from warden.config import Paths
+from warden.config import (
+    PRIVATE_FILE,
+    Paths,
+    open_private,
+    private_dir,
+    restrict,
+    write_private,
+)
 
 STATE_FILE = "state.bin"
 META_FILE = "meta.json"
@@ -53,7 +60,11 @@ class BootSnapshots:
 
     def lookup(self, key: str) -> Path | None:
         state = self.root / key / STATE_FILE
-        return state if state.is_file() else None
+        if not state.is_file():
+            return None
+        with contextlib.suppress(OSError):  # one saved by an older warden was readable by all
+            restrict(state.parent)
+        return state
 
     def discard(self, key: str) -> None:
         target = self.root / key
@@ -69,6 +80,11 @@ class BootSnapshots:
         if not self.root.is_dir():
             return removed
         for entry in self.root.iterdir():
+            with contextlib.suppress(OSError):  # what an older warden left readable by all
+                if entry.is_dir():
+                    restrict(entry)
+                else:
+                    os.chmod(entry, PRIVATE_FILE)
             if not entry.is_dir():
                 continue
             try:
@@ -84,8 +100,9 @@ class BootSnapshots:
     @contextlib.contextmanager
     def writer_lock(self, key: str) -> Iterator[bool]:
         """Yield True if this process may write ``key`` (no one else is writing it)."""
-        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        with open(self.root / f".{key}.lock", "w") as lock:
+        private_dir(self.root)
+        lock_fd = open_private(self.root / f".{key}.lock", os.O_RDWR | os.O_CREAT)
+        with os.fdopen(lock_fd, "w") as lock:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -102,20 +119,20 @@ class BootSnapshots:
         Call with :meth:`writer_lock` held for ``key``.
         """
         target = self.root / key
-        target.mkdir(mode=0o700, parents=True, exist_ok=True)
+        private_dir(target)
         for stale in target.glob(f".{STATE_FILE}.*.tmp"):  # a writer that died; we hold the lock
             stale.unlink(missing_ok=True)
         tmp = target / f".{STATE_FILE}.{os.getpid()}.tmp"
         try:
             await qmp.execute("stop")
-            with open(tmp, "wb") as f:
+            with os.fdopen(open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "wb") as f:
                 qmp.send_fd_scm(f.fileno())
                 await qmp.execute("getfd", {"fdname": "warden-snapshot"})
                 await qmp.execute("migrate", {"uri": "fd:warden-snapshot"})
                 await _wait_migration(qmp)
                 f.flush()
                 os.fsync(f.fileno())
-            (target / META_FILE).write_text(json.dumps({**meta, "created": time.time()}))
+            write_private(target / META_FILE, json.dumps({**meta, "created": time.time()}).encode())
             tmp.replace(target / STATE_FILE)
         finally:
             with contextlib.suppress(FileNotFoundError):
