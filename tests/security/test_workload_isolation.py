@@ -9,12 +9,14 @@ code or the Python it runs. Every attempt must fail, and the agent must answer a
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
 
 import pytest
 
 import warden
+from warden.sdk import _portal
 
 pytestmark = pytest.mark.vm
 
@@ -110,6 +112,60 @@ def test_default_and_root_accounts(sandbox: warden.Sandbox) -> None:
     assert default.stdout.splitlines() == ["1000", "1000", "1000", "/home/user", "/home/user user"]
     root = sandbox.commands.run("id -u; pwd; echo $HOME", user="root")
     assert root.stdout.splitlines() == ["0", "/root", "/root"]
+
+
+REGAIN = r"""
+import json, os
+status = dict(line.split(":", 1) for line in open("/proc/self/status") if ":" in line)
+out = {k: status[k].split() for k in ("Uid", "Gid", "CapPrm", "CapEff", "Groups")}
+for name, call in (("setuid", lambda: os.setuid(0)), ("seteuid", lambda: os.seteuid(0)),
+                   ("setresuid", lambda: os.setresuid(0, 0, 0))):
+    try:
+        call()
+        out[name] = "succeeded"
+    except OSError as exc:
+        out[name] = exc.errno
+print(json.dumps(out))
+"""
+
+
+def test_a_command_cannot_regain_root(sandbox: warden.Sandbox) -> None:
+    """The command's real, effective and saved ids are the user's, with no capabilities."""
+    result = sandbox.commands.run(["python3", "-c", REGAIN], timeout=120)
+    assert result.exit_code == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["Uid"] == ["1000"] * 4 and out["Gid"] == ["1000"] * 4, out
+    assert out["CapPrm"] == out["CapEff"] == ["0000000000000000"], out
+    assert out["Groups"] == [], out
+    assert out["setuid"] == out["seteuid"] == out["setresuid"] == 1, out  # EPERM
+    assert sandbox.commands.run("echo alive").stdout == "alive\n"
+
+
+def test_signals_to_the_agent_threads_do_nothing(sandbox: warden.Sandbox) -> None:
+    """Hammer the agent's threads with signals while other commands start: it keeps serving.
+
+    An exec thread has the user's real uid while it starts a command, so some of these signals
+    are allowed then; without pid1.guard_signals, SIGTERM, SIGINT or SIGUSR1 killed PID 1 and
+    the guest panicked.
+    """
+    script = (
+        "end=$(($(date +%s) + 4)); while [ $(date +%s) -lt $end ]; do "
+        "for t in /proc/1/task/*; do for s in 1 2 10 11 15 32 34 64; do kill -$s ${t##*/}; "
+        "done; done 2>/dev/null; done; echo done"
+    )
+
+    async def main() -> list[str]:
+        inner = sandbox._inner
+        attacker = asyncio.create_task(inner.commands.run(script, timeout=60))
+        outputs = []
+        while not attacker.done():
+            outputs.append((await inner.commands.run("echo ok")).stdout)
+        assert (await attacker).stdout == "done\n"
+        return outputs
+
+    outputs = _portal.call(main())
+    assert outputs and set(outputs) == {"ok\n"}, outputs
+    assert sandbox.commands.run("echo alive").stdout == "alive\n"
 
 
 def test_a_file_written_by_default_belongs_to_the_user(sandbox: warden.Sandbox) -> None:

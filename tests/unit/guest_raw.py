@@ -6,10 +6,14 @@ without the host client in between. No VM: the agent runs on the host (``--fd``)
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +106,19 @@ def pipe_blocked(pid: int) -> bool:
             return "pipe" in f.read()
     except OSError:
         return False
+
+
+@contextlib.contextmanager
+def user_home() -> Iterator[Path]:
+    """A home for the guest's user that uid 1000 can reach (pytest's tmp_path is root's, 0700).
+
+    The agent checks a command's cwd as the user, so the user must be able to reach it."""
+    base = Path(tempfile.mkdtemp(prefix="warden-guest-test-"))
+    try:
+        base.chmod(0o755)
+        yield user_dir(base / "home")
+    finally:
+        shutil.rmtree(base)
 
 
 def user_dir(path: Path) -> Path:

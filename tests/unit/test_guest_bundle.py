@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.unit.guest_raw import RawHost, user_dir
+from tests.unit.guest_raw import RawHost, user_home
 from warden.agent import bundle
 from warden.wire.frame import SESSION_VERSION
 
@@ -72,7 +72,11 @@ def test_the_agent_imports_with_only_its_files(tmp_path: Path) -> None:
 def test_the_bundled_agent_serves(tmp_path: Path) -> None:
     guest_dir = unpack(tmp_path / "root")
     main = [*ISOLATED, str(guest_dir / "agent_main.py")]
-    host = RawHost(tmp_path / "agent.log", user_dir(tmp_path / "home"), argv=main)
+    with user_home() as home:
+        _serve_and_check(RawHost(tmp_path / "agent.log", home, argv=main))
+
+
+def _serve_and_check(host: RawHost) -> None:
     try:
         assert host.hello([1, SESSION_VERSION])["version"] == SESSION_VERSION
         host.request(1, {"op": "exec", "argv": ["echo", "bundled"], "user": "root"})

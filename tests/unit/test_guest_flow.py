@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.guest_raw import RawHost, pipe_blocked, user_dir
+from tests.unit.guest_raw import RawHost, pipe_blocked, user_home
 from warden.wire.frame import (
     HEADER,
     INITIAL_WINDOW,
@@ -29,8 +29,14 @@ MIB = 1 << 20
 
 
 @pytest.fixture
-def host(tmp_path: Path) -> Iterator[RawHost]:
-    raw = RawHost(tmp_path / "agent.log", user_dir(tmp_path / "home"))
+def home() -> Iterator[Path]:
+    with user_home() as path:
+        yield path
+
+
+@pytest.fixture
+def host(tmp_path: Path, home: Path) -> Iterator[RawHost]:
+    raw = RawHost(tmp_path / "agent.log", home)
     try:
         yield raw
     finally:
@@ -108,8 +114,8 @@ def test_stderr_has_its_own_credit(host: RawHost) -> None:
     assert response["exit_code"] == 0
 
 
-def test_file_read_within_the_credit(host: RawHost, tmp_path: Path) -> None:
-    path = tmp_path / "home" / "big"
+def test_file_read_within_the_credit(host: RawHost, home: Path) -> None:
+    path = home / "big"
     path.write_bytes(b"x" * (3 * MIB))
     host.hello([2])
     host.request(1, {"op": "read", "path": str(path), "user": "root"})

@@ -8,7 +8,7 @@ import os
 import threading
 import time
 
-from warden.guest import pump, spawn
+from warden.guest import pump, spawn, users
 from warden.guest.args import Invalid, arg_bool, arg_str, failure
 from warden.guest.log import log_exception
 from warden.guest.request import Request
@@ -164,16 +164,17 @@ class Exec(Request):
 
     def _spawn(self, fds: tuple[int, int, int]) -> spawn.Refusal | None:
         """Start the process; on failure the (exit code, message) a shell would give."""
-        refused = spawn.check_cwd(self.cwd)
-        if refused is not None:
-            return refused
-        executable, refused = spawn.resolve(self.argv[0], self.cwd, self.env.get("PATH", ""))
-        if executable is None:
-            return refused
-        reaper = self.session.agent.reaper
-        process = spawn.popen(
-            self.argv, executable, fds, self.cwd, self.env, self.account, reaper, self._on_exit
-        )
+        with users.spawning_as(self.account):  # the checks and the child: as the account
+            refused = spawn.check_cwd(self.cwd)
+            if refused is not None:
+                return refused
+            executable, refused = spawn.resolve(self.argv[0], self.cwd, self.env.get("PATH", ""))
+            if executable is None:
+                return refused
+            reaper = self.session.agent.reaper
+            process = spawn.popen(
+                self.argv, executable, fds, self.cwd, self.env, self.account, reaper, self._on_exit
+            )
         if isinstance(process, tuple):
             return process
         self.popen = process

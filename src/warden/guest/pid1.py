@@ -45,7 +45,50 @@ def harden(dev: str = "/dev") -> None:
             except (OSError, NotImplementedError) as exc:
                 log(f"cannot make {dev}/{name} root-only: {exc}")
     set_not_dumpable()
+    guard_signals()
     users.clear_groups()
+
+
+def guard_signals() -> None:
+    """Give PID 1 a do-nothing handler for every signal whose default action would end it.
+
+    The exec thread briefly has the user's real uid while it starts a command
+    (users.spawning_as), so the user may signal that thread then, and CPython blocks every
+    signal in it around vfork. The kernel drops a signal sent to init from inside the guest only
+    if init has no handler *and the target thread does not block it*; a blocked one is queued,
+    and one whose default action is fatal then ends the whole thread group: init, so the guest
+    panics (seen here with SIGTERM, SIGINT and SIGUSR1). With a handler, such a signal just runs
+    the handler on the main thread. A command gets default actions again when it execs.
+    SIGKILL and SIGSTOP are never delivered to init from inside the guest, and signals whose
+    default action is to ignore or to stop need nothing.
+    """
+    import signal
+
+    def ignore(signum: int, frame: object) -> None:
+        return None
+
+    leave = {signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD, signal.SIGCONT, signal.SIGURG}
+    leave |= {signal.SIGWINCH, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU}
+    for sig in signal.valid_signals():
+        if sig not in leave and signal.getsignal(sig) is not signal.SIG_IGN:
+            signal.signal(sig, ignore)
+    _ignore_reserved_signal(SIGCANCEL)
+
+
+SIGCANCEL = 32
+"""glibc's thread-cancellation signal: glibc's sigaction() refuses it, and its default is fatal."""
+_SYS_RT_SIGACTION = 13  # x86_64
+_SIG_IGN = 1
+
+
+def _ignore_reserved_signal(sig: int) -> None:
+    """Set a signal that glibc reserves (so Python cannot) to SIG_IGN with rt_sigaction(2)."""
+    import ctypes
+
+    action = (ctypes.c_ulong * 4)(_SIG_IGN, 0, 0, 0)  # handler, flags, restorer, mask
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syscall(_SYS_RT_SIGACTION, sig, ctypes.byref(action), None, 8) != 0:
+        log(f"cannot ignore signal {sig}: errno {ctypes.get_errno()}")
 
 
 def set_not_dumpable() -> None:

@@ -76,10 +76,12 @@ def popen(
     reaper: Reaper,
     on_exit: Callable[[int], None],
 ) -> Popen[bytes] | Refusal:
-    """Start the process in its own session as ``account``; a refusal if that fails."""
-    import subprocess
+    """Start the process in its own session; a refusal if that fails.
 
-    from warden.guest.users import popen_ids
+    The calling thread must already have ``account``'s ids (:func:`users.spawning_as`): the child
+    inherits them through vfork.
+    """
+    import subprocess
 
     argv0 = argv[0]
     try:
@@ -94,7 +96,6 @@ def popen(
                 env=env,
                 start_new_session=True,
                 close_fds=True,
-                **popen_ids(account),
             )
             reaper.register(process.pid, on_exit)
     except OSError as exc:
