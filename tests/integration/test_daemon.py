@@ -23,6 +23,7 @@ import pytest
 
 from tests.conftest import qemu_pids, runtime_dirs
 from tests.integration.conftest import WARDEN, ServeProcess
+from warden import records
 from warden.config import Paths
 from warden.policy.admission import AdmissionPolicy, HostCapacity
 from warden.store.db import Store, db_path
@@ -73,15 +74,22 @@ def _exec(
     final: dict[str, object] = {}
     with c.stream("POST", f"/v1/sandboxes/{ref}/exec", json={"cmd": cmd, **extra}) as r:
         assert r.status_code == 200, r.read()
-        for line in r.iter_lines():
-            msg = json.loads(line)
-            if "stdout" in msg:
-                out += base64.b64decode(msg["stdout"])
-            elif "stderr" in msg:
-                err += base64.b64decode(msg["stderr"])
+        for kind, payload in _records(r):
+            if isinstance(payload, dict):
+                final = payload
+            elif kind is records.Kind.STDOUT:
+                out += payload
             else:
-                final = msg
+                err += payload
     return out, err, final
+
+
+def _records(r: httpx.Response) -> Iterator[tuple[records.Kind, bytes | dict[str, Any]]]:
+    """The records of an exec response body (binary, warden.records), as they arrive."""
+    decoder = records.RecordDecoder()
+    for data in r.iter_bytes():
+        yield from decoder.feed(data)
+    decoder.end()
 
 
 def _create(c: httpx.Client, **body: object) -> dict[str, Any]:
@@ -214,8 +222,8 @@ def test_kill_9_of_the_daemon_during_an_exec(daemon: Daemon) -> None:
                     "POST", f"/v1/sandboxes/{vm['id']}/exec", json={"cmd": "echo go; sleep 30"}
                 ) as r,
             ):
-                for line in r.iter_lines():
-                    seen.append(line.encode())
+                for data in r.iter_bytes():
+                    seen.append(data)
         except httpx.HTTPError as exc:
             seen.append(exc)
 
@@ -595,12 +603,15 @@ def test_exec_with_streamed_stdin(daemon: Daemon) -> None:
 
         sent: list[httpx.Response] = []
         lines: list[dict[str, Any]] = []
+        out = b""
         request = {"cmd": ["sha256sum"], "stdin_stream": True}
         with c.stream("POST", f"/v1/sandboxes/{vm_id}/exec", json=request) as r:
             assert r.status_code == 200
             feeder: threading.Thread | None = None
-            for line in r.iter_lines():
-                msg = json.loads(line)
+            for _kind, msg in _records(r):
+                if not isinstance(msg, dict):
+                    out += msg
+                    continue
                 lines.append(msg)
                 if "exec_id" in msg:
                     url = f"/v1/sandboxes/{vm_id}/execs/{msg['exec_id']}/stdin"
@@ -616,7 +627,6 @@ def test_exec_with_streamed_stdin(daemon: Daemon) -> None:
             assert feeder is not None
             feeder.join(timeout=60)
     assert "exec_id" in lines[0]
-    out = b"".join(base64.b64decode(m["stdout"]) for m in lines if "stdout" in m)
     assert out.split()[0].decode() == hashlib.sha256(data).hexdigest()
     assert lines[-1]["exit_code"] == 0
     assert sent[0].status_code == 200 and sent[0].json() == {"bytes": len(data), "complete": True}
@@ -668,8 +678,9 @@ def test_a_client_that_goes_away_kills_its_command(daemon: Daemon) -> None:
         vm_id = _create(c)["id"]
         body = {"cmd": "echo $$; exec sleep 60"}
         with c.stream("POST", f"/v1/sandboxes/{vm_id}/exec", json=body) as r:
-            first = json.loads(next(r.iter_lines()))
-            pid = int(base64.b64decode(first["stdout"]))
+            kind, first = next(_records(r))
+            assert kind is records.Kind.STDOUT and isinstance(first, bytes)
+            pid = int(first)
         # the response is closed unread: the daemon must cancel the command
         deadline = time.monotonic() + 10
         alive = True
