@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from warden._errors import (
     AgentError,
     AgentTimeoutError,
+    AgentUnresponsiveError,
     CommandTimeoutError,
     GuestFileError,
     HostError,
@@ -41,6 +42,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AgentError",
     "AgentTimeoutError",
+    "AgentUnresponsiveError",
     "AsyncSandbox",
     "Client",
     "CommandResult",

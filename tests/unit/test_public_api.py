@@ -10,6 +10,7 @@ from warden.sdk import AsyncSandbox, Sandbox
 EXPECTED_ALL = {
     "AgentError",
     "AgentTimeoutError",
+    "AgentUnresponsiveError",
     "AsyncSandbox",
     "Client",
     "CommandResult",
