@@ -11,6 +11,7 @@ before test_daemon.py starts its own.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
 import sys
@@ -86,15 +87,22 @@ class ServeProcess:
             self.proc = None
 
 
-@pytest.fixture(scope="module")
-def warden_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
-    tmp = tmp_path_factory.mktemp("daemon")
-    d = ServeProcess(tmp / "w.sock", tmp / "daemon.log")
+@contextlib.contextmanager
+def serving(tmp: Path, *args: str) -> Iterator[ServeProcess]:
+    """A `warden serve` on a socket in ``tmp`` (extra ``args`` after ``--log-level warning``),
+    stopped with what is left on it when the block ends."""
+    d = ServeProcess(tmp / "w.sock", tmp / "daemon.log", ("--log-level", "warning", *args))
     d.start()
     try:
         yield d
     finally:
         d.stop()
+
+
+@pytest.fixture(scope="module")
+def warden_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
+    with serving(tmp_path_factory.mktemp("daemon")) as d:
+        yield d
 
 
 @pytest.fixture(scope="module", params=MODES)

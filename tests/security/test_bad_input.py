@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.integration.conftest import ServeProcess
+from tests.integration.conftest import ServeProcess, serving
 from warden import records
 from warden.server.limits import (
     MAX_ARG,
@@ -48,16 +48,10 @@ class Daemon:
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    tmp = tmp_path_factory.mktemp("bad-input")
-    serve = ServeProcess(tmp / "w.sock", tmp / "daemon.log")
-    serve.start()
-    try:
-        with serve.client() as http:
-            r = http.post("/v1/sandboxes", json={"memory_mib": MEMORY, "name": "bad-input"})
-            assert r.status_code == 201, r.text
-            yield Daemon(serve, r.json()["id"], http)
-    finally:
-        serve.stop()
+    with serving(tmp_path_factory.mktemp("bad-input")) as serve, serve.client() as http:
+        r = http.post("/v1/sandboxes", json={"memory_mib": MEMORY, "name": "bad-input"})
+        assert r.status_code == 201, r.text
+        yield Daemon(serve, r.json()["id"], http)
 
 
 @dataclass(frozen=True)

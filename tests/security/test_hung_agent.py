@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 import warden
-from tests.integration.conftest import ServeProcess
+from tests.integration.conftest import ServeProcess, serving
 from warden._errors import WardenError
 from warden.agent.client import PING_INTERVAL_S, PING_TIMEOUT_S
 from warden.vmm import ownership
@@ -38,12 +38,8 @@ RM_WITHIN_S = 30.0
 
 @pytest.fixture
 def daemon(tmp_path: Path) -> Iterator[ServeProcess]:
-    d = ServeProcess(tmp_path / "w.sock", tmp_path / "daemon.log")
-    d.start()
-    try:
+    with serving(tmp_path) as d:
         yield d
-    finally:
-        d.stop()
 
 
 def _inspect(http: httpx.Client, vm_id: str) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import ServeProcess
+from tests.integration.conftest import ServeProcess, serving
 
 pytestmark = pytest.mark.vm
 
@@ -33,12 +33,8 @@ FLOOD_S = 15.0
 
 @pytest.fixture
 def daemon(tmp_path: Path) -> Iterator[ServeProcess]:
-    d = ServeProcess(tmp_path / "w.sock", tmp_path / "daemon.log")
-    d.start()
-    try:
+    with serving(tmp_path) as d:
         yield d
-    finally:
-        d.stop()
 
 
 def _rss(pid: int) -> int:

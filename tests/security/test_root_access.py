@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.integration.conftest import ServeProcess
+from tests.integration.conftest import serving
 from warden import records
 from warden.wire.ops import USER_HOME, USER_UID
 
@@ -22,17 +22,10 @@ pytestmark = pytest.mark.vm
 @pytest.fixture(scope="module")
 def vm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[httpx.Client, str]]:
     tmp = tmp_path_factory.mktemp("allow-root")
-    serve = ServeProcess(
-        tmp / "w.sock", tmp / "daemon.log", args=("--log-level", "warning", "--allow-root")
-    )
-    serve.start()
-    try:
-        with serve.client() as http:
-            r = http.post("/v1/sandboxes", json={"memory_mib": 256})
-            assert r.status_code == 201, r.text
-            yield http, f"/v1/sandboxes/{r.json()['id']}"
-    finally:
-        serve.stop()
+    with serving(tmp, "--allow-root") as serve, serve.client() as http:
+        r = http.post("/v1/sandboxes", json={"memory_mib": 256})
+        assert r.status_code == 201, r.text
+        yield http, f"/v1/sandboxes/{r.json()['id']}"
 
 
 def _stdout(response: httpx.Response) -> bytes:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import ServeProcess
+from tests.integration.conftest import ServeProcess, serving
 from warden.config import Paths
 from warden.sdk import Sandbox
 
@@ -30,13 +30,8 @@ def _free_port() -> int:
 
 @pytest.fixture
 def daemon(tmp_path: Path) -> Iterator[ServeProcess]:
-    args = ("--log-level", "warning", "--tcp", f"127.0.0.1:{_free_port()}")
-    d = ServeProcess(tmp_path / "w.sock", tmp_path / "daemon.log", args=args)
-    d.start()
-    try:
+    with serving(tmp_path, "--tcp", f"127.0.0.1:{_free_port()}") as d:
         yield d
-    finally:
-        d.stop()
 
 
 def _exempt(path: Path, home: Path) -> bool:

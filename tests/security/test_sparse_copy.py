@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 import warden
-from tests.integration.conftest import ServeProcess
+from tests.integration.conftest import ServeProcess, serving
 
 pytestmark = pytest.mark.vm
 
@@ -29,13 +29,8 @@ MIB = 1 << 20
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
-    tmp = tmp_path_factory.mktemp("sparse")
-    d = ServeProcess(tmp / "w.sock", tmp / "daemon.log")
-    d.start()
-    try:
+    with serving(tmp_path_factory.mktemp("sparse")) as d:
         yield d
-    finally:
-        d.stop()
 
 
 @pytest.fixture(scope="module")
