@@ -351,16 +351,10 @@ def _metric(text: str, line_start: str) -> float:
     raise AssertionError(f"no {line_start} in /metrics:\n{text}")
 
 
-def test_admission_refusal_under_overcommit(tmp_path: Path, no_leaks: None) -> None:
-    """A daemon whose limits admit one more 128 MiB, 1-vcpu VM and not two: the second create
-    is refused with 409 naming both limits, and leaves no row, runtime dir, process or event."""
-    with Store(db_path(Paths.from_env())) as store:
-        held = store.reservations()  # leftovers of other runs in this $WARDEN_HOME, if any
-    overhead = AdmissionPolicy().vm_overhead_mib
-    host = HostCapacity.from_host()
-    charge = MEMORY + overhead
-    memory_limit = held.memory_mib + held.vms * overhead + charge + charge // 2
-    d = Daemon(
+def _limited_daemon(tmp_path: Path, host: HostCapacity, memory_limit: int, vcpus: int) -> Daemon:
+    """A daemon (not started) that admits up to ``memory_limit`` MiB and ``vcpus`` + 0.5 vcpus,
+    logging JSON."""
+    return Daemon(
         tmp_path / "w.sock",
         tmp_path / "daemon.log",
         args=[
@@ -373,9 +367,50 @@ def test_admission_refusal_under_overcommit(tmp_path: Path, no_leaks: None) -> N
             "--reserved-memory",
             str(host.memory_mib - memory_limit),
             "--vcpu-overcommit",
-            repr((held.vcpus + 1.5) / host.cpus),
+            repr((vcpus + 0.5) / host.cpus),
         ],
     )
+
+
+def _assert_refused_without_trace(c: httpx.Client, vm_id: str, memory_limit: int) -> None:
+    """A create over both limits is refused with 409 naming them, and leaves no row, runtime
+    dir, process or event; only the refusal metrics count it."""
+
+    def rows_now() -> list[tuple[str, str]]:
+        listed = c.get("/v1/sandboxes", params={"all": "true"}).json()
+        return [(v["id"], v["state"]) for v in listed]
+
+    rows = rows_now()
+    dirs, pids = runtime_dirs(), qemu_pids()
+    last = c.get("/v1/events", params={"vm": vm_id}).json()[-1]["id"]
+
+    r = c.post("/v1/sandboxes", json={"memory_mib": MEMORY, "name": "refused"})
+    assert r.status_code == 409, r.text
+    detail = r.json()["detail"]
+    assert "memory:" in detail and "memory_overcommit" in detail
+    assert "vcpus:" in detail and "vcpu_overcommit" in detail
+    assert f"limit is {memory_limit} MiB" in detail
+
+    assert rows_now() == rows
+    assert c.get("/v1/sandboxes/refused").status_code == 404
+    assert runtime_dirs() == dirs and qemu_pids() == pids
+    assert c.get("/v1/events", params={"after": last}).json() == []
+    metrics = c.get("/metrics").text
+    assert _metric(metrics, "warden_admission_refusals_total") == 1
+    assert _metric(metrics, 'warden_admission_refusals_by_limit_total{limit="vcpus"}') == 1
+    assert _metric(metrics, 'warden_create_seconds_count{outcome="refused"}') == 1
+
+
+def test_admission_refusal_under_overcommit(tmp_path: Path, no_leaks: None) -> None:
+    """A daemon whose limits admit one more 128 MiB, 1-vcpu VM and not two: the second create
+    is refused with 409 naming both limits, and leaves no row, runtime dir, process or event."""
+    with Store(db_path(Paths.from_env())) as store:
+        held = store.reservations()  # leftovers of other runs in this $WARDEN_HOME, if any
+    overhead = AdmissionPolicy().vm_overhead_mib
+    host = HostCapacity.from_host()
+    charge = MEMORY + overhead
+    memory_limit = held.memory_mib + held.vms * overhead + charge + charge // 2
+    d = _limited_daemon(tmp_path, host, memory_limit, held.vcpus + 1)
     d.start()
     try:
         with d.client() as c:
@@ -389,29 +424,7 @@ def test_admission_refusal_under_overcommit(tmp_path: Path, no_leaks: None) -> N
             assert info["reservations"]["vms"] == held.vms + 1
             assert info["reservations"]["vcpus"] == held.vcpus + 1
 
-            def rows_now() -> list[tuple[str, str]]:
-                listed = c.get("/v1/sandboxes", params={"all": "true"}).json()
-                return [(v["id"], v["state"]) for v in listed]
-
-            rows = rows_now()
-            dirs, pids = runtime_dirs(), qemu_pids()
-            last = c.get("/v1/events", params={"vm": vm["id"]}).json()[-1]["id"]
-
-            r = c.post("/v1/sandboxes", json={"memory_mib": MEMORY, "name": "refused"})
-            assert r.status_code == 409, r.text
-            detail = r.json()["detail"]
-            assert "memory:" in detail and "memory_overcommit" in detail
-            assert "vcpus:" in detail and "vcpu_overcommit" in detail
-            assert f"limit is {memory_limit} MiB" in detail
-
-            assert rows_now() == rows
-            assert c.get("/v1/sandboxes/refused").status_code == 404
-            assert runtime_dirs() == dirs and qemu_pids() == pids
-            assert c.get("/v1/events", params={"after": last}).json() == []
-            metrics = c.get("/metrics").text
-            assert _metric(metrics, "warden_admission_refusals_total") == 1
-            assert _metric(metrics, 'warden_admission_refusals_by_limit_total{limit="vcpus"}') == 1
-            assert _metric(metrics, 'warden_create_seconds_count{outcome="refused"}') == 1
+            _assert_refused_without_trace(c, vm["id"], memory_limit)
 
             # Within the limits again once the first VM is gone.
             assert (
@@ -424,12 +437,56 @@ def test_admission_refusal_under_overcommit(tmp_path: Path, no_leaks: None) -> N
     assert lines and all({"ts", "level", "logger", "msg"} <= set(obj) for obj in lines)
 
 
+def _last_event_id(c: httpx.Client) -> int:
+    """The id of the newest event: the shared store may hold many earlier ones."""
+    start = 0
+    while page := c.get("/v1/events", params={"after": start}).json():
+        start = page[-1]["id"]
+    return start
+
+
+def _assert_metrics_of_one_exec(c: httpx.Client, file_size: int) -> None:
+    """/metrics after one VM ran one exec (3 bytes out, 2 err) and moved a file both ways."""
+    metrics = c.get("/metrics")
+    assert metrics.headers["content-type"].startswith("text/plain; version=0.0.4")
+    text = metrics.text
+    assert _metric(text, 'warden_vms{state="running"}') >= 1
+    assert _metric(text, 'warden_create_seconds_count{outcome="ok"}') == 1
+    assert _metric(text, 'warden_exec_seconds_count{outcome="ok"}') == 1
+    assert _metric(text, 'warden_exec_seconds_bucket{outcome="ok",le="+Inf"}') == 1
+    assert _metric(text, 'warden_bytes_total{direction="exec_stdout"}') == 3
+    assert _metric(text, 'warden_bytes_total{direction="exec_stderr"}') == 2
+    assert _metric(text, 'warden_bytes_total{direction="files_in"}') == file_size
+    assert _metric(text, 'warden_bytes_total{direction="files_out"}') == file_size
+    assert _metric(text, "warden_admission_refusals_total") == 0
+
+
+def _followed_events(
+    follower: subprocess.Popen[bytes], vm_id: str, count: int
+) -> list[dict[str, Any]]:
+    """Up to ``count`` events of ``vm_id`` that `warden events --follow` printed within 20 s."""
+    deadline = time.monotonic() + 20
+    seen: list[dict[str, Any]] = []
+    assert follower.stdout is not None
+    while len(seen) < count and time.monotonic() < deadline:
+        line = follower.stdout.readline()
+        if line and (event := json.loads(line))["vm_id"] == vm_id:
+            seen.append(event)
+    return seen
+
+
+def _stop_follower(follower: subprocess.Popen[bytes]) -> None:
+    follower.terminate()  # the follower this test started
+    follower.wait(timeout=10)
+    assert follower.stdout is not None and follower.stderr is not None
+    follower.stdout.close()
+    follower.stderr.close()
+
+
 def test_events_and_metrics(daemon: Daemon) -> None:
     env = {**os.environ, "WARDEN_HOST": str(daemon.socket)}
     with daemon.client() as c:
-        start = 0
-        while page := c.get("/v1/events", params={"after": start}).json():
-            start = page[-1]["id"]  # the shared store may hold many earlier events
+        start = _last_event_id(c)
     follower = subprocess.Popen(
         [WARDEN, "events", "--follow", "--since", str(start), "--format", "json"],
         stdout=subprocess.PIPE,
@@ -448,18 +505,7 @@ def test_events_and_metrics(daemon: Daemon) -> None:
                 c.get(f"/v1/sandboxes/{vm_id}/files", params={"path": "/home/user/x"}).content
                 == data
             )
-            metrics = c.get("/metrics")
-            assert metrics.headers["content-type"].startswith("text/plain; version=0.0.4")
-            text = metrics.text
-            assert _metric(text, 'warden_vms{state="running"}') >= 1
-            assert _metric(text, 'warden_create_seconds_count{outcome="ok"}') == 1
-            assert _metric(text, 'warden_exec_seconds_count{outcome="ok"}') == 1
-            assert _metric(text, 'warden_exec_seconds_bucket{outcome="ok",le="+Inf"}') == 1
-            assert _metric(text, 'warden_bytes_total{direction="exec_stdout"}') == 3
-            assert _metric(text, 'warden_bytes_total{direction="exec_stderr"}') == 2
-            assert _metric(text, 'warden_bytes_total{direction="files_in"}') == len(data)
-            assert _metric(text, 'warden_bytes_total{direction="files_out"}') == len(data)
-            assert _metric(text, "warden_admission_refusals_total") == 0
+            _assert_metrics_of_one_exec(c, len(data))
 
             assert c.post(f"/v1/sandboxes/{vm_id}/stop").status_code == 200
             assert c.delete(f"/v1/sandboxes/{vm_id}").status_code == 204
@@ -470,20 +516,10 @@ def test_events_and_metrics(daemon: Daemon) -> None:
             assert c.get("/v1/events", params={"vm": "nobody"}).json() == []
             assert c.get("/v1/events", params={"after": -1}).status_code == 422
 
-        deadline = time.monotonic() + 20
-        seen: list[dict[str, Any]] = []
-        assert follower.stdout is not None
-        while len(seen) < len(kinds) and time.monotonic() < deadline:
-            line = follower.stdout.readline()
-            if line and (event := json.loads(line))["vm_id"] == vm_id:
-                seen.append(event)
+        seen = _followed_events(follower, vm_id, len(kinds))
         assert [e["kind"] for e in seen] == kinds
     finally:
-        follower.terminate()  # the follower this test started
-        follower.wait(timeout=10)
-        assert follower.stdout is not None and follower.stderr is not None
-        follower.stdout.close()
-        follower.stderr.close()
+        _stop_follower(follower)
 
     p = subprocess.run(
         [WARDEN, "events", "--vm", vm_id], capture_output=True, env=env, timeout=60, check=True

@@ -165,6 +165,180 @@ def _read_kernel_info(kdir: Path) -> dict[str, str]:
         ) from exc
 
 
+@dataclass(frozen=True)
+class _Kernel:
+    """The kernel step's result: its cache key, dir and ``kernel.json``."""
+
+    hash: str
+    dir: Path
+    info: dict[str, str]
+
+
+@dataclass(frozen=True)
+class _Cached:
+    """A cached artifact: its content hash (the cache key) and its dir."""
+
+    hash: str
+    dir: Path
+
+
+def _make_kernel(kpkg: kernel.KernelPackage, out: Path, work: Path) -> None:
+    """Download and unpack the kernel .deb into ``out``: vmlinuz, vmlinux (PVH), the .deb."""
+    deb = kernel.download_kernel(kpkg, work / "deb")
+    tools.run("extract kernel", ["dpkg-deb", "-x", str(deb), str(work / "x")])
+    vmlinuz = work / "x" / "boot" / f"vmlinuz-{kpkg.release}"
+    if not vmlinuz.is_file():
+        raise ImageBuildError("kernel", None, f"    {kpkg.package} has no boot/{vmlinuz.name}")
+    shutil.copyfile(vmlinuz, out / BZIMAGE)
+    elf = kernel.extract_vmlinux(vmlinuz, work)
+    if elf is not None:
+        (out / PVH_KERNEL).write_bytes(elf)
+    shutil.copyfile(deb, out / KERNEL_DEB)
+    info = {
+        "package": kpkg.package,
+        "version": kpkg.version,
+        "release": kpkg.release,
+        "deb_sha256": store.sha256_file(deb),
+        "boot_file": PVH_KERNEL if elf is not None else BZIMAGE,
+    }
+    (out / KERNEL_INFO).write_text(json.dumps(info, indent=2) + "\n")
+
+
+def _remove_stale_temp_dirs(paths: Paths) -> None:
+    """Remove the temp dirs of builds that were killed (call with the cache lock held)."""
+    for entry in paths.cache.iterdir():
+        if entry.name.startswith(store.TMP_PREFIX):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+class _ImageBuild:
+    """The steps of one :func:`build_image` run, each a method, in build order."""
+
+    def __init__(
+        self,
+        paths: Paths,
+        name: str,
+        rcp: recipe.Recipe,
+        rep: _Reporter,
+        force: bool,
+        busybox: Path,
+    ) -> None:
+        self.paths = paths
+        self.name = name
+        self.rcp = rcp
+        self.rep = rep
+        self.force = force
+        self.busybox = busybox
+
+    def _stale(self, final: Path) -> bool:
+        """Whether the cache dir ``final`` must be built: it is missing, or ``--force``."""
+        return self.force or not final.is_dir()
+
+    def _ensure(self, st: _StepState, final: Path, make: Callable[[Path, Path], None]) -> None:
+        """Publish ``final`` with ``make`` unless it is cached (and not ``--force``)."""
+        if self._stale(final):
+            _publish(self.paths, final, make)
+        else:
+            st.status = "cached"
+
+    def resolve_step(self) -> tuple[kernel.KernelPackage, str]:
+        """The real kernel package apt would install, and the kernel's cache key."""
+        with self.rep.step("resolve") as st:
+            kpkg = kernel.resolve_kernel_package(self.rcp.kernel_package)
+            khash = recipe.kernel_hash(self.rcp, kpkg.package, kpkg.version)
+            st.detail = f"{kpkg.package} {kpkg.version}"
+        return kpkg, khash
+
+    def kernel_step(self, kpkg: kernel.KernelPackage, khash: str) -> _Kernel:
+        """The kernel dir: vmlinuz, vmlinux when it can boot by PVH, the .deb, kernel.json."""
+        kdir = self.paths.cache / f"kernel-{khash}"
+        with self.rep.step("kernel") as st:
+            self._ensure(st, kdir, lambda out, work: _make_kernel(kpkg, out, work))
+            kinfo = _read_kernel_info(kdir)
+            st.detail = f"{kinfo['release']}, boots {kinfo.get('boot_file', BZIMAGE)}"
+        return _Kernel(khash, kdir, kinfo)
+
+    def initrd_step(self, kern: _Kernel) -> _Cached:
+        """The initramfs: the recipe's modules, busybox and /init."""
+        bb_sha = initramfs.file_sha256(self.busybox)
+        ihash = recipe.initrd_hash(kern.hash, initramfs.INIT_SCRIPT, self.rcp.modules, bb_sha)
+        idir = self.paths.cache / f"initrd-{ihash}"
+
+        def make_initrd(out: Path, work: Path) -> None:
+            extracted = kernel.extract_kernel(
+                kern.dir / KERNEL_DEB, work / "x", kern.info["release"]
+            )
+            mods = kernel.resolve_modules(extracted, self.rcp.modules)
+            blobs = [(m.name, kernel.module_bytes(m.path)) for m in mods]
+            with (out / store.ARTIFACT_FILES["initrd"]).open("wb") as f:
+                initramfs.write_initramfs(f, busybox=self.busybox, modules=blobs)
+
+        with self.rep.step("initrd") as st:
+            self._ensure(st, idir, make_initrd)
+        return _Cached(ihash, idir)
+
+    def base_step(self) -> _Cached:
+        """The trimmed mmdebstrap root, cached apart from the agent."""
+        rcp = self.rcp
+        bhash = recipe.base_hash(rcp)
+        bdir = self.paths.cache / f"base-{bhash}"
+
+        def make_base(out: Path, work: Path) -> None:
+            rootfs.build_base(out / "root", rcp.suite, rcp.packages, work)
+
+        with self.rep.step("base") as st:
+            if self._stale(bdir):
+                tools.require_tools(*BASE_TOOLS)
+                _publish(self.paths, bdir, make_base)
+            else:
+                st.status = "cached"
+            st.detail = f"{rcp.suite}: {', '.join(sorted(set(rcp.packages)))}"
+        return _Cached(bhash, bdir)
+
+    def rootfs_step(self, base: _Cached) -> _Cached:
+        """The base plus the agent's files, squashed into rootfs.sqfs."""
+        with self.rep.step("rootfs") as st:
+            files = _agent_files()
+            rhash = recipe.rootfs_hash(base.hash, files)
+            rdir = self.paths.cache / f"rootfs-{rhash}"
+
+            def make_rootfs(out: Path, work: Path) -> None:
+                rootfs.build_rootfs(
+                    base.dir / "root",
+                    files,
+                    "/" + bundle.GUEST_ROOT,
+                    out / store.ARTIFACT_FILES["rootfs"],
+                    work,
+                )
+
+            self._ensure(st, rdir, make_rootfs)
+        return _Cached(rhash, rdir)
+
+    def manifest_step(
+        self, kern: _Kernel, initrd: _Cached, base: _Cached, root: _Cached
+    ) -> store.Image:
+        """Write images/<name>.json and remove the cache dirs no manifest references."""
+        with self.rep.step("manifest") as st:
+            image = store.Image(
+                name=self.rcp.name,
+                recipe_hash=recipe.image_hash(self.rcp, kern.hash, initrd.hash, root.hash),
+                kernel_version=kern.info["release"],
+                built_at=datetime.now(UTC).isoformat(timespec="seconds"),
+                kernel=store.make_artifact(kern.dir / kern.info.get("boot_file", BZIMAGE)),
+                initrd=store.make_artifact(initrd.dir / store.ARTIFACT_FILES["initrd"]),
+                rootfs=store.make_artifact(root.dir / store.ARTIFACT_FILES["rootfs"]),
+            )
+            made = (kern.dir, initrd.dir, base.dir, root.dir)
+            for d in made:
+                restrict(d)  # also what an older warden left readable by all
+            store.write_manifest(self.paths, image, [d.name for d in made])
+            removed = store.gc_cache(self.paths)
+            st.detail = f"{store.manifest_path(self.paths, self.name)}" + (
+                f" (removed {len(removed)} unused cache dirs)" if removed else ""
+            )
+        return image
+
+
 def build_image(
     paths: Paths,
     name: str = "default",
@@ -183,114 +357,11 @@ def build_image(
     private_dir(paths.cache)
 
     with store.cache_lock(paths, rep.waiting):
-        for entry in paths.cache.iterdir():  # temp dirs of builds that were killed
-            if entry.name.startswith(store.TMP_PREFIX):
-                shutil.rmtree(entry, ignore_errors=True)
-
-        with rep.step("resolve") as st:
-            kpkg = kernel.resolve_kernel_package(rcp.kernel_package)
-            khash = recipe.kernel_hash(rcp, kpkg.package, kpkg.version)
-            st.detail = f"{kpkg.package} {kpkg.version}"
-
-        kdir = paths.cache / f"kernel-{khash}"
-        with rep.step("kernel") as st:
-            if force or not kdir.is_dir():
-
-                def make_kernel(out: Path, work: Path) -> None:
-                    deb = kernel.download_kernel(kpkg, work / "deb")
-                    tools.run("extract kernel", ["dpkg-deb", "-x", str(deb), str(work / "x")])
-                    vmlinuz = work / "x" / "boot" / f"vmlinuz-{kpkg.release}"
-                    if not vmlinuz.is_file():
-                        raise ImageBuildError(
-                            "kernel", None, f"    {kpkg.package} has no boot/{vmlinuz.name}"
-                        )
-                    shutil.copyfile(vmlinuz, out / BZIMAGE)
-                    elf = kernel.extract_vmlinux(vmlinuz, work)
-                    if elf is not None:
-                        (out / PVH_KERNEL).write_bytes(elf)
-                    shutil.copyfile(deb, out / KERNEL_DEB)
-                    info = {
-                        "package": kpkg.package,
-                        "version": kpkg.version,
-                        "release": kpkg.release,
-                        "deb_sha256": store.sha256_file(deb),
-                        "boot_file": PVH_KERNEL if elf is not None else BZIMAGE,
-                    }
-                    (out / KERNEL_INFO).write_text(json.dumps(info, indent=2) + "\n")
-
-                _publish(paths, kdir, make_kernel)
-            else:
-                st.status = "cached"
-            kinfo = _read_kernel_info(kdir)
-            st.detail = f"{kinfo['release']}, boots {kinfo.get('boot_file', BZIMAGE)}"
-
-        bb_sha = initramfs.file_sha256(busybox)
-        ihash = recipe.initrd_hash(khash, initramfs.INIT_SCRIPT, rcp.modules, bb_sha)
-        idir = paths.cache / f"initrd-{ihash}"
-        with rep.step("initrd") as st:
-            if force or not idir.is_dir():
-
-                def make_initrd(out: Path, work: Path) -> None:
-                    extracted = kernel.extract_kernel(
-                        kdir / KERNEL_DEB, work / "x", kinfo["release"]
-                    )
-                    mods = kernel.resolve_modules(extracted, rcp.modules)
-                    blobs = [(m.name, kernel.module_bytes(m.path)) for m in mods]
-                    with (out / store.ARTIFACT_FILES["initrd"]).open("wb") as f:
-                        initramfs.write_initramfs(f, busybox=busybox, modules=blobs)
-
-                _publish(paths, idir, make_initrd)
-            else:
-                st.status = "cached"
-
-        bhash = recipe.base_hash(rcp)
-        bdir = paths.cache / f"base-{bhash}"
-        with rep.step("base") as st:
-            if force or not bdir.is_dir():
-                tools.require_tools(*BASE_TOOLS)
-
-                def make_base(out: Path, work: Path) -> None:
-                    rootfs.build_base(out / "root", rcp.suite, rcp.packages, work)
-
-                _publish(paths, bdir, make_base)
-            else:
-                st.status = "cached"
-            st.detail = f"{rcp.suite}: {', '.join(sorted(set(rcp.packages)))}"
-
-        with rep.step("rootfs") as st:
-            files = _agent_files()
-            rhash = recipe.rootfs_hash(bhash, files)
-            rdir = paths.cache / f"rootfs-{rhash}"
-            if force or not rdir.is_dir():
-
-                def make_rootfs(out: Path, work: Path) -> None:
-                    rootfs.build_rootfs(
-                        bdir / "root",
-                        files,
-                        "/" + bundle.GUEST_ROOT,
-                        out / store.ARTIFACT_FILES["rootfs"],
-                        work,
-                    )
-
-                _publish(paths, rdir, make_rootfs)
-            else:
-                st.status = "cached"
-
-        with rep.step("manifest") as st:
-            image = store.Image(
-                name=rcp.name,
-                recipe_hash=recipe.image_hash(rcp, khash, ihash, rhash),
-                kernel_version=kinfo["release"],
-                built_at=datetime.now(UTC).isoformat(timespec="seconds"),
-                kernel=store.make_artifact(kdir / kinfo.get("boot_file", BZIMAGE)),
-                initrd=store.make_artifact(idir / store.ARTIFACT_FILES["initrd"]),
-                rootfs=store.make_artifact(rdir / store.ARTIFACT_FILES["rootfs"]),
-            )
-            for made in (kdir, idir, bdir, rdir):
-                restrict(made)  # also what an older warden left readable by all
-            store.write_manifest(paths, image, [kdir.name, idir.name, bdir.name, rdir.name])
-            removed = store.gc_cache(paths)
-            st.detail = f"{store.manifest_path(paths, name)}" + (
-                f" (removed {len(removed)} unused cache dirs)" if removed else ""
-            )
-    return image
+        _remove_stale_temp_dirs(paths)
+        steps = _ImageBuild(paths, name, rcp, rep, force, busybox)
+        kpkg, khash = steps.resolve_step()
+        kern = steps.kernel_step(kpkg, khash)
+        initrd = steps.initrd_step(kern)
+        base = steps.base_step()
+        root = steps.rootfs_step(base)
+        return steps.manifest_step(kern, initrd, base, root)

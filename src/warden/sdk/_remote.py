@@ -23,7 +23,7 @@ import inspect
 import os
 import re
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Coroutine, Mapping
 from types import TracebackType
 from typing import Any, NoReturn, cast
 
@@ -115,6 +115,63 @@ INLINE_STDIN_MAX = 64 * 1024
 """Bytes of stdin sent inline (base64 in the exec request); more, or a stream, is streamed."""
 
 
+def _exec_body(
+    cmd: list[str] | str,
+    user: str,
+    env: Mapping[str, str] | None,
+    cwd: str | None,
+    timeout: float | None,
+    stdin: bytes | AsyncIterable[bytes] | None,
+) -> tuple[dict[str, Any], bytes | AsyncIterable[bytes] | None]:
+    """The exec request's JSON body, and the stdin left to stream on a second request (small
+    ``bytes`` go inline in the body)."""
+    body: dict[str, Any] = {"cmd": cmd if isinstance(cmd, str) else list(cmd), "user": user}
+    if env is not None:
+        body["env"] = dict(env)
+    if cwd is not None:
+        body["cwd"] = cwd
+    if timeout is not None:
+        body["timeout"] = timeout
+    if isinstance(stdin, bytes) and len(stdin) <= INLINE_STDIN_MAX:
+        body["stdin"] = base64.b64encode(stdin).decode()
+        stdin = None
+    elif stdin is not None:
+        body["stdin_stream"] = True
+    return body, stdin
+
+
+class _StdinFeeder:
+    """Streams a remote command's stdin (if it has a stream) once the daemon named it."""
+
+    def __init__(
+        self,
+        send: Callable[[str, bytes | AsyncIterable[bytes]], Coroutine[Any, Any, None]],
+        stdin: bytes | AsyncIterable[bytes] | None,
+    ) -> None:
+        self._send = send
+        self._stdin = stdin
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self, exec_id: object) -> None:
+        """Start streaming to the command ``exec_id``: only once, and only with a stream."""
+        if self._stdin is not None and self._task is None:
+            self._task = asyncio.create_task(self._send(str(exec_id), self._stdin))
+
+    async def stop(self) -> None:
+        """Cancel the stream if it is still running."""
+        task = self._task
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def raise_failure(self) -> None:
+        """Raise what made the stream fail, if it did."""
+        task = self._task
+        if task is not None and not task.cancelled() and task.exception() is not None:
+            raise cast(BaseException, task.exception())
+
+
 class RemoteAgent:
     """The subset of :class:`~warden.agent.client.AgentClient` the SDK uses, over HTTP."""
 
@@ -145,20 +202,9 @@ class RemoteAgent:
         that takes its time slows the daemon and the guest down (nothing piles up). Cancelling
         the call closes the stream, which kills the command.
         """
-        body: dict[str, Any] = {"cmd": cmd if isinstance(cmd, str) else list(cmd), "user": user}
-        if env is not None:
-            body["env"] = dict(env)
-        if cwd is not None:
-            body["cwd"] = cwd
-        if timeout is not None:
-            body["timeout"] = timeout
-        if isinstance(stdin, bytes) and len(stdin) <= INLINE_STDIN_MAX:
-            body["stdin"] = base64.b64encode(stdin).decode()
-            stdin = None
-        elif stdin is not None:
-            body["stdin_stream"] = True
+        body, stream = _exec_body(cmd, user, env, cwd, timeout, stdin)
         output = _Output(max_output, on_stdout, on_stderr)
-        feeder: asyncio.Task[None] | None = None
+        feeder = _StdinFeeder(self._send_stdin, stream)
         try:
             async with self._lines.post(f"{self._base}/exec", body) as r:
                 if r.status_code != 200:
@@ -166,19 +212,14 @@ class RemoteAgent:
                 async for kind, payload in r.records():
                     if isinstance(payload, bytes):
                         await output.take(kind, payload)
-                    elif "exec_id" in payload and stdin is not None and feeder is None:
-                        exec_id = str(payload["exec_id"])
-                        feeder = asyncio.create_task(self._send_stdin(exec_id, stdin))
-                    elif "exec_id" not in payload:
+                    elif "exec_id" in payload:
+                        feeder.start(payload["exec_id"])
+                    else:
                         output.final = payload
         finally:
             # The command has ended (or the call failed): what stdin is left no longer matters.
-            if feeder is not None and not feeder.done():
-                feeder.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await feeder
-        if feeder is not None and not feeder.cancelled() and feeder.exception() is not None:
-            raise cast(BaseException, feeder.exception())  # e.g. the stdin source failed
+            await feeder.stop()
+        feeder.raise_failure()  # e.g. the stdin source failed
         return output.result(cmd, timeout)
 
     async def _send_stdin(self, exec_id: str, stdin: bytes | AsyncIterable[bytes]) -> None:

@@ -20,7 +20,7 @@ from enum import IntEnum
 # guest under TCG, and nothing here needs it at run time. Type checkers treat this name as true.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any
+    from typing import Any, NoReturn
 
 __all__ = [
     "HEADER",
@@ -257,50 +257,73 @@ class FrameDecoder:
             raise FrameError(self._error)
         buf = self._buf
         if self._hunting:
-            buf += data
-            data = b""
-            at = min((i for i in map(buf.find, _MARKS) if i >= 0), default=-1)
-            if at < 0:  # keep a tail that may be the start of a split mark
-                del buf[: max(0, len(buf) - _MARK_SIZE + 1)]
+            if not self._hunt(data):
                 return []
-            del buf[:at]
-            self._hunting = False
+            data = b""  # it is in buf now, from the mark on
         if buf:
             buf += data
             src: bytes | bytearray | memoryview = buf
         else:
             src = data  # parse straight from the caller's buffer, keep only the tail
-        frames: list[Frame] = []
-        pos = 0
-        problem: str | None = None
         rest = b""
         with memoryview(src) as view:
-            end_of_data = len(view)
-            unpack_from = HEADER.unpack_from
-            while end_of_data - pos >= HEADER_SIZE:
-                version, ftype, channel, flags, request_id, length = unpack_from(view, pos)
-                problem = self._check(version, ftype, channel, flags, length)
-                if problem is not None:
-                    rest = bytes(view[pos + 1 :])  # where a resync hunts from
-                    break
-                start = pos + HEADER_SIZE
-                end = start + length
-                if end > end_of_data:
-                    break
-                frames.append(
-                    Frame(_TYPES[ftype], request_id, _CHANNELS[channel], bytes(view[start:end]))
-                )
-                pos = end
-            if src is not buf and problem is None and pos < end_of_data:
+            frames, pos, problem = self._parse(view)
+            if problem is not None:
+                rest = bytes(view[pos + 1 :])  # where a resync hunts from
+            elif src is not buf and pos < len(view):
                 buf += view[pos:]
         if problem is not None:
-            self._error = problem
-            buf.clear()
-            buf += rest
-            raise FrameError(problem, frames)
+            self._fail(problem, rest, frames)
         if src is buf:
             del buf[:pos]
         return frames
+
+    def _parse(self, view: memoryview) -> tuple[list[Frame], int, str | None]:
+        """The complete frames at the start of ``view``, the offset after them, and what is
+        wrong with the header found there (None if nothing: then only an incomplete frame, if
+        anything, is left)."""
+        frames: list[Frame] = []
+        pos = 0
+        end_of_data = len(view)
+        unpack_from = HEADER.unpack_from
+        check = self._check
+        while end_of_data - pos >= HEADER_SIZE:
+            version, ftype, channel, flags, request_id, length = unpack_from(view, pos)
+            problem = check(version, ftype, channel, flags, length)
+            if problem is not None:
+                return frames, pos, problem
+            start = pos + HEADER_SIZE
+            end = start + length
+            if end > end_of_data:
+                break
+            frames.append(
+                Frame(_TYPES[ftype], request_id, _CHANNELS[channel], bytes(view[start:end]))
+            )
+            pos = end
+        return frames, pos, None
+
+    def _hunt(self, data: bytes | bytearray | memoryview) -> bool:
+        """Add ``data`` to the buffer and drop what precedes the first HELLO or ERROR header.
+
+        False if there is none yet (then only a tail that may start a split mark is kept);
+        True once found: hunting is over and the buffer starts at the header."""
+        buf = self._buf
+        buf += data
+        at = min((i for i in map(buf.find, _MARKS) if i >= 0), default=-1)
+        if at < 0:  # keep a tail that may be the start of a split mark
+            del buf[: max(0, len(buf) - _MARK_SIZE + 1)]
+            return False
+        del buf[:at]
+        self._hunting = False
+        return True
+
+    def _fail(self, problem: str, rest: bytes, frames: list[Frame]) -> NoReturn:
+        """Die on a malformed header; keep ``rest`` (the bytes after its first) for a resync."""
+        self._error = problem
+        buf = self._buf
+        buf.clear()
+        buf += rest
+        raise FrameError(problem, frames)
 
     def _check(self, version: int, ftype: int, channel: int, flags: int, length: int) -> str | None:
         if version != PROTOCOL_VERSION:
@@ -311,11 +334,15 @@ class FrameDecoder:
             return f"unknown channel {channel}"
         if flags != 0:
             return f"reserved flags set ({flags:#x})"
+        if length > self._max_payload or (ftype == FrameType.HELLO and length > HELLO_MAX_PAYLOAD):
+            return self._length_problem(length)
+        return None
+
+    def _length_problem(self, length: int) -> str:
+        """Why a frame of ``length`` bytes is refused (the decoder's limit, else HELLO's)."""
         if length > self._max_payload:
             return f"frame length {length} exceeds the maximum of {self._max_payload}"
-        if ftype == FrameType.HELLO and length > HELLO_MAX_PAYLOAD:
-            return f"HELLO of {length} bytes exceeds the maximum of {HELLO_MAX_PAYLOAD}"
-        return None
+        return f"HELLO of {length} bytes exceeds the maximum of {HELLO_MAX_PAYLOAD}"
 
 
 def encode_window(request_id: int, channel: int, increment: int) -> bytes:
