@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
@@ -12,6 +13,9 @@ from rich.table import Table
 
 from warden._errors import WardenError
 from warden.config import Paths
+
+if TYPE_CHECKING:
+    from warden.image.store import Image
 
 
 @dataclass
@@ -22,68 +26,94 @@ class Check:
     fix: str = ""
 
 
-def _checks() -> list[Check]:
-    from warden.image.store import load_image, verify_image
-    from warden.vmm.accel import kvm_usable_device, qemu_version, resolve_accel
-    from warden.vmm.argv import BootFiles
+TOOLS = (
+    ("setpriv", "util-linux"),
+    ("mmdebstrap", "mmdebstrap"),
+    ("mksquashfs", "squashfs-tools"),
+    ("busybox", "busybox-static"),
+    ("depmod", "kmod"),
+)
+"""Host tools besides QEMU, and the Debian package of each."""
+
+
+def _qemu_check() -> tuple[str | None, Check]:
+    """The QEMU binary (None if missing) and its check."""
+    from warden.vmm.accel import qemu_version
     from warden.vmm.machine import QEMU_BINARY
 
-    paths = Paths.from_env()
-    checks: list[Check] = []
     qemu = shutil.which(QEMU_BINARY)
     if qemu is None:
-        checks.append(
-            Check("qemu", False, f"{QEMU_BINARY} not found", "apt-get install qemu-system-x86")
+        return None, Check(
+            "qemu", False, f"{QEMU_BINARY} not found", "apt-get install qemu-system-x86"
         )
-    else:
-        checks.append(Check("qemu", True, f"{qemu_version(qemu)} ({qemu})"))
-    for tool, pkg in (
-        ("setpriv", "util-linux"),
-        ("mmdebstrap", "mmdebstrap"),
-        ("mksquashfs", "squashfs-tools"),
-        ("busybox", "busybox-static"),
-        ("depmod", "kmod"),
-    ):
+    return qemu, Check("qemu", True, f"{qemu_version(qemu)} ({qemu})")
+
+
+def _tool_checks() -> list[Check]:
+    checks = []
+    for tool, pkg in TOOLS:
         found = shutil.which(tool)
         checks.append(
             Check(tool, found is not None, found or "not found", f"apt-get install {pkg}")
         )
+    return checks
+
+
+def _home_check(paths: Paths) -> Check:
     home_ok = os.access(paths.home if paths.home.exists() else paths.home.parent, os.W_OK)
-    checks.append(
-        Check(
-            "data dir",
-            home_ok,
-            str(paths.home),
-            "run as root, or set WARDEN_HOME to a writable directory",
-        )
+    return Check(
+        "data dir",
+        home_ok,
+        str(paths.home),
+        "run as root, or set WARDEN_HOME to a writable directory",
     )
+
+
+def _image_checks(paths: Paths) -> tuple[Image | None, list[Check]]:
+    """The default image (None if it is missing or damaged) and its checks."""
+    from warden.image.store import load_image, verify_image
+
     try:
         image = load_image(paths, "default")
         verify_image(image)
-        checks.append(
-            Check(
-                "kernel",
-                True,
-                f"{image.kernel_version} ({image.kernel.size // 1024} KiB, sha256 ok)",
-            )
-        )
-        checks.append(Check("image", True, f"default: rootfs {image.rootfs.size // (1 << 20)} MiB"))
     except WardenError as exc:
-        checks.append(Check("image", False, str(exc), "warden image build default"))
-        image = None
+        return None, [Check("image", False, str(exc), "warden image build default")]
+    return image, [
+        Check(
+            "kernel",
+            True,
+            f"{image.kernel_version} ({image.kernel.size // 1024} KiB, sha256 ok)",
+        ),
+        Check("image", True, f"default: rootfs {image.rootfs.size // (1 << 20)} MiB"),
+    ]
+
+
+def _accel_check(paths: Paths, qemu: str | None, image: Image | None) -> Check:
+    """Which accelerator a VM would get (a probe boot, cached)."""
+    from warden.vmm.accel import resolve_accel
+    from warden.vmm.argv import BootFiles
+
+    if qemu is None or image is None:
+        return Check("accelerator", False, "unknown until QEMU and the image are present", "")
+    boot = BootFiles(image.kernel.path, image.initrd.path, image.rootfs.path)
+    try:
+        choice = resolve_accel("auto", paths, boot, image.kernel.sha256, qemu)
+    except WardenError as exc:
+        return Check("accelerator", False, str(exc))
+    return Check("accelerator", True, f"{choice.name}: {choice.reason}")
+
+
+def _checks() -> list[Check]:
+    from warden.vmm.accel import kvm_usable_device
+
+    paths = Paths.from_env()
+    qemu, qemu_check = _qemu_check()
+    checks = [qemu_check, *_tool_checks(), _home_check(paths)]
+    image, image_checks = _image_checks(paths)
+    checks += image_checks
     kvm_why_not = kvm_usable_device()
     checks.append(Check("/dev/kvm", kvm_why_not is None, kvm_why_not or "opens read-write"))
-    if qemu is not None and image is not None:
-        boot = BootFiles(image.kernel.path, image.initrd.path, image.rootfs.path)
-        try:
-            choice = resolve_accel("auto", paths, boot, image.kernel.sha256, qemu)
-            checks.append(Check("accelerator", True, f"{choice.name}: {choice.reason}"))
-        except WardenError as exc:
-            checks.append(Check("accelerator", False, str(exc)))
-    else:
-        checks.append(
-            Check("accelerator", False, "unknown until QEMU and the image are present", "")
-        )
+    checks.append(_accel_check(paths, qemu, image))
     return checks
 
 

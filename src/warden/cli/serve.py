@@ -15,7 +15,7 @@ import os
 import signal
 import socket
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -24,6 +24,9 @@ from warden._errors import SpecError, WardenError
 from warden.config import Paths, private_dir
 from warden.policy.admission import AdmissionPolicy
 from warden.server import logs
+
+if TYPE_CHECKING:
+    from warden.server.run import TcpListener
 
 err = Console(stderr=True)
 
@@ -34,51 +37,61 @@ def default_socket(paths: Paths | None = None) -> Path:
     return (paths or Paths.from_env()).run / "warden.sock"
 
 
+SocketOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--socket", help="Unix socket to listen on [default: $WARDEN_HOME/run/warden.sock]."
+    ),
+]
+LogLevelOption = Annotated[str, typer.Option("--log-level", help="debug, info, warning.")]
+LogFormatOption = Annotated[
+    str, typer.Option("--log-format", help="text (for people) or json (one object a line).")
+]
+MemoryOvercommitOption = Annotated[
+    float,
+    typer.Option(
+        "--memory-overcommit",
+        help="Admit guest memory (plus QEMU overhead) up to this multiple of host memory "
+        "minus --reserved-memory.",
+    ),
+]
+VcpuOvercommitOption = Annotated[
+    float,
+    typer.Option("--vcpu-overcommit", help="Admit vcpus up to this multiple of host CPUs."),
+]
+ReservedMemoryOption = Annotated[
+    int,
+    typer.Option("--reserved-memory", help="Host memory in MiB never handed to VMs.", min=0),
+]
+TcpOption = Annotated[
+    str | None,
+    typer.Option(
+        "--tcp",
+        metavar="HOST:PORT",
+        help="Also listen on TCP, with TLS and a bearer token (both made on first use, "
+        "under $WARDEN_HOME): e.g. 127.0.0.1:8443.",
+    ),
+]
+AllowRootOption = Annotated[
+    bool,
+    typer.Option(
+        "--allow-root",
+        help="Let API clients run commands and file operations as the guest's root "
+        '("user": "root"); without it they get HTTP 403 and run as the unprivileged '
+        "user (uid 1000).",
+    ),
+]
+
+
 def serve(
-    socket_path: Annotated[
-        Path | None,
-        typer.Option(
-            "--socket", help="Unix socket to listen on [default: $WARDEN_HOME/run/warden.sock]."
-        ),
-    ] = None,
-    log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning.")] = "info",
-    log_format: Annotated[
-        str, typer.Option("--log-format", help="text (for people) or json (one object a line).")
-    ] = "text",
-    memory_overcommit: Annotated[
-        float,
-        typer.Option(
-            "--memory-overcommit",
-            help="Admit guest memory (plus QEMU overhead) up to this multiple of host memory "
-            "minus --reserved-memory.",
-        ),
-    ] = AdmissionPolicy.memory_overcommit,
-    vcpu_overcommit: Annotated[
-        float,
-        typer.Option("--vcpu-overcommit", help="Admit vcpus up to this multiple of host CPUs."),
-    ] = AdmissionPolicy.vcpu_overcommit,
-    reserved_memory: Annotated[
-        int,
-        typer.Option("--reserved-memory", help="Host memory in MiB never handed to VMs.", min=0),
-    ] = AdmissionPolicy.reserved_host_memory_mib,
-    tcp: Annotated[
-        str | None,
-        typer.Option(
-            "--tcp",
-            metavar="HOST:PORT",
-            help="Also listen on TCP, with TLS and a bearer token (both made on first use, "
-            "under $WARDEN_HOME): e.g. 127.0.0.1:8443.",
-        ),
-    ] = None,
-    allow_root: Annotated[
-        bool,
-        typer.Option(
-            "--allow-root",
-            help="Let API clients run commands and file operations as the guest's root "
-            '("user": "root"); without it they get HTTP 403 and run as the unprivileged '
-            "user (uid 1000).",
-        ),
-    ] = False,
+    socket_path: SocketOption = None,
+    log_level: LogLevelOption = "info",
+    log_format: LogFormatOption = "text",
+    memory_overcommit: MemoryOvercommitOption = AdmissionPolicy.memory_overcommit,
+    vcpu_overcommit: VcpuOvercommitOption = AdmissionPolicy.vcpu_overcommit,
+    reserved_memory: ReservedMemoryOption = AdmissionPolicy.reserved_host_memory_mib,
+    tcp: TcpOption = None,
+    allow_root: AllowRootOption = False,
 ) -> None:
     """Run the manager daemon: it holds the VMs and serves the REST API on a unix socket.
 
@@ -91,40 +104,12 @@ def serve(
             f"{log_format!r} is not one of {', '.join(logs.FORMATS)}", param_hint="'--log-format'"
         )
     logs.setup(log_level, log_format)
-    try:
-        policy = AdmissionPolicy(
-            memory_overcommit=memory_overcommit,
-            vcpu_overcommit=vcpu_overcommit,
-            reserved_host_memory_mib=reserved_memory,
-        )
-    except SpecError as exc:
-        err.print(f"[red]warden:[/red] {exc}", highlight=False)
-        raise typer.Exit(2) from None
+    policy = _policy(memory_overcommit, vcpu_overcommit, reserved_memory)
     paths = Paths.from_env()
     path = socket_path or default_socket(paths)
-    try:
-        lock = _lock(paths)
-    except WardenError as exc:
-        err.print(f"[red]warden:[/red] {exc}", highlight=False)
-        raise typer.Exit(1) from None
+    lock, sock, listener = _listen(paths, path, tcp)
     from warden.server import run
 
-    try:
-        sock = _bind(path)
-    except WardenError as exc:
-        err.print(f"[red]warden:[/red] {exc}", highlight=False)
-        os.close(lock)
-        raise typer.Exit(1) from None
-    listener: run.TcpListener | None = None
-    try:
-        if tcp is not None:
-            listener = run.listen_tcp(paths, tcp)
-    except WardenError as exc:
-        err.print(f"[red]warden:[/red] {exc}", highlight=False)
-        sock.close()
-        path.unlink(missing_ok=True)
-        os.close(lock)
-        raise typer.Exit(1) from None
     try:
         # uvicorn re-raises the signal that stopped it once it is done; with these handlers
         # that is a no-op, so `serve` returns and removes its socket instead of dying by it.
@@ -138,6 +123,55 @@ def serve(
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
         os.close(lock)
+
+
+def _print_error(exc: WardenError) -> None:
+    err.print(f"[red]warden:[/red] {exc}", highlight=False)
+
+
+def _policy(memory_overcommit: float, vcpu_overcommit: float, reserved: int) -> AdmissionPolicy:
+    """The admission policy of the options; exit 2 if they make no sense."""
+    try:
+        return AdmissionPolicy(
+            memory_overcommit=memory_overcommit,
+            vcpu_overcommit=vcpu_overcommit,
+            reserved_host_memory_mib=reserved,
+        )
+    except SpecError as exc:
+        _print_error(exc)
+        raise typer.Exit(2) from None
+
+
+def _listen(
+    paths: Paths, path: Path, tcp: str | None
+) -> tuple[int, socket.socket, TcpListener | None]:
+    """Take the daemon's lock, bind the unix socket ``path``, and listen on ``tcp`` if given.
+
+    On failure: say why, undo what was done, and exit 1."""
+    try:
+        lock = _lock(paths)
+    except WardenError as exc:
+        _print_error(exc)
+        raise typer.Exit(1) from None
+    from warden.server import run
+
+    try:
+        sock = _bind(path)
+    except WardenError as exc:
+        _print_error(exc)
+        os.close(lock)
+        raise typer.Exit(1) from None
+    listener: run.TcpListener | None = None
+    try:
+        if tcp is not None:
+            listener = run.listen_tcp(paths, tcp)
+    except WardenError as exc:
+        _print_error(exc)
+        sock.close()
+        path.unlink(missing_ok=True)
+        os.close(lock)
+        raise typer.Exit(1) from None
+    return lock, sock, listener
 
 
 def _lock(paths: Paths) -> int:

@@ -141,6 +141,17 @@ def build_argv(
     """
     if accel not in ("kvm", "tcg"):
         raise ValueError(f"accel must be resolved to kvm or tcg, not {accel!r}")
+    return [
+        qemu,
+        *_machine_args(spec, run, accel),
+        *_boot_args(boot, accel, mode, tsc_khz, tune),
+        *_console_args(run, console_socket),
+        *_device_args(boot, run, agent_port),
+    ]
+
+
+def _machine_args(spec: VMSpec, run: RuntimeFiles, accel: str) -> list[str]:
+    """The machine: microvm, the accelerator, CPUs and memory; no default devices."""
     mem = f"{spec.memory_mib}M"
     if spec.memory_backend == "file":
         backend = f"memory-backend-file,id=mem,size={mem},mem-path={run.memory},share=on"
@@ -148,12 +159,7 @@ def build_argv(
         backend = f"memory-backend-ram,id=mem,size={mem}"
     accel_opt = "kvm" if accel == "kvm" else f"tcg,tb-size={TCG_TB_SIZE_MIB}"
     cpu = "host,-arch-capabilities" if accel == "kvm" else "max"
-    if console_socket:
-        console = f"socket,id=console,path={run.console_sock},server=on,wait=on"
-    else:
-        console = f"file,id=console,path={run.console}"
     return [
-        qemu,
         "-name", f"warden-{run.dir.name},debug-threads=on",
         "-M", "microvm,memory-backend=mem,x-option-roms=off,isa-serial=on,rtc=on",
         "-accel", accel_opt,
@@ -165,11 +171,35 @@ def build_argv(
         "-no-user-config",
         "-display", "none",
         "-no-reboot",
+    ]  # fmt: skip
+
+
+def _boot_args(
+    boot: BootFiles, accel: str, mode: str, tsc_khz: int | None, tune: bool
+) -> list[str]:
+    """The direct kernel boot: kernel, initrd and command line."""
+    return [
         "-kernel", str(boot.kernel),
         "-initrd", str(boot.initrd),
         "-append", kernel_cmdline(mode, accel=accel, tsc_khz=tsc_khz, tune=tune),
+    ]  # fmt: skip
+
+
+def _console_args(run: RuntimeFiles, console_socket: bool) -> list[str]:
+    """The serial console: a socket the host reads, or a file QEMU writes."""
+    if console_socket:
+        console = f"socket,id=console,path={run.console_sock},server=on,wait=on"
+    else:
+        console = f"file,id=console,path={run.console}"
+    return [
         "-chardev", console,
         "-serial", "chardev:console",
+    ]  # fmt: skip
+
+
+def _device_args(boot: BootFiles, run: RuntimeFiles, agent_port: str) -> list[str]:
+    """The rootfs disk, the agent's virtio-serial port, the transfer window, QMP, pidfile."""
+    return [
         "-drive", f"id=root,file={boot.rootfs},if=none,format=raw,readonly=on",
         "-device", "virtio-blk-device,drive=root",
         "-device", "virtio-serial-device,max_ports=2",
