@@ -122,6 +122,9 @@ def _probe(boot: BootFiles, qemu: str) -> AccelChoice:
     spec = VMSpec(memory_mib=128, vcpus=1)
     with tempfile.TemporaryDirectory(prefix="warden-probe-") as tmp:
         run = RuntimeFiles(Path(tmp))
+        # The argv names every VM's devices, the transfer window's disk included: QEMU refuses
+        # to start without its file (before this, every probe failed so and KVM was never used).
+        run.xfer.touch(mode=0o600)
         argv = build_argv(spec, boot, run, accel="kvm", qemu=qemu, mode="probe")
         start = time.monotonic()
         proc = subprocess.Popen(
