@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import io
 import logging
 import os
 import secrets
@@ -38,7 +39,7 @@ from warden.vmm.argv import (
     host_tsc_khz,
 )
 from warden.vmm.ownership import Ownership
-from warden.vmm.snapshot import BootSnapshots
+from warden.vmm.snapshot import BootSnapshots, SnapshotConfig
 from warden.vmm.spec import VMSpec
 from warden.vmm.state import LIVE_STATES, VMState, check_transition
 
@@ -328,11 +329,11 @@ class Machine:
         for wrap in self.wrappers:
             argv = wrap(argv)
         self.argv = ownership.spawn_prefix(self.ownership) + argv
-        key: str | None = None
+        config: SnapshotConfig | None = None
         if self.spec.boot == "snapshot":
-            key = BootSnapshots.key(qemu_argv, self.id, self.run.dir, qemu_version(self.qemu))
-            self.snapshot_key = key
-            state = self.snapshots.lookup(key)
+            config = self._snapshot_config(qemu_argv)
+            # Verified on the open file that QEMU then reads (a refused one is deleted).
+            state = await asyncio.to_thread(self.snapshots.open_sealed, config)
             if state is not None:
                 try:
                     await self._spawn(restore=state)
@@ -345,18 +346,35 @@ class Machine:
                         self.id,
                         exc.reason,
                     )
-                    self.snapshots.discard(key)
+                    self.snapshots.discard(config.key)
                     await self._stop_process()
         await self._spawn()
         await self._connect()
         self.booted_from = "cold"
-        if key is not None:
-            await self._save_snapshot(key)
+        if config is not None:
+            await self._save_snapshot(config)
 
-    async def _spawn(self, *, restore: Path | None = None) -> None:
+    def _snapshot_config(self, qemu_argv: list[str]) -> SnapshotConfig:
+        """What a boot snapshot of this VM is sealed for (and must match to be restored)."""
+        assert self.image is not None
+        version = qemu_version(self.qemu)
+        self.snapshot_key = BootSnapshots.key(qemu_argv, self.id, self.run.dir, version)
+        return SnapshotConfig(
+            key=self.snapshot_key,
+            qemu_version=version,
+            kernel_sha256=self.image.kernel.sha256,
+            initrd_sha256=self.image.initrd.sha256,
+            rootfs_sha256=self.image.rootfs.sha256,
+            memory_mib=self.spec.memory_mib,
+            vcpus=self.spec.vcpus,
+        )
+
+    async def _spawn(self, *, restore: io.FileIO | None = None) -> None:
+        """Start QEMU; ``restore``, a verified snapshot open at offset 0, is loaded from its fd
+        (and closed here)."""
         argv = list(self.argv)
         pass_fds: tuple[int, ...] = ()
-        state = open(restore, "rb") if restore is not None else None  # noqa: SIM115
+        state = restore
         try:
             if state is not None:
                 pass_fds = (state.fileno(),)
@@ -382,14 +400,14 @@ class Machine:
             except OSError as exc:
                 log.warning("VM %s runs without cgroup limits: %s", self.id, exc)
 
-    async def _save_snapshot(self, key: str) -> None:
-        """Save this just-booted VM as the boot snapshot of its configuration, then resume.
-
-        Best effort: a failure is logged and the VM goes on; only one process writes a key.
+    async def _save_snapshot(self, config: SnapshotConfig) -> None:
+        """Save this just-booted VM as the sealed boot snapshot of its configuration, then
+        resume. Best effort: a failure is logged and the VM goes on; only one process writes
+        a key.
         """
         assert self._qmp is not None and self._agent is not None
-        with self.snapshots.writer_lock(key) as mine:
-            if not mine or self.snapshots.lookup(key) is not None:
+        with self.snapshots.writer_lock(config.key) as mine:
+            if not mine or self.snapshots.lookup(config.key) is not None:
                 return
             await self._agent.close()  # the snapshot must hold no host session
             self._agent = None
@@ -402,12 +420,10 @@ class Machine:
                         for a in (self.image.kernel, self.image.initrd, self.image.rootfs)
                     ],
                     "image": self.spec.image,
-                    "vcpus": self.spec.vcpus,
-                    "memory_mib": self.spec.memory_mib,
                     "argv": self.argv,
                 }
-                await self.snapshots.capture(self._qmp, key, meta)
-            except (VMError, OSError, QMPError) as exc:
+                await self.snapshots.capture(self._qmp, config, meta)
+            except (WardenError, OSError, QMPError) as exc:
                 log.warning("VM %s: could not save a boot snapshot: %s", self.id, exc)
             finally:
                 await self._qmp.execute("cont")

@@ -14,36 +14,76 @@ on from there.
   anything (see ``guest/pid1.py:freshen``).
 * Files are written to a temp name and renamed, so a crash never leaves half a snapshot; a
   snapshot that fails to restore is deleted and the VM boots cold.
+
+**Sealed.** A snapshot is what QEMU loads into a VM, so it is authenticated before QEMU reads a
+byte of it (``seal/``): ``meta.json`` holds the configuration it was made for (the snapshot key,
+QEMU's version, the sha256 of kernel, initrd and rootfs, memory, vCPUs), the size and SHA-256
+of ``state.bin``, and a seal, HMAC-SHA256 with the host key ``keys/seal.key`` over all of that.
+A restore opens ``state.bin`` once, checks the seal, the configuration and the file's digest on
+that open file, rewinds it and hands the same fd to QEMU (``-incoming fd:N``): nothing is
+checked by path and then loaded by path. A snapshot that fails any check is logged with the
+reason, deleted, and the VM boots cold (and saves a fresh sealed snapshot).
+
+Hashing ``state.bin`` (70 MB) costs about 50 ms, so its digest is remembered by its stat like
+the image files' (``seal/digests.py`` argues why that is sound): an unchanged file is hashed
+once, and every later restore only checks the seal of ``meta.json``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
+import io
 import json
+import logging
 import os
 import shutil
+import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from qemu.qmp import QMPClient
 
 from warden._errors import VMError
 from warden.config import (
+    PRIVATE_DIR,
     PRIVATE_FILE,
     Paths,
     open_private,
     private_dir,
-    restrict,
     write_private,
 )
+from warden.seal import DigestRecord, KeyStoreError, Sealer, SealRefused, sha256_fd
+
+log = logging.getLogger(__name__)
 
 STATE_FILE = "state.bin"
 META_FILE = "meta.json"
 MIGRATE_TIMEOUT_S = 120.0
+META_MAX_BYTES = 1 << 16
+SEAL_PURPOSE = "boot-snapshot/1"
+"""Keeps a sealed boot snapshot's record from passing for another kind of sealed record."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SnapshotConfig:
+    """The machine a snapshot belongs to; its seal binds every field."""
+
+    key: str
+    qemu_version: str
+    kernel_sha256: str
+    initrd_sha256: str
+    rootfs_sha256: str
+    memory_mib: int
+    vcpus: int
+
+    def fields(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
 class BootSnapshots:
@@ -51,6 +91,8 @@ class BootSnapshots:
 
     def __init__(self, paths: Paths) -> None:
         self.root = paths.home / "snapshots"
+        self.sealer = Sealer(paths, SEAL_PURPOSE)
+        self.digests = DigestRecord(paths.cache)
 
     @staticmethod
     def key(argv: list[str], vm_id: str, rundir: Path, qemu_version: str) -> str:
@@ -62,14 +104,90 @@ class BootSnapshots:
         state = self.root / key / STATE_FILE
         if not state.is_file():
             return None
-        with contextlib.suppress(OSError):  # one saved by an older warden was readable by all
-            restrict(state.parent)
+        _tighten(state.parent)  # one saved by an older warden was readable by all
         return state
+
+    def open_sealed(self, config: SnapshotConfig) -> io.FileIO | None:
+        """The snapshot of ``config``, verified and open at offset 0, for QEMU to load.
+
+        None if there is none, or if it fails a check: then it is deleted and the reason
+        logged, and the caller boots cold. The caller passes the file's fd to QEMU and closes it.
+        """
+        path = self.root / config.key / STATE_FILE
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            self._refuse(path, f"{STATE_FILE} cannot be opened ({exc.strerror})")
+            self.discard(config.key)
+            return None
+        try:
+            self._verify(fd, path, config)
+        except SealRefused as exc:
+            self._refuse(path, str(exc))
+            self._discard_if_same(config.key, fd)
+            os.close(fd)
+            return None
+        except (OSError, KeyStoreError) as exc:
+            log.warning("boot snapshot %s cannot be verified (%s); booting cold", path, exc)
+            os.close(fd)
+            return None
+        os.lseek(fd, 0, os.SEEK_SET)
+        return io.FileIO(fd, "rb", closefd=True)
+
+    @staticmethod
+    def _refuse(path: Path, reason: str) -> None:
+        log.warning(
+            "boot snapshot %s refused: %s; deleting it, booting cold and sealing a new one",
+            path.parent,
+            reason,
+        )
+
+    def _verify(self, fd: int, path: Path, config: SnapshotConfig) -> None:
+        """Raise SealRefused unless ``meta.json`` is sealed by the host key for ``config`` and
+        the file open at ``fd`` is the one it was sealed with."""
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise SealRefused(f"{STATE_FILE} is not a regular file")
+        if st.st_mode & 0o077:  # one saved by an older warden was readable by all
+            os.fchmod(fd, PRIVATE_FILE)
+        meta = self.sealer.verify(_read_meta(path.parent / META_FILE))
+        want = config.fields()
+        for name, value in want.items():
+            if meta.get(name) != value:
+                raise SealRefused(
+                    f"it was sealed for another configuration ({name} {meta.get(name)!r}, "
+                    f"this VM {value!r})"
+                )
+        if meta.get("state_size") != st.st_size:
+            raise SealRefused(
+                f"{STATE_FILE} has {st.st_size} bytes, its seal says {meta.get('state_size')}: "
+                "the file was changed after it was sealed"
+            )
+        if self.digests.digest(path, fd) != meta.get("state_sha256"):
+            raise SealRefused(
+                f"the SHA-256 of {STATE_FILE} is not the sealed one: the file was changed "
+                "after it was sealed"
+            )
+
+    def _discard_if_same(self, key: str, fd: int) -> None:
+        """Delete the snapshot of ``key`` if its ``state.bin`` is still the file open at ``fd``
+        (not a fresh one that another process saved meanwhile)."""
+        st = os.fstat(fd)
+        try:
+            now = os.stat(self.root / key / STATE_FILE, follow_symlinks=False)
+        except FileNotFoundError:
+            now = None
+        if now is None or (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+            self.discard(key)
 
     def discard(self, key: str) -> None:
         target = self.root / key
         for child in (target / STATE_FILE, target / META_FILE):
-            with contextlib.suppress(FileNotFoundError):
+            if child.is_dir() and not child.is_symlink():  # not ours: planted
+                shutil.rmtree(child, ignore_errors=True)
+            with contextlib.suppress(FileNotFoundError, IsADirectoryError):
                 child.unlink()
         with contextlib.suppress(OSError):
             target.rmdir()
@@ -80,11 +198,7 @@ class BootSnapshots:
         if not self.root.is_dir():
             return removed
         for entry in self.root.iterdir():
-            with contextlib.suppress(OSError):  # what an older warden left readable by all
-                if entry.is_dir():
-                    restrict(entry)
-                else:
-                    os.chmod(entry, PRIVATE_FILE)
+            _tighten(entry)  # what an older warden left readable by all
             if not entry.is_dir():
                 continue
             try:
@@ -113,31 +227,84 @@ class BootSnapshots:
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
-    async def capture(self, qmp: QMPClient, key: str, meta: dict[str, object]) -> Path:
-        """Pause the VM, save its state under ``key``. The caller resumes it (``cont``).
+    def sealed_meta(
+        self, config: SnapshotConfig, extra: dict[str, Any], size: int, digest: str
+    ) -> bytes:
+        """The sealed ``meta.json`` of a ``state.bin`` of ``size`` bytes and SHA-256 ``digest``."""
+        meta = {
+            **extra,
+            **config.fields(),
+            "state_size": size,
+            "state_sha256": digest,
+            "created": time.time(),
+        }
+        return json.dumps(self.sealer.seal(meta), sort_keys=True, indent=1).encode()
 
-        Call with :meth:`writer_lock` held for ``key``.
+    async def capture(self, qmp: QMPClient, config: SnapshotConfig, extra: dict[str, Any]) -> Path:
+        """Pause the VM, save its state as the sealed snapshot of ``config``. The caller
+        resumes it (``cont``). ``extra`` goes into ``meta.json`` too (sealed as well).
+
+        Call with :meth:`writer_lock` held for ``config.key``.
         """
-        target = self.root / key
+        target = self.root / config.key
         private_dir(target)
         for stale in target.glob(f".{STATE_FILE}.*.tmp"):  # a writer that died; we hold the lock
             stale.unlink(missing_ok=True)
         tmp = target / f".{STATE_FILE}.{os.getpid()}.tmp"
         try:
             await qmp.execute("stop")
-            with os.fdopen(open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "wb") as f:
+            with os.fdopen(open_private(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC), "r+b") as f:
                 qmp.send_fd_scm(f.fileno())
                 await qmp.execute("getfd", {"fdname": "warden-snapshot"})
                 await qmp.execute("migrate", {"uri": "fd:warden-snapshot"})
                 await _wait_migration(qmp)
                 f.flush()
                 os.fsync(f.fileno())
-            write_private(target / META_FILE, json.dumps({**meta, "created": time.time()}).encode())
+                # Hashed from the fd QEMU wrote: what is sealed is what was saved.
+                size = os.fstat(f.fileno()).st_size
+                digest = await asyncio.to_thread(sha256_fd, f.fileno())
+            write_private(target / META_FILE, self.sealed_meta(config, extra, size, digest))
             tmp.replace(target / STATE_FILE)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
         return target / STATE_FILE
+
+
+def _tighten(path: Path) -> None:
+    """Make ``path`` root-only (a dir 0700 and its files 0600), changing only loose modes:
+    a chmod sets the file's ctime, which would make its remembered digest stale."""
+    with contextlib.suppress(OSError):
+        st = path.lstat()
+        if stat.S_ISDIR(st.st_mode):
+            if stat.S_IMODE(st.st_mode) != PRIVATE_DIR:
+                os.chmod(path, PRIVATE_DIR)
+            for child in path.iterdir():
+                if child.is_file() and not child.is_symlink():
+                    _tighten(child)
+        elif stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) != PRIVATE_FILE:
+            os.chmod(path, PRIVATE_FILE)
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    """``meta.json``, read once (its seal is checked on these very bytes)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise SealRefused(f"its {META_FILE} is missing") from None
+    try:
+        raw = os.read(fd, META_MAX_BYTES + 1)
+    finally:
+        os.close(fd)
+    if len(raw) > META_MAX_BYTES:
+        raise SealRefused(f"its {META_FILE} is larger than {META_MAX_BYTES} bytes")
+    try:
+        meta = json.loads(raw)
+    except ValueError as exc:
+        raise SealRefused(f"its {META_FILE} is not JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise SealRefused(f"its {META_FILE} is not a JSON object")
+    return meta
 
 
 async def _wait_migration(qmp: QMPClient) -> None:
