@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,7 @@ from warden._errors import ImageError, ImageNotFoundError
 from warden.config import Paths
 from warden.image import store
 from warden.image.store import Image
+from warden.seal import digests
 
 
 def fake_image(paths: Paths, name: str, tag: str, *, share_kernel: str | None = None) -> Image:
@@ -93,25 +96,136 @@ def test_verify_detects_corruption_and_missing_files(paths: Paths) -> None:
         store.verify_image(image)
 
 
-def test_verify_is_memoized(paths: Paths, monkeypatch: pytest.MonkeyPatch) -> None:
-    image = fake_image(paths, "default", "a")
-    calls: list[Path] = []
-    real = store.sha256_file
+@pytest.fixture
+def hashes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Count the files hashed; start with an empty in-process memo (as a new process does)."""
+    calls: list[int] = []
+    real = digests.sha256_fd
 
-    def counting(path: Path) -> str:
-        calls.append(path)
-        return real(path)
+    def counting(fd: int) -> str:
+        calls.append(fd)
+        return real(fd)
 
-    monkeypatch.setattr(store, "sha256_file", counting)
-    store._verified.clear()
+    monkeypatch.setattr(digests, "sha256_fd", counting)
+    monkeypatch.setattr(digests, "_memo", {})
+    return calls
+
+
+def _new_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Forget what this process remembered: only the record under $WARDEN_HOME is left."""
+    monkeypatch.setattr(digests, "_memo", {})
+
+
+def test_a_verified_image_is_not_hashed_again_by_a_new_process(
+    paths: Paths, hashes: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(digests, "RACY_NS", 0)
+    fake_image(paths, "default", "a")
+    image = store.load_image(paths, "default")
+    _new_process(monkeypatch)
+    hashes.clear()
     store.verify_image(image)
-    assert len(calls) == 3
+    assert len(hashes) == 3
+    record = paths.cache / "verified.json"
+    assert stat.S_IMODE(record.stat().st_mode) == 0o600
+    assert not [p for p in paths.cache.iterdir() if p.name.endswith(".tmp")]
+    _new_process(monkeypatch)
+    store.verify_image(store.load_image(paths, "default"))
     store.verify_image(image)
-    store.verify_image(image)
-    assert len(calls) == 3, "an unchanged image is not hashed again"
+    assert len(hashes) == 3, "an unchanged image is hashed once, not once per process"
     image.kernel.path.write_bytes(image.kernel.path.read_bytes())  # same bytes, new ctime
+    _new_process(monkeypatch)
     store.verify_image(image)
-    assert len(calls) == 4
+    assert len(hashes) == 4
+
+
+def test_a_change_that_keeps_size_and_mtime_is_still_caught(
+    paths: Paths, hashes: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Same size, mtime set back: only the ctime moved, and that is enough to hash again."""
+    monkeypatch.setattr(digests, "RACY_NS", 0)
+    fake_image(paths, "default", "a")
+    image = store.load_image(paths, "default")
+    _new_process(monkeypatch)
+    hashes.clear()
+    store.verify_image(image)
+    assert len(hashes) == 3  # and remembered in the record
+    rootfs = image.rootfs.path
+    before = rootfs.stat()
+    data = bytearray(rootfs.read_bytes())
+    data[5] ^= 0x01
+    rootfs.write_bytes(bytes(data))
+    os.utime(rootfs, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = rootfs.stat()
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    _new_process(monkeypatch)
+    with pytest.raises(ImageError, match="sha256"):
+        store.verify_image(image)
+
+
+def test_every_part_of_the_stat_key_counts(paths: Paths, hashes: list[int]) -> None:
+    record = digests.DigestRecord(paths.cache)
+    path = paths.home / "rootfs.sqfs"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"x")
+    stats = (1, 2, 3, 4, 5)
+    record.remember((str(path), *stats), "ab" * 32)
+    assert record.lookup((str(path), *stats)) == "ab" * 32
+    digests._memo.clear()
+    assert record.lookup((str(path), *stats)) == "ab" * 32, "from the record, not the process"
+    for i, name in enumerate(("dev", "inode", "size", "mtime_ns", "ctime_ns")):
+        changed = list(stats)
+        changed[i] += 1
+        key = (str(path), changed[0], changed[1], changed[2], changed[3], changed[4])
+        assert record.lookup(key) is None, f"{name} was ignored"
+
+
+def test_a_file_changed_just_before_hashing_is_not_remembered(
+    paths: Paths, hashes: list[int]
+) -> None:
+    """Timestamps are coarse: a file hashed within RACY_NS of its last change may change
+    again in the same tick without its stat changing, so its digest is not trusted later."""
+    fake_image(paths, "default", "a")
+    image = store.load_image(paths, "default")  # its files were written just now
+    hashes.clear()
+    store.verify_image(image)
+    store.verify_image(image)
+    assert len(hashes) == 6
+    assert not (paths.cache / "verified.json").exists()
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [b"{not json", b"[]", b'{"format": 1, "files": []}', b'{"format": 1, "files": {"a": 1}}'],
+)
+def test_a_corrupt_record_is_treated_as_empty(
+    paths: Paths, hashes: list[int], monkeypatch: pytest.MonkeyPatch, garbage: bytes
+) -> None:
+    monkeypatch.setattr(digests, "RACY_NS", 0)
+    fake_image(paths, "default", "a")
+    image = store.load_image(paths, "default")
+    paths.cache.mkdir(parents=True, exist_ok=True)
+    (paths.cache / "verified.json").write_bytes(garbage)
+    _new_process(monkeypatch)
+    hashes.clear()
+    store.verify_image(image)
+    assert len(hashes) == 3
+    data = json.loads((paths.cache / "verified.json").read_text())  # rewritten, valid
+    assert set(data["files"]) == {str(getattr(image, k).path) for k in store.KINDS}
+    _new_process(monkeypatch)
+    store.verify_image(image)
+    assert len(hashes) == 3
+
+
+def test_a_record_forgets_files_that_are_gone(paths: Paths, hashes: list[int]) -> None:
+    record = digests.DigestRecord(paths.cache)
+    gone = str(paths.home / "gone")
+    record.remember((gone, 1, 1, 1, 1, 1), "00" * 32)
+    kept = paths.home / "kept"
+    kept.write_bytes(b"x")
+    record.remember((str(kept), 1, 1, 1, 1, 1), "11" * 32)
+    files = json.loads((paths.cache / "verified.json").read_text())["files"]
+    assert list(files) == [str(kept)]
 
 
 def test_list_images(paths: Paths) -> None:
@@ -127,7 +241,7 @@ def test_remove_image_collects_unreferenced_cache_dirs(paths: Paths) -> None:
     (paths.cache / "accel-probe.json").write_text("{}")  # not ours: left alone
     (paths.cache / ".tmp-dead-build").mkdir()  # a killed build's temp dir: removed
     store.remove_image(paths, "one")
-    left = sorted(p.name for p in paths.cache.iterdir())
+    left = sorted(p.name for p in paths.cache.iterdir() if p.name != "verified.json")
     assert left == [
         ".lock",
         "accel-probe.json",
@@ -140,7 +254,8 @@ def test_remove_image_collects_unreferenced_cache_dirs(paths: Paths) -> None:
         store.load_image(paths, "one")
     store.verify_image(store.load_image(paths, "two"))
     store.remove_image(paths, "two")
-    assert sorted(p.name for p in paths.cache.iterdir()) == [".lock", "accel-probe.json"]
+    left = sorted(p.name for p in paths.cache.iterdir() if p.name != "verified.json")
+    assert left == [".lock", "accel-probe.json"]
     with pytest.raises(ImageNotFoundError):
         store.remove_image(paths, "two")
 

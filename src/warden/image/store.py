@@ -9,6 +9,8 @@
     cache/base-<hash>/root/          the trimmed mmdebstrap tree the rootfs is made from
     cache/rootfs-<hash>/rootfs.sqfs
     cache/.lock                      flock held by builds and removals
+    cache/verified.json              SHA-256 of files already verified, by their stat
+                                     (``seal/digests.py``): a new process does not rehash
     images/<name>.json               manifest: artifact paths (relative to $WARDEN_HOME),
                                      sha256 and size, recipe hash, kernel version
 
@@ -23,15 +25,15 @@ import json
 import os
 import re
 import shutil
-import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from warden._errors import ImageError, ImageNotFoundError
 from warden.config import Paths, open_private, private_dir, write_private
+from warden.seal.digests import DigestRecord
 
 MANIFEST_FORMAT = 1
 KINDS = ("kernel", "initrd", "rootfs")
@@ -57,6 +59,8 @@ class Image:
     kernel: Artifact
     initrd: Artifact
     rootfs: Artifact
+    home: Path | None = field(default=None, compare=False, repr=False)
+    """The ``$WARDEN_HOME`` it was loaded from: where its verified digests are remembered."""
 
 
 def build_hint(name: str, force: bool = False) -> str:
@@ -71,14 +75,6 @@ def manifest_path(paths: Paths, name: str) -> Path:
 
 # -- hashing -------------------------------------------------------------------------------------
 
-_verified: dict[tuple[str, int, int, int, int, int], str] = {}
-_verified_lock = threading.Lock()
-
-
-def _stat_key(path: Path) -> tuple[str, int, int, int, int, int]:
-    st = path.stat()
-    return (str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
 
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
@@ -88,52 +84,61 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _remember(path: Path, digest: str) -> None:
-    with _verified_lock:
-        _verified[_stat_key(path)] = digest
+def digest_record(paths: Paths | None) -> DigestRecord:
+    """Where verified digests are remembered: ``cache/verified.json`` (``seal/digests.py``);
+    with no ``paths``, in this process only."""
+    return DigestRecord(paths.cache if paths is not None else None)
 
 
 def make_artifact(path: Path) -> Artifact:
-    """Hash ``path`` (and remember it, so the first boot after a build does not rehash)."""
-    key = _stat_key(path)
-    digest = sha256_file(path)
-    with _verified_lock:
-        _verified[key] = digest
-    return Artifact(path=path, sha256=digest, size=key[3])
+    """Hash ``path`` for a manifest."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size
+        digest = digest_record(None).digest(path, fd)
+    finally:
+        os.close(fd)
+    return Artifact(path=path, sha256=digest, size=size)
 
 
 def verify_image(image: Image) -> None:
     """Check the sha256 of the kernel, initrd and rootfs against the manifest.
 
-    Results are memoized per process by (path, st_dev, st_ino, size, mtime, ctime), so
-    repeated boots of an unchanged image do not rehash. Raises ImageError naming the file.
+    A file is hashed once: its digest is remembered by (path, st_dev, st_ino, size, mtime,
+    ctime) in this process and, for an image loaded from ``$WARDEN_HOME``, in the root-only
+    record ``cache/verified.json`` (``seal/digests.py`` says why that is sound), so a new
+    process does not hash an unchanged image again. Raises ImageError naming the file.
     """
+    record = digest_record(Paths(image.home) if image.home is not None else None)
     for kind in KINDS:
-        art: Artifact = getattr(image, kind)
-        fix = f"rebuild it with `{build_hint(image.name, force=True)}`"
-        try:
-            key = _stat_key(art.path)
-        except OSError as exc:
+        _verify_artifact(image, kind, record)
+
+
+def _verify_artifact(image: Image, kind: str, record: DigestRecord) -> None:
+    art: Artifact = getattr(image, kind)
+    fix = f"rebuild it with `{build_hint(image.name, force=True)}`"
+    try:
+        fd = os.open(art.path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ImageError(
+            f"image {image.name!r}: {kind} {art.path} is missing ({exc.strerror}); "
+            f"rebuild it with `{build_hint(image.name)}`"
+        ) from exc
+    try:
+        size = os.fstat(fd).st_size
+        if size != art.size:
             raise ImageError(
-                f"image {image.name!r}: {kind} {art.path} is missing ({exc.strerror}); "
-                f"rebuild it with `{build_hint(image.name)}`"
-            ) from exc
-        if key[3] != art.size:
-            raise ImageError(
-                f"image {image.name!r}: {kind} {art.path} has size {key[3]}, the manifest says "
+                f"image {image.name!r}: {kind} {art.path} has size {size}, the manifest says "
                 f"{art.size}; the file is corrupt, {fix}"
             )
-        with _verified_lock:
-            digest = _verified.get(key)
-        if digest is None:
-            digest = sha256_file(art.path)
-            with _verified_lock:
-                _verified[key] = digest
-        if digest != art.sha256:
-            raise ImageError(
-                f"image {image.name!r}: {kind} {art.path} has sha256 {digest[:16]}..., the "
-                f"manifest says {art.sha256[:16]}...; the file is corrupt, {fix}"
-            )
+        digest = record.digest(art.path, fd)
+    finally:
+        os.close(fd)
+    if digest != art.sha256:
+        raise ImageError(
+            f"image {image.name!r}: {kind} {art.path} has sha256 {digest[:16]}..., the "
+            f"manifest says {art.sha256[:16]}...; the file is corrupt, {fix}"
+        )
 
 
 # -- manifests -----------------------------------------------------------------------------------
@@ -177,6 +182,7 @@ def _image_from_json(paths: Paths, data: dict[str, Any]) -> Image:
         kernel=art(data["kernel"]),
         initrd=art(data["initrd"]),
         rootfs=art(data["rootfs"]),
+        home=paths.home,
     )
 
 
