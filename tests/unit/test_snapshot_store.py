@@ -174,7 +174,7 @@ def test_altered_metadata_or_another_key_is_refused(
     assert _open(store) is None and not target.exists()
 
 
-@pytest.mark.parametrize("problem", ["unsealed", "no meta", "bad json", "symlink"])
+@pytest.mark.parametrize("problem", ["unsealed", "no meta", "bad json", "symlink", "meta symlink"])
 def test_unsealed_or_broken_snapshots_are_refused(
     store: BootSnapshots, tmp_path: Path, problem: str
 ) -> None:
@@ -186,6 +186,9 @@ def test_unsealed_or_broken_snapshots_are_refused(
         (target / META_FILE).unlink()
     elif problem == "bad json":
         (target / META_FILE).write_text("{")
+    elif problem == "meta symlink":
+        (target / META_FILE).rename(tmp_path / "meta.json")
+        (target / META_FILE).symlink_to(tmp_path / "meta.json")
     else:
         elsewhere = tmp_path / "elsewhere.bin"
         (target / STATE_FILE).rename(elsewhere)

@@ -292,6 +292,8 @@ def _read_meta(path: Path) -> dict[str, Any]:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
         raise SealRefused(f"its {META_FILE} is missing") from None
+    except OSError as exc:  # a symlink (O_NOFOLLOW), a dir, ...: not what warden writes
+        raise SealRefused(f"its {META_FILE} cannot be read ({exc.strerror})") from None
     try:
         raw = os.read(fd, META_MAX_BYTES + 1)
     finally:
