@@ -114,3 +114,22 @@ def test_vm_cgroups_are_made_and_removed(tmp_path: Path) -> None:
             f.unlink()
     group.remove()
     assert not any(group.path(c).exists() for c in cgroups.CONTROLLERS)
+
+
+def test_release_kills_only_the_process_started_at_the_recorded_time(tmp_path: Path) -> None:
+    """The pid names the dir, but its start time is not the recorded one: a recycled pid."""
+    d = tmp_path / "vm"
+    d.mkdir()
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", str(d)])
+    try:
+        start = ownership.proc_start_time(proc.pid)
+        assert start is not None
+        ownership.record_qemu(d, proc.pid, start + 1)
+        ownership.release(d)
+        assert proc.poll() is None, "a process started at another time must not be killed"
+        assert ownership.kill_verified(proc.pid, start, d, grace_s=5.0)
+        assert proc.wait(timeout=5) == -9
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -8,8 +8,11 @@
 * ``DAEMON``: the VM outlives its creator (the manager daemon of a later issue): QEMU gets its
   own session and no parent-death signal.
 
-Every runtime dir holds ``owner.json`` naming the owner's pid and its start time, and the QEMU
-pid, so a recycled pid is never mistaken for the owner and nothing is killed by name.
+Every runtime dir holds ``owner.json`` naming the owner's pid and its start time, the QEMU
+pid and its start time, and the VM's uid (:mod:`warden.jail.ids`), so a recycled pid is never
+mistaken for the owner and nothing is killed by name. A QEMU is killed only through a pidfd
+opened and then checked (start time, and a command line naming the runtime dir): the pidfd
+stays bound to that one process even if the pid is reused afterwards.
 
 This module imports only the stdlib: the janitor imports it at start-up.
 """
@@ -20,6 +23,7 @@ import contextlib
 import enum
 import json
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -28,6 +32,7 @@ import threading
 import time
 from pathlib import Path
 
+from warden.jail import ids
 from warden.vmm import cgroups
 from warden.vmm.cgroups import VMCgroup
 
@@ -81,10 +86,17 @@ def claim(rundir: Path, ownership: Ownership) -> None:
         _ensure_janitor(rundir.parent)
 
 
-def record_qemu(rundir: Path, pid: int) -> None:
+def record_qemu(rundir: Path, pid: int, start: int | None = None) -> None:
     data = read_owner(rundir) or {}
     data["qemu_pid"] = pid
-    data["qemu_start"] = proc_start_time(pid)
+    data["qemu_start"] = start if start is not None else proc_start_time(pid)
+    _write_owner(rundir, data)
+
+
+def record_uid(rundir: Path, uid: int) -> None:
+    """Record the VM's claimed uid, so that whoever releases the dir frees the claim."""
+    data = read_owner(rundir) or {}
+    data["uid"] = uid
     _write_owner(rundir, data)
 
 
@@ -98,7 +110,8 @@ def read_owner(rundir: Path) -> dict[str, object] | None:
 
 def _write_owner(rundir: Path, data: dict[str, object]) -> None:
     tmp = rundir / f".{OWNER_FILE}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW
+    fd = os.open(tmp, flags, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(json.dumps(data))
     tmp.replace(rundir / OWNER_FILE)
@@ -117,28 +130,59 @@ def owner_alive(rundir: Path) -> bool:
 
 
 def release(rundir: Path, *, grace_s: float = 2.0) -> None:
-    """Kill the VM of ``rundir`` by its recorded pid if it still runs, then remove the dir."""
+    """Kill the VM of ``rundir`` by its recorded pid if it still runs, remove the dir and its
+    cgroups, and free its uid."""
     data = read_owner(rundir) or {}
     pid = _int(data.get("qemu_pid"))
-    if pid is not None and is_alive(pid, _int(data.get("qemu_start"))):
-        _kill_verified(pid, rundir, grace_s)
+    gone = True
+    if pid is not None:
+        gone = kill_verified(pid, _int(data.get("qemu_start")), rundir, grace_s)
     VMCgroup(rundir.name).remove()
     shutil.rmtree(rundir, ignore_errors=True)
+    uid = _int(data.get("uid"))
+    if uid is not None and gone:  # a QEMU that outlived its kill keeps its uid (swept later)
+        ids.release(rundir.parent, uid, rundir.name)
 
 
-def _kill_verified(pid: int, rundir: Path, grace_s: float) -> None:
-    """SIGKILL ``pid`` only if its command line names ``rundir``, then wait for it to go."""
+def open_verified(pid: int, start: int | None, rundir: Path) -> int | None:
+    """A pidfd of ``pid`` if that process is still the one started at ``start`` and its
+    command line names ``rundir``; else None.
+
+    The pidfd is opened first and checked after: if the check passes, the process it refers
+    to held the pid all along, and the pidfd stays bound to it even if the pid is reused.
+    """
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:
+        return None
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
-        return
+        cmdline = b""
+    current = proc_start_time(pid)
+    if current is None or (start is not None and current != start):
+        os.close(fd)
+        return None
     if str(rundir).encode() not in cmdline:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + grace_s
-    while proc_start_time(pid) is not None and time.monotonic() < deadline:
-        time.sleep(0.02)
+        os.close(fd)
+        return None
+    return fd
+
+
+def kill_verified(pid: int, start: int | None, rundir: Path, grace_s: float) -> bool:
+    """SIGKILL the VM process ``pid`` (checked by :func:`open_verified`) and wait up to
+    ``grace_s`` for it to exit. Returns whether it is gone (or was never there)."""
+    fd = open_verified(pid, start, rundir)
+    if fd is None:
+        return not is_alive(pid, start) or start is None
+    try:
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(fd, signal.SIGKILL)
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)  # readable once the process has exited
+        return bool(poller.poll(int(grace_s * 1000)))
+    finally:
+        os.close(fd)
 
 
 def sweep_stale(vms_dir: Path, *, owner_pid: int | None = None) -> list[Path]:
@@ -164,6 +208,8 @@ def sweep_stale(vms_dir: Path, *, owner_pid: int | None = None) -> list[Path]:
             continue
         release(rundir)
         swept.append(rundir)
+    with contextlib.suppress(OSError):
+        ids.sweep_orphans(vms_dir)
     return swept
 
 
