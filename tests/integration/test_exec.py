@@ -88,6 +88,76 @@ def test_fifty_mib_of_output(sbx: Sandbox) -> None:
     assert r.stdout_bytes.count(b"x") == size
 
 
+_STREAM_SCRIPT = r"""
+import hashlib, os, sys
+size = int(sys.argv[1])
+data = os.urandom(1 << 20)
+digests = {1: hashlib.sha256(), 2: hashlib.sha256()}
+def put(fd, piece):
+    digests[fd].update(piece)
+    view = memoryview(piece)
+    while view:
+        view = view[os.write(fd, view):]
+sent = i = 0
+while sent < size:
+    n = min(size - sent, 1 + (i * 40009) % 300007)  # odd sizes: frames never line up
+    at = (i * 7919) % (len(data) - n + 1)
+    put(1, data[at : at + n])
+    sent += n
+    if i % 3 == 0:
+        put(2, b"err %d " % i + data[n % 1000 : n % 1000 + i % 5000])
+    i += 1
+with open("/tmp/stream-digests", "w") as f:
+    f.write(digests[1].hexdigest() + " " + digests[2].hexdigest())
+"""
+
+
+def test_large_interleaved_output_arrives_whole_and_in_order(sbx: Sandbox) -> None:
+    """64 MiB of stdout in odd-sized writes with stderr between them: every byte arrives, in
+    order, on its own stream (a framing slip in the agent's send path breaks the digests)."""
+    size = 64 * 1024 * 1024
+    sbx.files.write("/tmp/stream.py", _STREAM_SCRIPT)
+    r = sbx.commands.run(["python3", "/tmp/stream.py", str(size)], max_output=size, timeout=300)
+    assert (r.exit_code, r.truncated) == (0, False), r.stderr_bytes[-500:]
+    assert len(r.stdout_bytes) == size
+    out_digest, err_digest = sbx.commands.run("cat /tmp/stream-digests").stdout.split()
+    assert hashlib.sha256(r.stdout_bytes).hexdigest() == out_digest
+    assert hashlib.sha256(r.stderr_bytes).hexdigest() == err_digest
+    assert r.stderr_bytes.startswith(b"err 0 ")
+
+
+_FAULTING_WRITE_SCRIPT = r"""
+import ctypes, mmap, os
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                      ctypes.c_int, ctypes.c_long]
+libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+libc.write.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t]
+page = mmap.PAGESIZE
+addr = libc.mmap(None, 2 * page, 3, 0x22, -1, 0)  # PROT_READ|PROT_WRITE, MAP_PRIVATE|ANON
+libc.munmap(addr + page, page)
+ctypes.memset(addr, ord("x"), page)
+for fd in (1, 2, 1):
+    os.write(fd, b"before\n")
+    # 100 bytes, then the unmapped page: EFAULT, and an empty buffer left in the pipe...
+    assert libc.write(fd, addr + page - 100, 2 * page) == -1
+    os.write(fd, b"a" * page)  # ...which a whole page written next does not fill
+print("end")
+"""
+
+
+def test_a_faulting_write_does_not_break_the_output_channel(sbx: Sandbox) -> None:
+    """A write(2) that faults leaves an empty buffer in the pipe (pipe_write in fs/pipe.c).
+    The agent must pass over it: spliced on to the virtio port, it would be a zero-length
+    descriptor, and QEMU then stops the device (the VM's agent would be gone)."""
+    sbx.files.write("/tmp/fault.py", _FAULTING_WRITE_SCRIPT)
+    r = sbx.commands.run(["python3", "/tmp/fault.py"], timeout=60)
+    page = "before\n" + "a" * 4096
+    assert (r.exit_code, r.stdout, r.stderr) == (0, page * 2 + "end\n", page)
+    assert sbx.commands.run("echo ok").stdout == "ok\n"
+
+
 def test_commands_run_as_the_unprivileged_user_by_default(sbx: Sandbox, sdk: Any) -> None:
     r = sbx.commands.run("id -u; id -g; echo $HOME; touch /root/x")
     assert r.stdout.splitlines() == ["1000", "1000", "/home/user"]

@@ -70,7 +70,7 @@ class Session:
 
     def send_data(self, request_id: int, channel: int, data: bytes) -> bool:
         header = encode_header(FrameType.DATA, request_id, channel, len(data))
-        return self.writer.send(header + data)
+        return self.writer.send(header, data)  # no copy of the payload to join them
 
     def send_eof(self, request_id: int, channel: int) -> bool:
         return self.writer.send(encode_header(FrameType.EOF, request_id, channel, 0))
@@ -101,7 +101,7 @@ class Session:
     def close(self) -> None:
         """End the session: stop sending, kill its processes, drop its requests."""
         self.broken = True
-        self.writer.dead = True
+        self.writer.close()
         with self._lock:
             ops = list(self.requests.values())
         for op in ops:
