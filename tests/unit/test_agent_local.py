@@ -38,7 +38,6 @@ from warden._errors import (
 from warden.agent import client as client_module
 from warden.agent.client import AgentClient, EntryInfo, ExecResult
 from warden.wire.frame import (
-    PROTOCOL_VERSION,
     RESYNC_PADDING_SIZE,
     SESSION_VERSION,
     Channel,
@@ -618,7 +617,7 @@ class RawHost:
 
 
 def hello(nonce: str) -> bytes:
-    return encode_json(FrameType.HELLO, 0, {"versions": [PROTOCOL_VERSION], "nonce": nonce})
+    return encode_json(FrameType.HELLO, 0, {"versions": [SESSION_VERSION], "nonce": nonce})
 
 
 def test_agent_skips_junk_and_recovers_on_the_same_connection(agent: LocalAgent) -> None:
@@ -716,7 +715,7 @@ def test_agent_answers_garbage_with_error(agent: LocalAgent, garbage: bytes) -> 
     sock = agent.sock
     sock.settimeout(10)
     decoder = FrameDecoder()
-    sock.sendall(encode_json(FrameType.HELLO, 0, {"versions": [PROTOCOL_VERSION]}) + garbage)
+    sock.sendall(encode_json(FrameType.HELLO, 0, {"versions": [SESSION_VERSION]}) + garbage)
     got: list[Frame] = []
     while len(got) < 2:
         data = sock.recv(65536)
@@ -744,7 +743,7 @@ def test_agent_reconnect_after_protocol_error(tmp_path: Path, user_tmp: Path) ->
         await asyncio.to_thread(wait_for_path, path)
         reader, writer = await asyncio.open_unix_connection(str(path))
         decoder = FrameDecoder()
-        writer.write(encode_json(FrameType.HELLO, 0, {"versions": [PROTOCOL_VERSION]}))
+        writer.write(encode_json(FrameType.HELLO, 0, {"versions": [SESSION_VERSION]}))
         assert (await read_frame(reader, decoder)).type == FrameType.HELLO
         writer.write(
             encode_json(FrameType.REQUEST, 1, {"op": "exec", "shell": "echo $$; exec sleep 30"})
@@ -864,10 +863,10 @@ async def greet(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> F
     decoder = FrameDecoder()
     hello = await read_frame(reader, decoder)
     offer = decode_json(hello)
-    assert offer["versions"] == [SESSION_VERSION, 1]  # version 1: agents of the last release
+    assert offer["versions"] == [SESSION_VERSION]
     assert len(bytes.fromhex(offer["seed"])) == 32  # a fresh RNG seed for a restored guest
     assert abs(offer["time"] - time.time()) < 60
-    reply = {"version": 1, "agent": "fake", "pid": 1, "nonce": offer["nonce"]}
+    reply = {"version": SESSION_VERSION, "agent": "fake", "pid": 1, "nonce": offer["nonce"]}
     writer.write(encode_json(FrameType.HELLO, 0, reply))
     return decoder
 
@@ -988,10 +987,10 @@ def test_client_skips_what_precedes_its_answer() -> None:
         writer.write(
             encode(Frame(FrameType.DATA, 7, Channel.STDOUT, b"old output"))
             + encode(Frame(FrameType.DATA, 3, Channel.XFER, bytes(12)))
-            + encode_json(FrameType.HELLO, 0, {"version": 1, "nonce": "somebody else"})
+            + encode_json(FrameType.HELLO, 0, {"version": 2, "nonce": "somebody else"})
             + encode_json(FrameType.ERROR, 0, {"error": "protocol", "message": "stale"})
             + b"\x63" * 40  # not a frame at all
-            + encode_json(FrameType.HELLO, 0, {"version": 1, "pid": 1, "nonce": offer["nonce"]})
+            + encode_json(FrameType.HELLO, 0, {"version": 2, "pid": 1, "nonce": offer["nonce"]})
         )
         request = await read_frame(reader, decoder)
         writer.write(encode_json(FrameType.RESPONSE, request.request_id, {"ok": True}))
@@ -1020,6 +1019,7 @@ def test_client_reports_an_agent_that_refuses_its_hello() -> None:
         client, task = await fake_agent(refuse)
         assert isinstance(client, ProtocolError), client
         assert "no common version" in str(client)
+        assert "rebuild the image (`warden image build`)" in str(client)
         await task
 
     run(main(), timeout=10)

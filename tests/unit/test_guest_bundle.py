@@ -78,7 +78,7 @@ def test_the_bundled_agent_serves(tmp_path: Path) -> None:
 
 def _serve_and_check(host: RawHost) -> None:
     try:
-        assert host.hello([1, SESSION_VERSION])["version"] == SESSION_VERSION
+        assert host.hello([SESSION_VERSION])["version"] == SESSION_VERSION
         host.request(1, {"op": "exec", "argv": ["echo", "bundled"], "user": "root"})
         streams, response = host.response(1)
         assert (streams["stdout"], response["exit_code"]) == (b"bundled\n", 0)

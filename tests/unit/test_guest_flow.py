@@ -17,7 +17,7 @@ from tests.unit.guest_raw import RawHost, pipe_blocked, user_home
 from warden.wire.frame import (
     HEADER,
     INITIAL_WINDOW,
-    PROTOCOL_VERSION,
+    SESSION_VERSION,
     Channel,
     FrameType,
     decode_json,
@@ -67,19 +67,22 @@ def assert_quiet(host: RawHost, seconds: float) -> None:
         pytest.fail(f"the agent sent {frame} beyond its credit")
 
 
-def test_the_highest_common_version_is_chosen(host: RawHost) -> None:
-    assert host.hello([1, 2, 3])["version"] == 2
-    assert host.hello([PROTOCOL_VERSION])["version"] == 1  # a new HELLO, a new session
+def test_the_agent_speaks_session_version_2(host: RawHost) -> None:
+    assert host.hello([1, 2, 3])["version"] == SESSION_VERSION == 2
+    assert host.hello([SESSION_VERSION])["version"] == 2  # a new HELLO, a new session
     host.send(b"")
     host.request(1, {"op": "ping"})
     assert decode_json(host.recv())["ok"] is True
 
 
-def test_no_common_version_is_refused(host: RawHost) -> None:
-    host.send(encode_header(FrameType.HELLO, 0, Channel.CONTROL, 17) + b'{"versions":[99]}')
+@pytest.mark.parametrize("offer", [b"[99]", b"[1]", b"2"])  # 1: the agents of older images
+def test_no_common_version_is_refused(host: RawHost, offer: bytes) -> None:
+    payload = b'{"versions":' + offer + b"}"
+    host.send(encode_header(FrameType.HELLO, 0, Channel.CONTROL, len(payload)) + payload)
     error = host.recv()
     assert error.type == FrameType.ERROR
     assert "no common protocol version" in decode_json(error)["message"]
+    assert host.hello([SESSION_VERSION])["version"] == SESSION_VERSION  # the next HELLO works
 
 
 def test_exec_output_stops_at_the_credit_and_the_process_blocks(host: RawHost) -> None:
@@ -128,13 +131,6 @@ def test_file_read_within_the_credit(host: RawHost, home: Path) -> None:
     assert len(streams["file"]) == 2 * MIB
 
 
-def test_version_1_has_no_credit_limit(host: RawHost) -> None:
-    host.hello([1])
-    host.request(1, {"op": "exec", "shell": "head -c 3000000 /dev/zero"})
-    streams, response = host.response(1)
-    assert len(streams["stdout"]) == 3_000_000 and response["exit_code"] == 0
-
-
 def test_window_of_unknown_requests_and_other_channels_is_ignored(host: RawHost) -> None:
     host.hello([2])
     host.window(77, Channel.STDOUT, 100)  # never started
@@ -166,13 +162,6 @@ def test_credit_overflow_is_a_protocol_error(host: RawHost) -> None:
     host.hello([2])
     host.request(1, {"op": "exec", "argv": ["sleep", "30"]})
     host.window(1, Channel.STDOUT, (1 << 31) - 1)  # plus the initial credit: past 2^31 - 1
-    error = host.recv()
-    assert error.type == FrameType.ERROR and "WINDOW" in decode_json(error)["message"]
-
-
-def test_window_in_a_version_1_session_is_a_protocol_error(host: RawHost) -> None:
-    host.hello([1])
-    host.window(1, Channel.STDOUT, 100)
     error = host.recv()
     assert error.type == FrameType.ERROR and "WINDOW" in decode_json(error)["message"]
 

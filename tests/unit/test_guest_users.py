@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from tests.unit.guest_raw import RawHost, user_dir
-from warden.wire.frame import Channel, FrameType, encode_header
+from warden.wire.frame import Channel, FrameType, decode_json, encode_header, encode_json
 from warden.wire.ops import USER_GID, USER_UID, ErrorKind
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")
@@ -140,7 +140,13 @@ def test_root_file_ops(host: RawHost, secret: Path) -> None:
     assert (secret / "new").stat().st_uid == 0
 
 
-def test_version_1_sessions_default_to_root(host: RawHost) -> None:
-    host.hello([1])
+def test_no_session_defaults_to_root(host: RawHost) -> None:
+    """Session version 1 ran a request without ``user`` as root. It is gone: a HELLO offering
+    only it is refused, and such a request in the next session runs as the user."""
+    host.send(encode_json(FrameType.HELLO, 0, {"versions": [1], "nonce": "old host"}))
+    error = host.recv()
+    assert error.type == FrameType.ERROR
+    assert "no common protocol version" in decode_json(error)["message"]
+    host.hello([1, 2])
     streams, _ = call(host, {"op": "exec", "argv": ["id", "-u"]})
-    assert streams["stdout"] == b"0\n"
+    assert streams["stdout"] == b"%d\n" % USER_UID

@@ -11,14 +11,12 @@ on the connection::
 
 The guest is hostile, so everything it sends is bounded, checked and has a deadline:
 
-- **Memory.** In a session of version 2 every stream the agent sends (stdout, stderr, a file
-  read) has a flow-control window of ``INITIAL_WINDOW`` bytes. The client grants more credit
-  (WINDOW frames) only once its consumer took the data (an output callback returned, the caller
-  of :meth:`AgentClient.read_file` asked for the next chunk), so a slow consumer slows the guest
+- **Memory.** Every stream the agent sends (stdout, stderr, a file read) has a flow-control
+  window of ``INITIAL_WINDOW`` bytes. The client grants more credit (WINDOW frames) only once
+  its consumer took the data (an output callback returned, the caller of
+  :meth:`AgentClient.read_file` asked for the next chunk), so a slow consumer slows the guest
   down and the host holds at most one window per stream. DATA beyond the credit is a protocol
-  error. A version 1 agent has no windows: the reader stops reading the connection while more
-  than ``INITIAL_WINDOW`` bytes wait for their consumers. ``exec`` collects at most
-  ``max_output`` bytes of each stream.
+  error. ``exec`` collects at most ``max_output`` bytes of each stream.
 - **The transfer window.** An acknowledgement is accepted only for a reference that is
   outstanding for that request, with its offset and length; anything else ends the session
   before the window file is touched.
@@ -102,10 +100,11 @@ READ_SIZE = 256 * 1024
 STREAM_LIMIT = 1 << 20
 """Buffer limit of the streams :meth:`AgentClient.connect_unix` opens."""
 
-LEGACY_SESSION_VERSION = 1
-"""The session before flow control and ``user`` (agents of the previous release)."""
-SESSION_VERSIONS = (SESSION_VERSION, LEGACY_SESSION_VERSION)
-"""What the client's HELLO offers, preferred first."""
+REBUILD_HINT = (
+    "the image's agent and this host speak different session versions: "
+    "rebuild the image (`warden image build`)"
+)
+"""How an error about the session version ends."""
 
 CALL_TIMEOUT_S = 30.0
 """The deadline of a quick call (ping, info, stat, list, remove, mkdir, shutdown) and of a send."""
@@ -117,8 +116,6 @@ DEFAULT_MAX_OUTPUT = 16 << 20
 """What :meth:`AgentClient.exec` collects of each stream by default (16 MiB)."""
 GRANT_AT = INITIAL_WINDOW // 2
 """Consumed bytes of a stream that the client gathers before it grants them back as credit."""
-LEGACY_HOLD_LIMIT = INITIAL_WINDOW
-"""Version 1 sessions: the reader pauses while more than this waits for consumers."""
 LATE_ANSWER_GRACE_S = 0.5
 """How long the client still waits for an answer after its deadline passed (see _answer_within)."""
 CLOSE_GRACE_S = 1.0
@@ -195,23 +192,20 @@ class _Request:
     the credit of each of the op's streams; empty ones are dropped), one RESPONSE, one failure.
     """
 
-    def __init__(self, client: AgentClient, request_id: int, op: str, *, flow: bool) -> None:
+    def __init__(self, client: AgentClient, request_id: int, op: str) -> None:
         self.client = client
         self.id = request_id
         self.op = op
         self.done = False
         self.answered = False
         """The RESPONSE (or a failure) was delivered: no more credit is worth granting."""
-        self._flow = flow
         self._cancel_sent = False
         self._queue: asyncio.Queue[_Item] = asyncio.Queue()
         channels = _OUTPUT_CHANNELS.get(op, ())
         self.credit: dict[Channel, int] = dict.fromkeys(channels, INITIAL_WINDOW)
-        """What the agent may still send on each stream (tracked in every session)."""
+        """What the agent may still send on each stream."""
         self._ungranted: dict[Channel, int] = dict.fromkeys(channels, 0)
         self._ended: set[Channel] = set()
-        self.held = 0
-        """Bytes of DATA in the queue, not yet taken by the consumer."""
 
     # -- fed by the reader task
 
@@ -226,16 +220,13 @@ class _Request:
             self._ended.add(channel)
             return None
         size = len(frame.payload)
-        if self._flow:
-            if size > self.credit[channel]:
-                return (
-                    f"{size} bytes on the {channel.name} stream of request {self.id}, beyond "
-                    f"its flow-control credit of {self.credit[channel]}"
-                )
-            self.credit[channel] -= size
+        if size > self.credit[channel]:
+            return (
+                f"{size} bytes on the {channel.name} stream of request {self.id}, beyond "
+                f"its flow-control credit of {self.credit[channel]}"
+            )
+        self.credit[channel] -= size
         if size:
-            self.held += size
-            self.client._hold(size)
             self._queue.put_nowait(frame)
         return None
 
@@ -266,12 +257,10 @@ class _Request:
         return item
 
     def consumed(self, frame: Frame) -> None:
-        """The consumer took ``frame``'s data: let go of it, and grant the agent more credit."""
-        size = len(frame.payload)
-        self.held -= size
-        self.client._release(size)
-        if not self._flow or self.answered:
+        """The consumer took ``frame``'s data: grant the agent more credit."""
+        if self.answered:
             return
+        size = len(frame.payload)
         channel = frame.channel
         ungranted = self._ungranted[channel] + size
         if ungranted < GRANT_AT:
@@ -282,9 +271,7 @@ class _Request:
         self.client._send_nowait(encode_window(self.id, channel, ungranted))
 
     def discard(self) -> None:
-        """The request is over: let go of whatever its consumer did not take."""
-        self.client._release(self.held)
-        self.held = 0
+        """The request is over: no more credit is worth granting."""
         self.answered = True
 
     async def response(self) -> dict[str, Any]:
@@ -534,15 +521,10 @@ class AgentClient:
         self._deadlines = deadlines or Deadlines()
         self._established = False
         self._shutting_down = False
-        self._flow = False
-        self._held = 0  # DATA bytes waiting for their consumers, over all requests
-        self._drained = asyncio.Event()
-        self._paused = False  # version 1: the reader waits for consumers
-        self._pauses = 0
         self._busy = 0  # requests the watchdog watches over
         self._busy_event = asyncio.Event()
         self.session_version = 0
-        """The session version the agent chose (2: flow control and ``user``; 1: neither)."""
+        """The session version the agent chose: SESSION_VERSION, once connected."""
         self.agent_hello: dict[str, Any] = {}
         """The agent's HELLO: ``version``, ``agent`` and ``pid``."""
 
@@ -635,7 +617,7 @@ class AgentClient:
         # must not share its RNG state or its clock with its siblings. The nonce comes back in
         # the agent's answer, which tells it apart from an answer to an earlier host.
         hello = {
-            Key.VERSIONS: list(SESSION_VERSIONS),
+            Key.VERSIONS: [SESSION_VERSION],
             Key.NONCE: self._nonce,
             Key.SEED: os.urandom(32).hex(),
             Key.TIME: time.time(),
@@ -652,16 +634,14 @@ class AgentClient:
                 await self._send(bytes(RESYNC_PADDING_SIZE) + hello_frame)
         reply = await self._hello
         version = reply.get(Key.VERSION)
-        offered = list(SESSION_VERSIONS)
-        if not isinstance(version, int) or isinstance(version, bool) or version not in offered:
+        if not isinstance(version, int) or isinstance(version, bool) or version != SESSION_VERSION:
             error = ProtocolError(
                 f"{self.who} chose session version {version!r:.50}, which the host did not "
-                f"offer ({offered}); rebuild the image (warden image build)"
+                f"offer ([{SESSION_VERSION}]); {REBUILD_HINT}"
             )
             self._abort(error)
             raise error
         self.session_version = version
-        self._flow = version >= SESSION_VERSION
         self.agent_hello = reply
         self._established = True
         self._watchdog_task = asyncio.create_task(self._watch(), name="warden-agent-watchdog")
@@ -760,7 +740,6 @@ class AgentClient:
         self._requests.clear()
         for request in requests:
             request.deliver(type(error)(*error.args))
-        self._drained.set()
         transport = self._writer.transport
         if hard:
             transport.abort()
@@ -799,29 +778,8 @@ class AgentClient:
                     error = self._feed(b"")
                 if error is not None and self._closed_by is None:
                     self._protocol_error(str(error))
-                if not self._flow and self._held > LEGACY_HOLD_LIMIT:
-                    await self._wait_drained()
         except (ConnectionError, OSError) as exc:
             self._abort(_ConnectionLostError(f"the connection to {self.who} broke: {exc}"))
-
-    async def _wait_drained(self) -> None:
-        """Version 1 (no flow control): stop reading until the consumers caught up."""
-        self._pauses += 1
-        self._paused = True
-        try:
-            while self._held > LEGACY_HOLD_LIMIT and self._closed_by is None:
-                self._drained.clear()
-                await self._drained.wait()
-        finally:
-            self._paused = False
-
-    def _hold(self, size: int) -> None:
-        self._held += size
-
-    def _release(self, size: int) -> None:
-        self._held -= size
-        if self._held <= LEGACY_HOLD_LIMIT:
-            self._drained.set()
 
     def _feed(self, data: bytes) -> FrameError | None:
         """Act on the frames in ``data``; return the error that stopped decoding, if any."""
@@ -855,9 +813,11 @@ class AgentClient:
             return
         if frame.type == FrameType.HELLO:
             self._hello.set_result(reply)
-        else:
+        else:  # an agent that does not speak SESSION_VERSION (one of an older image)
             message = reply.get(Key.MESSAGE, reply)
-            self._abort(ProtocolError(f"{self.who} refused the HELLO: {message!s:.1000}"))
+            self._abort(
+                ProtocolError(f"{self.who} refused the HELLO: {message!s:.1000}; {REBUILD_HINT}")
+            )
 
     def _dispatch(self, frame: Frame) -> None:
         """Route one frame from the agent. Raises FrameError on a malformed or forbidden one."""
@@ -909,7 +869,7 @@ class AgentClient:
             raise self._closed_error()
         rid = self._next_id
         self._next_id = rid + 1 if rid < MAX_REQUEST_ID else 1
-        request = _Request(self, rid, str(args[Key.OP]), flow=self._flow)
+        request = _Request(self, rid, str(args[Key.OP]))
         self._requests[rid] = request
         if watched:
             self._busy += 1
@@ -956,16 +916,8 @@ class AgentClient:
         timeout = self._deadlines.ping
         try:
             async with self._request({Key.OP: Op.PING}, watched=False) as request:
-                while True:
-                    pauses = self._pauses
-                    if await _answer_within(request, timeout) is not None:
-                        return
-                    if not self._paused and pauses == self._pauses:
-                        raise self._unresponsive(
-                            f"did not answer a liveness ping within {timeout:g}s"
-                        )
-                    # version 1: the reader was paused for a slow consumer, so the answer may
-                    # be waiting behind that consumer's data: give it another period
+                if await _answer_within(request, timeout) is None:
+                    raise self._unresponsive(f"did not answer a liveness ping within {timeout:g}s")
         except WardenError:
             return  # the connection ended (this ping's failure ended it, or something else)
 

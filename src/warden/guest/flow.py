@@ -1,10 +1,9 @@
-"""Flow control of what the agent sends (session version 2): the credit of one stream.
+"""Flow control of what the agent sends: the credit of one stream.
 
 Each guest-sent stream of a request (stdout, stderr, a file read) starts with
 ``INITIAL_WINDOW`` bytes of credit; every DATA frame spends its length, and the host's WINDOW
 frames grant more. A sender with no credit stops reading its pipe or file until a WINDOW
-arrives, so a producer faster than the host's consumer blocks instead of being buffered. In a
-version 1 session the credit is unlimited.
+arrives, so a producer faster than the host's consumer blocks instead of being buffered.
 """
 
 from __future__ import annotations
@@ -19,17 +18,15 @@ if TYPE_CHECKING:
 
 MAX_CREDIT = (1 << 31) - 1
 """More outstanding credit than this is a protocol error (as in HTTP/2)."""
-UNLIMITED = 1 << 62
 
 
 class Credit:
     """How many bytes one stream may still send. One thread spends, any thread grants."""
 
-    __slots__ = ("_available", "_closed", "_cond", "_wake", "limited")
+    __slots__ = ("_available", "_closed", "_cond", "_wake")
 
-    def __init__(self, initial: int | None, wake: Callable[[], None] | None = None) -> None:
-        self.limited = initial is not None
-        self._available = UNLIMITED if initial is None else initial
+    def __init__(self, initial: int, wake: Callable[[], None] | None = None) -> None:
+        self._available = initial
         self._closed = False
         self._cond = threading.Condition(threading.Lock())
         self._wake = wake
@@ -43,13 +40,10 @@ class Credit:
         with self._cond:
             if n > self._available:
                 raise RuntimeError(f"sending {n} bytes with a credit of {self._available}")
-            if self.limited:
-                self._available -= n
+            self._available -= n
 
     def grant(self, increment: int) -> None:
         """A WINDOW frame's increment. Raises FrameError past :data:`MAX_CREDIT`."""
-        if not self.limited:
-            return
         with self._cond:
             if self._available + increment > MAX_CREDIT:
                 raise FrameError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from warden.guest.flow import Credit
+from warden.wire.frame import INITIAL_WINDOW
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -24,7 +25,7 @@ class Request:
 
     def new_credit(self, channel: int, wake: Callable[[], None] | None = None) -> Credit:
         """The credit of a stream this request sends (see :mod:`warden.guest.flow`)."""
-        credit = Credit(self.session.initial_window, wake)
+        credit = Credit(INITIAL_WINDOW, wake)
         self.credits[channel] = credit
         return credit
 

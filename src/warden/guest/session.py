@@ -1,9 +1,8 @@
 """One host's session: from its HELLO to EOF, a protocol error, or the next HELLO.
 
-The HELLO picks the session version: the highest that both sides speak (:data:`VERSIONS`).
-Version 2 adds WINDOW credit for every stream the agent sends (:mod:`warden.guest.flow`) and
-makes the unprivileged ``user`` the default account; version 1 (spoken during the transition)
-has unlimited credit and runs as root unless a request names its user.
+The agent speaks one session version, :data:`~warden.wire.frame.SESSION_VERSION` (2): WINDOW
+credit for every stream it sends (:mod:`warden.guest.flow`), and the unprivileged ``user`` as
+the account of a request that names none. A HELLO that does not offer it is refused.
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ from warden.guest.filewrite import WriteFile
 from warden.guest.info import AGENT_NAME, op_info
 from warden.guest.log import log, log_exception
 from warden.wire.frame import (
-    INITIAL_WINDOW,
+    SESSION_VERSION,
     Channel,
     FrameError,
     FrameType,
@@ -28,7 +27,7 @@ from warden.wire.frame import (
     encode_header,
     encode_json,
 )
-from warden.wire.ops import ErrorKind, Key, Op, User
+from warden.wire.ops import ErrorKind, Key, Op
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -39,9 +38,6 @@ if TYPE_CHECKING:
     from warden.guest.request import Request
     from warden.guest.writer import Writer
     from warden.wire.frame import Frame
-
-VERSIONS = (1, 2)
-"""The session versions this agent speaks."""
 
 _FILE_OPS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     Op.STAT: files.op_stat,
@@ -59,10 +55,6 @@ class Session:
         self.agent = agent
         self.writer = writer
         self.broken = False
-        self.version = 1
-        self.initial_window: int | None = None
-        """The credit each guest-sent stream starts with; None: unlimited (version 1)."""
-        self.default_user = User.ROOT
         self.requests: dict[int, Request] = {}
         self._lock = threading.Lock()
 
@@ -119,21 +111,19 @@ class Session:
             return
         nonce = hello.get(Key.NONCE)
         offered = hello.get(Key.VERSIONS)
-        common = [v for v in VERSIONS if isinstance(offered, list) and v in offered]
-        if not common:
+        if not isinstance(offered, list) or SESSION_VERSION not in offered:
             self.protocol_error(
-                f"no common protocol version: the host offers {offered!r}, "
-                f"the agent speaks {list(VERSIONS)}",
+                f"no common protocol version: the host offers {offered!r:.100}, "
+                f"the agent speaks [{SESSION_VERSION}]",
                 nonce,
             )
             return
-        self._set_version(max(common))
         if os.getpid() == 1:  # only ever in a guest: never touch a host's clock or pool
             from warden.guest.pid1 import freshen
 
             freshen(hello.get(Key.SEED), hello.get(Key.TIME))
         reply: dict[str, Any] = {
-            Key.VERSION: self.version,
+            Key.VERSION: SESSION_VERSION,
             Key.AGENT: AGENT_NAME,
             Key.PID: os.getpid(),
             Key.XFER: self.agent.xfer is not None,
@@ -144,12 +134,6 @@ class Session:
             self.writer.send(encode_json(FrameType.HELLO, 0, reply))
         except FrameError as exc:  # a nonce too big to echo
             self.protocol_error(f"cannot answer the HELLO: {exc}")
-
-    def _set_version(self, version: int) -> None:
-        self.version = version
-        if version >= 2:
-            self.initial_window = INITIAL_WINDOW
-            self.default_user = User.USER
 
     def handle(self, frame: Frame) -> None:
         """Act on one frame of this session (any but HELLO). Raises :class:`Shutdown`."""
@@ -168,7 +152,7 @@ class Session:
         ftype, rid = frame.type, frame.request_id
         if ftype == FrameType.REQUEST:
             self._request(frame)
-        elif ftype == FrameType.WINDOW and self.version >= 2:
+        elif ftype == FrameType.WINDOW:
             increment = decode_window(frame.payload)  # FrameError: a protocol error
             op = self._op(rid)
             if op is not None:  # else finished or unknown: ignored
@@ -229,11 +213,11 @@ class Session:
         elif op in _FILE_OPS:
             self.respond(rid, self._file_op(op, args))
         elif op == Op.EXEC:
-            self._start(Exec(self, rid, args, users.account(args, self.default_user)))
+            self._start(Exec(self, rid, args, users.account(args)))
         elif op == Op.READ:
-            self._start(ReadFile(self, rid, args, users.account(args, self.default_user)))
+            self._start(ReadFile(self, rid, args, users.account(args)))
         elif op == Op.WRITE:
-            writer = WriteFile(self, rid, args, users.account(args, self.default_user))
+            writer = WriteFile(self, rid, args, users.account(args))
             if writer.start():
                 with self._lock:
                     self.requests[rid] = writer
@@ -246,7 +230,7 @@ class Session:
         op.start()
 
     def _file_op(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
-        account = users.account(args, self.default_user)
+        account = users.account(args)
         files.load(op)
         try:
             with users.acting_as(account):

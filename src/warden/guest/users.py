@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 
 from warden.guest.args import Invalid
-from warden.wire.ops import USER_GID, USER_HOME, USER_UID, Key, User
+from warden.wire.ops import DEFAULT_USER, USER_GID, USER_HOME, USER_UID, Key, User
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -50,9 +50,9 @@ def set_user_home(home: str) -> None:
     USER.home = home
 
 
-def account(args: dict[str, Any], default: str) -> Account:
-    """The account a request asks for in its ``user`` key (``default`` when absent)."""
-    name = args.get(Key.USER, default)
+def account(args: dict[str, Any]) -> Account:
+    """The account a request asks for in its ``user`` key (the unprivileged user if none)."""
+    name = args.get(Key.USER, DEFAULT_USER)
     if name == User.USER:
         return USER
     if name == User.ROOT:
