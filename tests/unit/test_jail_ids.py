@@ -50,7 +50,8 @@ def test_a_claimed_uid_is_never_handed_out_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     vms = _vms(tmp_path)
-    monkeypatch.setattr("warden.jail.ids.secrets.randbelow", lambda n: 0)  # claims start at FIRST_UID
+    # Every claim starts its search at FIRST_UID.
+    monkeypatch.setattr("warden.jail.ids.secrets.randbelow", lambda n: 0)
     first = ids.claim(vms, "a")
     second = ids.claim(vms, "b")
     assert (first, second) == (ids.FIRST_UID, ids.FIRST_UID + 1)

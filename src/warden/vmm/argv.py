@@ -20,6 +20,21 @@ TCG_TB_SIZE_MIB = 256
 XFER_SLOT_SIZE = 1 << 20
 XFER_SLOTS = 16
 
+SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+"""QEMU's seccomp filter (``-sandbox``): no obsolete system calls, no set*uid/gid, no
+fork/exec, no scheduler or affinity changes."""
+
+
+class PassedFd:
+    """The fd numbers at which a jailed QEMU gets the sockets it may not make itself
+    (``jail/``): the host binds them in the root-only runtime dir, QEMU only accepts."""
+
+    QMP = 3
+    AGENT = 4
+    CONSOLE = 5
+    INCOMING = 6
+    """A boot snapshot being restored (``-incoming fd:6``)."""
+
 
 @dataclass(frozen=True)
 class BootFiles:
@@ -131,6 +146,8 @@ def build_argv(
     tsc_khz: int | None = None,
     tune: bool = True,
     console_socket: bool = False,
+    passed_fds: bool = False,
+    sandbox: bool = False,
 ) -> list[str]:
     """Return QEMU's argv for ``spec``. ``accel`` is the resolved accelerator: kvm or tcg.
 
@@ -138,15 +155,22 @@ def build_argv(
     into a capped log (``vmm/console.py``); QEMU then waits for that connection before it
     starts the guest. Without it QEMU writes ``run.console`` itself, with no cap: only for
     boots that run no workload (the accelerator probe, the benchmark's peer).
+
+    ``passed_fds`` (a jailed QEMU, which can make no file): QEMU gets its QMP, agent and
+    console sockets as fds at the numbers of :class:`PassedFd`, and writes no pid file.
+    ``sandbox`` turns on QEMU's seccomp filter.
     """
     if accel not in ("kvm", "tcg"):
         raise ValueError(f"accel must be resolved to kvm or tcg, not {accel!r}")
+    if passed_fds and not console_socket:
+        raise ValueError("a jailed QEMU serves its console on a passed socket")
     return [
         qemu,
         *_machine_args(spec, run, accel),
         *_boot_args(boot, accel, mode, tsc_khz, tune),
-        *_console_args(run, console_socket),
-        *_device_args(boot, run, agent_port),
+        *_console_args(run, console_socket, passed_fds),
+        *_device_args(boot, run, agent_port, passed_fds),
+        *(["-sandbox", SANDBOX] if sandbox else []),
     ]
 
 
@@ -185,9 +209,11 @@ def _boot_args(
     ]  # fmt: skip
 
 
-def _console_args(run: RuntimeFiles, console_socket: bool) -> list[str]:
+def _console_args(run: RuntimeFiles, console_socket: bool, passed_fds: bool) -> list[str]:
     """The serial console: a socket the host reads, or a file QEMU writes."""
-    if console_socket:
+    if passed_fds:
+        console = f"socket,id=console,fd={PassedFd.CONSOLE},server=on,wait=on"
+    elif console_socket:
         console = f"socket,id=console,path={run.console_sock},server=on,wait=on"
     else:
         console = f"file,id=console,path={run.console}"
@@ -197,17 +223,35 @@ def _console_args(run: RuntimeFiles, console_socket: bool) -> list[str]:
     ]  # fmt: skip
 
 
-def _device_args(boot: BootFiles, run: RuntimeFiles, agent_port: str) -> list[str]:
+def _device_args(
+    boot: BootFiles, run: RuntimeFiles, agent_port: str, passed_fds: bool
+) -> list[str]:
     """The rootfs disk, the agent's virtio-serial port, the transfer window, QMP, pidfile."""
+    if passed_fds:
+        agent = f"socket,id=agent,fd={PassedFd.AGENT},server=on,wait=off"
+    else:
+        agent = f"socket,id=agent,path={run.agent},server=on,wait=off"
     return [
         "-drive", f"id=root,file={boot.rootfs},if=none,format=raw,readonly=on",
         "-device", "virtio-blk-device,drive=root",
         "-device", "virtio-serial-device,max_ports=2",
-        "-chardev", f"socket,id=agent,path={run.agent},server=on,wait=off",
+        "-chardev", agent,
         "-device", f"virtserialport,chardev=agent,name={agent_port}",
         # Last, so the rootfs stays /dev/vda; the guest finds this one by its serial.
         "-drive", f"id=xfer,file={run.xfer},if=none,format=raw,cache=writeback",
         "-device", f"virtio-blk-device,drive=xfer,serial={XFER_SERIAL}",
+        *_monitor_args(run, passed_fds),
+    ]  # fmt: skip
+
+
+def _monitor_args(run: RuntimeFiles, passed_fds: bool) -> list[str]:
+    """QMP on a unix socket (QEMU's own, or the host's passed to it), and the pid file."""
+    if passed_fds:
+        return [
+            "-chardev", f"socket,id=qmp,fd={PassedFd.QMP},server=on,wait=off",
+            "-mon", "chardev=qmp,mode=control",
+        ]  # fmt: skip
+    return [
         "-qmp", f"unix:{run.qmp},server=on,wait=off",
         "-pidfile", str(run.pidfile),
     ]  # fmt: skip

@@ -27,6 +27,10 @@ from warden._errors import AgentTimeoutError, HostError, LaunchError, VMError, W
 from warden.agent.client import AgentClient
 from warden.config import PRIVATE_DIR, Paths, open_private, private_dir
 from warden.image.store import Image, load_image, verify_image
+from warden.jail import features, ids, spawn
+from warden.jail.features import JailPlan
+from warden.jail.files import qemu_files
+from warden.jail.policy import JailMode, default_mode
 from warden.policy.admission import TCG_VM_OVERHEAD_MIB
 from warden.vmm import cgroups, console, ownership
 from warden.vmm.accel import AccelChoice, qemu_version, resolve_accel
@@ -34,11 +38,12 @@ from warden.vmm.argv import (
     XFER_SLOT_SIZE,
     XFER_SLOTS,
     BootFiles,
+    PassedFd,
     RuntimeFiles,
     build_argv,
     host_tsc_khz,
 )
-from warden.vmm.ownership import Ownership
+from warden.vmm.ownership import Ownership, recorded_uid
 from warden.vmm.snapshot import BootSnapshots, SnapshotConfig
 from warden.vmm.spec import VMSpec
 from warden.vmm.state import LIVE_STATES, VMState, check_transition
@@ -54,7 +59,7 @@ CONSOLE_DRAIN_S = 1.0
 """How long the console reader may take to catch up once QEMU exited (for the tail)."""
 
 ArgvWrapper = Callable[[list[str]], list[str]]
-"""A launch step that wraps QEMU's argv (ownership today; the jail later)."""
+"""A launch step that wraps QEMU's argv (inside the jail, if any: its program must be there)."""
 
 UnhealthyCallback = Callable[["Machine", str], object]
 """Called once (on the event loop) when a running VM turns unhealthy, with the reason."""
@@ -77,6 +82,7 @@ class Machine:
         wrappers: tuple[ArgvWrapper, ...] = (),
         vm_id: str | None = None,
         use_cgroups: bool = True,
+        jail: JailMode | None = None,
     ) -> None:
         self.spec = spec
         self.paths = paths or Paths.from_env()
@@ -90,7 +96,9 @@ class Machine:
         self.image: Image | None = None
         self.argv: list[str] = []
         self.started_at: float | None = None
-        self._proc: asyncio.subprocess.Process | _AttachedProcess | None = None
+        self._proc: asyncio.subprocess.Process | _AttachedProcess | spawn.JailedProcess | None = (
+            None
+        )
         self._qmp: QMPClient | None = None
         self._agent: AgentClient | None = None
         self._watch: asyncio.Task[None] | None = None
@@ -108,6 +116,13 @@ class Machine:
         self.error: str | None = None
         """Why the VM is unhealthy (its agent connection broke), or None."""
         self.on_unhealthy: UnhealthyCallback | None = None
+        self.jail_mode: JailMode = jail or default_mode()
+        """off, on (what the host has; a missing feature is logged) or require."""
+        self.jail: JailPlan | None = None
+        """The jail this VM runs in (None: QEMU runs as root, unjailed)."""
+        self.uid: int | None = None
+        """The VM's own uid (and gid), claimed from warden's range, while it has one."""
+        self._qemu_argv: list[str] = []
 
     # -- public surface ------------------------------------------------------------------
 
@@ -225,10 +240,11 @@ class Machine:
         caller then releases the runtime dir (``ownership.release``).
         """
         machine = cls(spec, paths=paths, ownership=ownership, vm_id=vm_id)
-        proc = _AttachedProcess(pid, pid_start)
-        if proc.returncode is not None:
+        proc = _AttachedProcess.open(pid, pid_start, machine.run.dir)
+        if proc is None:
             raise VMError(f"VM {vm_id}: its QEMU (pid {pid}) is not running any more")
         machine._proc = proc
+        machine.uid = recorded_uid(machine.run.dir)
         group = cgroups.VMCgroup(vm_id)
         if group.path("memory").is_dir():
             machine.cgroup = group  # made by the manager that launched it; removed at the end
@@ -243,6 +259,7 @@ class Machine:
                 )
         except BaseException as exc:
             await machine._detach_connections()
+            proc.close()
             machine._proc = None
             machine._set_state(VMState.FAILED)
             if isinstance(exc, asyncio.CancelledError):
@@ -293,13 +310,41 @@ class Machine:
         self.accel = resolve_accel(
             self.spec.accel, self.paths, boot, self.image.kernel.sha256, self.qemu
         )
+        self.jail = self._plan_jail(boot)  # before anything is made: a refusal leaves nothing
         private_dir(self.run.dir.parent.parent)  # run/
         private_dir(self.run.dir.parent)  # run/vms/: its names are VM ids
         self.run.dir.mkdir(mode=PRIVATE_DIR)
         ownership.claim(self.run.dir, self.ownership)
+        if self.jail is not None and self.jail.uid:
+            self.uid = ids.claim(self.run.dir.parent, self.id)
+            ownership.record_uid(self.run.dir, self.uid)
         fd = open_private(self.run.xfer, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         with os.fdopen(fd, "wb") as f:
             f.truncate(XFER_SLOTS * XFER_SLOT_SIZE)  # sparse: costs nothing until used
+        if self.jail is not None and self.spec.memory_backend == "file":
+            os.close(open_private(self.run.memory, os.O_WRONLY | os.O_CREAT))  # bound into it
+        self._make_cgroups()
+        return boot
+
+    def _plan_jail(self, boot: BootFiles) -> JailPlan | None:
+        """The jail this VM gets (None: none at all). ``require`` refuses a partial one; ``on``
+        logs what is missing."""
+        if self.jail_mode == "off":
+            return None
+        host = features.detect(self.paths, self.qemu, boot.kernel, use_cgroups=self.use_cgroups)
+        plan = JailPlan.from_features(host)
+        if self.jail_mode == "require":
+            plan.refuse_if_incomplete()
+        elif plan.missing:
+            log.warning(
+                "VM %s runs in a partial jail, without %s", self.id, plan.describe_missing()
+            )
+        if plan.enabled:
+            private_dir(self.paths.run / "jail")  # where each jail mounts its root
+            return plan
+        return None
+
+    def _make_cgroups(self) -> None:
         if self.use_cgroups and cgroups.available() is None:
             # QEMU's own overhead is charged as admission control charges it.
             limits = cgroups.Limits.for_vm(
@@ -311,7 +356,6 @@ class Machine:
                 self.cgroup = group
             except OSError as exc:
                 log.warning("VM %s runs without cgroup limits: %s", self.id, exc)
-        return boot
 
     async def _boot(self, boot: BootFiles) -> None:
         """Restore the boot snapshot of this configuration if there is one, else boot cold."""
@@ -324,10 +368,13 @@ class Machine:
             qemu=self.qemu,
             tsc_khz=tsc_khz(),
             console_socket=True,
+            passed_fds=self.jail is not None,
+            sandbox=self.jail is not None and self.jail.seccomp,
         )
         argv = qemu_argv
         for wrap in self.wrappers:
             argv = wrap(argv)
+        self._qemu_argv = argv
         self.argv = ownership.spawn_prefix(self.ownership) + argv
         config: SnapshotConfig | None = None
         if self.spec.boot == "snapshot":
@@ -372,6 +419,9 @@ class Machine:
     async def _spawn(self, *, restore: io.FileIO | None = None) -> None:
         """Start QEMU; ``restore``, a verified snapshot open at offset 0, is loaded from its fd
         (and closed here)."""
+        if self.jail is not None:
+            await self._spawn_jailed(self.jail, restore)
+            return
         argv = list(self.argv)
         pass_fds: tuple[int, ...] = ()
         state = restore
@@ -399,6 +449,71 @@ class Machine:
                 self.cgroup.attach(self._proc.pid)
             except OSError as exc:
                 log.warning("VM %s runs without cgroup limits: %s", self.id, exc)
+
+    async def _spawn_jailed(self, plan: JailPlan, restore: io.FileIO | None) -> None:
+        """Start QEMU through the jail (``jail/spawn.py``): it gets its sockets and files as
+        fds, joins its cgroups, and is tracked by the host pid the launcher reports."""
+        try:
+            await self._start_jailed(plan, restore)
+        finally:
+            if restore is not None:
+                restore.close()
+
+    async def _start_jailed(self, plan: JailPlan, restore: io.FileIO | None) -> None:
+        argv = list(self._qemu_argv)
+        if restore is not None:
+            argv += ["-incoming", f"fd:{PassedFd.INCOMING}"]
+        prefix = ownership.spawn_prefix(self.ownership)
+        prefix += spawn.namespace_prefix(plan, shutil.which("unshare") or "unshare")
+        config = self._jail_config(
+            plan, writes_ram=restore is None and self.spec.boot == "snapshot"
+        )
+        log_fd = open_private(self.run.qemu_log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        restore_fd = restore.fileno() if restore is not None else None
+        with os.fdopen(log_fd, "wb") as qemu_log, spawn.passed_fds(self.run, restore_fd) as fds:
+            proc = await spawn.start(
+                argv,
+                config,
+                fds,
+                prefix=prefix,
+                log_fd=qemu_log.fileno(),
+                new_session=ownership.new_session(self.ownership),
+            )
+            self._proc = proc
+            self.argv = proc.argv
+            await proc.ready(self.argv, on_pid=self._record_qemu)
+
+    def _record_qemu(self, pid: int, start: int) -> None:
+        ownership.record_qemu(self.run.dir, pid, start)
+
+    def _jail_config(self, plan: JailPlan, *, writes_ram: bool) -> spawn.JailConfig:
+        assert self.image is not None and self.accel is not None
+        image_files = [
+            str(a.path) for a in (self.image.kernel, self.image.initrd, self.image.rootfs)
+        ]
+        file_ram = self.spec.memory_backend == "file"
+        fsize = spawn.fsize_limit(
+            self.spec.memory_mib, XFER_SLOTS * XFER_SLOT_SIZE, writes_ram=writes_ram or file_ram
+        )
+        return spawn.JailConfig(
+            root=self.paths.run / "jail",
+            ro_files=list(qemu_files(self.qemu, self.accel.name)) if plan.mount else [],
+            id_files=image_files if plan.mount else [],
+            rw_files=[str(self.run.xfer), *([str(self.run.memory)] if file_ram else [])]
+            if plan.mount
+            else [],
+            devices=spawn.devices(self.accel.name),
+            uid=self.uid,
+            cgroups=[str(self.cgroup.path(c) / "cgroup.procs") for c in cgroups.CONTROLLERS]
+            if self.cgroup is not None
+            else [],
+            rlimits=spawn.rlimits(fsize),
+            mount=plan.mount,
+            nnp=plan.nnp,
+            # QEMU dies with the unshare that waits for it; without a PID namespace its parent
+            # is the owner, which a daemon's VMs must outlive.
+            pdeathsig=plan.pid or self.ownership is Ownership.EMBEDDED,
+        )
 
     async def _save_snapshot(self, config: SnapshotConfig) -> None:
         """Save this just-booted VM as the sealed boot snapshot of its configuration, then
@@ -609,6 +724,9 @@ class Machine:
         if self.run.dir.exists():
             self._final_console = self.console_log.tail(CONSOLE_TAIL_LINES)
             await asyncio.to_thread(shutil.rmtree, self.run.dir, True)
+        if self.uid is not None and (self._proc is None or self._proc.returncode is not None):
+            ids.release(self.paths.vms, self.uid, self.id)  # QEMU is gone: no one runs as it
+            self.uid = None
 
 
 ATTACHED_POLL_S = 0.25
@@ -622,19 +740,28 @@ class _AttachedProcess:
     """A QEMU process that is not our child (started by an earlier manager).
 
     Quacks like ``asyncio.subprocess.Process`` for what Machine uses: ``pid``, ``returncode``,
-    ``wait()`` (polls ``ownership.is_alive``) and ``send_signal()`` (only to the same process:
-    its start time must match, so a recycled pid is never signalled).
+    ``wait()`` (polls ``ownership.is_alive``) and ``send_signal()``, through a pidfd opened
+    and checked once (:func:`ownership.open_verified`: the recorded start time, and a command
+    line naming the runtime dir), so a recycled pid is never signalled.
     """
 
-    def __init__(self, pid: int, start_time: int | None) -> None:
+    def __init__(self, pid: int, start_time: int | None, pidfd: int | None = None) -> None:
         self.pid = pid
         self.start_time = start_time
+        self._pidfd = pidfd
         self._returncode: int | None = None
+
+    @classmethod
+    def open(cls, pid: int, start_time: int | None, rundir: Path) -> _AttachedProcess | None:
+        """The running QEMU of ``rundir`` with that pid and start time, or None."""
+        fd = ownership.open_verified(pid, start_time, rundir)
+        return None if fd is None else cls(pid, start_time, fd)
 
     @property
     def returncode(self) -> int | None:
         if self._returncode is None and not ownership.is_alive(self.pid, self.start_time):
             self._returncode = UNKNOWN_EXIT_CODE
+            self.close()
         return self._returncode
 
     async def wait(self) -> int:
@@ -645,8 +772,17 @@ class _AttachedProcess:
             await asyncio.sleep(ATTACHED_POLL_S)
 
     def send_signal(self, sig: int) -> None:
-        if self.returncode is None:
+        if self.returncode is not None:
+            return
+        if self._pidfd is not None:
+            signal.pidfd_send_signal(self._pidfd, sig)
+        else:
             os.kill(self.pid, sig)
+
+    def close(self) -> None:
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
 
 
 @functools.cache

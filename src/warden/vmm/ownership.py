@@ -100,6 +100,11 @@ def record_uid(rundir: Path, uid: int) -> None:
     _write_owner(rundir, data)
 
 
+def recorded_uid(rundir: Path) -> int | None:
+    """The uid recorded for the VM of ``rundir`` (:func:`record_uid`), if any."""
+    return _int((read_owner(rundir) or {}).get("uid"))
+
+
 def read_owner(rundir: Path) -> dict[str, object] | None:
     try:
         data = json.loads((rundir / OWNER_FILE).read_text())

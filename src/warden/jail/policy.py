@@ -1,0 +1,40 @@
+"""Whether VMs are jailed: ``off``, ``on`` or ``require``.
+
+* ``on``: every QEMU gets every jail feature this host has; a missing one is a downgrade,
+  logged (WARNING) for every VM it affects and listed by ``warden doctor``.
+* ``require`` (``--require-jail``): a missing feature refuses the launch with
+  :class:`JailUnavailableError`, which names what is missing, before anything is made (no
+  QEMU, uid claim, mount or runtime dir).
+* ``off``: QEMU runs as root, as before the jail (the accelerator probe's way).
+
+The process-wide default (:func:`set_default_mode`) is what ``Machine`` uses unless told
+otherwise: the CLI sets it from ``--require-jail``; embedders may call it too.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+from warden._errors import HostError
+
+JailMode = Literal["off", "on", "require"]
+MODES: tuple[JailMode, ...] = get_args(JailMode)
+
+_default: JailMode = "on"
+
+
+class JailUnavailableError(HostError):
+    """``require`` was asked for and this host lacks a jail feature (the message lists each,
+    why, and how to check the host: ``warden doctor``). Nothing was started."""
+
+
+def default_mode() -> JailMode:
+    return _default
+
+
+def set_default_mode(mode: JailMode) -> None:
+    """Set the jail mode of every VM this process launches from now on."""
+    global _default  # noqa: PLW0603 (one process-wide setting, like logging's level)
+    if mode not in MODES:
+        raise ValueError(f"the jail mode is one of {', '.join(MODES)}, not {mode!r}")
+    _default = mode
