@@ -570,3 +570,47 @@ async def test_a_lost_connection_calls_on_broken_once() -> None:
         await s.agent.request(Op.EXEC)
         s.agent.writer.close()
         await expect_broken(s, call, WardenError, "closed the connection")
+
+
+# --------------------------------------------------------------------------------------------
+# taking over a stream (resync)
+
+
+async def test_a_slow_answer_to_a_takeover_hello_does_not_break_the_session(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A host that takes over waits RESYNC_AFTER_S for the answer, then pads and says HELLO
+    again. An agent that was only slow answers the first HELLO late, reports the padding as a
+    protocol error, then answers the second: only that last answer may start the session (this
+    failed under load before the second HELLO had a nonce of its own)."""
+    monkeypatch.setattr(client_module, "RESYNC_AFTER_S", 0.2)
+    host_sock, agent_sock = socket.socketpair()
+    agent_reader, agent_writer = await asyncio.open_connection(sock=agent_sock)
+    agent = FakeAgent(agent_reader, agent_writer)
+
+    def answer(nonce: str) -> None:
+        reply = {Key.VERSION: SESSION_VERSION, Key.NONCE: nonce, Key.XFER: False, Key.PID: 1}
+        agent_writer.write(encode_json(FrameType.HELLO, 0, reply))
+
+    async def slow_agent() -> None:
+        first = decode_json(await agent.frame())
+        await asyncio.sleep(0.5)  # past RESYNC_AFTER_S: the host pads and says HELLO again
+        answer(first[Key.NONCE])
+        agent.decoder.resync()  # as the real agent does after the padding's protocol error
+        padding_error = {Key.ERROR: "protocol", Key.MESSAGE: "unsupported protocol version 0"}
+        agent_writer.write(encode_json(FrameType.ERROR, 0, padding_error))
+        second = decode_json(await agent.frame())
+        answer(second[Key.NONCE])
+        rid, _ = await agent.request(Op.PING)
+        agent.respond(rid, {Key.OK: True})
+
+    task = asyncio.create_task(slow_agent())
+    reader, writer = await asyncio.open_connection(sock=host_sock, limit=1 << 20)
+    client = await AgentClient.from_streams(reader, writer, timeout=10, name=VM, resync=True)
+    try:
+        await client.ping()
+        await task
+        assert not client.closed
+    finally:
+        await client.close()
+        agent_writer.close()

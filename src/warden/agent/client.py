@@ -630,8 +630,12 @@ class AgentClient:
             except TimeoutError:
                 # The agent may have taken our HELLO for the rest of a frame that an earlier
                 # host left half-sent: complete any such frame (the agent then hunts past the
-                # padding for a HELLO), and say HELLO again.
-                await self._send(bytes(RESYNC_PADDING_SIZE) + hello_frame)
+                # padding for a HELLO), and say HELLO again. Under a new nonce: if the agent was
+                # only slow, it answers the first HELLO, then reports the padding as a protocol
+                # error and hunts for the second; only the answer to the second counts.
+                self._nonce = os.urandom(16).hex()
+                again = encode_json(FrameType.HELLO, 0, {**hello, Key.NONCE: self._nonce})
+                await self._send(bytes(RESYNC_PADDING_SIZE) + again)
         reply = await self._hello
         version = reply.get(Key.VERSION)
         if not isinstance(version, int) or isinstance(version, bool) or version != SESSION_VERSION:
