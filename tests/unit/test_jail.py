@@ -245,3 +245,32 @@ async def test_only_the_passed_fds_reach_the_program(tmp_path: Path, image: Path
         finally:
             proc.send_signal(9)
             await proc.wait()
+
+
+def test_doctor_shows_a_missing_feature_as_a_downgrade(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from types import SimpleNamespace
+    from typing import Any, cast
+
+    import typer
+
+    from warden.cli import doctor
+    from warden.config import Paths
+
+    def detect(*args: object, **kwargs: object) -> features.HostFeatures:
+        return features.HostFeatures({features.NET: "faked: no network namespaces"})
+
+    monkeypatch.setattr(features, "detect", detect)
+    image = cast(Any, SimpleNamespace(kernel=SimpleNamespace(path=tmp_path / "k")))
+    rows = doctor._jail_checks(Paths(tmp_path), "/usr/bin/qemu", image)
+    assert [r.name for r in rows] == [f"jail: {f}" for f in features.FEATURES]
+    net = next(r for r in rows if r.name == "jail: net ns")
+    assert (net.ok, net.downgrade, net.detail) == (False, True, "faked: no network namespaces")
+    assert "unshare" in net.fix
+    ok = doctor.Check("qemu", True, "fine")
+    monkeypatch.setattr(doctor, "_checks", lambda: [ok, net])
+    doctor.doctor()  # a downgrade alone: warden still runs, the doctor does not fail
+    monkeypatch.setattr(doctor, "_checks", lambda: [ok, net, doctor.Check("image", False, "no")])
+    with pytest.raises(typer.Exit):
+        doctor.doctor()

@@ -24,10 +24,13 @@ class Check:
     ok: bool
     detail: str
     fix: str = ""
+    downgrade: bool = False
+    """Not ok, but warden runs anyway, with less (a jail feature): logged for every VM."""
 
 
 TOOLS = (
     ("setpriv", "util-linux"),
+    ("unshare", "util-linux"),
     ("mmdebstrap", "mmdebstrap"),
     ("mksquashfs", "squashfs-tools"),
     ("busybox", "busybox-static"),
@@ -103,6 +106,34 @@ def _accel_check(paths: Paths, qemu: str | None, image: Image | None) -> Check:
     return Check("accelerator", True, f"{choice.name}: {choice.reason}")
 
 
+JAIL_FIXES = {
+    "uid range": "run warden as root, and give no user or group an id in 400000-465535",
+    "idmapped mounts": "Linux >= 5.12, with $WARDEN_HOME on ext4, xfs, btrfs or tmpfs",
+    "mount ns": "a kernel with namespaces; a container must allow unshare(2) and mounts",
+    "pid ns": "a kernel with PID namespaces; a container must allow unshare(2)",
+    "net ns": "a kernel with network namespaces; a container must allow unshare(2)",
+    "seccomp sandbox": "a kernel with seccomp filters and QEMU built with seccomp (Debian's is)",
+    "no_new_privs": "Linux >= 3.5",
+    "cgroups": "mount the cgroup v1 memory, cpu and pids controllers under /sys/fs/cgroup",
+}
+
+
+def _jail_checks(paths: Paths, qemu: str | None, image: Image | None) -> list[Check]:
+    """Each jail feature: there, or a downgrade (every VM runs without it, and says so)."""
+    from warden.jail import features
+
+    if qemu is None or image is None:
+        return [Check("jail", False, "unknown until QEMU and the image are present")]
+    try:
+        host = features.detect(paths, qemu, image.kernel.path, fresh=True)
+    except (OSError, WardenError) as exc:
+        return [Check("jail", False, f"the jail's probe failed: {exc}")]
+    return [
+        Check(f"jail: {name}", ok, detail, JAIL_FIXES.get(name, ""), downgrade=not ok)
+        for name, ok, detail in host.rows()
+    ]
+
+
 def _checks() -> list[Check]:
     from warden.vmm.accel import kvm_usable_device
 
@@ -114,7 +145,14 @@ def _checks() -> list[Check]:
     kvm_why_not = kvm_usable_device()
     checks.append(Check("/dev/kvm", kvm_why_not is None, kvm_why_not or "opens read-write"))
     checks.append(_accel_check(paths, qemu, image))
+    checks += _jail_checks(paths, qemu, image)
     return checks
+
+
+def _status(check: Check) -> str:
+    if check.ok:
+        return "[green]ok[/green]"
+    return "[yellow]downgrade[/yellow]" if check.downgrade else "[red]problem[/red]"
 
 
 def doctor() -> None:
@@ -126,12 +164,13 @@ def doctor() -> None:
     table.add_column("detail")
     table.add_column("fix")
     for c in checks:
-        table.add_row(
-            c.name,
-            "[green]ok[/green]" if c.ok else "[red]problem[/red]",
-            c.detail,
-            "" if c.ok else c.fix,
-        )
+        table.add_row(c.name, _status(c), c.detail, "" if c.ok else c.fix)
     console.print(table)
-    if not all(c.ok for c in checks):
+    downgrades = [c.name.removeprefix("jail: ") for c in checks if c.downgrade]
+    if downgrades:
+        console.print(
+            f"[yellow]VMs run in a partial jail, without {', '.join(downgrades)}[/yellow] "
+            "(each launch logs it; --require-jail refuses to launch instead)"
+        )
+    if not all(c.ok or c.downgrade for c in checks):
         raise typer.Exit(1)

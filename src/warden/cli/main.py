@@ -40,6 +40,17 @@ err = Console(stderr=True)
 EXIT_WARDEN_ERROR = 125
 EXIT_TIMEOUT = 124
 
+RequireJailOption = Annotated[
+    bool,
+    typer.Option(
+        "--require-jail",
+        help="Refuse to boot unless QEMU gets every jail feature (own uid, namespaces, "
+        "seccomp, no_new_privs, cgroups; `warden doctor` lists them). The VM then runs in "
+        "this process, which checks its own jail; a daemon enforces it with "
+        "`warden serve --require-jail`.",
+    ),
+]
+
 
 def _parse_env(pairs: list[str]) -> dict[str, str]:
     env: dict[str, str] = {}
@@ -74,6 +85,7 @@ def run(
     ] = False,
     user: UserOption = "user",
     host: HostOption = None,
+    require_jail: RequireJailOption = False,
 ) -> None:
     """Boot a VM, run CMD in it, stream its output, and exit with CMD's exit code.
 
@@ -83,10 +95,12 @@ def run(
     Example: warden run -- python3 -c 'print(1)'
     """
     env_map = _parse_env(env or [])
+    if require_jail:
+        _require_jail(host)
     stdin = sys.stdin.buffer.read() if interactive else None
     command: str | list[str] = " ".join(cmd) if shell else cmd
     try:
-        client = _daemon_for_run(host, cold)
+        client = None if require_jail else _daemon_for_run(host, cold)
         code = asyncio.run(
             _run(
                 command,
@@ -151,6 +165,19 @@ async def _run(
     if result.exit_code is not None:
         return result.exit_code
     return 128 + (result.signal or 0)
+
+
+def _require_jail(host: str | None) -> None:
+    """Every VM of this process must get the whole jail; a remote daemon's cannot be checked."""
+    from warden.jail.policy import set_default_mode
+
+    if host:
+        raise typer.BadParameter(
+            "cannot check the jail of a daemon's host from here: start that daemon with "
+            "`warden serve --require-jail`, or leave out --host",
+            param_hint="'--require-jail'",
+        )
+    set_default_mode("require")
 
 
 def _daemon_for_run(host: str | None, cold: bool) -> Client | None:

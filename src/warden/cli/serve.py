@@ -12,6 +12,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import shutil
 import signal
 import socket
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.console import Console
 
-from warden._errors import SpecError, WardenError
+from warden._errors import HostError, SpecError, WardenError
 from warden.config import Paths, private_dir
 from warden.policy.admission import AdmissionPolicy
 from warden.server import logs
@@ -72,6 +73,15 @@ TcpOption = Annotated[
         "under $WARDEN_HOME): e.g. 127.0.0.1:8443.",
     ),
 ]
+RequireJailOption = Annotated[
+    bool,
+    typer.Option(
+        "--require-jail",
+        help="Refuse to start if this host lacks a jail feature (`warden doctor` lists them), "
+        "and refuse every create that would run in a partial jail; without it a missing "
+        "feature is a logged downgrade.",
+    ),
+]
 AllowRootOption = Annotated[
     bool,
     typer.Option(
@@ -92,6 +102,7 @@ def serve(
     reserved_memory: ReservedMemoryOption = AdmissionPolicy.reserved_host_memory_mib,
     tcp: TcpOption = None,
     allow_root: AllowRootOption = False,
+    require_jail: RequireJailOption = False,
 ) -> None:
     """Run the manager daemon: it holds the VMs and serves the REST API on a unix socket.
 
@@ -106,6 +117,8 @@ def serve(
     logs.setup(log_level, log_format)
     policy = _policy(memory_overcommit, vcpu_overcommit, reserved_memory)
     paths = Paths.from_env()
+    if require_jail:
+        _require_jail(paths)
     path = socket_path or default_socket(paths)
     lock, sock, listener = _listen(paths, path, tcp)
     from warden.server import run
@@ -123,6 +136,28 @@ def serve(
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
         os.close(lock)
+
+
+def _require_jail(paths: Paths) -> None:
+    """Make every VM of this daemon need the whole jail; refuse to start (exit 1, saying what
+    is missing) if this host lacks any of it. Checked against the default image's files;
+    each create checks its own image again."""
+    from warden.image.store import load_image
+    from warden.jail import features
+    from warden.jail.policy import set_default_mode
+    from warden.vmm.machine import QEMU_BINARY
+
+    set_default_mode("require")
+    qemu = shutil.which(QEMU_BINARY)
+    try:
+        if qemu is None:
+            raise HostError(f"QEMU ({QEMU_BINARY}) is not installed")
+        image = load_image(paths, "default")
+        host = features.detect(paths, qemu, image.kernel.path)
+        features.JailPlan.from_features(host).refuse_if_incomplete()
+    except WardenError as exc:
+        _print_error(exc)
+        raise typer.Exit(1) from None
 
 
 def _print_error(exc: WardenError) -> None:
