@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -16,10 +17,12 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from bench.qga import QgaVM
+from warden.jail import policy
 from warden.sdk import AsyncSandbox
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -69,6 +72,35 @@ async def bench_cold(runs: int) -> list[dict[str, Any]]:
         _pair("start: create to first output (s)", w, q, lower_is_better=True),
         _pair("  same, warden forced to cold boot (s)", c, q, lower_is_better=True),
     ]
+
+
+@contextlib.contextmanager
+def jail_mode(mode: policy.JailMode) -> Iterator[None]:
+    old = policy.default_mode()
+    policy.set_default_mode(mode)
+    try:
+        yield
+    finally:
+        policy.set_default_mode(old)
+
+
+async def bench_jail(runs: int) -> list[dict[str, Any]]:
+    """What the jail costs a create: create to first output with the jail (the default) and
+    without it (``off``: QEMU as root, unjailed), alternating; each restores its own boot
+    snapshot (their QEMU command lines differ), made by the warm-up creates."""
+    for mode in ("on", "off"):
+        with jail_mode(mode):
+            await warden_cold()
+    jailed: list[float] = []
+    bare: list[float] = []
+    for _ in range(runs):
+        with jail_mode("on"):
+            jailed.append(await warden_cold())
+        with jail_mode("off"):
+            bare.append(await warden_cold())
+    row = _pair("jail: create to first output, on/off", jailed, bare, lower_is_better=True)
+    row["peer_is"] = "the same warden without the jail (target ratio <= 1.2)"
+    return [row]
 
 
 async def bench_exec_and_write(iterations: int) -> list[dict[str, Any]]:
@@ -141,13 +173,18 @@ def _pair(name: str, w: list[float], q: list[float], lower_is_better: bool) -> d
 
 
 async def main(args: argparse.Namespace) -> dict[str, Any]:
-    rows = await bench_cold(args.cold_runs)
-    rows += await bench_exec_and_write(args.iterations)
+    rows: list[dict[str, Any]] = []
+    if args.only in ("all", "peer"):
+        rows += await bench_cold(args.cold_runs)
+        rows += await bench_exec_and_write(args.iterations)
+    if args.only in ("all", "jail"):
+        rows += await bench_jail(args.jail_runs)
     return {
         "when": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "host": {"cpus": os.cpu_count(), "python": platform.python_version()},
         "peer": "qemu-guest-agent (Debian), same kernel/initramfs/rootfs, microvm, TCG, "
-        "stock kernel command line (the 'tuning' row gives it warden's)",
+        "stock kernel command line (the 'tuning' row gives it warden's); the 'jail' row's "
+        "peer is warden without the jail",
         "results": rows,
     }
 
@@ -156,6 +193,13 @@ def cli() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--cold-runs", type=int, default=5)
     parser.add_argument("--iterations", type=int, default=200)
+    parser.add_argument("--jail-runs", type=int, default=10)
+    parser.add_argument(
+        "--only",
+        choices=("all", "peer", "jail"),
+        default="all",
+        help="peer: warden against qemu-guest-agent; jail: warden with and without its jail",
+    )
     args = parser.parse_args()
     report = asyncio.run(main(args))
     RESULTS.mkdir(exist_ok=True)

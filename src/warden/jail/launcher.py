@@ -1,6 +1,6 @@
 """The inside of the jail. Run as ``python -I -S launcher.py --fd N -- QEMU ARGV...`` as root,
 already in new mount, PID and network namespaces (``unshare``), it reads its config from fd N
-(a socket; one JSON line), builds the VM's root, drops every privilege and execs QEMU. Stdlib
+(a socket), builds the VM's root, drops every privilege and execs QEMU. Stdlib
 only, and imports nothing of warden: it runs from its path.
 
 The steps, in order (docs/security.md, "The jail"), after Firecracker's jailer:
@@ -29,16 +29,17 @@ JSON (``warden doctor`` and the launch's feature check use it).
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
-import json
+import marshal
 import os
 import resource
-import signal
 import stat
 import sys
-from collections.abc import Callable
-from typing import Any
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing, json, signal and contextlib would cost ~10 ms of every launch
+    from collections.abc import Callable
+    from typing import Any
 
 CLONE_NEWUSER = 0x10000000
 MS_RDONLY = 0x1
@@ -62,6 +63,7 @@ MOUNT_ATTR_NOSUID = 0x2
 MOUNT_ATTR_NODEV = 0x4
 MOUNT_ATTR_NOEXEC = 0x8
 MOUNT_ATTR_IDMAP = 0x100000
+SIGKILL = 9
 PR_SET_PDEATHSIG = 1
 PR_CAPBSET_DROP = 24
 PR_SET_NO_NEW_PRIVS = 38
@@ -370,7 +372,7 @@ def tie_to_parent(stat_fd: int, parent: int) -> None:
     """Die with our parent (the ``unshare`` that waits for us), then check it is still ours:
     the uid change cleared the parent-death signal that ``unshare --kill-child`` set, and the
     parent may have died before we set it again."""
-    _prctl("pdeathsig", PR_SET_PDEATHSIG, signal.SIGKILL)
+    _prctl("pdeathsig", PR_SET_PDEATHSIG, SIGKILL)
     text = os.pread(stat_fd, 4096, 0).decode()
     ppid = int(text[text.rindex(")") + 2 :].split()[1])
     if ppid != parent:
@@ -409,20 +411,31 @@ def arrange_fds(pairs: list[list[int]], keep: int) -> int:
 
 
 def _report(fd: int, line: str) -> None:
-    with contextlib.suppress(OSError):  # the manager gave up on us: the exit tells it
+    try:  # noqa: SIM105 (contextlib would cost an import)
         os.write(fd, (line + "\n").encode())
+    except OSError:  # the manager gave up on us: the exit tells it
+        pass
 
 
 def read_config(fd: int) -> dict[str, Any]:
-    """The jail's config: one JSON line the manager wrote to our end of the status socket."""
+    """The jail's config, as the manager wrote it to our end of the status socket: its length
+    (4 bytes, big-endian), then the dict in ``marshal``'s format (the same Python wrote it;
+    json would cost an import of ``re`` on every launch)."""
+    header = _read_exactly(fd, 4)
+    blob = _read_exactly(fd, int.from_bytes(header, "big"))
+    # The manager (root) wrote it, on a socketpair that only it and we hold.
+    cfg: dict[str, Any] = marshal.loads(blob)  # noqa: S302
+    return cfg
+
+
+def _read_exactly(fd: int, size: int) -> bytes:
     data = b""
-    while not data.endswith(b"\n"):
-        chunk = os.read(fd, 65536)
+    while len(data) < size:
+        chunk = os.read(fd, size - len(data))
         if not chunk:
             raise JailError("config", "the manager closed the status socket")
         data += chunk
-    cfg: dict[str, Any] = json.loads(data)
-    return cfg
+    return data
 
 
 def launch(fd: int, argv: list[str]) -> None:
@@ -502,6 +515,8 @@ def _probe_pivot(root: str) -> None:
 
 def main(argv: list[str]) -> int:
     if len(argv) == 4 and argv[0] == "--probe":
+        import json
+
         print(json.dumps(probe(argv[1], argv[2], int(argv[3]))))
         return 0
     if len(argv) >= 4 and argv[0] == "--fd" and argv[2] == "--":

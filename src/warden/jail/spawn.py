@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import marshal
 import os
 import signal
 import socket
@@ -74,7 +74,7 @@ def fsize_limit(memory_mib: int, xfer_bytes: int, *, writes_ram: bool) -> int:
 
 @dataclass
 class JailConfig:
-    """What the launcher reads from its status socket (one JSON line)."""
+    """What the launcher reads from its status socket (length-prefixed ``marshal``)."""
 
     root: Path
     ro_files: list[str]
@@ -89,7 +89,7 @@ class JailConfig:
     pdeathsig: bool
     fds: list[list[int]] = field(default_factory=list)
 
-    def to_json(self) -> bytes:
+    def encode(self) -> bytes:
         data = {
             "root": str(self.root),
             "ro_files": self.ro_files,
@@ -105,7 +105,8 @@ class JailConfig:
             "pdeathsig": self.pdeathsig,
             "fds": self.fds,
         }
-        return json.dumps(data).encode() + b"\n"
+        blob = marshal.dumps(data)
+        return len(blob).to_bytes(4, "big") + blob
 
 
 def devices(accel: str) -> list[str]:
@@ -279,7 +280,7 @@ async def start(
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         config.fds = [[src, dst] for src, dst in fds.items()]
-        ours.sendall(config.to_json())
+        ours.sendall(config.encode())
         full = [*prefix, *launcher_argv(theirs.fileno()), *argv]
         proc = await asyncio.create_subprocess_exec(
             *full,
