@@ -123,6 +123,9 @@ class Machine:
         self.uid: int | None = None
         """The VM's own uid (and gid), claimed from warden's range, while it has one."""
         self._qemu_argv: list[str] = []
+        self.qemu_reads: list[Path] = []
+        """More root-only files that QEMU opens by path (a ``-fw_cfg`` file, say): bound
+        read-only into its jail, where they are the VM uid's (idmapped)."""
 
     # -- public surface ------------------------------------------------------------------
 
@@ -491,6 +494,7 @@ class Machine:
         image_files = [
             str(a.path) for a in (self.image.kernel, self.image.initrd, self.image.rootfs)
         ]
+        image_files += [str(p) for p in self.qemu_reads]
         file_ram = self.spec.memory_backend == "file"
         fsize = spawn.fsize_limit(
             self.spec.memory_mib, XFER_SLOTS * XFER_SLOT_SIZE, writes_ram=writes_ram or file_ram
