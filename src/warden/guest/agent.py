@@ -87,6 +87,22 @@ class Connection:
             self.session = None
 
 
+def _hangup_poller(fd: int) -> select.poll:
+    poller = select.poll()
+    poller.register(fd, 0)  # POLLHUP and POLLERR are reported regardless
+    return poller
+
+
+def _read(fd: int, *, log_errors: bool) -> bytes:
+    """The next bytes of the connection; b"" at its end or on an error."""
+    try:
+        return os.read(fd, READ_SIZE)
+    except OSError as exc:
+        if log_errors:
+            log(f"reading the connection failed: {exc}")
+        return b""
+
+
 class Agent:
     def __init__(self) -> None:
         self.reaper = Reaper()
@@ -114,25 +130,15 @@ class Agent:
         """
         lock = threading.Lock()
         connection: Connection | None = None
-        hangup: select.poll | None = None
-        if poll_writes:
-            hangup = select.poll()
-            hangup.register(fd, 0)  # POLLHUP and POLLERR are reported regardless
+        hangup = _hangup_poller(fd) if poll_writes else None
         try:
             while True:
-                try:
-                    data = os.read(fd, READ_SIZE)
-                except OSError as exc:
-                    if not reconnect:
-                        log(f"reading the connection failed: {exc}")
-                    data = b""
-                if connection is not None and hangup is not None and _hung_up(hangup):
+                data = _read(fd, log_errors=not reconnect)
+                gone = not data or (hangup is not None and _hung_up(hangup))
+                if connection is not None and gone:
                     connection.end_session()
                     connection = None
                 if not data:
-                    if connection is not None:
-                        connection.end_session()
-                        connection = None
                     if not reconnect:
                         return False
                     time.sleep(IDLE_POLL)
