@@ -970,20 +970,7 @@ class AgentClient:
             Channel.STDERR: (_Collector(max_output), on_stderr),
         }
         async with self._request(args) as request:
-            feeder = None
-            if stdin is not None:
-                feeder = asyncio.create_task(self._feed_stdin(request, stdin))
-            try:
-                response = await _pump_output(request, outputs)
-            finally:
-                feeder_error = None
-                if feeder is not None:
-                    feeder.cancel()
-                    await asyncio.wait([feeder])
-                    if not feeder.cancelled():
-                        feeder_error = feeder.exception()
-            if feeder_error is not None:
-                raise feeder_error  # the stdin source failed, so the command was cancelled
+            response = await self._pump_with_stdin(request, stdin, outputs)
         (out, _), (err, _) = outputs[Channel.STDOUT], outputs[Channel.STDERR]
         result = ExecResult(
             exit_code=_opt_int(response.get(Key.EXIT_CODE)),
@@ -1001,6 +988,29 @@ class AgentClient:
             error.result = result  # the partial output, for the caller
             raise error
         return result
+
+    async def _pump_with_stdin(
+        self,
+        request: _Request,
+        stdin: bytes | AsyncIterable[bytes] | None,
+        outputs: dict[Channel, tuple[_Collector, OutputCallback | None]],
+    ) -> dict[str, Any]:
+        """Feed ``stdin`` (if any) while the output is pumped; the response that ends it."""
+        feeder = None
+        if stdin is not None:
+            feeder = asyncio.create_task(self._feed_stdin(request, stdin))
+        try:
+            response = await _pump_output(request, outputs)
+        finally:
+            feeder_error = None
+            if feeder is not None:
+                feeder.cancel()
+                await asyncio.wait([feeder])
+                if not feeder.cancelled():
+                    feeder_error = feeder.exception()
+        if feeder_error is not None:
+            raise feeder_error  # the stdin source failed, so the command was cancelled
+        return response
 
     async def _feed_stdin(self, request: _Request, stdin: bytes | AsyncIterable[bytes]) -> None:
         try:
