@@ -70,53 +70,56 @@ def clear_groups() -> None:
         os.setgroups([])
 
 
-_fs_calls: tuple[Callable[[int], int], Callable[[int], int]] | None = None
+_libc_handle: Any = None
 
 
-def _setfs() -> tuple[Callable[[int], int], Callable[[int], int]]:
-    global _fs_calls  # noqa: PLW0603 - loaded once, on the first switch (ctypes is slow)
-    if _fs_calls is None:
+def _libc() -> Any:
+    """The C library, through ctypes (loaded on the first switch: importing ctypes is slow)."""
+    global _libc_handle  # noqa: PLW0603 - loaded once
+    if _libc_handle is None:
         import ctypes
 
-        libc = ctypes.CDLL(None, use_errno=True)
-        _fs_calls = (libc.setfsuid, libc.setfsgid)
-    return _fs_calls
+        _libc_handle = ctypes.CDLL(None, use_errno=True)
+    return _libc_handle
 
 
 def _set_fs_ids(uid: int, gid: int) -> None:
-    setfsuid, setfsgid = _setfs()
-    if uid == 0:  # back to root: the uid first, which restores the capabilities
-        setfsuid(uid)
-        setfsgid(gid)
+    """This thread's filesystem ids (the uid first when going back to root: it restores the
+    capabilities; the gid first when leaving root, while the thread may still change it)."""
+    libc = _libc()
+    if uid == 0:
+        libc.setfsuid(uid)
+        libc.setfsgid(gid)
     else:
-        setfsgid(gid)
-        setfsuid(uid)
+        libc.setfsgid(gid)
+        libc.setfsuid(uid)
     # Both return the previous id and never fail loudly: a second call tells if it took.
-    if setfsuid(uid) != uid or setfsgid(gid) != gid:
+    if libc.setfsuid(uid) != uid or libc.setfsgid(gid) != gid:
         raise PermissionError(1, f"the agent cannot act as uid {uid} gid {gid}")
 
 
-class FsSwitch:
-    """A context manager: the block's file system calls use ``account``'s permissions."""
+class _Switch:
+    """A context manager: ``set_ids(account's uid, gid)`` for the block, then back to root."""
 
-    __slots__ = ("_switch", "account")
+    __slots__ = ("_set_ids", "_switch", "account")
 
-    def __init__(self, account: Account) -> None:
+    def __init__(self, account: Account, set_ids: Callable[[int, int], None]) -> None:
         self.account = account
+        self._set_ids = set_ids
         self._switch = account.uid != 0 and can_switch()
 
     def __enter__(self) -> None:
         if self._switch:
-            _set_fs_ids(self.account.uid, self.account.gid)
+            self._set_ids(self.account.uid, self.account.gid)
 
     def __exit__(self, *exc: object) -> None:
         if self._switch:
-            _set_fs_ids(0, 0)
+            self._set_ids(0, 0)
 
 
-def acting_as(account: Account) -> FsSwitch:
+def acting_as(account: Account) -> _Switch:
     """``with acting_as(account):`` runs this thread's file system calls as ``account``."""
-    return FsSwitch(account)
+    return _Switch(account, _set_fs_ids)
 
 
 # Starting a command as ``user``. ``subprocess.Popen(user=, group=, extra_groups=)`` would do
@@ -139,16 +142,10 @@ def acting_as(account: Account) -> FsSwitch:
 # dumpable: neither holds.
 _SYS_SETRESUID = 117  # x86_64: the only architecture of warden's guests
 _SYS_SETRESGID = 119
-_syscall: Callable[..., int] | None = None
 
 
 def _raw_setres(number: int, real: int, effective: int, saved: int) -> None:
-    global _syscall  # noqa: PLW0603 - loaded once, on the first switch (ctypes is slow)
-    if _syscall is None:
-        import ctypes
-
-        _syscall = ctypes.CDLL(None, use_errno=True).syscall
-    if _syscall(number, real, effective, saved) != 0:
+    if _libc().syscall(number, real, effective, saved) != 0:
         import ctypes
 
         errno = ctypes.get_errno()
@@ -156,31 +153,20 @@ def _raw_setres(number: int, real: int, effective: int, saved: int) -> None:
         raise PermissionError(errno, f"the agent cannot switch this thread's ids: {reason}")
 
 
-class ThreadSwitch:
-    """A context manager: this thread (only) has ``account``'s real and effective ids."""
-
-    __slots__ = ("_switch", "account")
-
-    def __init__(self, account: Account) -> None:
-        self.account = account
-        self._switch = account.uid != 0 and can_switch()
-
-    def __enter__(self) -> None:
-        if self._switch:
-            uid, gid = self.account.uid, self.account.gid
-            _raw_setres(_SYS_SETRESGID, gid, gid, 0)  # the gid first, while still root
-            try:
-                _raw_setres(_SYS_SETRESUID, uid, uid, 0)
-            except BaseException:
-                _raw_setres(_SYS_SETRESGID, 0, 0, 0)
-                raise
-
-    def __exit__(self, *exc: object) -> None:
-        if self._switch:
-            _raw_setres(_SYS_SETRESUID, 0, 0, 0)  # the uid first: it gives back the capabilities
-            _raw_setres(_SYS_SETRESGID, 0, 0, 0)
+def _set_thread_ids(uid: int, gid: int) -> None:
+    """This thread's real and effective ids; its saved ids stay root's."""
+    if uid == 0:  # the uid first: it gives back the capabilities
+        _raw_setres(_SYS_SETRESUID, 0, 0, 0)
+        _raw_setres(_SYS_SETRESGID, gid, gid, 0)
+        return
+    _raw_setres(_SYS_SETRESGID, gid, gid, 0)  # the gid first, while still root
+    try:
+        _raw_setres(_SYS_SETRESUID, uid, uid, 0)
+    except BaseException:
+        _raw_setres(_SYS_SETRESGID, 0, 0, 0)
+        raise
 
 
-def spawning_as(account: Account) -> ThreadSwitch:
+def spawning_as(account: Account) -> _Switch:
     """``with spawning_as(account):`` a child started by this thread (vfork) runs as it."""
-    return ThreadSwitch(account)
+    return _Switch(account, _set_thread_ids)
