@@ -23,13 +23,17 @@ $W run -- python3 -c 'import sys; print("exiting with 3"); sys.exit(3)'
 echo "exit code: $?"
 set -e
 
+step "warden run -- id   (commands run as the unprivileged user; --user root on request)"
+$W run -- id
+$W run --user root -- id
+
 step "python: Sandbox.create() / commands.run() / files.write() / files.read()"
 .venv/bin/python - <<'PY'
 import warden
 
 with warden.Sandbox.create(memory_mib=256) as sbx:
-    sbx.files.write("/root/hello.py", "print('hello from a file written by the SDK')\n")
-    result = sbx.commands.run(["python3", "/root/hello.py"])
+    sbx.files.write("/home/user/hello.py", "print('hello from a file written by the SDK')\n")
+    result = sbx.commands.run(["python3", "hello.py"])  # the cwd is the user's home
     print("stdout:", result.stdout.strip(), "| exit code:", result.exit_code)
     print("info:", sbx.info())
 print("the sandbox is gone; nothing is left behind")
