@@ -16,6 +16,7 @@ from warden.cli.image import image_app
 from warden.cli.remote import HostOption, UserOption
 from warden.cli.remote import register as register_remote
 from warden.cli.serve import serve
+from warden.wire.ops import DEFAULT_USER
 
 if TYPE_CHECKING:
     from warden.sdk import Client
@@ -134,7 +135,7 @@ async def _run(
     stdin: bytes | None,
     boot: str,
     client: Client | None = None,
-    user: str = "user",
+    user: str = DEFAULT_USER,
 ) -> int:
     from warden.sdk import AsyncSandbox
 

@@ -19,6 +19,7 @@ from warden.sdk._types import CommandResult, EntryInfo
 from warden.vmm.machine import Machine
 from warden.vmm.spec import VMSpec
 from warden.vmm.state import VMState
+from warden.wire.ops import DEFAULT_USER
 
 CHUNK = 1024 * 1024
 """How much of a file object is read per step (one transfer-window slot)."""
@@ -152,7 +153,7 @@ class AsyncCommands:
         timeout: float | None = 60.0,
         on_stdout: OutputHandler | None = None,
         on_stderr: OutputHandler | None = None,
-        user: str = "user",
+        user: str = DEFAULT_USER,
         max_output: int = DEFAULT_MAX_OUTPUT,
     ) -> CommandResult:
         """Run ``cmd`` (a shell string, or an argv list run without a shell) and wait for it.
@@ -222,7 +223,7 @@ class AsyncFiles:
         self._sbx = sandbox
 
     async def write(
-        self, path: str, data: FileData, *, mode: int = 0o644, user: str = "user"
+        self, path: str, data: FileData, *, mode: int = 0o644, user: str = DEFAULT_USER
     ) -> int:
         """Write ``data`` (bytes, str, a binary file object or an async iterable) to ``path``.
 
@@ -266,7 +267,7 @@ class AsyncFiles:
         path: str,
         *,
         format: Literal["text", "bytes"] = "text",
-        user: str = "user",
+        user: str = DEFAULT_USER,
         max_size: int | None = DEFAULT_MAX_READ,
     ) -> str | bytes:
         """Read a whole file, as text (UTF-8) or bytes; at most ``max_size`` bytes (64 MiB by
@@ -276,7 +277,7 @@ class AsyncFiles:
         return raw if format == "bytes" else raw.decode(errors="replace")
 
     def stream(
-        self, path: str, *, user: str = "user", max_size: int | None = None
+        self, path: str, *, user: str = DEFAULT_USER, max_size: int | None = None
     ) -> AsyncIterator[bytes]:
         """Read a file chunk by chunk, in constant memory; stop early to cancel the read."""
         chunks = self._sbx._agent().read_file(path, user=user)
@@ -287,7 +288,7 @@ class AsyncFiles:
         path: str,
         dest: str | os.PathLike[str],
         *,
-        user: str = "user",
+        user: str = DEFAULT_USER,
         max_size: int | None = _download.DEFAULT_MAX_DOWNLOAD,
     ) -> int:
         """Copy ``path`` out of the sandbox to the local file ``dest``; returns its size.
@@ -306,13 +307,13 @@ class AsyncFiles:
         chunks = self._sbx._agent().read_file(path, user=user)
         return await _download.download(chunks, path, os.fspath(dest), limit)
 
-    async def list(self, path: str, *, user: str = "user") -> list[EntryInfo]:
+    async def list(self, path: str, *, user: str = DEFAULT_USER) -> list[EntryInfo]:
         return await self._sbx._agent().list_dir(path, user=user)
 
-    async def stat(self, path: str, *, user: str = "user") -> EntryInfo:
+    async def stat(self, path: str, *, user: str = DEFAULT_USER) -> EntryInfo:
         return await self._sbx._agent().stat(path, user=user)
 
-    async def exists(self, path: str, *, user: str = "user") -> bool:
+    async def exists(self, path: str, *, user: str = DEFAULT_USER) -> bool:
         try:
             await self.stat(path, user=user)
         except GuestFileError as exc:
@@ -321,10 +322,10 @@ class AsyncFiles:
             raise
         return True
 
-    async def remove(self, path: str, *, recursive: bool = False, user: str = "user") -> None:
+    async def remove(self, path: str, *, recursive: bool = False, user: str = DEFAULT_USER) -> None:
         await self._sbx._agent().remove(path, recursive=recursive, user=user)
 
-    async def make_dir(self, path: str, *, mode: int = 0o755, user: str = "user") -> None:
+    async def make_dir(self, path: str, *, mode: int = 0o755, user: str = DEFAULT_USER) -> None:
         """Make ``path`` and its parents. Succeeds if it exists already."""
         await self._sbx._agent().make_dir(path, parents=True, mode=mode, user=user)
 

@@ -14,6 +14,7 @@ from typing import Protocol
 from warden.agent.client import EntryInfo, ExecResult, OutputCallback
 from warden.vmm.spec import VMSpec
 from warden.vmm.state import VMState
+from warden.wire.ops import DEFAULT_USER
 
 
 class AgentBackend(Protocol):
@@ -27,7 +28,7 @@ class AgentBackend(Protocol):
         timeout: float | None = None,
         on_stdout: OutputCallback | None = None,
         on_stderr: OutputCallback | None = None,
-        user: str = "user",
+        user: str = DEFAULT_USER,
         max_output: int = ...,
     ) -> ExecResult: ...
 
@@ -38,19 +39,21 @@ class AgentBackend(Protocol):
         *,
         mode: int = 0o644,
         parents: bool = True,
-        user: str = "user",
+        user: str = DEFAULT_USER,
     ) -> int: ...
 
-    def read_file(self, path: str, *, user: str = "user") -> AsyncIterator[bytes]: ...
+    def read_file(self, path: str, *, user: str = DEFAULT_USER) -> AsyncIterator[bytes]: ...
 
-    async def list_dir(self, path: str, *, user: str = "user") -> list[EntryInfo]: ...
+    async def list_dir(self, path: str, *, user: str = DEFAULT_USER) -> list[EntryInfo]: ...
 
-    async def stat(self, path: str, *, user: str = "user") -> EntryInfo: ...
+    async def stat(self, path: str, *, user: str = DEFAULT_USER) -> EntryInfo: ...
 
-    async def remove(self, path: str, *, recursive: bool = False, user: str = "user") -> None: ...
+    async def remove(
+        self, path: str, *, recursive: bool = False, user: str = DEFAULT_USER
+    ) -> None: ...
 
     async def make_dir(
-        self, path: str, *, parents: bool = True, mode: int = 0o755, user: str = "user"
+        self, path: str, *, parents: bool = True, mode: int = 0o755, user: str = DEFAULT_USER
     ) -> None: ...
 
     async def info(self) -> dict[str, object]: ...

@@ -48,6 +48,7 @@ from warden.sdk._lines import RecordPool
 from warden.sdk._sync import Sandbox
 from warden.vmm.spec import VMSpec
 from warden.vmm.state import VMState
+from warden.wire.ops import DEFAULT_USER
 
 API = "/v1"
 CONNECT_TIMEOUT_S = 10.0
@@ -191,7 +192,7 @@ class RemoteAgent:
         timeout: float | None = None,
         on_stdout: OutputCallback | None = None,
         on_stderr: OutputCallback | None = None,
-        user: str = "user",
+        user: str = DEFAULT_USER,
         max_output: int = DEFAULT_MAX_OUTPUT,
     ) -> ExecResult:
         """Run a command through the daemon; see ``AgentClient.exec``.
@@ -237,7 +238,7 @@ class RemoteAgent:
         *,
         mode: int = 0o644,
         parents: bool = True,
-        user: str = "user",
+        user: str = DEFAULT_USER,
     ) -> int:
         """Stream ``data`` into ``path`` (the daemon always makes the parents)."""
         params = {"path": path, "mode": str(mode), "user": user}
@@ -246,7 +247,7 @@ class RemoteAgent:
             _raise(r, vm_id=self._id, files=True)
         return int(r.json()["size"])
 
-    async def read_file(self, path: str, *, user: str = "user") -> AsyncIterator[bytes]:
+    async def read_file(self, path: str, *, user: str = DEFAULT_USER) -> AsyncIterator[bytes]:
         """Stream a file from the guest; leaving the loop early closes the response (which
         stops the read). The next chunk is read only once the caller took the last one."""
         params = {"path": path, "user": user}
@@ -292,19 +293,19 @@ class RemoteAgent:
             _raise(r, vm_id=self._id, files=True)
         return r.json() if r.status_code != 204 and r.content else None
 
-    async def list_dir(self, path: str, *, user: str = "user") -> list[EntryInfo]:
+    async def list_dir(self, path: str, *, user: str = DEFAULT_USER) -> list[EntryInfo]:
         entries = await self._files("GET", "files.list()", "list", path=path, user=user)
         return [EntryInfo.from_json(e) for e in entries]
 
-    async def stat(self, path: str, *, user: str = "user") -> EntryInfo:
+    async def stat(self, path: str, *, user: str = DEFAULT_USER) -> EntryInfo:
         entry = await self._files("GET", "files.stat()", "stat", path=path, user=user)
         return EntryInfo.from_json(entry)
 
-    async def remove(self, path: str, *, recursive: bool = False, user: str = "user") -> None:
+    async def remove(self, path: str, *, recursive: bool = False, user: str = DEFAULT_USER) -> None:
         await self._files("DELETE", "files.remove()", path=path, recursive=recursive, user=user)
 
     async def make_dir(
-        self, path: str, *, parents: bool = True, mode: int = 0o755, user: str = "user"
+        self, path: str, *, parents: bool = True, mode: int = 0o755, user: str = DEFAULT_USER
     ) -> None:
         await self._files(
             "POST", "files.make_dir()", "mkdir", path=path, parents=parents, mode=mode, user=user

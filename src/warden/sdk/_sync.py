@@ -22,6 +22,7 @@ from warden.sdk._async import (
 from warden.sdk._download import DEFAULT_MAX_DOWNLOAD
 from warden.sdk._types import CommandResult, EntryInfo
 from warden.vmm.spec import VMSpec
+from warden.wire.ops import DEFAULT_USER
 
 SyncOutputHandler = Callable[[str], None]
 
@@ -132,7 +133,7 @@ class Commands:
         timeout: float | None = 60.0,
         on_stdout: SyncOutputHandler | None = None,
         on_stderr: SyncOutputHandler | None = None,
-        user: str = "user",
+        user: str = DEFAULT_USER,
         max_output: int = DEFAULT_MAX_OUTPUT,
     ) -> CommandResult:
         """See :meth:`AsyncCommands.run`."""
@@ -158,7 +159,9 @@ class Files:
     def __init__(self, inner: AsyncFiles) -> None:
         self._inner = inner
 
-    def write(self, path: str, data: FileData, *, mode: int = 0o644, user: str = "user") -> int:
+    def write(
+        self, path: str, data: FileData, *, mode: int = 0o644, user: str = DEFAULT_USER
+    ) -> int:
         return _portal.call(self._inner.write(path, data, mode=mode, user=user))
 
     @overload
@@ -185,7 +188,7 @@ class Files:
         path: str,
         *,
         format: Literal["text", "bytes"] = "text",
-        user: str = "user",
+        user: str = DEFAULT_USER,
         max_size: int | None = DEFAULT_MAX_READ,
     ) -> str | bytes:
         """See :meth:`AsyncFiles.read`."""
@@ -196,7 +199,7 @@ class Files:
         return _portal.call(self._inner.read(path, format="text", user=user, max_size=max_size))
 
     def stream(
-        self, path: str, *, user: str = "user", max_size: int | None = None
+        self, path: str, *, user: str = DEFAULT_USER, max_size: int | None = None
     ) -> Iterator[bytes]:
         """See :meth:`AsyncFiles.stream`."""
         return _portal.iterate(self._inner.stream(path, user=user, max_size=max_size))
@@ -206,23 +209,23 @@ class Files:
         path: str,
         dest: str | os.PathLike[str],
         *,
-        user: str = "user",
+        user: str = DEFAULT_USER,
         max_size: int | None = DEFAULT_MAX_DOWNLOAD,
     ) -> int:
         """See :meth:`AsyncFiles.download`. Ctrl-C cancels it and leaves no file."""
         return _portal.call(self._inner.download(path, dest, user=user, max_size=max_size))
 
-    def list(self, path: str, *, user: str = "user") -> list[EntryInfo]:
+    def list(self, path: str, *, user: str = DEFAULT_USER) -> list[EntryInfo]:
         return _portal.call(self._inner.list(path, user=user))
 
-    def stat(self, path: str, *, user: str = "user") -> EntryInfo:
+    def stat(self, path: str, *, user: str = DEFAULT_USER) -> EntryInfo:
         return _portal.call(self._inner.stat(path, user=user))
 
-    def exists(self, path: str, *, user: str = "user") -> bool:
+    def exists(self, path: str, *, user: str = DEFAULT_USER) -> bool:
         return _portal.call(self._inner.exists(path, user=user))
 
-    def remove(self, path: str, *, recursive: bool = False, user: str = "user") -> None:
+    def remove(self, path: str, *, recursive: bool = False, user: str = DEFAULT_USER) -> None:
         _portal.call(self._inner.remove(path, recursive=recursive, user=user))
 
-    def make_dir(self, path: str, *, mode: int = 0o755, user: str = "user") -> None:
+    def make_dir(self, path: str, *, mode: int = 0o755, user: str = DEFAULT_USER) -> None:
         _portal.call(self._inner.make_dir(path, mode=mode, user=user))
