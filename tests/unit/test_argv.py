@@ -110,8 +110,23 @@ def test_kernel_cmdline_tunes_tcg_only() -> None:
     assert "mitigations=off" in tcg.split() and "mitigations=off" not in kvm.split()
     assert "norandmaps" in tcg.split() and "norandmaps" not in kvm.split()
     assert "tsc_early_khz=2596134" in tcg.split() and "tsc_early_khz" not in kvm
-    assert tcg.split()[-1] == kvm.split()[-1] == "warden.mode=agent"
+    assert "warden.mode=agent" in tcg.split() and "warden.mode=agent" in kvm.split()
     assert "reboot=t" in kvm.split()
+    # OpenSSL's scalar crypto in the agent under TCG only; plaintext only when asked for.
+    assert "warden.crypto=scalar" in tcg.split() and "warden.crypto=scalar" not in kvm
+    assert "warden.channel" not in tcg + kvm
+    plain = kernel_cmdline("agent", accel="tcg", plaintext=True).split()
+    assert "warden.channel=plain" in plain and "warden.crypto=scalar" not in plain
+
+
+def test_the_channel_secret_goes_through_fw_cfg_in_agent_mode_only() -> None:
+    def fw_cfg(argv: list[str]) -> list[str]:
+        return [argv[i + 1] for i, a in enumerate(argv) if a == "-fw_cfg"]
+
+    agent = build_argv(VMSpec(), BOOT, RUN, accel="tcg")
+    assert fw_cfg(agent) == [f"name=opt/warden/key,file={RUN.dir / 'channel.key'}"]
+    assert fw_cfg(build_argv(VMSpec(), BOOT, RUN, accel="tcg", plaintext=True)) == []
+    assert fw_cfg(build_argv(VMSpec(), BOOT, RUN, accel="kvm", mode="probe")) == []
 
 
 def test_host_tsc_khz_needs_a_constant_tsc() -> None:

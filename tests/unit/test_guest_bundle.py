@@ -30,6 +30,8 @@ def test_the_bundle_holds_the_package_and_the_wire_names() -> None:
     files = bundle.guest_files()
     names = {rel.removeprefix(bundle.GUEST_ROOT + "/") for rel in files}
     assert {"agent_main.py", "warden/wire/frame.py", "warden/wire/ops.py"} <= names
+    assert {f"warden/channel/{name}" for name in bundle.CHANNEL_MODULES} <= names
+    assert files[f"{bundle.GUEST_ROOT}/warden/channel/__init__.py"] == b""
     assert {"warden/guest/__init__.py", "warden/guest/pid1.py", "warden/guest/session.py"} <= names
     assert files[f"{bundle.GUEST_ROOT}/warden/__init__.py"] == b""  # nothing host-only runs
     assert not any("agent/guest.py" in name for name in names)
@@ -57,8 +59,10 @@ def test_the_agent_imports_with_only_its_files(tmp_path: Path) -> None:
     modules, origin = out.stdout.split("\n")[:2]
     assert origin.startswith(str(guest_dir)), "the host's warden was imported"
     assert "warden.wire.frame" in modules and "warden.guest.session" in modules
-    # nothing of the host package: only the guest package and the wire modules
+    # nothing of the host package: only the guest package, the wire and the channel modules
     allowed = ("warden", "warden.wire", "warden.wire.frame", "warden.wire.ops")
+    allowed += ("warden.channel", "warden.channel.errors", "warden.channel.transport")
+    allowed += ("warden.channel.noise",)
     extra = [m for m in modules.split() if m not in allowed and not m.startswith("warden.guest")]
     assert extra == []
     # and the start stays light: no typing at import (slow under TCG)

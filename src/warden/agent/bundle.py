@@ -1,9 +1,10 @@
 """The guest agent's files, as they are copied into the guest rootfs.
 
 The image builder writes each entry under the rootfs root. The same source files run on both
-sides: the package ``warden/guest/`` and ``wire/frame.py`` and ``wire/ops.py`` are copied byte
-for byte, and the guest gets empty ``warden`` and ``warden.wire`` package ``__init__`` files, so
-nothing host-only is imported there (``tests/unit/test_guest_bundle.py`` checks it).
+sides: the package ``warden/guest/``, ``wire/frame.py``, ``wire/ops.py`` and the channel's
+modules are copied byte for byte, and the guest gets empty ``warden``, ``warden.wire`` and
+``warden.channel`` package ``__init__`` files, so nothing host-only is imported there
+(``tests/unit/test_guest_bundle.py`` checks it).
 """
 
 from __future__ import annotations
@@ -31,6 +32,10 @@ main()
 WIRE_MODULES = ("frame.py", "ops.py")
 """The modules of ``warden.wire`` the guest needs."""
 
+CHANNEL_MODULES = ("errors.py", "noise.py", "transport.py", "window.py")
+"""The modules of ``warden.channel`` the guest needs (stdlib plus ``cryptography``, which the
+image installs as Debian's python3-cryptography)."""
+
 
 def guest_files() -> dict[str, bytes]:
     """Map each rootfs-relative path to the bytes to write there."""
@@ -41,6 +46,9 @@ def guest_files() -> dict[str, bytes]:
     }
     for name in WIRE_MODULES:
         files[f"{GUEST_ROOT}/warden/wire/{name}"] = (_PKG / "wire" / name).read_bytes()
+    files[f"{GUEST_ROOT}/warden/channel/__init__.py"] = b""
+    for name in CHANNEL_MODULES:
+        files[f"{GUEST_ROOT}/warden/channel/{name}"] = (_PKG / "channel" / name).read_bytes()
     for source in sorted((_PKG / "guest").glob("*.py")):
         files[f"{GUEST_ROOT}/warden/guest/{source.name}"] = source.read_bytes()
     return files

@@ -50,6 +50,7 @@ from warden._errors import (
     AgentError,
     AgentTimeoutError,
     AgentUnresponsiveError,
+    ChannelAuthError,
     CommandTimeoutError,
     GuestFileError,
     ProtocolError,
@@ -57,6 +58,8 @@ from warden._errors import (
     SpecError,
     WardenError,
 )
+from warden.agent.secure import ChannelLayer
+from warden.channel.window import WINDOW_KEY_SIZE, WindowAuth
 from warden.wire.frame import (
     INITIAL_WINDOW,
     MAX_REQUEST_ID,
@@ -351,8 +354,14 @@ class _XferWindow:
     (offset, length) on that request. Nothing else frees a slot.
     """
 
-    def __init__(self, path: Path, slots: int, slot_size: int) -> None:
+    def __init__(
+        self, path: Path, slots: int, slot_size: int, auth: WindowAuth | None = None
+    ) -> None:
         self.slot_size = slot_size
+        self.auth = auth
+        """Tags each piece (on the encrypted channel; see ``warden.channel.window``)."""
+        self._sequence = 0
+        """Pieces referenced so far in this session: the sequence number of the next one."""
         self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         size = os.fstat(self.fd).st_size
         if slots < 1 or slots * slot_size > size:
@@ -411,6 +420,17 @@ class _XferWindow:
             raise
         self._outstanding[offset] = (request_id, length)
         return encode_xfer_ref(offset, length)
+
+    def tagged(self, request_id: int, reference: bytes, piece: memoryview) -> bytes:
+        """``reference`` with the piece's tag, under the next sequence number. Call right
+        before sending it, with no ``await`` in between: the agent counts pieces in the order
+        their references arrive."""
+        if self.auth is None:
+            return reference
+        sequence = self._sequence
+        self._sequence += 1
+        offset, length = decode_xfer_ref(reference)
+        return encode_xfer_ref(offset, length, self.auth.tag(request_id, sequence, piece))
 
     def acknowledge(self, request_id: int, reference: bytes) -> str | None:
         """Free the slot of an acknowledged reference; what is wrong with it, if anything."""
@@ -504,10 +524,17 @@ class AgentClient:
         name: str | None = None,
         on_broken: BrokenCallback | None = None,
         deadlines: Deadlines | None = None,
+        secret: bytes | None = None,
+        rekey: bytes | None = None,
     ) -> None:
         self._reader = reader
         self._writer = writer
-        self._decoder = FrameDecoder(hunt=True)  # skip a stale tail until the agent's HELLO
+        self._name = name
+        self._layer = ChannelLayer(secret, self.who) if secret is not None else None
+        """The encrypted channel under the frames (None: plaintext, a local test agent's)."""
+        self._rekey = rekey
+        # Plaintext: skip a stale tail until the agent's HELLO (the channel hunts itself).
+        self._decoder = FrameDecoder(hunt=self._layer is None)
         self._nonce = os.urandom(16).hex()
         self._requests: dict[int, _Request] = {}
         self._next_id = 1
@@ -516,7 +543,7 @@ class AgentClient:
         self._reader_task: asyncio.Task[None] | None = None
         self._watchdog_task: asyncio.Task[None] | None = None
         self._xfer: _XferWindow | None = None
-        self._name = name
+        self._window_key = os.urandom(WINDOW_KEY_SIZE) if self._layer is not None else None
         self._on_broken = on_broken
         self._deadlines = deadlines or Deadlines()
         self._established = False
@@ -550,6 +577,8 @@ class AgentClient:
         name: str | None = None,
         on_broken: BrokenCallback | None = None,
         deadlines: Deadlines | None = None,
+        secret: bytes | None = None,
+        rekey: bytes | None = None,
     ) -> AgentClient:
         """Connect to the agent's unix socket (retrying until it exists) and say HELLO.
 
@@ -559,6 +588,11 @@ class AgentClient:
         if the connection is later lost, or aborted for a protocol violation or an unresponsive
         agent. Raises :class:`~warden.AgentTimeoutError` if both do not happen within
         ``timeout``.
+
+        ``secret``: the VM's 32-byte channel secret; the frames then run inside the encrypted
+        channel (:mod:`warden.agent.secure`), and ``rekey`` (32 bytes), if given, replaces the
+        secret in the agent for every later handshake (a VM restored from a snapshot). Without
+        a secret the stream is plaintext frames (a local test agent's).
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -582,6 +616,8 @@ class AgentClient:
             name=name,
             on_broken=on_broken,
             deadlines=deadlines,
+            secret=secret,
+            rekey=rekey,
         )
 
     @classmethod
@@ -595,35 +631,64 @@ class AgentClient:
         name: str | None = None,
         on_broken: BrokenCallback | None = None,
         deadlines: Deadlines | None = None,
+        secret: bytes | None = None,
+        rekey: bytes | None = None,
     ) -> AgentClient:
-        """Say HELLO over an open stream pair. Raises AgentTimeoutError if no answer in time."""
-        client = cls(reader, writer, name=name, on_broken=on_broken, deadlines=deadlines)
+        """Say HELLO over an open stream pair (see :meth:`connect_unix`). Raises
+        AgentTimeoutError if no answer in time."""
+        client = cls(
+            reader,
+            writer,
+            name=name,
+            on_broken=on_broken,
+            deadlines=deadlines,
+            secret=secret,
+            rekey=rekey,
+        )
         try:
             async with asyncio.timeout(timeout):
                 await client._handshake(resync=resync)
         except TimeoutError:
             await client.close()
-            raise AgentTimeoutError(
-                f"{client.who} did not answer HELLO within {timeout:g}s"
-            ) from None
+            raise AgentTimeoutError(client._silence_message(timeout)) from None
         except BaseException:
             await client.close()
             raise
         return client
 
-    async def _handshake(self, *, resync: bool) -> None:
-        self._reader_task = asyncio.create_task(self._read_loop(), name="warden-agent-reader")
+    def _silence_message(self, timeout: float) -> str:
+        if self._layer is not None and not self._layer.established:
+            return (
+                f"{self.who} did not answer the channel handshake within {timeout:g}s. An "
+                "agent from an image built before the encrypted channel never answers it: "
+                "rebuild the image (`warden image build`) if it is older than this warden"
+            )
+        return f"{self.who} did not answer HELLO within {timeout:g}s"
+
+    def _hello_payload(self) -> dict[str, Any]:
         # A fresh seed and the time with every HELLO: a VM restored from a boot snapshot
         # must not share its RNG state or its clock with its siblings. The nonce comes back in
         # the agent's answer, which tells it apart from an answer to an earlier host.
-        hello = {
+        hello: dict[str, Any] = {
             Key.VERSIONS: [SESSION_VERSION],
             Key.NONCE: self._nonce,
             Key.SEED: os.urandom(32).hex(),
             Key.TIME: time.time(),
         }
-        hello_frame = encode_json(FrameType.HELLO, 0, hello)
-        await self._send(hello_frame)
+        if self._window_key is not None:
+            hello[Key.XFER_KEY] = self._window_key.hex()
+        if self._rekey is not None:
+            hello[Key.REKEY] = self._rekey.hex()
+        return hello
+
+    async def _handshake(self, *, resync: bool) -> None:
+        self._reader_task = asyncio.create_task(self._read_loop(), name="warden-agent-reader")
+        if self._layer is not None:
+            self._writer.write(self._layer.opening(resync=resync))
+            await self._layer.ready
+            resync = False  # the channel resynchronised the stream
+        hello = self._hello_payload()
+        await self._send(encode_json(FrameType.HELLO, 0, hello))
         if resync:
             try:
                 await asyncio.wait_for(asyncio.shield(self._hello), RESYNC_AFTER_S)
@@ -645,6 +710,10 @@ class AgentClient:
             )
             self._abort(error)
             raise error
+        if self._rekey is not None and reply.get(Key.REKEYED) is not True:
+            error = ProtocolError(f"{self.who} did not take its new channel secret; {REBUILD_HINT}")
+            self._abort(error)
+            raise error
         self.session_version = version
         self.agent_hello = reply
         self._established = True
@@ -664,7 +733,8 @@ class AgentClient:
             )
         if self.agent_hello.get(Key.XFER) is not True or self._xfer is not None:
             return self._xfer is not None
-        self._xfer = _XferWindow(path, slots, slot_size)
+        auth = WindowAuth(self._window_key) if self._window_key is not None else None
+        self._xfer = _XferWindow(path, slots, slot_size, auth)
         return True
 
     @property
@@ -689,7 +759,7 @@ class AgentClient:
         timeout = self._deadlines.call
         scope = asyncio.timeout(timeout)
         try:
-            self._writer.write(data)
+            self._writer.write(self._sealed(data))
             if self._writer.transport.get_write_buffer_size():
                 async with scope:
                     await self._writer.drain()
@@ -703,7 +773,11 @@ class AgentClient:
 
     def _send_nowait(self, data: bytes) -> None:
         if self._closed_by is None and not self._writer.is_closing():
-            self._writer.write(data)
+            self._writer.write(self._sealed(data))
+
+    def _sealed(self, frames: bytes) -> bytes:
+        """``frames`` as they go on the wire: in records of the channel, if there is one."""
+        return frames if self._layer is None else self._layer.seal(frames)
 
     def _unresponsive(self, what: str) -> AgentUnresponsiveError:
         """End the connection because the agent ``what``; the error to raise."""
@@ -737,6 +811,8 @@ class AgentClient:
         self._closed_by = error
         if self._xfer is not None:
             self._xfer.close()
+        if self._layer is not None:
+            self._layer.fail(type(error)(*error.args))
         if not self._hello.done():
             self._hello.set_exception(type(error)(*error.args))
             self._hello.exception()  # mark it retrieved: the handshake may have given up already
@@ -776,6 +852,12 @@ class AgentClient:
                 if not data:
                     self._abort(_ConnectionLostError(f"{self.who} closed the connection"))
                     return
+                if self._layer is not None:
+                    try:
+                        data = self._layer.open(data)
+                    except ChannelAuthError as exc:
+                        self._abort(exc)
+                        return
                 error = self._feed(data)
                 while error is not None and not self._hello.done() and self._closed_by is None:
                     self._decoder.resync()  # not the agent's answer yet: hunt on
@@ -1053,7 +1135,8 @@ class AgentClient:
                             f"the connection to {self.who} closed during a file transfer: "
                             f"{self._closed_error()}"
                         )
-                    await request.send_data(Channel.XFER, reference)
+                    tagged = xfer.tagged(request.id, reference, chunk)
+                    await request.send_data(Channel.XFER, tagged)
                 else:
                     await request.send_data(Channel.FILE, chunk)
             else:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 import struct
 
 from warden.channel.errors import ChannelError
@@ -236,10 +237,10 @@ def _generate_keypair(private: bytes | None) -> tuple[X25519PrivateKey, bytes]:
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
     from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-    if private is None:
-        key = X25519PrivateKey.generate()
-    else:
-        key = X25519PrivateKey.from_private_bytes(private)
+    # From the kernel's RNG (os.urandom), not OpenSSL's user-space one: in a VM restored from
+    # a snapshot, the agent's process (and its OpenSSL RNG state) is a copy of every other
+    # clone's, while the guest kernel's RNG is reseeded before each handshake (guest/pid1.py).
+    key = X25519PrivateKey.from_private_bytes(os.urandom(DHLEN) if private is None else private)
     # public_bytes_raw() is newer than cryptography 38.
     return key, key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
 

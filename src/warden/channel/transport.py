@@ -73,6 +73,7 @@ from warden.channel.noise import (
 # Not ``typing.TYPE_CHECKING``: importing typing is slow in the guest (see wire/frame.py).
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import NoReturn
 
 __all__ = [
@@ -83,7 +84,11 @@ __all__ = [
     "PATTERN",
     "PROLOGUE",
     "Handshake",
+    "Initiator",
+    "Responder",
     "Session",
+    "abort_notice",
+    "describe_abort",
 ]
 
 CHANNEL_VERSION = 1
@@ -96,6 +101,9 @@ PROLOGUE = MAGIC + bytes([CHANNEL_VERSION])
 STATUS_OK = 0
 STATUS_REFUSED_VERSION = 1
 STATUS_REFUSED_AUTH = 2
+STATUS_ABORTED = 3
+"""Not in a handshake: the responder's notice that it ended the session because a record
+failed (it then waits for a new handshake). Unauthenticated, like a refusal."""
 
 _HEADER = struct.Struct(">4sBB")  # magic, version, status
 HANDSHAKE_HEADER_SIZE = _HEADER.size  # 6
@@ -230,7 +238,7 @@ class Session:
     identifies the session (Noise section 11.2, channel binding).
     """
 
-    __slots__ = ("_buf", "_error", "_receive", "_send", "handshake_hash")
+    __slots__ = ("_buf", "_error", "_receive", "_send", "handshake_hash", "unread")
 
     def __init__(self, send: CipherState, receive: CipherState, handshake_hash: bytes) -> None:
         self._send = send
@@ -238,6 +246,9 @@ class Session:
         self.handshake_hash = handshake_hash
         self._buf = bytearray()
         self._error: str | None = None
+        self.unread = b""
+        """After :meth:`feed` refused a record: the bytes from that record's start on, which
+        may hold a new handshake (a new host's, after the old one died mid-stream)."""
 
     @property
     def buffered(self) -> int:
@@ -279,7 +290,9 @@ class Session:
             src = data  # parse straight from the caller's buffer, keep only the tail
         with memoryview(src) as view:
             plaintexts, pos, problem = self._parse(view)
-            if problem is None and src is not buf:
+            if problem is not None:
+                self.unread = bytes(view[pos:])
+            elif src is not buf:
                 buf += view[pos:]
         if problem is not None:
             self._die(problem)
@@ -341,3 +354,114 @@ def _check_length(length: int) -> str | None:
     if length < TAG_SIZE:
         return f"a record of {length} bytes is shorter than its {TAG_SIZE}-byte tag"
     return None
+
+
+class Responder:
+    """The guest's side of a new session: finds the host's handshake message in a stream that
+    may begin with stale bytes (what an earlier host left), answers it, and sets up the session.
+
+    Bytes before the magic are dropped; at most one handshake message is buffered. A message
+    that fails (another secret, another version, garbage that happened to hold the magic) is
+    answered with a refusal (:meth:`data_to_send`), noted in :attr:`failures`, and the hunt goes
+    on after its magic.
+    """
+
+    __slots__ = ("_buf", "_on_message", "_out", "_psk", "failures", "rest")
+
+    def __init__(self, psk: bytes, on_message: Callable[[bytes], object] | None = None) -> None:
+        if len(psk) != PSK_SIZE:
+            raise ValueError(f"the channel secret is {PSK_SIZE} bytes, not {len(psk)}")
+        self._psk = bytes(psk)
+        self._on_message = on_message
+        """Called with each complete handshake message before it is answered (the guest mixes
+        it into its kernel RNG, so that clones of one snapshot answer with other keys)."""
+        self._buf = bytearray()
+        self._out = bytearray()
+        self.failures: list[str] = []
+        """Why each refused handshake message failed (the caller logs and clears them)."""
+        self.rest = b""
+        """Once a session is set up: the bytes that followed the handshake (its records)."""
+
+    def data_to_send(self) -> bytes:
+        out = bytes(self._out)
+        self._out.clear()
+        return out
+
+    def receive(self, data: bytes | bytearray | memoryview) -> Session | None:
+        """Take bytes from the host; the new session once a handshake succeeded, else None."""
+        buf = self._buf
+        buf += data
+        while True:
+            start = buf.find(MAGIC)
+            if start < 0:
+                del buf[: max(0, len(buf) - (len(MAGIC) - 1))]  # keep a partial magic
+                return None
+            del buf[:start]
+            if len(buf) < HANDSHAKE_SIZE:
+                return None
+            if self._on_message is not None:
+                self._on_message(bytes(buf[:HANDSHAKE_SIZE]))
+            handshake = Handshake(self._psk, initiator=False)
+            try:
+                handshake.receive(bytes(buf[:HANDSHAKE_SIZE]))
+            except ChannelError as exc:
+                self.failures.append(str(exc))
+                self._out += handshake.data_to_send()
+                del buf[: len(MAGIC)]
+                continue
+            self._out += handshake.data_to_send()
+            self.rest = bytes(buf[HANDSHAKE_SIZE:])
+            buf.clear()
+            return handshake.session()
+
+
+class Initiator:
+    """The host's side of a new session: its handshake message, then the guest's answer, found
+    in a stream that may begin with stale bytes (records the guest sent to an earlier host)."""
+
+    __slots__ = ("_buf", "_handshake", "rest")
+
+    def __init__(self, psk: bytes) -> None:
+        self._handshake = Handshake(psk, initiator=True)
+        self._buf = bytearray()
+        self.rest = b""
+        """Once the session is set up: the bytes that followed the answer (its records)."""
+
+    def data_to_send(self) -> bytes:
+        return self._handshake.data_to_send()
+
+    def receive(self, data: bytes | bytearray | memoryview) -> Session | None:
+        """Take bytes from the guest; the session once its answer arrived, else None. Raises
+        ChannelError if the answer is a refusal or does not authenticate."""
+        buf = self._buf
+        buf += data
+        start = buf.find(MAGIC)
+        if start < 0:
+            del buf[: max(0, len(buf) - (len(MAGIC) - 1))]
+            return None
+        del buf[:start]
+        if len(buf) >= HANDSHAKE_HEADER_SIZE and buf[5] == STATUS_ABORTED:
+            del buf[:HANDSHAKE_HEADER_SIZE]  # the guest ending an earlier host's session
+            return self.receive(b"")
+        rest = self._handshake.receive(bytes(buf))
+        buf.clear()
+        if not self._handshake.complete:
+            return None
+        self.rest = rest
+        return self._handshake.session()
+
+
+def abort_notice() -> bytes:
+    """What the responder sends after it ended a session because a record failed."""
+    return _header(STATUS_ABORTED)
+
+
+def describe_abort(unread: bytes) -> str | None:
+    """If ``unread`` (a refused record's bytes, :attr:`Session.unread`) is the responder's
+    :func:`abort_notice`, why the peer ended the session; else None."""
+    if unread[:HANDSHAKE_HEADER_SIZE] != _header(STATUS_ABORTED):
+        return None
+    return (
+        "the guest agent ended the session: a record from the host failed authentication "
+        "(it was altered, replayed, reordered or truncated on the way)"
+    )

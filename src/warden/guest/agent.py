@@ -7,6 +7,8 @@ import select
 import threading
 import time
 
+from warden.channel.errors import ChannelError
+from warden.channel.transport import Responder, abort_notice
 from warden.guest.args import Shutdown
 from warden.guest.log import log, log_exception
 from warden.guest.reaper import Reaper
@@ -17,6 +19,9 @@ from warden.wire.frame import FrameDecoder, FrameError, FrameType
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from warden.channel.transport import Session as ChannelSession
     from warden.wire.frame import Frame
 
 READ_SIZE = 256 * 1024
@@ -34,11 +39,18 @@ def _hung_up(poller: select.poll) -> bool:
 class Connection:
     """The byte stream from one host connection (the virtio port between two EOFs, or a socket).
 
-    Sessions on it begin at a HELLO. Its decoder hunts for one (see ``RESYNC_PADDING_SIZE`` in
+    With a channel secret (always in a VM), the stream is the encrypted channel
+    (:mod:`warden.channel.transport`): the agent hunts for the host's handshake, answers it,
+    and then reads records. A record that fails (altered, replayed, reordered, truncated, from
+    another session, or a new host's handshake after the old host died mid-stream) ends the
+    channel session and its requests; the agent tells the host (an unauthenticated abort
+    notice) and hunts for the next handshake in the bytes from that record on.
+
+    Inside the channel, or on the plaintext stream of a local test agent, sessions begin at a
+    HELLO. The plaintext decoder hunts for one (see ``RESYNC_PADDING_SIZE`` in
     :mod:`warden.wire.frame`): bytes before it are a stale tail of an earlier host's stream and
     are dropped. A malformed frame ends the session, and the hunt starts again from there; a
-    HELLO in the middle of a session ends it and begins the next (a new host behind an EOF the
-    port never showed, such as a manager restarted after kill -9).
+    HELLO in the middle of a session ends it and begins the next.
     """
 
     def __init__(self, agent: Agent, fd: int, lock: threading.Lock, *, poll_writes: bool) -> None:
@@ -46,14 +58,58 @@ class Connection:
         self.fd = fd
         self.lock = lock
         self.poll_writes = poll_writes
-        self.decoder = FrameDecoder(hunt=True)
+        self.decoder = FrameDecoder(hunt=agent.secret is None)
         self.session: Session | None = None
+        self.responder: Responder | None = None
+        self.channel: ChannelSession | None = None
 
-    def _writer(self) -> Writer:
-        return Writer(self.fd, self.lock, poll_first=self.poll_writes)
+    def _writer(self, channel: ChannelSession | None = None) -> Writer:
+        return Writer(self.fd, self.lock, poll_first=self.poll_writes, channel=channel)
 
     def feed(self, data: bytes) -> None:
         """Handle bytes from the host. Raises :class:`Shutdown` when asked to stop."""
+        if self.agent.secret is None:
+            self._feed_frames(data)
+            return
+        while data:
+            data = self._handshake(data) if self.channel is None else self._records(data)
+
+    def _handshake(self, data: bytes) -> bytes:
+        """Hunt for the host's handshake; the bytes after it once a channel session began."""
+        if self.responder is None:
+            assert self.agent.secret is not None
+            self.responder = Responder(self.agent.secret, self.agent.on_handshake)
+        responder = self.responder
+        channel = responder.receive(data)
+        for failure in responder.failures:
+            log(f"refused a channel handshake: {failure}")
+        responder.failures.clear()
+        reply = responder.data_to_send()
+        if reply:
+            self._writer().send(reply)
+        if channel is None:
+            return b""
+        self.responder = None
+        self.channel = channel
+        self.decoder = FrameDecoder()
+        return responder.rest
+
+    def _records(self, data: bytes) -> bytes:
+        """Decrypt records and act on their frames; after a failed record, the bytes from it on
+        (the hunt for a new handshake starts there)."""
+        channel = self.channel
+        assert channel is not None
+        try:
+            plaintext = channel.feed(data)
+        except ChannelError as exc:
+            log(f"channel: {exc}; the session ends")
+            self.end_session()
+            self._writer().send(abort_notice())
+            return channel.unread
+        self._feed_frames(plaintext)
+        return b""
+
+    def _feed_frames(self, data: bytes) -> None:
         while True:
             error: FrameError | None = None
             try:
@@ -64,16 +120,20 @@ class Connection:
                 self._handle(frame)
             if error is None:
                 return
-            session = self.session or Session(self.agent, self._writer())
+            session = self.session or Session(self.agent, self._writer(self.channel))
             session.protocol_error(f"malformed frame: {error}")
             self.session = None
+            if self.channel is not None:  # an authenticated host broke the protocol
+                self.end_session()
+                return
             self.decoder.resync()
             data = b""  # hunt through what is already buffered
 
     def _handle(self, frame: Frame) -> None:
         if frame.type == FrameType.HELLO:
-            self.end_session()
-            self.session = Session(self.agent, self._writer())
+            if self.session is not None:
+                self.session.close()
+            self.session = Session(self.agent, self._writer(self.channel))
             self.session.hello(frame)
         elif self.session is not None:
             self.session.handle(frame)
@@ -82,9 +142,12 @@ class Connection:
             self.session = None
 
     def end_session(self) -> None:
+        """End the session, and the channel session it ran in."""
         if self.session is not None:
             self.session.close()
             self.session = None
+        self.channel = None
+        self.responder = None
 
 
 def _hangup_poller(fd: int) -> select.poll:
@@ -104,7 +167,21 @@ def _read(fd: int, *, log_errors: bool) -> bytes:
 
 
 class Agent:
-    def __init__(self) -> None:
+    """The agent: its reaper, its transfer window and its channel secret.
+
+    ``secret`` (32 bytes) makes every connection the encrypted channel; None (only a local
+    test agent, or a VM the host booted with ``warden.channel=plain``) serves plaintext
+    frames. A HELLO may hand over a new secret (:attr:`secret`) for later handshakes.
+    ``on_handshake`` is called with each handshake message before it is answered.
+    """
+
+    def __init__(
+        self,
+        secret: bytes | None = None,
+        on_handshake: Callable[[bytes], object] | None = None,
+    ) -> None:
+        self.secret = secret
+        self.on_handshake = on_handshake
         self.reaper = Reaper()
         self.xfer: XferWindow | None = find_xfer() if os.getpid() == 1 else None
         # Load subprocess and ctypes while the host is still connecting, not in a request.

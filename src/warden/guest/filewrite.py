@@ -10,7 +10,7 @@ import os
 from warden.guest.args import arg_bool, arg_mode, arg_path, failure, file_error
 from warden.guest.request import Request
 from warden.guest.users import acting_as
-from warden.wire.frame import Channel, FrameError, decode_xfer_ref
+from warden.wire.frame import Channel, FrameError, decode_xfer_ref, xfer_ref_tag
 from warden.wire.ops import ErrorKind, Key
 
 TYPE_CHECKING = False
@@ -32,6 +32,8 @@ class WriteFile(Request):
         self.parents = arg_bool(args, Key.PARENTS, False)
         self.account = account
         self.size = 0
+        self.pieces = 0
+        """Transfer-window pieces seen: the sequence number of the next one."""
         self.fd = -1
         self.tmp = ""
 
@@ -76,9 +78,31 @@ class WriteFile(Request):
                 self._discard()
                 self.finish(failure(ErrorKind.IO, f"transfer window: {exc}"))
                 return
+            problem = self._check_piece(view, xfer_ref_tag(frame.payload))
+            if problem is not None:
+                self._discard()
+                self.finish(failure(ErrorKind.INVALID, f"transfer window: {problem}"))
+                return
             self._write(view)
         finally:
             self.session.send_data(self.request_id, Channel.XFER, frame.payload)
+
+    def _check_piece(self, view: memoryview, tag: bytes) -> str | None:
+        """On the encrypted channel, whether the piece is the one the host tagged for this
+        request at this place (``warden.channel.window``); what is wrong, if not."""
+        sequence = self.pieces
+        self.pieces += 1
+        window = self.session.window
+        if window is None:
+            if self.session.writer.encrypted:
+                return "no window key in this session"
+            return "a tag on a plaintext channel" if tag else None
+        if not tag or not window.check(self.request_id, sequence, view, tag):
+            return (
+                f"piece {sequence} failed authentication: the window's bytes were altered, "
+                "swapped or replayed; nothing was written"
+            )
+        return None
 
     def _write(self, view: memoryview) -> None:
         try:

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import Any
 
+    from warden.channel.window import WindowAuth
     from warden.guest.agent import Agent
     from warden.guest.request import Request
     from warden.guest.writer import Writer
@@ -57,6 +58,9 @@ class Session:
         self.broken = False
         self.requests: dict[int, Request] = {}
         self._lock = threading.Lock()
+        self.window: WindowAuth | None = None
+        """Checks the transfer window's pieces (the HELLO's ``xfer_key``): on the encrypted
+        channel a piece without a valid tag is refused; on a plaintext one there is none."""
 
     # -- sending (any thread)
 
@@ -118,6 +122,10 @@ class Session:
                 nonce,
             )
             return
+        problem = self._channel_keys(hello)
+        if problem is not None:
+            self.protocol_error(problem, nonce)
+            return
         if os.getpid() == 1:  # only ever in a guest: never touch a host's clock or pool
             from warden.guest.pid1 import freshen
 
@@ -128,12 +136,37 @@ class Session:
             Key.PID: os.getpid(),
             Key.XFER: self.agent.xfer is not None,
         }
+        if Key.REKEY in hello:
+            reply[Key.REKEYED] = True
         if nonce is not None:
             reply[Key.NONCE] = nonce
         try:
             self.writer.send(encode_json(FrameType.HELLO, 0, reply))
         except FrameError as exc:  # a nonce too big to echo
             self.protocol_error(f"cannot answer the HELLO: {exc}")
+
+    def _channel_keys(self, hello: dict[str, Any]) -> str | None:
+        """Take the HELLO's keys (only on the encrypted channel): the transfer window's key
+        and a new channel secret; what is wrong with them, if anything."""
+        keys = {k: hello.get(k) for k in (Key.XFER_KEY, Key.REKEY) if k in hello}
+        if keys and not self.writer.encrypted:
+            return "keys in a HELLO on a plaintext channel"
+        decoded: dict[str, bytes] = {}
+        for name, value in keys.items():
+            try:
+                decoded[name] = bytes.fromhex(value) if isinstance(value, str) else b""
+            except ValueError:
+                decoded[name] = b""
+            if len(decoded[name]) != 32:
+                return f"the HELLO's {name} is not 32 bytes of hex"
+        if Key.XFER_KEY in decoded:
+            from warden.channel.window import WindowAuth
+
+            self.window = WindowAuth(decoded[Key.XFER_KEY])
+        if Key.REKEY in decoded:
+            self.agent.secret = decoded[Key.REKEY]  # for every later handshake
+            log("the host handed this VM a new channel secret")
+        return None
 
     def handle(self, frame: Frame) -> None:
         """Act on one frame of this session (any but HELLO). Raises :class:`Shutdown`."""

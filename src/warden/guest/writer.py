@@ -39,6 +39,12 @@ import select
 import threading
 import weakref
 
+from warden.channel.errors import ChannelError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from warden.channel.transport import Session as ChannelSession
+
 STAGE_MIN = 32 * 1024
 """Frames larger than this are staged and spliced: ``port_fops_write``'s cap per write."""
 STAGE_SIZE = 512 * 1024
@@ -54,8 +60,17 @@ class Writer:
     stale bytes.
     """
 
-    def __init__(self, fd: int, lock: threading.Lock, *, poll_first: bool) -> None:
+    def __init__(
+        self,
+        fd: int,
+        lock: threading.Lock,
+        *,
+        poll_first: bool,
+        channel: ChannelSession | None = None,
+    ) -> None:
         self.fd = fd
+        self.channel = channel
+        """The channel session whose records carry the frames (None: plaintext)."""
         self.lock = lock
         self.dead = False
         self._stage: tuple[int, int] | None = None
@@ -75,15 +90,21 @@ class Writer:
             try:
                 if self.dead:
                     return False
+                if self.channel is not None:  # sealed under the lock: records go out in order
+                    data, payload = self.channel.seal(data + payload), b""
                 if len(data) + len(payload) > STAGE_MIN and self._can_stage and self._staging():
                     return self._send_staged(data, payload)
                 return self._write_all(data) and self._write_all(payload)
-            except OSError:
+            except (OSError, ChannelError):
                 self.dead = True
                 return False
             finally:
                 if self.dead:  # a pipe left mid-frame is never used again
                     self._release()
+
+    @property
+    def encrypted(self) -> bool:
+        return self.channel is not None
 
     def close(self) -> None:
         """Drop every later send (the session ended), and release the staging pipe.

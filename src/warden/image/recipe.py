@@ -41,6 +41,7 @@ DEFAULT_MODULES = (
     "squashfs",
     "overlay",
     "virtio_balloon",
+    "qemu_fw_cfg",  # the channel secret: /sys/firmware/qemu_fw_cfg/by_name/opt/warden/key
 )
 
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")

@@ -80,12 +80,23 @@ class RuntimeFiles:
         return self.dir / "xfer.img"
 
     @property
+    def channel_key(self) -> Path:
+        """The VM's channel secret for QEMU's ``-fw_cfg`` (0600; removed once the guest has
+        read it)."""
+        return self.dir / "channel.key"
+
+    @property
     def pidfile(self) -> Path:
         return self.dir / "qemu.pid"
 
 
 def kernel_cmdline(
-    mode: str = "agent", *, accel: str = "tcg", tsc_khz: int | None = None, tune: bool = True
+    mode: str = "agent",
+    *,
+    accel: str = "tcg",
+    tsc_khz: int | None = None,
+    tune: bool = True,
+    plaintext: bool = False,
 ) -> str:
     """The guest kernel's command line.
 
@@ -104,6 +115,11 @@ def kernel_cmdline(
       6 ms instead of 27 ms (measured here). ASLR only hardens guest processes against each
       other inside one sandbox; the isolation boundary is the VM. Under KVM it stays on.
 
+    * ``warden.crypto=scalar`` under TCG only: the agent runs OpenSSL's scalar ChaCha20 and
+      Poly1305, which TCG runs 2-3x faster than the SIMD code (``guest/pid1.py``).
+    * ``warden.channel=plain`` with ``plaintext``: the agent serves the channel without its
+      crypto layer. Only the benchmark asks for it, to measure that layer's cost.
+
     ``tune=False`` leaves out the two speed settings (the benchmark's stock peer uses it).
     """
     parts = ["console=ttyS0", "quiet", "panic=-1", "reboot=t"]
@@ -112,6 +128,10 @@ def kernel_cmdline(
     if accel == "tcg" and tune:
         parts += ["mitigations=off", "norandmaps"]
     parts.append(f"warden.mode={mode}")
+    if mode == "agent" and plaintext:
+        parts.append("warden.channel=plain")
+    elif mode == "agent" and accel == "tcg":
+        parts.append("warden.crypto=scalar")
     return " ".join(parts)
 
 
@@ -148,6 +168,7 @@ def build_argv(
     console_socket: bool = False,
     passed_fds: bool = False,
     sandbox: bool = False,
+    plaintext: bool = False,
 ) -> list[str]:
     """Return QEMU's argv for ``spec``. ``accel`` is the resolved accelerator: kvm or tcg.
 
@@ -159,6 +180,9 @@ def build_argv(
     ``passed_fds`` (a jailed QEMU, which can make no file): QEMU gets its QMP, agent and
     console sockets as fds at the numbers of :class:`PassedFd`, and writes no pid file.
     ``sandbox`` turns on QEMU's seccomp filter.
+
+    In ``agent`` mode the guest reads its channel secret from ``run.channel_key`` through
+    fw_cfg, unless ``plaintext`` (the benchmark's channel without crypto).
     """
     if accel not in ("kvm", "tcg"):
         raise ValueError(f"accel must be resolved to kvm or tcg, not {accel!r}")
@@ -167,9 +191,10 @@ def build_argv(
     return [
         qemu,
         *_machine_args(spec, run, accel),
-        *_boot_args(boot, accel, mode, tsc_khz, tune),
+        *_boot_args(boot, accel, mode, tsc_khz, tune, plaintext),
         *_console_args(run, console_socket, passed_fds),
         *_device_args(boot, run, agent_port, passed_fds),
+        *(_secret_args(run) if mode == "agent" and not plaintext else []),
         *(["-sandbox", SANDBOX] if sandbox else []),
     ]
 
@@ -202,14 +227,21 @@ def _machine_args(spec: VMSpec, run: RuntimeFiles, accel: str) -> list[str]:
 
 
 def _boot_args(
-    boot: BootFiles, accel: str, mode: str, tsc_khz: int | None, tune: bool
+    boot: BootFiles, accel: str, mode: str, tsc_khz: int | None, tune: bool, plaintext: bool
 ) -> list[str]:
     """The direct kernel boot: kernel, initrd and command line."""
+    cmdline = kernel_cmdline(mode, accel=accel, tsc_khz=tsc_khz, tune=tune, plaintext=plaintext)
     return [
         "-kernel", str(boot.kernel),
         "-initrd", str(boot.initrd),
-        "-append", kernel_cmdline(mode, accel=accel, tsc_khz=tsc_khz, tune=tune),
+        "-append", cmdline,
     ]  # fmt: skip
+
+
+def _secret_args(run: RuntimeFiles) -> list[str]:
+    """The channel secret, as the fw_cfg file ``opt/warden/key`` (QEMU reads the file when it
+    starts; the guest reads the blob from sysfs, mode 0400 root)."""
+    return ["-fw_cfg", f"name=opt/warden/key,file={run.channel_key}"]
 
 
 def _console_args(run: RuntimeFiles, console_socket: bool, passed_fds: bool) -> list[str]:

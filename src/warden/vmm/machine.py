@@ -23,7 +23,14 @@ from typing import Any, TypeVar
 
 from qemu.qmp import QMPClient, QMPError
 
-from warden._errors import AgentTimeoutError, HostError, LaunchError, VMError, WardenError
+from warden._errors import (
+    AgentTimeoutError,
+    ChannelAuthError,
+    HostError,
+    LaunchError,
+    VMError,
+    WardenError,
+)
 from warden.agent.client import AgentClient
 from warden.config import PRIVATE_DIR, Paths, open_private, private_dir
 from warden.image.store import Image, load_image, verify_image
@@ -43,6 +50,7 @@ from warden.vmm.argv import (
     build_argv,
     host_tsc_khz,
 )
+from warden.vmm.channel_keys import ChannelKeys
 from warden.vmm.ownership import Ownership, recorded_uid
 from warden.vmm.snapshot import BootSnapshots, SnapshotConfig
 from warden.vmm.spec import VMSpec
@@ -83,6 +91,7 @@ class Machine:
         vm_id: str | None = None,
         use_cgroups: bool = True,
         jail: JailMode | None = None,
+        plaintext_channel: bool = False,
     ) -> None:
         self.spec = spec
         self.paths = paths or Paths.from_env()
@@ -126,6 +135,12 @@ class Machine:
         self.qemu_reads: list[Path] = []
         """More root-only files that QEMU opens by path (a ``-fw_cfg`` file, say): bound
         read-only into its jail, where they are the VM uid's (idmapped)."""
+        self.plaintext_channel = plaintext_channel
+        """Serve the agent channel without its crypto layer: only the benchmark does, to
+        measure that layer's cost (``warden.channel=plain`` on the guest's command line)."""
+        self.channel_keys = ChannelKeys(self.paths)
+        self._secret: bytes | None = None
+        """The channel secret the guest holds now (None: plaintext, or not launched yet)."""
 
     # -- public surface ------------------------------------------------------------------
 
@@ -257,8 +272,9 @@ class Machine:
                 await machine._start_console(deadline)
                 machine._qmp = await machine._connect_qmp(deadline)
                 # The earlier manager may have died mid-frame: resynchronise the stream.
-                machine._agent = await machine._open_agent(
-                    max(0.1, deadline - time.monotonic()), resync=True
+                machine._secret = await asyncio.to_thread(machine.channel_keys.current, vm_id)
+                machine._agent = await machine._reattach_agent(
+                    max(0.1, deadline - time.monotonic())
                 )
         except BaseException as exc:
             await machine._detach_connections()
@@ -324,10 +340,25 @@ class Machine:
         fd = open_private(self.run.xfer, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         with os.fdopen(fd, "wb") as f:
             f.truncate(XFER_SLOTS * XFER_SLOT_SIZE)  # sparse: costs nothing until used
+        if not self.plaintext_channel:
+            self._write_secret()
         if self.jail is not None and self.spec.memory_backend == "file":
             os.close(open_private(self.run.memory, os.O_WRONLY | os.O_CREAT))  # bound into it
         self._make_cgroups()
         return boot
+
+    def _write_secret(self) -> None:
+        """Make the VM's channel secret and the 0600 file QEMU hands to the guest (fw_cfg)."""
+        self._secret = self.channel_keys.create(self.id)
+        fd = open_private(self.run.channel_key, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        with os.fdopen(fd, "wb") as f:
+            f.write(self._secret)
+        self.qemu_reads.append(self.run.channel_key)
+
+    def _drop_secret_file(self) -> None:
+        """The guest has its secret (its agent answered a handshake): QEMU read the file when
+        it started, so it goes."""
+        self.run.channel_key.unlink(missing_ok=True)
 
     def _plan_jail(self, boot: BootFiles) -> JailPlan | None:
         """The jail this VM gets (None: none at all). ``require`` refuses a partial one; ``on``
@@ -373,6 +404,7 @@ class Machine:
             console_socket=True,
             passed_fds=self.jail is not None,
             sandbox=self.jail is not None and self.jail.seccomp,
+            plaintext=self.plaintext_channel,
         )
         argv = qemu_argv
         for wrap in self.wrappers:
@@ -384,10 +416,11 @@ class Machine:
             config = self._snapshot_config(qemu_argv)
             # Verified on the open file that QEMU then reads (a refused one is deleted).
             state = await asyncio.to_thread(self.snapshots.open_sealed, config)
+            state, held = self._snapshot_secret(config.key, state)
             if state is not None:
                 try:
                     await self._spawn(restore=state)
-                    await self._connect(restored=True)
+                    await self._connect(restored=True, held=held)
                     self.booted_from = "snapshot"
                     return
                 except LaunchError as exc:
@@ -403,6 +436,22 @@ class Machine:
         self.booted_from = "cold"
         if config is not None:
             await self._save_snapshot(config)
+
+    def _snapshot_secret(
+        self, key: str, state: io.FileIO | None
+    ) -> tuple[io.FileIO | None, bytes | None]:
+        """The snapshot (``state``) and the channel secret inside its guest (None on a
+        plaintext channel). Without a secret the snapshot cannot be used: it is closed and
+        deleted (the VM boots cold), and (None, None) returned."""
+        if state is None or self.plaintext_channel:
+            return state, None
+        held = self.snapshots.channel_secret(key)
+        if held is None:
+            log.warning("boot snapshot %s has no channel secret; booting cold", key)
+            state.close()
+            self.snapshots.discard(key)
+            return None, None
+        return state, held
 
     def _snapshot_config(self, qemu_argv: list[str]) -> SnapshotConfig:
         """What a boot snapshot of this VM is sealed for (and must match to be restored)."""
@@ -530,6 +579,8 @@ class Machine:
                 return
             await self._agent.close()  # the snapshot must hold no host session
             self._agent = None
+            if self._secret is not None:  # every VM restored from it starts with this one
+                self.channel_keys.save_snapshot(config.key, self._secret)
             try:
                 self.snapshots.prune()
                 assert self.image is not None
@@ -544,9 +595,11 @@ class Machine:
                 await self.snapshots.capture(self._qmp, config, meta)
             except (WardenError, OSError, QMPError) as exc:
                 log.warning("VM %s: could not save a boot snapshot: %s", self.id, exc)
+                self.snapshots.discard(config.key)
             finally:
                 await self._qmp.execute("cont")
-        self._agent = await self._open_agent(self.spec.agent_timeout_s)
+        # The snapshot holds this VM's secret now: it gets a new one of its own.
+        self._agent = await self._open_agent(self.spec.agent_timeout_s, held=self._secret)
 
     def _on_agent_broken(self, error: WardenError) -> None:
         """The agent connection broke: a protocol violation, an unresponsive agent, or lost.
@@ -562,21 +615,65 @@ class Machine:
         if self.on_unhealthy is not None:
             self.on_unhealthy(self, self.error)
 
-    async def _open_agent(self, timeout: float, *, resync: bool = False) -> AgentClient:
+    async def _open_agent(
+        self,
+        timeout: float,
+        *,
+        resync: bool = False,
+        held: bytes | None = None,
+        new: bytes | None = None,
+    ) -> AgentClient:
+        """Connect to the agent (through the encrypted channel, unless plaintext).
+
+        ``held``: the secret the guest holds when it is not the VM's own (a restored
+        snapshot's; this VM's own when a snapshot of it was just taken; the one before an
+        unfinished re-key): that session hands the guest ``new`` (a fresh one if None),
+        stored first (``vmm/channel_keys.py``)."""
+        secret, rekey = self._secret, None
+        if held is not None:
+            rekey = await asyncio.to_thread(self.channel_keys.begin_rekey, self.id, held, new)
+            secret = held
         agent = await AgentClient.connect_unix(
             self.run.agent,
             timeout=timeout,
             resync=resync,
             name=self.id,
             on_broken=self._on_agent_broken,
+            secret=secret,
+            rekey=rekey,
         )
+        if rekey is not None:
+            self._secret = rekey
+            await asyncio.to_thread(self.channel_keys.end_rekey, self.id)
+        self._drop_secret_file()
         agent.enable_xfer(self.run.xfer, slots=XFER_SLOTS, slot_size=XFER_SLOT_SIZE)
         return agent
 
-    async def _connect(self, *, restored: bool = False) -> None:
+    async def _reattach_agent(self, timeout: float) -> AgentClient:
+        """Connect to the agent of a VM an earlier manager ran, with the secret it kept (or
+        the one before, if that manager died in the middle of a re-key)."""
+        if self._secret is None:
+            raise VMError(
+                f"no channel secret is kept for VM {self.id} (it was started by an older "
+                "warden, or its key file was removed): remove it with `warden rm`"
+            )
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        try:
+            return await self._open_agent(timeout, resync=True)
+        except ChannelAuthError:
+            held = await asyncio.to_thread(self.channel_keys.previous, self.id)
+            if held is None:
+                raise
+            remaining = max(0.1, deadline - loop.time())
+            return await self._open_agent(remaining, resync=True, held=held, new=self._secret)
+
+    async def _connect(self, *, restored: bool = False, held: bytes | None = None) -> None:
         """Connect QMP and the agent, racing both against QEMU's exit and the deadline.
 
         A restored VM is resumed once its state has loaded: the snapshot was taken paused.
+        Its guest holds the snapshot's channel secret, ``held``, until the first session
+        hands it this VM's own.
         """
         assert self._proc is not None
         deadline = time.monotonic() + self.spec.agent_timeout_s
@@ -586,9 +683,8 @@ class Machine:
             self._qmp = await self._race(self._connect_qmp(deadline), exited, deadline, "QMP")
             if restored:
                 await self._race(self._resume_restored(self._qmp), exited, deadline, "restore")
-            self._agent = await self._race(
-                self._open_agent(deadline - time.monotonic()), exited, deadline, "the guest agent"
-            )
+            opening = self._open_agent(deadline - time.monotonic(), held=held, new=self._secret)
+            self._agent = await self._race(opening, exited, deadline, "the guest agent")
         finally:
             if not exited.done():
                 exited.cancel()
@@ -731,6 +827,8 @@ class Machine:
         if self.uid is not None and (self._proc is None or self._proc.returncode is not None):
             ids.release(self.paths.vms, self.uid, self.id)  # QEMU is gone: no one runs as it
             self.uid = None
+        if self._proc is None or self._proc.returncode is not None:
+            await asyncio.to_thread(self.channel_keys.forget, self.id)
 
 
 ATTACHED_POLL_S = 0.25

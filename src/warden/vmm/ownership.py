@@ -32,9 +32,11 @@ import threading
 import time
 from pathlib import Path
 
+from warden.config import Paths
 from warden.jail import ids
 from warden.vmm import cgroups
 from warden.vmm.cgroups import VMCgroup
+from warden.vmm.channel_keys import forget_vm
 
 OWNER_FILE = "owner.json"
 
@@ -147,6 +149,8 @@ def release(rundir: Path, *, grace_s: float = 2.0) -> None:
     uid = _int(data.get("uid"))
     if uid is not None and gone:  # a QEMU that outlived its kill keeps its uid (swept later)
         ids.release(rundir.parent, uid, rundir.name)
+    if gone:  # run/vms/<id> -> the data dir: no one reattaches to this VM any more
+        forget_vm(Paths(rundir.parent.parent.parent), rundir.name)
 
 
 def open_verified(pid: int, start: int | None, rundir: Path) -> int | None:

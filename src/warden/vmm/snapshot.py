@@ -59,6 +59,7 @@ from warden.config import (
     write_private,
 )
 from warden.seal import DigestRecord, KeyStoreError, Sealer, SealRefused, sha256_fd
+from warden.vmm.channel_keys import ChannelKeys
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,8 @@ class BootSnapshots:
         self.root = paths.home / "snapshots"
         self.sealer = Sealer(paths, SEAL_PURPOSE)
         self.digests = DigestRecord(paths.cache)
+        self.keys = ChannelKeys(paths)
+        """The channel secret inside each snapshot's guest memory (``snapshot/<key>``)."""
 
     @staticmethod
     def key(argv: list[str], vm_id: str, rundir: Path, qemu_version: str) -> str:
@@ -182,7 +185,17 @@ class BootSnapshots:
         if now is None or (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
             self.discard(key)
 
+    def channel_secret(self, key: str) -> bytes | None:
+        """The channel secret that the guest of snapshot ``key`` holds (None: none kept, so
+        the snapshot cannot be used)."""
+        try:
+            return self.keys.snapshot(key)
+        except KeyStoreError as exc:
+            log.warning("the channel secret of boot snapshot %s is unusable: %s", key, exc)
+            return None
+
     def discard(self, key: str) -> None:
+        self.keys.forget_snapshot(key)
         target = self.root / key
         for child in (target / STATE_FILE, target / META_FILE):
             if child.is_dir() and not child.is_symlink():  # not ours: planted
@@ -206,6 +219,7 @@ class BootSnapshots:
             except (OSError, ValueError, AttributeError):
                 continue  # being written right now, or not ours to judge
             if any(not Path(f).exists() for f in files):
+                self.keys.forget_snapshot(entry.name)
                 shutil.rmtree(entry, ignore_errors=True)
                 (self.root / f".{entry.name}.lock").unlink(missing_ok=True)
                 removed.append(entry)

@@ -35,6 +35,7 @@ __all__ = [
     "XFER_ALIGN",
     "XFER_MAX_LENGTH",
     "XFER_SERIAL",
+    "XFER_TAG_SIZE",
     "Channel",
     "Frame",
     "FrameDecoder",
@@ -47,6 +48,7 @@ __all__ = [
     "encode_json",
     "encode_window",
     "encode_xfer_ref",
+    "xfer_ref_tag",
 ]
 
 PROTOCOL_VERSION = 1
@@ -85,6 +87,7 @@ XFER_SERIAL = "warden-xfer"
 XFER_ALIGN = 4096
 XFER_MAX_LENGTH = 4 << 20
 XFER_REF = struct.Struct(">QI")
+XFER_TAG_SIZE = 16
 
 # Flow control of what the guest sends (stdout, stderr, file reads), like HTTP/2's
 # WINDOW_UPDATE (RFC 9113, section 6.9). Each such stream of a request starts with a credit of
@@ -364,20 +367,29 @@ def decode_window(payload: bytes) -> int:
     return int(increment)
 
 
-def encode_xfer_ref(offset: int, length: int) -> bytes:
-    """The payload of an XFER DATA frame."""
+def encode_xfer_ref(offset: int, length: int, tag: bytes = b"") -> bytes:
+    """The payload of an XFER DATA frame: offset, length, and (on an encrypted channel) the
+    piece's XFER_TAG_SIZE-byte authentication tag (``warden.channel.window``)."""
     if offset < 0 or offset % XFER_ALIGN or not 0 < length <= XFER_MAX_LENGTH:
         raise FrameError(f"bad transfer window reference: offset {offset}, length {length}")
-    return XFER_REF.pack(offset, length)
+    if len(tag) not in (0, XFER_TAG_SIZE):
+        raise FrameError(f"a transfer window tag is {XFER_TAG_SIZE} bytes, not {len(tag)}")
+    return XFER_REF.pack(offset, length) + tag
+
+
+def xfer_ref_tag(payload: bytes) -> bytes:
+    """The authentication tag of a reference (b"" if it has none)."""
+    return payload[XFER_REF.size :]
 
 
 def decode_xfer_ref(payload: bytes) -> tuple[int, int]:
     """(offset, length) from an XFER DATA frame; FrameError if malformed."""
-    if len(payload) != XFER_REF.size:
+    if len(payload) not in (XFER_REF.size, XFER_REF.size + XFER_TAG_SIZE):
         raise FrameError(
-            f"a transfer window reference is {XFER_REF.size} bytes, not {len(payload)}"
+            f"a transfer window reference is {XFER_REF.size} bytes (or "
+            f"{XFER_REF.size + XFER_TAG_SIZE} with a tag), not {len(payload)}"
         )
-    offset, length = XFER_REF.unpack(payload)
+    offset, length = XFER_REF.unpack_from(payload)
     if offset % XFER_ALIGN or not 0 < length <= XFER_MAX_LENGTH:
         raise FrameError(f"bad transfer window reference: offset {offset}, length {length}")
     return offset, length

@@ -87,6 +87,12 @@ class Key:
     AGENT = "agent"
     PID = "pid"
     XFER = "xfer"
+    REKEY = "rekey"
+    """HELLO (host): the VM's new channel secret, hex, for every later handshake."""
+    REKEYED = "rekeyed"
+    """HELLO (agent): true once it holds the secret that REKEY handed it."""
+    XFER_KEY = "xfer_key"
+    """HELLO (host): the session's transfer-window key, hex (see warden.channel.window)."""
 
 
 class ErrorKind:
