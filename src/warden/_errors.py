@@ -9,6 +9,8 @@ and its message says what the user can do about it::
      |    +-- ImageNotFoundError
      |    +-- ImageBuildError   carries the failed command and the tail of its output
      +-- HostError              the host lacks something (QEMU, a kernel, a permission)
+     |    +-- JailUnavailableError  the jail was required and the host lacks a feature of it;
+     |                              nothing was started (HTTP 409 from a daemon)
      +-- VMError                a VM failed to start or died
      |    +-- LaunchError       carries argv, exit code and console tail
      |    +-- AgentTimeoutError the guest agent did not answer in time (quotes the console)
@@ -64,6 +66,18 @@ class ImageBuildError(ImageError):
 
 class HostError(WardenError):
     """The host lacks something warden needs; the message says how to install it."""
+
+
+class JailUnavailableError(HostError):
+    """The jail was required (``--require-jail``, ``require_jail=True``) and this host lacks a
+    feature of it. The message names each missing feature, why, and what to do (``warden
+    doctor``). Nothing was started: no QEMU, uid claim, mount or runtime dir (HTTP 409 from a
+    daemon, which records nothing)."""
+
+
+JAIL_REFUSED = "the jail is required"
+"""How a :class:`JailUnavailableError`'s message begins: the remote SDK knows the daemon's
+refusal by it."""
 
 
 class VMError(WardenError):

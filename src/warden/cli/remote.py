@@ -55,6 +55,17 @@ HostOption = Annotated[
 ]
 
 
+RequireJailOption = Annotated[
+    bool,
+    typer.Option(
+        "--require-jail",
+        help="Have the daemon refuse the create (nothing is recorded) unless QEMU gets every "
+        "jail feature on its host (`warden doctor` there lists them); without it a missing "
+        "feature is a logged downgrade.",
+    ),
+]
+
+
 def _fail(message: str) -> NoReturn:
     err.print(f"[red]warden:[/red] {message}", highlight=False)
     raise typer.Exit(EXIT_WARDEN_ERROR)
@@ -114,6 +125,7 @@ def create(
         list[str] | None, typer.Option("--label", help="k=v, may be repeated.")
     ] = None,
     host: HostOption = None,
+    require_jail: RequireJailOption = False,
 ) -> None:
     """Create a sandbox that outlives this command; print its id."""
     body: dict[str, Any] = {
@@ -124,6 +136,8 @@ def create(
     }
     if name is not None:
         body["name"] = name
+    if require_jail:  # only when asked: a daemon that predates it refuses the field
+        body["require_jail"] = True
     with _client(host) as c:
         vm = _check(c.post("/v1/sandboxes", json=body, timeout=httpx.Timeout(300.0)))
     print(vm["id"])

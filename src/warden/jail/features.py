@@ -21,9 +21,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from warden._errors import JAIL_REFUSED, JailUnavailableError
 from warden.config import PRIVATE_FILE, Paths, open_private, private_dir, write_private
 from warden.jail import ids
-from warden.jail.policy import JailUnavailableError
 from warden.vmm import argv as qemu_argv
 from warden.vmm import cgroups
 
@@ -104,13 +104,23 @@ class JailPlan:
         return "; ".join(f"{f}: {why}" for f, why in self.missing.items())
 
     def refuse_if_incomplete(self) -> None:
-        """Raise JailUnavailableError naming each missing feature (``--require-jail``)."""
+        """Raise JailUnavailableError naming each missing feature (``--require-jail``,
+        ``require_jail=True``)."""
         if self.missing:
             raise JailUnavailableError(
-                "the jail is required (--require-jail) but this host lacks "
-                f"{', '.join(self.missing)}: {self.describe_missing()}. `warden doctor` lists "
-                "every jail feature; without --require-jail warden runs with what the host has"
+                f"{JAIL_REFUSED} (--require-jail, require_jail=True) but this host lacks "
+                f"{', '.join(self.missing)}: {self.describe_missing()}. Give the host what "
+                "is missing (`warden doctor` lists every jail feature and checks it), or leave "
+                "out the requirement to run in what jail the host has (each launch logs what "
+                "is missing)"
             )
+
+
+def require(paths: Paths, qemu: str, image_file: Path, *, use_cgroups: bool = True) -> None:
+    """Raise JailUnavailableError if this host lacks any jail feature (a check before a VM is
+    recorded or made; its launch checks again)."""
+    host = detect(paths, qemu, image_file, use_cgroups=use_cgroups)
+    JailPlan.from_features(host).refuse_if_incomplete()
 
 
 def detect(

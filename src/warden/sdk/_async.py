@@ -52,12 +52,18 @@ class AsyncSandbox:
         accel: str = "auto",
         timeout: float = 60.0,
         boot: str = "snapshot",
+        require_jail: bool = False,
     ) -> AsyncSandbox:
         """Boot a sandbox and wait until its agent answers (at most ``timeout`` seconds).
 
         ``boot="snapshot"`` (the default) restores a saved just-booted state of the same
         configuration when there is one, and saves one after a cold boot; ``"cold"`` always
         boots from scratch.
+
+        ``require_jail=True`` refuses to boot (``JailUnavailableError``, a ``HostError``,
+        naming what is missing) unless this VM's QEMU gets every jail feature of the host
+        (``warden doctor`` lists them); nothing is started then. Without it a missing feature
+        is a logged downgrade (unless ``jail.policy.set_default_mode("require")``).
         """
         spec = VMSpec.parse(
             image=image,
@@ -70,7 +76,7 @@ class AsyncSandbox:
             agent_timeout_s=timeout,
             boot=boot,
         )
-        machine = Machine(spec, paths=Paths.from_env())
+        machine = Machine(spec, paths=Paths.from_env(), jail="require" if require_jail else None)
         await machine.launch()
         return cls(machine)
 

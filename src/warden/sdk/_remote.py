@@ -30,11 +30,13 @@ from typing import Any, NoReturn, cast
 import httpx
 
 from warden._errors import (
+    JAIL_REFUSED,
     AdmissionError,
     AgentError,
     CommandTimeoutError,
     GuestFileError,
     HostError,
+    JailUnavailableError,
     NameConflictError,
     SandboxClosedError,
     SpecError,
@@ -99,6 +101,8 @@ def _raise(response: httpx.Response, *, vm_id: str | None = None, files: bool = 
         raise SandboxClosedError(f"sandbox {vm_id} no longer exists on the daemon: {detail}")
     if status == 409 and vm_id is not None:
         raise SandboxClosedError(f"sandbox {vm_id} cannot be used: {detail}")
+    if status == 409 and detail.startswith(JAIL_REFUSED):
+        raise JailUnavailableError(f"the warden daemon refused the create: {detail}")
     if status == 409:
         cls = NameConflictError if "exists already" in detail else AdmissionError
         raise cls(detail)
@@ -456,10 +460,13 @@ class _AsyncFactory:
         accel: str = "auto",
         timeout: float = 60.0,
         boot: str = "snapshot",
+        require_jail: bool = False,
     ) -> AsyncSandbox:
         """Create a sandbox on the daemon; the same parameters as ``AsyncSandbox.create``.
 
         ``accel`` and ``boot`` are the daemon's to choose: only their defaults are accepted.
+        ``require_jail=True`` has the daemon refuse (``JailUnavailableError``, HTTP 409,
+        nothing recorded) unless its host gives the VM every jail feature.
         The sandbox is removed from the daemon by ``kill()``/``close()``/leaving ``with``.
         """
         if accel != "auto" or boot != "snapshot":
@@ -479,6 +486,8 @@ class _AsyncFactory:
         spec = VMSpec.parse(check_host=False, **fields, agent_timeout_s=timeout)
         if name is None:
             del fields["name"]
+        if require_jail:  # only when asked: a daemon that predates it refuses the field
+            fields["require_jail"] = True
         http = self._endpoint.async_client(httpx.Timeout(60.0, read=None))
         try:
             r = await http.post(f"{API}/sandboxes", json=fields, timeout=timeout + 60.0)
@@ -512,6 +521,7 @@ class _SyncFactory:
         accel: str = "auto",
         timeout: float = 60.0,
         boot: str = "snapshot",
+        require_jail: bool = False,
     ) -> Sandbox:
         """See :meth:`_AsyncFactory.create`."""
         from warden.sdk import _portal
@@ -528,6 +538,7 @@ class _SyncFactory:
                     accel=accel,
                     timeout=timeout,
                     boot=boot,
+                    require_jail=require_jail,
                 )
             )
         )

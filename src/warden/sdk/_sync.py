@@ -49,12 +49,13 @@ class Sandbox:
         accel: str = "auto",
         timeout: float = 60.0,
         boot: str = "snapshot",
+        require_jail: bool = False,
     ) -> Sandbox:
         """Boot a sandbox and wait until its agent answers (at most ``timeout`` seconds).
 
         ``boot="snapshot"`` (the default) restores a saved just-booted state of the same
         configuration when there is one, and saves one after a cold boot; ``"cold"`` always
-        boots from scratch.
+        boots from scratch. ``require_jail``: see :meth:`AsyncSandbox.create`.
         """
         return cls(
             _portal.call(
@@ -68,6 +69,7 @@ class Sandbox:
                     accel=accel,
                     timeout=timeout,
                     boot=boot,
+                    require_jail=require_jail,
                 )
             )
         )

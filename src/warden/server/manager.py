@@ -17,16 +17,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from warden._errors import StateTransitionError, VMError, VMNotFoundError
 from warden.config import Paths
+from warden.image.store import load_image
+from warden.jail import features
+from warden.jail.policy import default_mode
 from warden.policy.admission import AdmissionPolicy, HostCapacity, check
 from warden.store.db import ACTIVE_STATES, Reservations, Store, VMRow, db_path
 from warden.vmm import ownership
-from warden.vmm.machine import UNKNOWN_EXIT_CODE, Machine, new_vm_id
+from warden.vmm.machine import QEMU_BINARY, UNKNOWN_EXIT_CODE, Machine, new_vm_id
 from warden.vmm.ownership import Ownership
 from warden.vmm.spec import VMSpec
 from warden.vmm.state import LIVE_STATES, VMState
@@ -149,9 +153,14 @@ class Manager:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    async def create(self, spec: VMSpec) -> VMRow:
-        """Admit, record and boot a VM. A refused create (AdmissionError, NameConflictError)
-        leaves no trace; a failed boot leaves a ``failed`` row saying why."""
+    async def create(self, spec: VMSpec, *, require_jail: bool = False) -> VMRow:
+        """Admit, record and boot a VM. A refused create (AdmissionError, NameConflictError,
+        JailUnavailableError) leaves no trace; a failed boot leaves a ``failed`` row saying
+        why. ``require_jail`` (or the daemon's ``--require-jail``) refuses a host that lacks
+        a jail feature: checked before anything is recorded, and again by the launch."""
+        require_jail = require_jail or default_mode() == "require"
+        if require_jail:
+            await asyncio.to_thread(self._check_jail, spec)
         vm_id = new_vm_id()
 
         def admit(reserved: Reservations) -> None:
@@ -168,7 +177,13 @@ class Manager:
         await asyncio.to_thread(
             self.store.create_vm, vm_id, spec, runtime_dir=self.paths.vms / vm_id, admit=admit
         )
-        machine = Machine(spec, paths=self.paths, ownership=Ownership.DAEMON, vm_id=vm_id)
+        machine = Machine(
+            spec,
+            paths=self.paths,
+            ownership=Ownership.DAEMON,
+            vm_id=vm_id,
+            jail="require" if require_jail else None,
+        )
         try:
             await machine.launch()
         except BaseException as exc:
@@ -192,6 +207,14 @@ class Manager:
             await self._mark_unhealthy(vm_id, machine.error or "the guest agent broke")
             row = await self.get(vm_id)
         return row
+
+    def _check_jail(self, spec: VMSpec) -> None:
+        """JailUnavailableError if this host lacks a jail feature for ``spec``'s image (the
+        check its launch makes; a missing QEMU or image is the launch's to report)."""
+        qemu = shutil.which(QEMU_BINARY)
+        if qemu is not None:
+            image = load_image(self.paths, spec.image)
+            features.require(self.paths, qemu, image.kernel.path)
 
     def _hold(self, machine: Machine) -> None:
         held = _Held(machine)

@@ -46,6 +46,12 @@ class CreateRequest(BaseModel):
     vcpus: int = Field(default=1, ge=1, le=MAX_VCPUS)
     env: Env = Field(default_factory=dict)
     labels: Labels = Field(default_factory=dict)
+    require_jail: bool = Field(
+        default=False,
+        description="refuse the create (409, nothing recorded) unless QEMU gets every jail "
+        "feature on the daemon's host (`warden doctor` lists them); without it a missing "
+        "feature is a logged downgrade (unless the daemon runs with --require-jail)",
+    )
 
 
 Argv = Annotated[list[Arg], Field(min_length=1, max_length=MAX_ARGV)]

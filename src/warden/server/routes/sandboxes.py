@@ -6,10 +6,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, HTTPException, Query, Response
 from fastapi.responses import PlainTextResponse
 
-from warden._errors import AdmissionError, NameConflictError
+from warden._errors import AdmissionError, JailUnavailableError, NameConflictError
 from warden.server.models import CreateRequest, Sandbox
 from warden.server.routes import API, ManagerDep, MetricsDep
 from warden.vmm.spec import VMSpec
@@ -19,15 +19,18 @@ router = APIRouter(prefix=f"{API}/sandboxes")
 
 @router.post("", status_code=201)
 async def create(body: CreateRequest, manager: ManagerDep, metrics: MetricsDep) -> Sandbox:
-    spec = VMSpec.parse(**body.model_dump())
+    spec = VMSpec.parse(**body.model_dump(exclude={"require_jail"}))
     started = time.monotonic()
     outcome = "error"
     try:
-        row = await manager.create(spec)
+        row = await manager.create(spec, require_jail=body.require_jail)
         outcome = "ok"
     except (AdmissionError, NameConflictError):
         outcome = "refused"
         raise
+    except JailUnavailableError as exc:
+        outcome = "refused"
+        raise HTTPException(409, str(exc)) from None
     finally:
         metrics.create_seconds.observe(time.monotonic() - started, outcome=outcome)
     return Sandbox.from_row(row)
