@@ -18,6 +18,7 @@ and its message says what the user can do about it::
      |                                     deadline; its connection was closed
      +-- AgentError             the guest agent refused or failed an operation
      |    +-- ProtocolError     a malformed frame; the connection was closed
+ |    |    +-- ChannelAuthError  the encrypted channel refused a handshake or a record
      |    +-- CommandTimeoutError  a command passed its timeout and was killed
      |    +-- GuestFileError    a file operation failed in the guest (errno + path)
      +-- SandboxClosedError     the sandbox was killed or closed already
@@ -115,6 +116,12 @@ class AgentError(WardenError):
 
 class ProtocolError(AgentError):
     """A malformed frame was received; that connection was closed."""
+
+
+class ChannelAuthError(ProtocolError):
+    """The encrypted agent channel refused what it received: a handshake under another secret,
+    or a record that was altered, replayed, reordered or truncated. That connection was
+    closed; a new one starts a new session."""
 
 
 class CommandTimeoutError(AgentError, TimeoutError):

@@ -53,14 +53,19 @@ class WindowAuth:
 
     def tag(self, request_id: int, sequence: int, piece: bytes | memoryview) -> bytes:
         """The 16-byte tag of ``piece``, the ``sequence``-th of request ``request_id``."""
-        return self._aead.encrypt(window_nonce(request_id, sequence), b"", piece)
+        return self._aead.encrypt(window_nonce(request_id, sequence), b"", _bytes(piece))
 
     def check(self, request_id: int, sequence: int, piece: bytes | memoryview, tag: bytes) -> bool:
         """Whether ``tag`` is the tag of ``piece`` at that place."""
         from cryptography.exceptions import InvalidTag
 
         try:
-            self._aead.decrypt(window_nonce(request_id, sequence), tag, piece)
+            self._aead.decrypt(window_nonce(request_id, sequence), tag, _bytes(piece))
         except InvalidTag:
             return False
         return True
+
+
+def _bytes(piece: bytes | memoryview) -> bytes:
+    """``cryptography`` 38 (the guest's) takes associated data only as bytes: one copy."""
+    return piece if isinstance(piece, bytes) else bytes(piece)

@@ -78,7 +78,10 @@ class WriteFile(Request):
                 self._discard()
                 self.finish(failure(ErrorKind.IO, f"transfer window: {exc}"))
                 return
-            problem = self._check_piece(view, xfer_ref_tag(frame.payload))
+            try:
+                problem = self._check_piece(view, xfer_ref_tag(frame.payload))
+            except Exception as exc:  # noqa: BLE001 - the request fails, the agent goes on
+                problem = f"the piece could not be checked ({type(exc).__name__}: {exc})"
             if problem is not None:
                 self._discard()
                 self.finish(failure(ErrorKind.INVALID, f"transfer window: {problem}"))
