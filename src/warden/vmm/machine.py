@@ -122,6 +122,9 @@ class Machine:
         """The VM's cgroups (memory incl. QEMU's overhead, CPU, tasks), where the host has them."""
         self.console_log = console.ConsoleLog(self.run.console)
         self._console_task: asyncio.Task[None] | None = None
+        self._renewal: asyncio.Task[None] | None = None
+        """A new agent session after the channel refused a record (see _on_agent_broken)."""
+        self._renewals = 0
         self.error: str | None = None
         """Why the VM is unhealthy (its agent connection broke), or None."""
         self.on_unhealthy: UnhealthyCallback | None = None
@@ -609,6 +612,27 @@ class Machine:
         if self.state is not VMState.RUNNING:
             log.warning("VM %s (%s): %s", self.id, self.state.value, error)
             return  # launching (the launch fails by itself), stopping, or gone already
+        if isinstance(error, ChannelAuthError) and self._renewals < MAX_SESSION_RENEWALS:
+            # Something altered the traffic on the way (the agent itself cannot: it holds the
+            # keys). The requests in flight failed; a new session serves the next ones.
+            self._renewals += 1
+            log.warning("VM %s: %s; opening a new agent session", self.id, error)
+            self._renewal = asyncio.create_task(
+                self._renew_session(), name=f"warden-renew-{self.id}"
+            )
+            return
+        self._mark_unhealthy(error)
+
+    async def _renew_session(self) -> None:
+        try:
+            self._agent = await self._open_agent(self.spec.agent_timeout_s, resync=True)
+        except WardenError as exc:
+            if self.state is VMState.RUNNING:
+                self._mark_unhealthy(exc)
+        finally:
+            self._renewal = None
+
+    def _mark_unhealthy(self, error: WardenError) -> None:
         self.error = str(error).splitlines()[0] if str(error) else type(error).__name__
         self._set_state(VMState.UNHEALTHY)
         log.warning("VM %s is unhealthy: %s", self.id, self.error)
@@ -816,6 +840,8 @@ class Machine:
         await self._hard_stop()
 
     async def _cleanup(self) -> None:
+        if self._renewal is not None and self._renewal is not asyncio.current_task():
+            self._renewal.cancel()
         await self._stop_process()
         if self._watch is not None and self._watch is not asyncio.current_task():
             self._watch.cancel()
@@ -830,6 +856,10 @@ class Machine:
         if self._proc is None or self._proc.returncode is not None:
             await asyncio.to_thread(self.channel_keys.forget, self.id)
 
+
+MAX_SESSION_RENEWALS = 3
+"""New agent sessions a VM gets after the channel refused a record; the next refusal makes it
+unhealthy (a path that keeps altering traffic is not worth talking through)."""
 
 ATTACHED_POLL_S = 0.25
 """How often the exit of an attached (non-child) QEMU is polled."""
