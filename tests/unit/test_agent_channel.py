@@ -154,12 +154,14 @@ def test_a_new_host_takes_over_a_stream_left_mid_record(agent: SecretAgent) -> N
         task = asyncio.create_task(old.exec(["sh", "-c", "exec sleep 30"]))
         await asyncio.sleep(0.3)
         big = old._sealed(bytes(50_000))  # a record the agent is in the middle of
+        assert old._reader_task is not None
+        old._reader_task.cancel()  # the old host is dead: it reads nothing of the new session
         agent.sock.sendall(big[:20_000])
         new = await agent.client(resync=True)
         assert (await new.exec(["echo", "mine"])).stdout == b"mine\n"
         await new.close()
         await old.close()
-        with pytest.raises(Exception, match="closed|connection"):
+        with pytest.raises(Exception, match=r"closed|connection"):
             await task  # the old session's command went with it
 
     run(main())
@@ -167,3 +169,29 @@ def test_a_new_host_takes_over_a_stream_left_mid_record(agent: SecretAgent) -> N
 
 def test_handshake_messages_are_the_documented_size() -> None:
     assert len(Initiator(os.urandom(32)).data_to_send()) == HANDSHAKE_SIZE == 54
+
+
+def test_an_agent_without_the_channel_gets_a_clear_error(tmp_path: Path, user_tmp: Path) -> None:
+    """An agent that does not speak the channel (as one of an image built before it) never
+    answers the handshake: the host's timeout says to rebuild the image."""
+    parent, child = socket.socketpair()
+    argv = [*AGENT, "--fd", str(child.fileno()), "--user-home", str(user_tmp)]
+    log = tmp_path / "agent.log"
+    with open(log, "wb") as log_file:
+        proc = subprocess.Popen(
+            argv, pass_fds=[child.fileno()], stdin=subprocess.DEVNULL, stderr=log_file
+        )
+    child.close()
+
+    async def main() -> None:
+        reader, writer = await asyncio.open_connection(sock=parent)
+        with pytest.raises(AgentTimeoutError, match=r"channel handshake.*rebuild the image"):
+            await AgentClient.from_streams(reader, writer, timeout=1.0, secret=os.urandom(32))
+
+    try:
+        run(main())
+        _check_exit(proc, log, expect_clean=True)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
