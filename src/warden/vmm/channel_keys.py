@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 
 from warden.config import Paths
-from warden.seal.keys import KEY_BYTES, KeyStore
+from warden.seal.keys import KEY_BYTES, NAME_RE, KeyStore
 
 __all__ = ["ChannelKeys"]
 
@@ -74,4 +74,5 @@ class ChannelKeys:
 
 def forget_vm(paths: Paths, vm_id: str) -> None:
     """Delete the secrets of a VM that is gone (for callers without a Machine)."""
-    ChannelKeys(paths).forget(vm_id)
+    if NAME_RE.match(f"vm/{vm_id}-prev"):  # else not a VM id of ours: it has no secret
+        ChannelKeys(paths).forget(vm_id)
