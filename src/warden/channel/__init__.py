@@ -17,9 +17,9 @@ session its own keys (two sessions with one psk never share keys) and forward se
 recorded session stays secret even if the psk leaks later. ChaCha20-Poly1305 is fast without
 AES instructions (TCG guests) and SHA-256 is in both sides' standard library.
 
-Not done yet: the integration with the guest agent and the host client (the channel is not
-used on the wire yet), the per-VM secret and its delivery to the guest (QEMU ``fw_cfg`` from a
-0600 file), re-keying of clones restored from one snapshot, authenticating the transfer window,
-and rekey within a session (Noise section 11.3: CipherState.rekey exists, the records do not
-use it).
+Where it is used: :mod:`warden.agent.secure` (the host), :mod:`warden.guest.agent` (the
+guest agent), :mod:`.window` (tags for the transfer window's pieces), and
+:mod:`warden.vmm.channel_keys` (each VM's secret). ``docs/security.md``, "The agent channel",
+describes the whole. Not done: rekey within a session (Noise section 11.3:
+``CipherState.rekey`` exists, the records do not use it).
 """

@@ -6,8 +6,13 @@ framing of :mod:`warden.wire.frame` and the names of :mod:`warden.wire.ops`.
 
 Constraints that shape this package:
 
-* Standard library only, and nothing from warden but :mod:`warden.wire` (a unit test imports it
-  with only the stdlib and these files on the path).
+* Standard library only, and nothing from warden but :mod:`warden.wire` and
+  :mod:`warden.channel` (a unit test imports it with only the stdlib and these files on the
+  path). The channel needs ``cryptography``: Debian's python3-cryptography, from
+  ``/usr/lib/python3/dist-packages``, which the agent adds to its path (it runs with ``-S``).
+* Every connection is the encrypted channel (:mod:`warden.channel.transport`), with the VM's
+  secret read from fw_cfg at boot (:mod:`.pid1`); :mod:`.agent` hunts for the host's
+  handshake, and :mod:`.writer` seals every frame.
 * Python in the guest runs under TCG, about 7x slower than on the host: no asyncio, no typing
   or enum-heavy imports at start (``subprocess``, ``ctypes``, ``shutil`` load lazily), threads
   and os-level I/O. This ``__init__`` imports nothing.
@@ -31,5 +36,8 @@ written to the port under one lock.
 For tests, ``python -m warden.guest --fd N`` serves one connection on an open fd (a socketpair
 end) and exits at its EOF; ``--listen PATH`` serves connections on a unix socket one after
 another, which exercises the same reset-on-disconnect path as the virtio port. Either takes
-``--user-home DIR``: the home of ``user`` on a host that has no ``/home/user``.
+``--user-home DIR``: the home of ``user`` on a host that has no ``/home/user``, and
+``--secret-file FILE``: the channel secret (without it, such a local agent speaks plaintext
+frames; in a VM the agent always needs its secret, unless the host booted it with
+``warden.channel=plain`` for a benchmark).
 """
