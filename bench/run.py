@@ -2,6 +2,9 @@
 
 Both sides boot the same kernel, initramfs and rootfs under the same QEMU and accelerator;
 only the agent differs. Runs alternate between the two so that machine noise hits both.
+Two more rows compare warden with itself: the jail on and off (``--only jail``), and the agent
+channel with and without its crypto layer (``--only channel``), with, measured in a guest,
+what encrypting the transfer window would cost. Rows with a target say PASS or FAIL.
 Results go to ``bench/results/<utc time>.json``; ``docs/benchmarks.md`` summarizes them.
 """
 
@@ -22,11 +25,16 @@ from pathlib import Path
 from typing import Any
 
 from bench.qga import QgaVM
+from warden.config import Paths
+from warden.guest.pid1 import SCALAR_CRYPTO
 from warden.jail import policy
 from warden.sdk import AsyncSandbox
+from warden.vmm.machine import Machine
+from warden.vmm.spec import VMSpec
 
 RESULTS = Path(__file__).resolve().parent / "results"
 WRITE_SIZE = 64 * 1024 * 1024
+WRITE_METRIC = "write 64 MiB host->guest (MB/s)"
 
 
 def pct(values: list[float], q: float) -> float:
@@ -103,6 +111,173 @@ async def bench_jail(runs: int) -> list[dict[str, Any]]:
     return [row]
 
 
+GUEST_CRYPTO = """
+import os, time
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+PIECE, N = 1 << 20, 64
+aead = ChaCha20Poly1305(os.urandom(32))
+nonces = [i.to_bytes(12, "big") for i in range(N)]
+pieces = [os.urandom(PIECE) for _ in range(N)]
+sealed = [aead.encrypt(n, p, None) for n, p in zip(nonces, pieces)]
+def decrypt():
+    for n, c in zip(nonces, sealed):
+        aead.decrypt(n, c, None)
+def tag():
+    for n, p in zip(nonces, pieces):
+        aead.encrypt(n, b"", p)
+def mbps(step):
+    best = float("inf")
+    for _ in range(2):
+        t0 = time.perf_counter()
+        step()
+        best = min(best, time.perf_counter() - t0)
+    return N * PIECE / 1e6 / best
+print(mbps(decrypt), mbps(tag))
+"""
+"""In the guest: MB/s of ChaCha20-Poly1305 decryption of 64 MiB in 1 MiB pieces (what an
+encrypted window would cost the agent) and of the Poly1305 tag over the same pieces (the
+piece as AD, empty plaintext: what the window costs now), best of 2 each."""
+
+
+async def _sandbox(*, plaintext: bool, memory_mib: int = 512) -> AsyncSandbox:
+    """A sandbox built as ``AsyncSandbox.create`` builds one, with or without the channel's
+    crypto layer (``plaintext_channel`` is a Machine option only the benchmark uses)."""
+    spec = VMSpec.parse(memory_mib=memory_mib)
+    machine = Machine(spec, paths=Paths.from_env(), plaintext_channel=plaintext)
+    await machine.launch()
+    return AsyncSandbox(machine)
+
+
+async def _write_mbps(sbx: AsyncSandbox, data: bytes) -> float:
+    t0 = time.perf_counter()
+    await sbx.files.write("/tmp/big", data)
+    return len(data) / 1e6 / (time.perf_counter() - t0)
+
+
+async def _qga_write_mbps(data: bytes) -> float:
+    vm = QgaVM(memory_mib=512)
+    try:
+        await vm.start()
+        t0 = time.perf_counter()
+        await vm.write_file("/tmp/big", data)
+        return len(data) / 1e6 / (time.perf_counter() - t0)
+    finally:
+        await vm.stop()
+
+
+async def _alternate_exec(
+    a: AsyncSandbox, b: AsyncSandbox, iterations: int
+) -> tuple[list[float], list[float]]:
+    """Seconds of each exec of ``true`` on ``a`` and on ``b``, alternating, after a warm-up."""
+    for _ in range(5):
+        await a.commands.run(["true"])
+        await b.commands.run(["true"])
+    on_a: list[float] = []
+    on_b: list[float] = []
+    for _ in range(iterations):
+        t0 = time.perf_counter()
+        await a.commands.run(["true"])
+        on_a.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        await b.commands.run(["true"])
+        on_b.append(time.perf_counter() - t0)
+    return on_a, on_b
+
+
+async def _guest_crypto_mbps(sbx: AsyncSandbox) -> tuple[float, float]:
+    """GUEST_CRYPTO in ``sbx``, with the agent's OpenSSL setting: (decrypt, tag) MB/s."""
+    r = await sbx.commands.run(
+        ["/usr/bin/python3", "-c", GUEST_CRYPTO],
+        env={"OPENSSL_ia32cap": SCALAR_CRYPTO},
+        timeout=300,
+    )
+    if r.exit_code != 0:
+        raise RuntimeError(f"the guest crypto benchmark failed: {r.stderr}")
+    decrypt, tag = (float(x) for x in r.stdout.split())
+    return decrypt, tag
+
+
+def _target(row: dict[str, Any], op: str, bound: float) -> dict[str, Any]:
+    row["target"] = f"{op} {bound:g}"
+    row["pass"] = row["ratio"] <= bound if op == "<=" else row["ratio"] >= bound
+    return row
+
+
+async def bench_channel(
+    iterations: int, writes: int, qga_write_mbps: float | None
+) -> list[dict[str, Any]]:
+    """What the channel's crypto layer costs: two sandboxes of the same configuration, one
+    with the encrypted channel (the default) and one with ``plaintext_channel``, exec of
+    ``true`` alternating between them, then 64 MiB writes alternating (best of ``writes``);
+    the encrypted write against qemu-ga's (``qga_write_mbps`` from the peer rows of this run,
+    else measured here); and, in the guest, what encrypting the window would cost."""
+    data = os.urandom(WRITE_SIZE)
+    digest = hashlib.sha256(data).hexdigest()
+    enc = await _sandbox(plaintext=False)
+    try:
+        plain = await _sandbox(plaintext=True)
+    except BaseException:
+        await enc.kill()
+        raise
+    try:
+        e_exec, p_exec = await _alternate_exec(enc, plain, iterations)
+        e_write: list[float] = []
+        p_write: list[float] = []
+        for _ in range(writes):
+            e_write.append(await _write_mbps(enc, data))
+            p_write.append(await _write_mbps(plain, data))
+        for sbx in (enc, plain):
+            check = await sbx.commands.run(["sha256sum", "/tmp/big"], timeout=300)
+            assert check.stdout.split()[0] == digest, "warden wrote different bytes"
+        await plain.kill()  # the guest's crypto is timed with one VM running
+        decrypt_mbps, tag_mbps = await _guest_crypto_mbps(enc)
+    finally:
+        await enc.kill()
+        await plain.kill()
+    if qga_write_mbps is None:
+        qga_write_mbps = await _qga_write_mbps(data)
+
+    e_best, p_best = max(e_write), max(p_write)
+    predicted = 1 / (1 / p_best + 1 / decrypt_mbps)
+    plain_is = "the same warden with plaintext_channel (no crypto layer)"
+    e50, p50 = pct(e_exec, 0.5) * 1e3, pct(p_exec, 0.5) * 1e3
+    exec_row = _pair("channel: exec true p50 (ms), enc/plain", [e50], [p50], True)
+    exec_row |= {
+        "warden_p95": round(pct(e_exec, 0.95) * 1e3, 3),
+        "peer_p95": round(pct(p_exec, 0.95) * 1e3, 3),
+        "warden_samples": [round(x * 1e3, 3) for x in e_exec],
+        "peer_samples": [round(x * 1e3, 3) for x in p_exec],
+        "peer_is": plain_is,
+    }
+    write_row = _pair("channel: write 64 MiB (MB/s), enc/plain", e_write, p_write, False)
+    write_row |= {
+        "warden": round(e_best, 3),
+        "peer": round(p_best, 3),
+        "ratio": round(e_best / p_best, 3),
+        "best_of": writes,
+        "peer_is": plain_is,
+    }
+    qga_row = _pair("  same, encrypted/qemu-ga (MB/s)", [e_best], [qga_write_mbps], False)
+    qga_row["peer_is"] = "qemu-guest-agent, guest-file-write of 1 MiB base64 chunks"
+    crypto_row = _pair("guest: decrypt/Poly1305 tag (MB/s)", [decrypt_mbps], [tag_mbps], False)
+    crypto_row["peer_is"] = (
+        "in one guest, scalar OpenSSL (OPENSSL_ia32cap as the agent): ChaCha20-Poly1305 "
+        "decryption of 64 MiB in 1 MiB pieces vs the Poly1305 tag alone (piece as AD), best of 2"
+    )
+    predicted_row = _pair("  write if window encrypted/plain", [predicted], [p_best], False)
+    predicted_row["peer_is"] = (
+        "predicted: 1/(1/plain write + 1/guest decrypt) against the plain write; below 0.5, "
+        "encrypting the window would miss the write target"
+    )
+    return [
+        _target(exec_row, "<=", 1.15),
+        _target(write_row, ">=", 0.5),
+        _target(qga_row, ">=", 20),
+        crypto_row,
+        _target(predicted_row, ">=", 0.5),
+    ]
+
+
 async def bench_exec_and_write(iterations: int) -> list[dict[str, Any]]:
     data = os.urandom(WRITE_SIZE)
     digest = hashlib.sha256(data).hexdigest()
@@ -155,7 +330,7 @@ async def bench_exec_and_write(iterations: int) -> list[dict[str, Any]]:
             [pct(t_exec, 0.5) * 1e3],
             True,
         ),
-        _pair("write 64 MiB host->guest (MB/s)", [mib / w_write], [mib / q_write], False),
+        _pair(WRITE_METRIC, [mib / w_write], [mib / q_write], False),
     ]
 
 
@@ -179,12 +354,16 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         rows += await bench_exec_and_write(args.iterations)
     if args.only in ("all", "jail"):
         rows += await bench_jail(args.jail_runs)
+    if args.only in ("all", "channel"):
+        qga = next((r["peer"] for r in rows if r["metric"] == WRITE_METRIC), None)
+        rows += await bench_channel(args.channel_iterations, args.channel_writes, qga)
     return {
         "when": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "host": {"cpus": os.cpu_count(), "python": platform.python_version()},
         "peer": "qemu-guest-agent (Debian), same kernel/initramfs/rootfs, microvm, TCG, "
         "stock kernel command line (the 'tuning' row gives it warden's); the 'jail' row's "
-        "peer is warden without the jail",
+        "peer is warden without the jail; the 'channel' rows' peer is warden without the "
+        "channel's crypto layer (each row's peer_is says)",
         "results": rows,
     }
 
@@ -194,11 +373,14 @@ def cli() -> None:
     parser.add_argument("--cold-runs", type=int, default=5)
     parser.add_argument("--iterations", type=int, default=200)
     parser.add_argument("--jail-runs", type=int, default=10)
+    parser.add_argument("--channel-iterations", type=int, default=100)
+    parser.add_argument("--channel-writes", type=int, default=2)
     parser.add_argument(
         "--only",
-        choices=("all", "peer", "jail"),
+        choices=("all", "peer", "jail", "channel"),
         default="all",
-        help="peer: warden against qemu-guest-agent; jail: warden with and without its jail",
+        help="peer: warden against qemu-guest-agent; jail: warden with and without its jail; "
+        "channel: warden with and without the channel's crypto layer",
     )
     args = parser.parse_args()
     report = asyncio.run(main(args))
@@ -206,9 +388,12 @@ def cli() -> None:
     stamp = report["when"].replace(":", "").replace("-", "")
     out = RESULTS / f"{stamp}.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"{'metric':36} {'warden':>10} {'peer':>10} {'ratio':>8}")
+    print(f"{'metric':40} {'warden':>10} {'peer':>10} {'ratio':>8}  target")
     for row in report["results"]:
-        print(f"{row['metric']:36} {row['warden']:>10} {row['peer']:>10} {row['ratio']:>7}x")
+        line = f"{row['metric']:40} {row['warden']:>10} {row['peer']:>10} {row['ratio']:>7}x"
+        if "target" in row:
+            line += f"  {row['target']:8} {'PASS' if row['pass'] else 'FAIL'}"
+        print(line)
     print(f"results: {out}")
 
 
