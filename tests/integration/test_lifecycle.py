@@ -156,7 +156,8 @@ async def test_a_new_host_takes_over_an_agent_left_mid_transfer(gap: float, no_l
     try:
         await machine.agent.close()
         for _ in range(3):
-            old = await AgentClient.connect_unix(machine.run.agent, timeout=10)
+            secret = machine.channel_keys.current(machine.id)
+            old = await AgentClient.connect_unix(machine.run.agent, timeout=10, secret=secret)
             old.enable_xfer(machine.run.xfer, slots=XFER_SLOTS, slot_size=XFER_SLOT_SIZE)
 
             async def endless() -> AsyncIterator[bytes]:
@@ -170,7 +171,9 @@ async def test_a_new_host_takes_over_an_agent_left_mid_transfer(gap: float, no_l
             with pytest.raises(SandboxClosedError):
                 await upload
             await asyncio.sleep(gap)
-            new = await AgentClient.connect_unix(machine.run.agent, timeout=20, resync=True)
+            new = await AgentClient.connect_unix(
+                machine.run.agent, timeout=20, resync=True, secret=secret
+            )
             try:
                 result = await new.exec(["sh", "-c", "ls -a /home/user; echo done"])
                 assert result.exit_code == 0 and result.stdout.endswith(b"done\n")

@@ -130,7 +130,14 @@ def test_the_jail_root_holds_only_the_vm_files(two_vms: tuple[Machine, Machine])
     assert not (root / str(b.run.dir).lstrip("/")).exists()
     assert not (root / str(home / "state.db").lstrip("/")).exists()
     visible = {p.name for p in (root / str(a.run.dir).lstrip("/")).iterdir()}
-    assert visible == {"xfer.img"}
+    # The transfer window, and the VM's own channel secret that QEMU read at start (read-only;
+    # the host's copy in the runtime dir is gone once the guest has it).
+    assert visible == {"xfer.img", "channel.key"}
+    assert not a.run.channel_key.exists()
+    key = root / str(a.run.channel_key).lstrip("/")
+    assert key.stat().st_uid == a.uid and key.stat().st_mode & 0o077 == 0
+    with pytest.raises(OSError, match="Read-only file system"):
+        os.open(key, os.O_WRONLY)
 
 
 def _as_uid(uid: int, action: str, path: Path) -> int:

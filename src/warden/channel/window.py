@@ -6,15 +6,15 @@ Large file writes do not travel through the channel's records: the host puts eac
 each piece carries a tag that the agent checks before it uses a byte of it:
 
     tag = ChaCha20-Poly1305(key).encrypt(nonce, plaintext=b"", associated_data=piece)
-    nonce = request id (u32, big-endian) || sequence number of the piece in that request (u64)
+    nonce = request id (u32, big-endian) || sequence number of the piece in the session (u64)
 
 That is the AEAD of RFC 8439 (section 2.8) with the piece as additional authenticated data
 and an empty plaintext: its 16-byte tag is a MAC of the piece. The key is random, made by the
 host for each session and handed to the agent in the session's HELLO, inside the encrypted
 channel; the tag travels in the reference, inside the channel too. So a piece that is
 altered, swapped with another slot's, replayed from an earlier request or session, or
-reordered within its request fails the check. A request id is never reused within a session
-(the client counts up and refuses to wrap), so no nonce repeats under one key.
+reordered fails the check. Both sides count the session's pieces in the order their references
+travel in the channel (which keeps order), so no nonce repeats under one key.
 
 Why not encrypt the pieces too: a guest under TCG decrypts ChaCha20-Poly1305 at about
 110 MB/s (with OpenSSL's scalar code; its SIMD code is slower under TCG), against about

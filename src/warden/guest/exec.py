@@ -100,6 +100,8 @@ class Exec(Request):
         self.done = False
         self.status: int | None = None
         self.exited = threading.Event()
+        self.eofs: list[int] = []
+        """Streams that ended: their EOFs go out with the response, in one send."""
 
     # -- called by the main thread
 
@@ -154,7 +156,7 @@ class Exec(Request):
         except Exception:  # noqa: BLE001 - the agent logs and carries on, never dies
             log_exception("exec")
             self.done = True
-            self.finish(failure(ErrorKind.AGENT, "internal error in exec"))
+            self.finish(failure(ErrorKind.AGENT, "internal error in exec"), tuple(self.eofs))
         finally:
             if self.stdin is not None:
                 self.stdin.put(None)
@@ -229,7 +231,7 @@ class Exec(Request):
         pump.pump(self, {out_r: Channel.STDOUT, err_r: Channel.STDERR}, deadline)
         self._wait(deadline)
         self.done = True
-        self.finish(self._result())
+        self.finish(self._result(), tuple(self.eofs))
 
     def _wait(self, deadline: float | None) -> None:
         while not self.exited.is_set():

@@ -32,8 +32,6 @@ class WriteFile(Request):
         self.parents = arg_bool(args, Key.PARENTS, False)
         self.account = account
         self.size = 0
-        self.pieces = 0
-        """Transfer-window pieces seen: the sequence number of the next one."""
         self.fd = -1
         self.tmp = ""
 
@@ -93,8 +91,7 @@ class WriteFile(Request):
     def _check_piece(self, view: memoryview, tag: bytes) -> str | None:
         """On the encrypted channel, whether the piece is the one the host tagged for this
         request at this place (``warden.channel.window``); what is wrong, if not."""
-        sequence = self.pieces
-        self.pieces += 1
+        sequence = self.session.piece
         window = self.session.window
         if window is None:
             if self.session.writer.encrypted:

@@ -74,7 +74,7 @@ def pump(ex: Exec, streams: dict[int, int], deadline: float | None) -> None:
                     poller.unregister(fd)
                     polled.discard(fd)
                     os.close(fd)
-                    ex.session.send_eof(ex.request_id, streams.pop(fd))
+                    ex.eofs.append(streams.pop(fd))  # sent with the response, in one send
     finally:
         for fd, channel in streams.items():
             os.close(fd)

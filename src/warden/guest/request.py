@@ -48,9 +48,10 @@ class Request:
         for credit in self.credits.values():
             credit.close()
 
-    def finish(self, response: dict[str, Any]) -> None:
+    def finish(self, response: dict[str, Any], eofs: tuple[int, ...] = ()) -> None:
+        """Answer the request (after the EOFs of ``eofs``, in one send) and forget it."""
         self.session.forget(self.request_id)
-        self.session.respond(self.request_id, response)
+        self.session.respond(self.request_id, response, eofs)
 
     def send(self, channel: int, credit: Credit, data: bytes) -> bool:
         """Send ``data`` (at most the credit) on ``channel``; False once the session is gone."""

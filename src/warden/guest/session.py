@@ -58,6 +58,11 @@ class Session:
         self.broken = False
         self.requests: dict[int, Request] = {}
         self._lock = threading.Lock()
+        self.piece = 0
+        """The sequence number of the transfer-window piece being handled."""
+        self.pieces = 0
+        """Transfer-window references received in this session: the sequence number of the
+        next piece (``warden.channel.window``), counted in the order they arrive."""
         self.window: WindowAuth | None = None
         """Checks the transfer window's pieces (the HELLO's ``xfer_key``): on the encrypted
         channel a piece without a valid tag is refused; on a plaintext one there is none."""
@@ -71,13 +76,18 @@ class Session:
     def send_eof(self, request_id: int, channel: int) -> bool:
         return self.writer.send(encode_header(FrameType.EOF, request_id, channel, 0))
 
-    def respond(self, request_id: int, response: dict[str, Any]) -> None:
+    def respond(
+        self, request_id: int, response: dict[str, Any], eofs: tuple[int, ...] = ()
+    ) -> None:
+        """Send the response, after the EOFs of ``eofs`` (channels), all in one send: on the
+        encrypted channel, one record (each record costs the guest an AEAD call and a write)."""
         try:
             data = encode_json(FrameType.RESPONSE, request_id, response)
         except FrameError as exc:
             message = f"cannot send the response: {exc}"
             data = encode_json(FrameType.RESPONSE, request_id, failure(ErrorKind.AGENT, message))
-        self.writer.send(data)
+        ends = b"".join(encode_header(FrameType.EOF, request_id, c, 0) for c in eofs)
+        self.writer.send(ends + data)
 
     def forget(self, request_id: int) -> None:
         with self._lock:
@@ -204,6 +214,9 @@ class Session:
 
     def _stream_frame(self, frame: Frame) -> None:
         op = self._op(frame.request_id)
+        if frame.type == FrameType.DATA and frame.channel == Channel.XFER:
+            self.piece = self.pieces  # for the op to check the piece with
+            self.pieces += 1
         if op is None:
             if frame.type == FrameType.DATA and frame.channel == Channel.XFER:
                 # Every window reference is acknowledged, even for a finished request,
