@@ -320,13 +320,6 @@ async def test_a_flipped_bit_in_a_handshake_is_refused(
     await _assert_usable(vm, secret)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ChannelAuthError,
-    reason="product bug: the host's Initiator takes the guest's answer to an earlier host's "
-    "handshake for the answer to its own, and fails (warden/channel/transport.py, "
-    "Initiator.receive)",
-)
 async def test_a_stale_handshake_does_not_break_a_takeover(vm: Machine, secret: bytes) -> None:
     """Takeover after an unanswered handshake: a host dies in the middle of a record; the next
     host, which does not pad the stream, sends its handshake (the guest takes it for the rest

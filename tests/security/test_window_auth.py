@@ -19,6 +19,7 @@ import pytest
 from warden import Sandbox
 from warden._errors import WardenError
 from warden.agent import client as client_module
+from warden.wire.frame import decode_xfer_ref
 
 pytestmark = pytest.mark.vm
 
@@ -48,7 +49,7 @@ def test_an_altered_piece_is_refused_and_nothing_is_written(
     ) -> bytes | None:
         reference = await put(self, request_id, data)
         if reference is not None and not altered:  # the first piece, after the host wrote it
-            offset, _length = client_module.decode_xfer_ref(reference)
+            offset, _length = decode_xfer_ref(reference)
             byte = os.pread(self.fd, 1, offset + 1000)
             os.pwrite(self.fd, bytes([byte[0] ^ 0x01]), offset + 1000)
             altered.append(offset)

@@ -99,3 +99,24 @@ def test_window_tags_bind_the_piece_to_its_request_and_place() -> None:
     assert window_nonce(7, 3) != window_nonce(3, 7)
     with pytest.raises(ValueError, match="32 bytes"):
         WindowAuth(b"short")
+
+
+def test_an_initiator_skips_the_answer_to_an_earlier_hosts_handshake() -> None:
+    """The guest read an earlier host's handshake late and answered it into our stream: that
+    answer does not authenticate with our state, so the hunt goes on to ours."""
+    earlier, ours = Initiator(PSK), Initiator(PSK)
+    guest = Responder(PSK)
+    assert guest.receive(earlier.data_to_send()) is not None
+    stale_answer = guest.data_to_send()
+    guest = Responder(PSK)
+    assert guest.receive(ours.data_to_send()) is not None
+    session = ours.receive(abort_notice() + stale_answer + abort_notice() + guest.data_to_send())
+    assert session is not None
+
+
+def test_an_initiator_fails_on_a_refusal_with_no_answer_after_it() -> None:
+    host = Initiator(PSK)
+    guest = Responder(os.urandom(32))
+    assert guest.receive(host.data_to_send()) is None
+    with pytest.raises(ChannelError, match="different secrets"):
+        host.receive(guest.data_to_send())

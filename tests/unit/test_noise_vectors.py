@@ -50,7 +50,7 @@ def side(vector: dict[str, Any], role: str) -> HandshakeState:
         psk=bytes.fromhex(psks[0]) if psks else None,
         prologue=bytes.fromhex(vector[f"{role}_prologue"]),
         pattern=pattern_of(vector),
-        ephemeral_for_tests=bytes.fromhex(vector[f"{role}_ephemeral"]),
+        ephemeral=bytes.fromhex(vector[f"{role}_ephemeral"]),
     )
 
 
@@ -65,8 +65,21 @@ def test_the_vectors_cover_the_channel_pattern_from_two_sources() -> None:
     assert {v["source"] for v in VECTORS} == {"cacophony", "snow"}
 
 
+@pytest.fixture(params=["cryptography", "evp"])
+def aead_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each vector runs with the host's AEAD (cryptography) and the guest's (OpenSSL's EVP
+    through ctypes, warden.channel.evp)."""
+    if request.param == "evp":
+        from warden.channel import evp, noise
+
+        if not evp.load():
+            pytest.skip("no libcrypto to load")
+        monkeypatch.setattr(noise._Backend, "evp", True)
+    return str(request.param)
+
+
 @pytest.mark.parametrize("vector", VECTORS, ids=vector_id)
-def test_vector(vector: dict[str, Any]) -> None:
+def test_vector(vector: dict[str, Any], aead_backend: str) -> None:
     initiator, responder = side(vector, "init"), side(vector, "resp")
     messages = vector["messages"]
     handshake_length = len(PATTERNS[pattern_of(vector)])

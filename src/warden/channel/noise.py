@@ -41,6 +41,8 @@ if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
     from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
+    from warden.channel.evp import EvpChaCha20Poly1305
+
 __all__ = [
     "DHLEN",
     "HASHLEN",
@@ -104,7 +106,26 @@ def hkdf(chaining_key: bytes, input_key_material: bytes, num_outputs: int) -> tu
     return output1, output2, output3
 
 
-def _aead(key: bytes) -> ChaCha20Poly1305:
+class _Backend:
+    evp = False
+    """Whether ChaCha20-Poly1305 runs through :mod:`.evp` (see :func:`use_evp`)."""
+
+
+def use_evp() -> bool:
+    """Run ChaCha20-Poly1305 through :mod:`.evp` (one OpenSSL context per key) from now on;
+    False if libcrypto cannot be loaded (``cryptography`` stays in use). The guest agent calls
+    it: ``cryptography`` 38 costs it ten times more per record (see :mod:`.evp`)."""
+    from warden.channel import evp
+
+    _Backend.evp = evp.load()
+    return _Backend.evp
+
+
+def _aead(key: bytes) -> ChaCha20Poly1305 | EvpChaCha20Poly1305:
+    if _Backend.evp:
+        from warden.channel.evp import EvpChaCha20Poly1305
+
+        return EvpChaCha20Poly1305(key)
     from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
     return ChaCha20Poly1305(key)
@@ -117,7 +138,7 @@ class CipherState:
 
     def __init__(self, key: bytes | None = None) -> None:
         self._key: bytes | None = None
-        self._aead: ChaCha20Poly1305 | None = None
+        self._aead: ChaCha20Poly1305 | EvpChaCha20Poly1305 | None = None
         self.n = 0
         self.initialize_key(key)
 
@@ -162,9 +183,11 @@ class CipherState:
             return bytes(ciphertext)
         from cryptography.exceptions import InvalidTag
 
+        from warden.channel.evp import EvpAuthError
+
         try:
             plaintext = self._aead.decrypt(self._next_nonce(), ciphertext, ad)
-        except InvalidTag:
+        except (InvalidTag, EvpAuthError):
             raise ChannelError("a message failed authentication") from None
         self.n += 1
         return plaintext
@@ -264,9 +287,11 @@ class HandshakeState:
     ``psk`` is the 32-byte pre-shared key (section 9) of a psk pattern, None for ``NN``.
     ``prologue`` (section 6) is data both sides must hold the same, or the handshake fails.
 
-    ``ephemeral_for_tests`` fixes the ephemeral private key instead of generating one: for
-    test vectors only. A fixed ephemeral key makes every session with the same psk the same
-    session; nothing but a test may pass it.
+    ``ephemeral`` fixes the ephemeral private key instead of generating one: for the test
+    vectors, and for :class:`~warden.channel.transport.Initiator`, which replays its own first
+    message to read a second candidate answer with a fresh state (a key it made with
+    ``os.urandom`` for that one session). A fixed key used for two sessions would make them one
+    session: a caller must never reuse one.
 
     After the last message, :meth:`split` gives the transport CipherStates and
     :attr:`handshake_hash` the channel binding value (section 11.2). Any error leaves the
@@ -275,7 +300,7 @@ class HandshakeState:
 
     __slots__ = (
         "_e",
-        "_e_for_tests",
+        "_e_given",
         "_error",
         "_index",
         "_messages",
@@ -293,7 +318,7 @@ class HandshakeState:
         psk: bytes | None,
         prologue: bytes = b"",
         pattern: str = "NNpsk0",
-        ephemeral_for_tests: bytes | None = None,
+        ephemeral: bytes | None = None,
     ) -> None:
         messages = PATTERNS.get(pattern)
         if messages is None:
@@ -303,7 +328,7 @@ class HandshakeState:
         self._psk = psk
         self._messages = messages
         self._index = 0  # of the next message pattern
-        self._e_for_tests = ephemeral_for_tests
+        self._e_given = ephemeral
         self._e: X25519PrivateKey | None = None
         self._re: bytes | None = None
         self._split: tuple[CipherState, CipherState] | None = None
@@ -386,7 +411,7 @@ class HandshakeState:
                 # Sets e to GENERATE_KEYPAIR(); appends e.public_key; MixHash(e.public_key).
                 if self._e is not None:
                     raise RuntimeError("e must be empty before an e token")
-                self._e, public = _generate_keypair(self._e_for_tests)
+                self._e, public = _generate_keypair(self._e_given)
                 out.append(public)
                 self._mix_e(public)
             else:

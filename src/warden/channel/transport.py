@@ -57,6 +57,7 @@ starts a new session with a new handshake.
 
 from __future__ import annotations
 
+import os
 import struct
 
 from warden.channel.errors import ChannelError
@@ -123,7 +124,7 @@ class Handshake:
 
     __slots__ = ("_buf", "_error", "_noise", "_out", "_session", "initiator")
 
-    def __init__(self, psk: bytes, *, initiator: bool) -> None:
+    def __init__(self, psk: bytes, *, initiator: bool, ephemeral: bytes | None = None) -> None:
         if len(psk) != PSK_SIZE:
             raise ValueError(f"the channel secret is {PSK_SIZE} bytes, not {len(psk)}")
         self.initiator = initiator
@@ -132,6 +133,7 @@ class Handshake:
             psk=bytes(psk),
             prologue=PROLOGUE,
             pattern=PATTERN,
+            ephemeral=ephemeral,  # see Initiator; None: a fresh one
         )
         self._buf = bytearray()
         self._out = bytearray()
@@ -417,13 +419,23 @@ class Responder:
 
 class Initiator:
     """The host's side of a new session: its handshake message, then the guest's answer, found
-    in a stream that may begin with stale bytes (records the guest sent to an earlier host)."""
+    in a stream that may begin with stale bytes (records the guest sent to an earlier host,
+    abort notices, even the guest's answer to an earlier host's handshake that it read late).
 
-    __slots__ = ("_buf", "_handshake", "rest")
+    An answer that does not authenticate is skipped, and the hunt goes on: the host re-runs
+    its own first message from the same ephemeral key (made for this session only) to read the
+    next candidate with a fresh state. A refusal is final, unless an answer follows it in the
+    same bytes. Nothing but garbage is buffered beyond one handshake message.
+    """
+
+    __slots__ = ("_buf", "_ephemeral", "_failure", "_handshake", "_psk", "rest")
 
     def __init__(self, psk: bytes) -> None:
-        self._handshake = Handshake(psk, initiator=True)
+        self._psk = bytes(psk)
+        self._ephemeral = os.urandom(DHLEN)
+        self._handshake = Handshake(psk, initiator=True, ephemeral=self._ephemeral)
         self._buf = bytearray()
+        self._failure: ChannelError | None = None
         self.rest = b""
         """Once the session is set up: the bytes that followed the answer (its records)."""
 
@@ -432,23 +444,47 @@ class Initiator:
 
     def receive(self, data: bytes | bytearray | memoryview) -> Session | None:
         """Take bytes from the guest; the session once its answer arrived, else None. Raises
-        ChannelError if the answer is a refusal or does not authenticate."""
+        ChannelError if the guest refused the handshake (a refusal with no answer after it)."""
         buf = self._buf
         buf += data
-        start = buf.find(MAGIC)
-        if start < 0:
-            del buf[: max(0, len(buf) - (len(MAGIC) - 1))]
+        while True:
+            start = buf.find(MAGIC)
+            if start < 0:
+                del buf[: max(0, len(buf) - (len(MAGIC) - 1))]
+                break
+            del buf[:start]
+            if len(buf) < HANDSHAKE_SIZE and not self._is_short_notice(buf):
+                break
+            session = self._try(bytes(buf[:HANDSHAKE_SIZE]))
+            if session is not None:
+                self.rest = bytes(buf[HANDSHAKE_SIZE:])
+                buf.clear()
+                return session
+            del buf[: len(MAGIC)]  # not our answer: hunt on after it
+        if self._failure is not None:
+            failure, self._failure = self._failure, None
+            raise failure
+        return None
+
+    @staticmethod
+    def _is_short_notice(buf: bytearray) -> bool:
+        """A refusal or abort notice: a header with no Noise message after it."""
+        return len(buf) >= HANDSHAKE_HEADER_SIZE and buf[5] != STATUS_OK
+
+    def _try(self, message: bytes) -> Session | None:
+        """Read ``message`` as the answer; None (and a fresh state) if it is not ours."""
+        if message[5] == STATUS_ABORTED:
+            return None  # the guest ending an earlier host's session
+        try:
+            self._handshake.receive(message)
+        except ChannelError as exc:
+            if message[5] != STATUS_OK:  # a refusal: final unless an answer follows
+                self._failure = exc
+            self._handshake = Handshake(self._psk, initiator=True, ephemeral=self._ephemeral)
+            self._handshake.data_to_send()  # already sent
             return None
-        del buf[:start]
-        if len(buf) >= HANDSHAKE_HEADER_SIZE and buf[5] == STATUS_ABORTED:
-            del buf[:HANDSHAKE_HEADER_SIZE]  # the guest ending an earlier host's session
-            return self.receive(b"")
-        rest = self._handshake.receive(bytes(buf))
-        buf.clear()
-        if not self._handshake.complete:
-            return None
-        self.rest = rest
-        return self._handshake.session()
+        self._failure = None
+        return self._handshake.session() if self._handshake.complete else None
 
 
 def abort_notice() -> bytes:

@@ -275,6 +275,10 @@ def load_crypto(scalar: bool) -> None:
         del ChaCha20Poly1305
     finally:
         os.environ.pop("OPENSSL_ia32cap", None)  # commands get no trace of it
+    from warden.channel import noise
+
+    if not noise.use_evp():  # the records through one EVP context per key (channel/evp.py)
+        log("cannot load libcrypto with ctypes: the channel's records use cryptography")
 
 
 def mix_entropy(data: bytes) -> None:
