@@ -151,7 +151,10 @@ async def test_a_new_host_takes_over_an_agent_left_mid_transfer(gap: float, no_l
     upload, so the agent is still busy with its requests (and still sends their frames), and the
     port may never have shown it an EOF. The new host connects as Machine.attach does
     (``resync=True``) and gets a working session, every time."""
-    machine = Machine(VMSpec(memory_mib=128))
+    # 256 MiB: the endless uploads fill the guest's tmpfs (half its RAM); at 128 MiB what is
+    # left for the kernel, the agent (25 MB with its crypto) and the page cache made the guest
+    # thrash for minutes (its vCPU at 100%), and no host could talk to it meanwhile.
+    machine = Machine(VMSpec(memory_mib=256))
     await machine.launch()
     try:
         await machine.agent.close()
