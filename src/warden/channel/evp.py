@@ -73,7 +73,7 @@ def _declare(lib: Any) -> None:
     lib.EVP_CipherInit_ex.restype = i
     lib.EVP_CipherInit_ex.argtypes = [p, p, p, buf, buf, i]
     lib.EVP_CipherUpdate.restype = i
-    lib.EVP_CipherUpdate.argtypes = [p, p, ctypes.POINTER(i), buf, i]
+    lib.EVP_CipherUpdate.argtypes = [p, p, ctypes.POINTER(i), p, i]  # in: bytes or a buffer
     lib.EVP_CipherFinal_ex.restype = i
     lib.EVP_CipherFinal_ex.argtypes = [p, p, ctypes.POINTER(i)]
     lib.EVP_CIPHER_CTX_ctrl.restype = i
@@ -111,6 +111,19 @@ class EvpChaCha20Poly1305:
             raise RuntimeError("EVP_CTRL_AEAD_GET_TAG failed")
         return out + tag.raw
 
+    def verify(self, nonce: bytes, tag: bytes, associated_data: memoryview) -> bool:
+        """Whether ``tag`` authenticates ``associated_data`` (an empty plaintext), which is read
+        in place (a writable buffer, such as a view of an mmap): no copy of it is made."""
+        if len(tag) != TAG_SIZE:
+            return False
+        view = memoryview(associated_data)
+        ad = (ctypes.c_char * len(view)).from_buffer(view) if view else b""
+        try:
+            self._run(nonce, b"", ad, 0, tag)
+        except EvpAuthError:
+            return False
+        return True
+
     def decrypt(self, nonce: bytes, data: bytes, associated_data: bytes) -> bytes:
         """The plaintext of ``data`` (ciphertext then tag); EvpAuthError if it does not
         authenticate."""
@@ -120,7 +133,14 @@ class EvpChaCha20Poly1305:
         body, tag = data[:-TAG_SIZE], data[-TAG_SIZE:]
         return self._run(nonce, body, bytes(associated_data), 0, tag)
 
-    def _run(self, nonce: bytes, data: bytes, ad: bytes, enc: int, tag: bytes = b"") -> bytes:
+    def _run(
+        self,
+        nonce: bytes,
+        data: bytes,
+        ad: bytes | ctypes.Array[ctypes.c_char],
+        enc: int,
+        tag: bytes = b"",
+    ) -> bytes:
         lib, ctx = _Loaded.lib, self._ctx
         if len(nonce) != NONCE_SIZE:
             raise ValueError(f"a nonce is {NONCE_SIZE} bytes, not {len(nonce)}")
