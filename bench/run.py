@@ -26,7 +26,7 @@ from typing import Any
 
 from bench.qga import QgaVM
 from warden.config import Paths
-from warden.guest.pid1 import SCALAR_CRYPTO
+from warden.guest.openssl import SCALAR_CRYPTO
 from warden.jail import policy
 from warden.sdk import AsyncSandbox
 from warden.vmm.machine import Machine

@@ -111,6 +111,40 @@ class EvpChaCha20Poly1305:
             raise RuntimeError("EVP_CTRL_AEAD_GET_TAG failed")
         return out + tag.raw
 
+    def encrypt_into(
+        self, nonce: bytes, source: int, length: int, out: ctypes.Array[ctypes.c_char], offset: int
+    ) -> None:
+        """Encrypt ``length`` bytes at address ``source`` (no associated data) into ``out`` at
+        ``offset``: the ciphertext, then its tag. ``out`` must hold ``length + TAG_SIZE`` bytes
+        from there (checked)."""
+        lib, ctx = _Loaded.lib, self._ctx
+        if len(nonce) != NONCE_SIZE or offset < 0 or offset + length + TAG_SIZE > len(out):
+            raise ValueError("encrypt_into: a bad nonce, or out is too small")
+        if lib.EVP_CipherInit_ex(ctx, None, None, None, nonce, 1) != 1:
+            raise RuntimeError("EVP_CipherInit_ex refused the nonce")
+        outl = ctypes.c_int(0)
+        written = 0
+        if length:
+            if (
+                lib.EVP_CipherUpdate(
+                    ctx, ctypes.byref(out, offset), ctypes.byref(outl), source, length
+                )
+                != 1
+            ):
+                raise RuntimeError("EVP_CipherUpdate failed")
+            written = outl.value
+        if (
+            lib.EVP_CipherFinal_ex(ctx, ctypes.byref(out, offset + written), ctypes.byref(outl))
+            != 1
+        ):
+            raise RuntimeError("EVP_CipherFinal_ex failed")
+        written += outl.value
+        if written != length:
+            raise RuntimeError(f"EVP wrote {written} bytes for {length}")
+        tag = ctypes.byref(out, offset + length)
+        if lib.EVP_CIPHER_CTX_ctrl(ctx, _CTRL_AEAD_GET_TAG, TAG_SIZE, tag) != 1:
+            raise RuntimeError("EVP_CTRL_AEAD_GET_TAG failed")
+
     def verify(self, nonce: bytes, tag: bytes, associated_data: memoryview) -> bool:
         """Whether ``tag`` authenticates ``associated_data`` (an empty plaintext), which is read
         in place (a writable buffer, such as a view of an mmap): no copy of it is made."""

@@ -167,6 +167,20 @@ class CipherState:
             raise ChannelError("the nonce counter is exhausted: a new handshake is needed")
         return _NONCE.pack(self.n)
 
+    @property
+    def evp(self) -> EvpChaCha20Poly1305 | None:
+        """The key's EVP cipher, when records run through :mod:`.evp` (see :func:`use_evp`)."""
+        from warden.channel.evp import EvpChaCha20Poly1305
+
+        return self._aead if isinstance(self._aead, EvpChaCha20Poly1305) else None
+
+    def take_nonce(self) -> bytes:
+        """The nonce for the next message, counted as used (n++): for a caller that encrypts
+        with :attr:`evp` itself, exactly as :meth:`encrypt_with_ad` would with that nonce."""
+        nonce = self._next_nonce()
+        self.n += 1
+        return nonce
+
     def encrypt_with_ad(self, ad: bytes, plaintext: bytes) -> bytes:
         """EncryptWithAd(ad, plaintext): ENCRYPT(k, n++, ad, plaintext), or the plaintext."""
         if self._aead is None:

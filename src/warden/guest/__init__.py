@@ -26,7 +26,8 @@ Modules: :mod:`.pid1` (boot and ``main``), :mod:`.agent` (serving a connection),
 :mod:`.session` (one host's session: HELLO, dispatch), :mod:`.exec` / :mod:`.spawn` /
 :mod:`.pump` / :mod:`.stdin` (commands), :mod:`.files` / :mod:`.fileread` / :mod:`.filewrite`
 (files), :mod:`.xfer` (the transfer window), :mod:`.flow` (WINDOW credit), :mod:`.users`,
-:mod:`.reaper`, :mod:`.writer`, :mod:`.args`, :mod:`.log`.
+:mod:`.reaper`, :mod:`.writer`, :mod:`.args`, :mod:`.log`, :mod:`.openssl` (set before anything
+loads libcrypto).
 
 Threads: the main thread reads and decodes the port and handles quick requests inline; each
 ``exec`` gets a thread that pumps stdout/stderr (plus a stdin thread if it takes stdin); each

@@ -12,7 +12,7 @@ import os
 import sys
 import time
 
-from warden.guest import users
+from warden.guest import openssl, users
 from warden.guest.agent import Agent
 from warden.guest.log import log, log_exception
 
@@ -231,10 +231,6 @@ SECRET_PATH = "/sys/firmware/qemu_fw_cfg/by_name/opt/warden/key/raw"  # noqa: S1
 SECRET_SIZE = 32
 DIST_PACKAGES = "/usr/lib/python3/dist-packages"
 """Where Debian's python3-cryptography lives."""
-SCALAR_CRYPTO = "~0x1000020000000000:~0x20"
-"""OPENSSL_ia32cap without SSSE3, AVX and AVX2: OpenSSL's scalar ChaCha20 and Poly1305. Under
-TCG, which emulates SIMD instructions one by one, they decrypt at about 110 MB/s against
-about 45 MB/s for the SIMD code (measured in a guest here)."""
 
 
 def boot_options(cmdline: str) -> dict[str, str]:
@@ -263,18 +259,17 @@ def read_secret() -> bytes:
     return secret
 
 
-def load_crypto(scalar: bool) -> None:
-    """Load OpenSSL (through ``cryptography``) now, with its scalar code if ``scalar``."""
+def load_crypto() -> None:
+    """Load ``cryptography`` now (libcrypto is loaded already: ``hashlib`` links it, with the
+    scalar code under TCG, see :mod:`.openssl`), and the channel's EVP records."""
     if DIST_PACKAGES not in sys.path:  # the agent runs with -S: no site, no dist-packages
         sys.path.append(DIST_PACKAGES)
-    if scalar:
-        os.environ["OPENSSL_ia32cap"] = SCALAR_CRYPTO  # noqa: SIM112 - its real name
     try:
         from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
         del ChaCha20Poly1305
     finally:
-        os.environ.pop("OPENSSL_ia32cap", None)  # commands get no trace of it
+        os.environ.pop(openssl.VARIABLE, None)  # commands get no trace of it
     from warden.channel import noise
 
     if not noise.use_evp():  # the records through one EVP context per key (channel/evp.py)
@@ -310,7 +305,7 @@ def _guest_secret() -> bytes | None:
         log("the host asked for a plaintext channel (warden.channel=plain)")
         return None
     secret = read_secret()
-    load_crypto(options.get("crypto") == "scalar")
+    load_crypto()
     return secret
 
 
