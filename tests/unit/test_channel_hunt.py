@@ -120,3 +120,14 @@ def test_an_initiator_fails_on_a_refusal_with_no_answer_after_it() -> None:
     assert guest.receive(host.data_to_send()) is None
     with pytest.raises(ChannelError, match="different secrets"):
         host.receive(guest.data_to_send())
+
+
+def test_an_initiator_notes_the_answers_it_skipped() -> None:
+    """An altered answer is skipped like a stale one, and noted: the host gives up on it after
+    a grace period (agent/secure.py) with a clear error instead of a timeout."""
+    host, guest = Initiator(PSK), Responder(PSK)
+    assert guest.receive(host.data_to_send()) is not None
+    answer = bytearray(guest.data_to_send())
+    answer[10] ^= 0x01
+    assert host.receive(bytes(answer)) is None
+    assert len(host.skipped) == 1 and "authentication" in host.skipped[0]

@@ -32,6 +32,9 @@ __all__ = ["RESYNC_PADDING", "ChannelLayer"]
 
 RESYNC_PADDING = RECORD_HEADER_SIZE + MAX_RECORD
 """Zero bytes that complete any record an earlier host left half-sent."""
+SKIPPED_ANSWER_GRACE_S = 2.0
+"""How long the host still waits for the answer to its handshake after an answer that was not
+its own (a stale one, or its own altered on the way) before it gives up with ChannelAuthError."""
 
 
 class ChannelLayer:
@@ -41,6 +44,7 @@ class ChannelLayer:
         self._initiator: Initiator | None = Initiator(secret)
         self._session: Session | None = None
         self._who = who
+        self._give_up: asyncio.TimerHandle | None = None
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         """Done once the handshake completed (or failed: then it holds the error)."""
 
@@ -85,6 +89,19 @@ class ChannelLayer:
             self.ready.set_exception(error)
             self.ready.exception()  # retrieved: the caller may have given up already
 
+    def _skipped_only(self) -> None:
+        """No answer of ours came after one that did not authenticate: most likely ours,
+        altered on the way."""
+        assert self._initiator is not None
+        self.fail(
+            ChannelAuthError(
+                f"the channel handshake with {self._who} failed: its answer did not "
+                f"authenticate ({self._initiator.skipped[0]}): it was altered on the way, or "
+                "the guest holds another secret for this VM. If this persists, stop and remove "
+                "the VM"
+            )
+        )
+
     def _handshake(self, data: bytes) -> bytes:
         assert self._initiator is not None
         try:
@@ -97,7 +114,12 @@ class ChannelLayer:
             self.fail(error)
             raise ChannelAuthError(*error.args) from None
         if session is None:
+            if self._initiator.skipped and self._give_up is None:
+                loop = asyncio.get_running_loop()
+                self._give_up = loop.call_later(SKIPPED_ANSWER_GRACE_S, self._skipped_only)
             return b""
+        if self._give_up is not None:
+            self._give_up.cancel()
         self._session = session
         rest, self._initiator = self._initiator.rest, None
         if not self.ready.done():

@@ -455,7 +455,7 @@ class Initiator:
     same bytes. Nothing but garbage is buffered beyond one handshake message.
     """
 
-    __slots__ = ("_buf", "_ephemeral", "_failure", "_handshake", "_psk", "rest")
+    __slots__ = ("_buf", "_ephemeral", "_failure", "_handshake", "_psk", "rest", "skipped")
 
     def __init__(self, psk: bytes) -> None:
         self._psk = bytes(psk)
@@ -465,6 +465,9 @@ class Initiator:
         self._failure: ChannelError | None = None
         self.rest = b""
         """Once the session is set up: the bytes that followed the answer (its records)."""
+        self.skipped: list[str] = []
+        """Why each answer that was skipped as not ours failed: if no answer of ours follows,
+        ours was probably altered on the way (the caller decides when to give up)."""
 
     def data_to_send(self) -> bytes:
         return self._handshake.data_to_send()
@@ -507,6 +510,8 @@ class Initiator:
         except ChannelError as exc:
             if message[5] != STATUS_OK:  # a refusal: final unless an answer follows
                 self._failure = exc
+            else:
+                self.skipped.append(str(exc))
             self._handshake = Handshake(self._psk, initiator=True, ephemeral=self._ephemeral)
             self._handshake.data_to_send()  # already sent
             return None
