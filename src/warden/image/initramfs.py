@@ -84,6 +84,14 @@ _ROOTCHECK_PY = (
     "ctypes.CDLL(None).reboot(0x4321FEDC)\n"
 )
 
+RW_RESERVE_KB = 64 * 1024
+"""What a full writable layer must leave of the guest's RAM (MemTotal): the kernel, the agent
+(25 MB with its crypto) and a working page cache. With the layer at half of a 128 MiB guest's
+RAM, a ``dd`` that filled it made the guest thrash (its vCPU at 100%) and its agent stop
+answering."""
+RW_MIN_KB = 16 * 1024
+"""The writable layer is never smaller than this."""
+
 INIT_SCRIPT = f"""#!/bin/sh
 # warden-init: PID 1 of the initramfs. The guest boot contract is in docs/design.md.
 export PATH=/bin
@@ -120,7 +128,17 @@ while [ ! -b /dev/vda ]; do
     sleep 0.01
 done
 mount -t squashfs -o ro /dev/vda /lower || fail "cannot mount the rootfs /dev/vda (squashfs)"
-mount -t tmpfs -o mode=0755,size=50% tmpfs /rw || fail "cannot mount the tmpfs for the overlay"
+# The writable layer: half the RAM, but never so much that a full one leaves the kernel, the
+# agent and the page cache less than RW_RESERVE_KB (a full 50% thrashed a 128 MiB guest).
+total=""
+while read -r key value unit; do
+    [ "$key" = "MemTotal:" ] && total=$value
+done < /proc/meminfo
+[ -n "$total" ] || fail "cannot read MemTotal from /proc/meminfo"
+rw=$((total / 2))
+[ $((total - {RW_RESERVE_KB})) -lt $rw ] && rw=$((total - {RW_RESERVE_KB}))
+[ $rw -lt {RW_MIN_KB} ] && rw={RW_MIN_KB}
+mount -t tmpfs -o mode=0755,size=${{rw}}k tmpfs /rw || fail "cannot mount the tmpfs for the overlay"
 mkdir /rw/upper /rw/work || fail "cannot make the overlay dirs"
 mount -t overlay -o lowerdir=/lower,upperdir=/rw/upper,workdir=/rw/work overlay /newroot \\
     || fail "cannot mount the overlay root"
