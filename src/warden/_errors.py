@@ -28,6 +28,9 @@ and its message says what the user can do about it::
      |    +-- VMNotFoundError      no VM has that id or name (HTTP 404)
      |    +-- StateTransitionError the VM cannot go from its state to that one (HTTP 409)
      +-- AdmissionError         the host's capacity x overcommit ratio would be passed (409)
+     +-- TemplateError          a template cannot be made, found or used
+          +-- TemplateNotFoundError  no template has that name (HTTP 404)
+          +-- TemplateRefusedError   its seal, image or QEMU no longer matches: rebuild it (409)
 
 ``asyncio.CancelledError`` is never wrapped.
 """
@@ -162,3 +165,17 @@ class StateTransitionError(StoreError):
 class AdmissionError(WardenError):
     """A create would pass a host limit (HTTP 409). The message names the limit, the numbers
     and the option to change. Nothing was created."""
+
+
+class TemplateError(WardenError):
+    """A template could not be made, found or used; the message says what to do. A template
+    that failed to be made leaves nothing behind."""
+
+
+class TemplateNotFoundError(TemplateError, LookupError):
+    """No template has that name (HTTP 404): ``warden template list`` shows them."""
+
+
+class TemplateRefusedError(TemplateError):
+    """A template's seal, image, QEMU or machine no longer matches what loads it (HTTP 409).
+    Nothing was started: remove it and make it again (``warden template rm`` / ``create``)."""

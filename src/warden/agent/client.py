@@ -40,6 +40,7 @@ import contextlib
 import inspect
 import logging
 import os
+import re
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
@@ -134,6 +135,8 @@ _OUTPUT_CHANNELS: dict[str, tuple[Channel, ...]] = {
     Op.READ: (Channel.FILE,),
 }
 """The streams the agent may send for each op; DATA on any other is a protocol error."""
+_HOSTNAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+"""A name the guest takes as its hostname: one DNS label (the guest checks it as well)."""
 _QUICK_OPS = frozenset({Op.PING, Op.INFO, Op.STAT, Op.LIST, Op.REMOVE, Op.MKDIR, Op.SHUTDOWN})
 
 
@@ -584,7 +587,8 @@ class AgentClient:
 
         ``resync``: take over from an earlier host that may have died mid-frame (a manager
         restarted after kill -9); see ``RESYNC_PADDING_SIZE`` in :mod:`warden.wire.frame`.
-        ``name`` (the VM's id) appears in error messages; ``on_broken(error)`` is called once
+        ``name`` (the VM's id) appears in error messages and, if it is a DNS label, becomes
+        the guest's hostname; ``on_broken(error)`` is called once
         if the connection is later lost, or aborted for a protocol violation or an unresponsive
         agent. Raises :class:`~warden.AgentTimeoutError` if both do not happen within
         ``timeout``.
@@ -675,6 +679,8 @@ class AgentClient:
             Key.SEED: os.urandom(32).hex(),
             Key.TIME: time.time(),
         }
+        if self._name is not None and _HOSTNAME_RE.match(self._name):
+            hello[Key.HOSTNAME] = self._name  # a clone is a new machine: its own hostname
         if self._window_key is not None:
             hello[Key.XFER_KEY] = self._window_key.hex()
         if self._rekey is not None:

@@ -9,6 +9,8 @@ memory) and drops supplementary groups. Then it finds its port by name and serve
 from __future__ import annotations
 
 import os
+import re
+import socket
 import sys
 import time
 
@@ -28,6 +30,8 @@ PRIVATE_DEVICES = ("vport", "vd", "ttyS", "hvc", "console")
 the transfer window) and the consoles (the host keeps the console log)."""
 RNDADDENTROPY = 0x40085203  # _IOW('R', 0x03, int[2])
 RNDRESEEDCRNG = 0x5207  # _IO('R', 0x07)
+HOSTNAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+"""A hostname the agent takes from the host: one DNS label (RFC 1123)."""
 
 
 def harden(dev: str = "/dev") -> None:
@@ -129,13 +133,20 @@ def open_port() -> int:
         time.sleep(0.05)
 
 
-def freshen(seed: object, host_time: object) -> None:
-    """Mix the host's seed into the kernel's entropy pool, reseed it, and set the clock.
+def freshen(seed: object, host_time: object, hostname: object = None) -> None:
+    """Mix the host's seed into the kernel's entropy pool, reseed it, set the clock and the
+    hostname.
 
-    A VM restored from a boot snapshot starts with the RNG state and the clock of the moment
-    the snapshot was taken, as does every other VM restored from it. The host sends a fresh
-    seed and the time with every HELLO, and they are applied before any request runs.
+    A VM restored from a boot snapshot or cloned from a template starts with the RNG state,
+    the clock and the hostname of the moment the snapshot was taken, as does every other VM
+    restored from it. The host sends a fresh seed, the time and the VM's hostname with every
+    HELLO, and they are applied before any request runs.
     """
+    if isinstance(hostname, str) and HOSTNAME_RE.match(hostname):
+        try:
+            socket.sethostname(hostname)
+        except OSError as exc:
+            log(f"sethostname failed: {exc}")
     if isinstance(host_time, int | float):
         try:
             time.clock_settime(time.CLOCK_REALTIME, float(host_time))

@@ -139,7 +139,7 @@ class Session:
         if os.getpid() == 1:  # only ever in a guest: never touch a host's clock or pool
             from warden.guest.pid1 import freshen
 
-            freshen(hello.get(Key.SEED), hello.get(Key.TIME))
+            freshen(hello.get(Key.SEED), hello.get(Key.TIME), hello.get(Key.HOSTNAME))
         reply: dict[str, Any] = {
             Key.VERSION: SESSION_VERSION,
             Key.AGENT: AGENT_NAME,

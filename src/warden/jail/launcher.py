@@ -10,7 +10,8 @@ The steps, in order (docs/security.md, "The jail"), after Firecracker's jailer:
 3. mount a tmpfs as the new root and put in it, read-only, only what QEMU needs: its binary,
    libraries and firmware, and the VM's kernel, initrd and rootfs; the image files are
    root's (0600), so they are bind-mounted *idmapped*: inside the jail they belong to the
-   VM's uid, on the host they stay root's;
+   VM's uid, on the host they stay root's; for a clone, a procfs that shows only QEMU itself
+   (it opens its template's RAM, a passed memfd, as ``/proc/self/fd/N``);
 4. make the /dev nodes QEMU uses (null, zero, urandom; kvm only under KVM);
 5. ``pivot_root`` into it, detach the old root, remount the new one read-only;
 6. set the rlimits (nofile, nproc, core 0, fsize);
@@ -112,14 +113,16 @@ def _syscall(step: str, what: str, number: int, *args: object) -> int:
     return _check(_libc.syscall(ctypes.c_long(number), *args), step, what)
 
 
-def _mount(step: str, src: str | None, target: str, fstype: str | None, flags: int) -> None:
+def _mount(
+    step: str, src: str | None, target: str, fstype: str | None, flags: int, data: str = ""
+) -> None:
     _check(
         _libc.mount(
             src.encode() if src else None,
             target.encode(),
             fstype.encode() if fstype else None,
             ctypes.c_ulong(flags),
-            None,
+            data.encode() if data else None,
         ),
         step,
         f"mount {src or ''} on {target}",
@@ -203,6 +206,17 @@ def bind_plain(root: str, path: str, *, writable: bool = False) -> None:
     _mount("root", host, target, None, MS_BIND)
     flags = MS_BIND | MS_REMOUNT | MS_NOSUID | MS_NODEV
     _mount("root", None, target, None, flags | (MS_NOEXEC if writable else MS_RDONLY))
+
+
+def mount_proc(root: str) -> None:
+    """A procfs at ``/proc`` in the jail that shows only processes (``subset=pid``: no
+    ``/proc/sys``, no kernel files) and, of those, only QEMU's own uid's (``hidepid``): in
+    the jail's PID namespace, QEMU alone. A clone's QEMU opens its template's RAM, a sealed
+    memfd it was passed as an fd, as ``/proc/self/fd/N``: a memfd cannot be bind-mounted."""
+    path = _jail_path(root, "/proc")
+    os.makedirs(path, mode=0o555, exist_ok=True)
+    flags = MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY
+    _mount("root", "proc", path, "proc", flags, "subset=pid,hidepid=invisible")
 
 
 def idmap_userns(uid: int, gid: int) -> int:
@@ -325,6 +339,8 @@ def build_root(cfg: dict[str, Any]) -> None:
                 bind_idmapped(root, path, userns, writable=True)
         finally:
             os.close(userns)
+    if cfg.get("proc"):
+        mount_proc(root)
     make_devices(root, cfg["devices"], cfg["uid"], cfg["gid"])
     enter_root(root)
 

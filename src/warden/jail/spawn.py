@@ -88,6 +88,8 @@ class JailConfig:
     nnp: bool
     pdeathsig: bool
     fds: list[list[int]] = field(default_factory=list)
+    proc: bool = False
+    """Mount a procfs that shows only QEMU (a clone opens its template RAM's fd through it)."""
 
     def encode(self) -> bytes:
         data = {
@@ -104,6 +106,7 @@ class JailConfig:
             "nnp": self.nnp,
             "pdeathsig": self.pdeathsig,
             "fds": self.fds,
+            "proc": self.proc,
         }
         blob = marshal.dumps(data)
         return len(blob).to_bytes(4, "big") + blob
@@ -122,9 +125,12 @@ def rlimits(fsize: int) -> dict[str, int]:
 
 
 @contextlib.contextmanager
-def passed_fds(run: RuntimeFiles, restore: int | None) -> Iterator[dict[int, int]]:
+def passed_fds(
+    run: RuntimeFiles, restore: int | None, template_ram: int | None = None
+) -> Iterator[dict[int, int]]:
     """Make the sockets a jailed QEMU gets; yield {our fd: QEMU's fd}. ``restore`` is the fd
-    of a boot snapshot to load (the caller's: it stays open).
+    of a boot snapshot (or a template's device state) to load, ``template_ram`` a clone's
+    template RAM (the caller's: they stay open).
 
     Our copies are closed when the block ends (QEMU holds its own by then). The sockets are
     made under umask 077: root's, like the rest of the runtime dir.
@@ -140,6 +146,8 @@ def passed_fds(run: RuntimeFiles, restore: int | None) -> Iterator[dict[int, int
             mapping[sock.fileno()] = target
         if restore is not None:
             mapping[restore] = PassedFd.INCOMING
+        if template_ram is not None:
+            mapping[template_ram] = PassedFd.TEMPLATE_RAM
         yield mapping
 
 

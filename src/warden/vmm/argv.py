@@ -34,6 +34,8 @@ class PassedFd:
     CONSOLE = 5
     INCOMING = 6
     """A boot snapshot being restored (``-incoming fd:6``)."""
+    TEMPLATE_RAM = 7
+    """A clone's template RAM (a sealed memfd): QEMU maps ``/proc/self/fd/7``."""
 
 
 @dataclass(frozen=True)
@@ -169,6 +171,7 @@ def build_argv(
     passed_fds: bool = False,
     sandbox: bool = False,
     plaintext: bool = False,
+    clone_ram: str | None = None,
 ) -> list[str]:
     """Return QEMU's argv for ``spec``. ``accel`` is the resolved accelerator: kvm or tcg.
 
@@ -183,6 +186,11 @@ def build_argv(
 
     In ``agent`` mode the guest reads its channel secret from ``run.channel_key`` through
     fw_cfg, unless ``plaintext`` (the benchmark's channel without crypto).
+
+    Guest RAM is a memfd that QEMU maps shared (``memory-backend-memfd,share=on``), so the host
+    can copy it into a template (``vmm/templates.py``). ``clone_ram`` makes a clone of a
+    template instead: guest RAM maps that file (the template's sealed memfd) copy-on-write;
+    the caller adds ``-incoming defer`` and loads the device state with ``x-ignore-shared``.
     """
     if accel not in ("kvm", "tcg"):
         raise ValueError(f"accel must be resolved to kvm or tcg, not {accel!r}")
@@ -190,7 +198,7 @@ def build_argv(
         raise ValueError("a jailed QEMU serves its console on a passed socket")
     return [
         qemu,
-        *_machine_args(spec, run, accel),
+        *_machine_args(spec, run, accel, clone_ram),
         *_boot_args(boot, accel, mode, tsc_khz, tune, plaintext),
         *_console_args(run, console_socket, passed_fds),
         *_device_args(boot, run, agent_port, passed_fds),
@@ -199,13 +207,21 @@ def build_argv(
     ]
 
 
-def _machine_args(spec: VMSpec, run: RuntimeFiles, accel: str) -> list[str]:
+def _memory_args(spec: VMSpec, run: RuntimeFiles, clone_ram: str | None) -> list[str]:
+    """Guest RAM: shared in a memfd (or a file), or a template's RAM mapped copy-on-write."""
+    mem = f"{spec.memory_mib}M"
+    if clone_ram is not None:
+        return ["-object", f"memory-backend-file,id=mem,size={mem},mem-path={clone_ram},share=off"]
+    if spec.memory_backend == "file":
+        return ["-object", f"memory-backend-file,id=mem,size={mem},mem-path={run.memory},share=on"]
+    return ["-object", f"memory-backend-memfd,id=mem,size={mem},share=on"]
+
+
+def _machine_args(
+    spec: VMSpec, run: RuntimeFiles, accel: str, clone_ram: str | None = None
+) -> list[str]:
     """The machine: microvm, the accelerator, CPUs and memory; no default devices."""
     mem = f"{spec.memory_mib}M"
-    if spec.memory_backend == "file":
-        backend = f"memory-backend-file,id=mem,size={mem},mem-path={run.memory},share=on"
-    else:
-        backend = f"memory-backend-ram,id=mem,size={mem}"
     accel_opt = "kvm" if accel == "kvm" else f"tcg,tb-size={TCG_TB_SIZE_MIB}"
     # Under TCG, no ERMS: with it the guest kernel copies and zeroes with `rep movsb`, which TCG
     # runs about a byte a step (~300 MB/s a copy); without it, 64-bit moves. Exec output went
@@ -218,7 +234,7 @@ def _machine_args(spec: VMSpec, run: RuntimeFiles, accel: str) -> list[str]:
         "-cpu", cpu,
         "-smp", str(spec.vcpus),
         "-m", mem,
-        "-object", backend,
+        *_memory_args(spec, run, clone_ram),
         "-nodefaults",
         "-no-user-config",
         "-display", "none",

@@ -5,6 +5,7 @@ The secrets live in the key store (``warden.seal.keys``: 0600 files, root only):
     keys/vm/<id>.key        the VM's current secret: a new manager reattaches with it
     keys/vm/<id>-prev.key   during a re-key only: the secret the guest may still hold
     keys/snapshot/<key>.key the secret inside a boot snapshot's guest memory
+    keys/template/<name>.key the secret inside a template's guest memory
 
 A VM gets a fresh secret at launch. QEMU passes it to the guest through fw_cfg, from a 0600
 file in the VM's runtime dir (``RuntimeFiles.channel_key``) that is removed once the guest has
@@ -70,6 +71,16 @@ class ChannelKeys:
 
     def forget_snapshot(self, key: str) -> None:
         self.store.delete(f"snapshot/{key}")
+
+    def save_template(self, name: str, secret: bytes) -> None:
+        self.store.put(f"template/{name}", secret)
+
+    def template(self, name: str) -> bytes | None:
+        """The secret inside template ``name``'s guest memory (each clone is re-keyed)."""
+        return self.store.get(f"template/{name}")
+
+    def forget_template(self, name: str) -> None:
+        self.store.delete(f"template/{name}")
 
 
 def forget_vm(paths: Paths, vm_id: str) -> None:

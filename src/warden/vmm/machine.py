@@ -28,6 +28,8 @@ from warden._errors import (
     ChannelAuthError,
     HostError,
     LaunchError,
+    NameConflictError,
+    TemplateError,
     VMError,
     WardenError,
 )
@@ -55,6 +57,7 @@ from warden.vmm.ownership import Ownership, recorded_uid
 from warden.vmm.snapshot import BootSnapshots, SnapshotConfig
 from warden.vmm.spec import VMSpec
 from warden.vmm.state import LIVE_STATES, VMState, check_transition
+from warden.vmm.templates import LoadedTemplate, TemplateConfig, Templates, check_config
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -144,6 +147,9 @@ class Machine:
         self.channel_keys = ChannelKeys(self.paths)
         self._secret: bytes | None = None
         """The channel secret the guest holds now (None: plaintext, or not launched yet)."""
+        self.templates = Templates(self.paths)
+        self._template: LoadedTemplate | None = None
+        """The template this VM is cloned from, verified, while it launches."""
 
     # -- public surface ------------------------------------------------------------------
 
@@ -326,12 +332,16 @@ class Machine:
                 "or `make setup`"
             )
         ownership.sweep_stale(self.paths.vms)
+        if self.spec.template is not None:
+            self._load_template(self.spec.template)
         self.image = load_image(self.paths, self.spec.image)
         verify_image(self.image)
         boot = BootFiles(self.image.kernel.path, self.image.initrd.path, self.image.rootfs.path)
         self.accel = resolve_accel(
             self.spec.accel, self.paths, boot, self.image.kernel.sha256, self.qemu
         )
+        if self._template is not None:
+            check_config(self._template.name, self._template.config, self._template_config(boot))
         self.jail = self._plan_jail(boot)  # before anything is made: a refusal leaves nothing
         private_dir(self.run.dir.parent.parent)  # run/
         private_dir(self.run.dir.parent)  # run/vms/: its names are VM ids
@@ -349,6 +359,32 @@ class Machine:
             os.close(open_private(self.run.memory, os.O_WRONLY | os.O_CREAT))  # bound into it
         self._make_cgroups()
         return boot
+
+    def _load_template(self, name: str) -> None:
+        """Verify template ``name`` and take its image, memory and vCPUs (a spec that set
+        them otherwise is refused)."""
+        self.spec = self.templates.resolve(self.spec)
+        self._template = self.templates.load(name)
+
+    def _template_config(self, boot: BootFiles) -> TemplateConfig:
+        """The machine a template of this VM, or a clone made like it, is (sealed for): the
+        argv without per-VM names, jail fds or seccomp, which the guest never sees."""
+        assert self.image is not None and self.accel is not None
+        version = qemu_version(self.qemu)
+        shape = build_argv(
+            self.spec, boot, self.run, accel=self.accel.name, qemu=QEMU_BINARY,
+            tsc_khz=tsc_khz(), console_socket=True,
+        )  # fmt: skip
+        return TemplateConfig(
+            image=self.spec.image,
+            machine_key=BootSnapshots.key(shape, self.id, self.run.dir, version),
+            qemu_version=version,
+            kernel_sha256=self.image.kernel.sha256,
+            initrd_sha256=self.image.initrd.sha256,
+            rootfs_sha256=self.image.rootfs.sha256,
+            memory_mib=self.spec.memory_mib,
+            vcpus=self.spec.vcpus,
+        )
 
     def _write_secret(self) -> None:
         """Make the VM's channel secret and the 0600 file QEMU hands to the guest (fw_cfg)."""
@@ -394,8 +430,9 @@ class Machine:
             except OSError as exc:
                 log.warning("VM %s runs without cgroup limits: %s", self.id, exc)
 
-    async def _boot(self, boot: BootFiles) -> None:
-        """Restore the boot snapshot of this configuration if there is one, else boot cold."""
+    def _set_argv(self, boot: BootFiles, clone_ram: str | None = None) -> list[str]:
+        """Build QEMU's argv (``self.argv``: with the wrappers and the owner's prefix); return
+        the bare one."""
         assert self.accel is not None
         qemu_argv = build_argv(
             self.spec,
@@ -408,12 +445,34 @@ class Machine:
             passed_fds=self.jail is not None,
             sandbox=self.jail is not None and self.jail.seccomp,
             plaintext=self.plaintext_channel,
+            clone_ram=clone_ram,
         )
         argv = qemu_argv
         for wrap in self.wrappers:
             argv = wrap(argv)
         self._qemu_argv = argv
         self.argv = ownership.spawn_prefix(self.ownership) + argv
+        return qemu_argv
+
+    async def _boot_clone(self, boot: BootFiles, template: LoadedTemplate) -> None:
+        """Start QEMU on the template's RAM (copy-on-write) and device state; the first
+        session, authenticated by the template's secret, hands the clone its own."""
+        self._template = None  # its state file is QEMU's (and closed) from here on
+        jailed = self.jail is not None
+        ram = f"/proc/self/fd/{PassedFd.TEMPLATE_RAM if jailed else template.ram_fd}"
+        state = PassedFd.INCOMING if jailed else template.state.fileno()
+        self._set_argv(boot, clone_ram=ram)
+        await self._spawn(restore=template.state, template_ram=template.ram_fd)
+        await self._connect(restored=True, held=template.secret, incoming=f"fd:{state}")
+        self.booted_from = "template"
+
+    async def _boot(self, boot: BootFiles) -> None:
+        """Clone the template, or restore the boot snapshot of this configuration if there is
+        one, else boot cold."""
+        if self._template is not None:
+            await self._boot_clone(boot, self._template)
+            return
+        qemu_argv = self._set_argv(boot)
         config: SnapshotConfig | None = None
         if self.spec.boot == "snapshot":
             config = self._snapshot_config(qemu_argv)
@@ -471,19 +530,22 @@ class Machine:
             vcpus=self.spec.vcpus,
         )
 
-    async def _spawn(self, *, restore: io.FileIO | None = None) -> None:
+    async def _spawn(
+        self, *, restore: io.FileIO | None = None, template_ram: int | None = None
+    ) -> None:
         """Start QEMU; ``restore``, a verified snapshot open at offset 0, is loaded from its fd
-        (and closed here)."""
+        (and closed here); ``template_ram`` is a clone's template RAM (a sealed memfd)."""
         if self.jail is not None:
-            await self._spawn_jailed(self.jail, restore)
+            await self._spawn_jailed(self.jail, restore, template_ram)
             return
         argv = list(self.argv)
-        pass_fds: tuple[int, ...] = ()
+        pass_fds: tuple[int, ...] = () if template_ram is None else (template_ram,)
         state = restore
         try:
             if state is not None:
-                pass_fds = (state.fileno(),)
-                argv += ["-incoming", f"fd:{state.fileno()}"]
+                pass_fds += (state.fileno(),)
+                # A clone's migration starts once x-ignore-shared is set (QMP, _connect).
+                argv += ["-incoming", "defer" if template_ram else f"fd:{state.fileno()}"]
             log_fd = open_private(self.run.qemu_log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
             with os.fdopen(log_fd, "wb") as qemu_log:
                 self._proc = await asyncio.create_subprocess_exec(
@@ -505,27 +567,32 @@ class Machine:
             except OSError as exc:
                 log.warning("VM %s runs without cgroup limits: %s", self.id, exc)
 
-    async def _spawn_jailed(self, plan: JailPlan, restore: io.FileIO | None) -> None:
+    async def _spawn_jailed(
+        self, plan: JailPlan, restore: io.FileIO | None, template_ram: int | None
+    ) -> None:
         """Start QEMU through the jail (``jail/spawn.py``): it gets its sockets and files as
         fds, joins its cgroups, and is tracked by the host pid the launcher reports."""
         try:
-            await self._start_jailed(plan, restore)
+            await self._start_jailed(plan, restore, template_ram)
         finally:
             if restore is not None:
                 restore.close()
 
-    async def _start_jailed(self, plan: JailPlan, restore: io.FileIO | None) -> None:
+    async def _start_jailed(
+        self, plan: JailPlan, restore: io.FileIO | None, template_ram: int | None
+    ) -> None:
         argv = list(self._qemu_argv)
         if restore is not None:
-            argv += ["-incoming", f"fd:{PassedFd.INCOMING}"]
+            deferred = template_ram is not None  # started once x-ignore-shared is set
+            argv += ["-incoming", "defer" if deferred else f"fd:{PassedFd.INCOMING}"]
         prefix = ownership.spawn_prefix(self.ownership)
         prefix += spawn.namespace_prefix(plan, shutil.which("unshare") or "unshare")
-        config = self._jail_config(
-            plan, writes_ram=restore is None and self.spec.boot == "snapshot"
-        )
+        config = self._jail_config(plan)
+        config.proc = template_ram is not None
         log_fd = open_private(self.run.qemu_log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         restore_fd = restore.fileno() if restore is not None else None
-        with os.fdopen(log_fd, "wb") as qemu_log, spawn.passed_fds(self.run, restore_fd) as fds:
+        passing = spawn.passed_fds(self.run, restore_fd, template_ram)
+        with os.fdopen(log_fd, "wb") as qemu_log, passing as fds:
             proc = await spawn.start(
                 argv,
                 config,
@@ -541,15 +608,16 @@ class Machine:
     def _record_qemu(self, pid: int, start: int) -> None:
         ownership.record_qemu(self.run.dir, pid, start)
 
-    def _jail_config(self, plan: JailPlan, *, writes_ram: bool) -> spawn.JailConfig:
+    def _jail_config(self, plan: JailPlan) -> spawn.JailConfig:
         assert self.image is not None and self.accel is not None
         image_files = [
             str(a.path) for a in (self.image.kernel, self.image.initrd, self.image.rootfs)
         ]
         image_files += [str(p) for p in self.qemu_reads]
         file_ram = self.spec.memory_backend == "file"
+        # QEMU sizes its RAM memfd with ftruncate, which RLIMIT_FSIZE bounds too.
         fsize = spawn.fsize_limit(
-            self.spec.memory_mib, XFER_SLOTS * XFER_SLOT_SIZE, writes_ram=writes_ram or file_ram
+            self.spec.memory_mib, XFER_SLOTS * XFER_SLOT_SIZE, writes_ram=True
         )
         return spawn.JailConfig(
             root=self.paths.run / "jail",
@@ -603,6 +671,47 @@ class Machine:
                 await self._qmp.execute("cont")
         # The snapshot holds this VM's secret now: it gets a new one of its own.
         self._agent = await self._open_agent(self.spec.agent_timeout_s, held=self._secret)
+
+    async def save_template(
+        self, name: str, *, keep_running: bool, extra: dict[str, Any] | None = None
+    ) -> None:
+        """Save this running VM as template ``name`` (``vmm/templates.py``).
+
+        The VM is paused meanwhile and its agent session closed (requests in flight fail).
+        With ``keep_running`` it then resumes with a new channel secret (the template holds
+        the old one); else the caller ends it. NameConflictError if the name is taken,
+        TemplateError if this VM's RAM cannot be copied (a clone's is private).
+        """
+        if self.state is not VMState.RUNNING or self._qmp is None or self.image is None:
+            raise VMError(f"VM {self.id} is {self.state.value}, not running")
+        if self._secret is None:
+            raise TemplateError(f"VM {self.id} has a plaintext channel: it cannot be a template")
+        if self.templates.exists(name):
+            raise NameConflictError(
+                f"a template named {name!r} exists already: remove it first "
+                f"(`warden template rm {name}`)"
+            )
+        boot = BootFiles(self.image.kernel.path, self.image.initrd.path, self.image.rootfs.path)
+        config = self._template_config(boot)
+        if self._agent is not None:
+            await self._agent.close()  # the template must hold no host session
+            self._agent = None
+        await self._qmp.execute("stop")
+        try:
+            await self.templates.capture(
+                self._qmp, self._qemu_pid(), name, config, self._secret, extra or {}
+            )
+        finally:
+            if keep_running:
+                await self._qmp.execute("cont")
+                # The template holds this VM's secret now: it gets a new one of its own.
+                self._agent = await self._open_agent(self.spec.agent_timeout_s, held=self._secret)
+
+    def _qemu_pid(self) -> int:
+        """QEMU's host pid (a jailed one's, not its ``unshare``'s)."""
+        if self._proc is None or self._proc.returncode is not None:
+            raise VMError(f"VM {self.id}: its QEMU is not running")
+        return self._proc.pid
 
     def _on_agent_broken(self, error: WardenError) -> None:
         """The agent connection broke: a protocol violation, an unresponsive agent, or lost.
@@ -692,12 +801,15 @@ class Machine:
             remaining = max(0.1, deadline - loop.time())
             return await self._open_agent(remaining, resync=True, held=held, new=self._secret)
 
-    async def _connect(self, *, restored: bool = False, held: bytes | None = None) -> None:
+    async def _connect(
+        self, *, restored: bool = False, held: bytes | None = None, incoming: str | None = None
+    ) -> None:
         """Connect QMP and the agent, racing both against QEMU's exit and the deadline.
 
         A restored VM is resumed once its state has loaded: the snapshot was taken paused.
         Its guest holds the snapshot's channel secret, ``held``, until the first session
-        hands it this VM's own.
+        hands it this VM's own. ``incoming``: a clone's deferred migration (its template's
+        device state, RAM left out), started here.
         """
         assert self._proc is not None
         deadline = time.monotonic() + self.spec.agent_timeout_s
@@ -705,6 +817,9 @@ class Machine:
         try:
             await self._race(self._start_console(deadline), exited, deadline, "the console")
             self._qmp = await self._race(self._connect_qmp(deadline), exited, deadline, "QMP")
+            if incoming is not None:
+                loading = _load_device_state(self._qmp, incoming)
+                await self._race(loading, exited, deadline, "the template's state")
             if restored:
                 await self._race(self._resume_restored(self._qmp), exited, deadline, "restore")
             opening = self._open_agent(deadline - time.monotonic(), held=held, new=self._secret)
@@ -837,6 +952,9 @@ class Machine:
 
     async def _rollback(self) -> None:
         self._set_state(VMState.FAILED)
+        if self._template is not None:  # refused before QEMU took its state file
+            self._template.state.close()
+            self._template = None
         await self._hard_stop()
 
     async def _cleanup(self) -> None:
@@ -855,6 +973,15 @@ class Machine:
             self.uid = None
         if self._proc is None or self._proc.returncode is not None:
             await asyncio.to_thread(self.channel_keys.forget, self.id)
+
+
+async def _load_device_state(qmp: QMPClient, uri: str) -> None:
+    """Start a deferred incoming migration of device state only: RAM is the template's."""
+    await qmp.execute(
+        "migrate-set-capabilities",
+        {"capabilities": [{"capability": "x-ignore-shared", "state": True}]},
+    )
+    await qmp.execute("migrate-incoming", {"uri": uri})
 
 
 MAX_SESSION_RENEWALS = 3

@@ -271,7 +271,7 @@ class BootSnapshots:
                 qmp.send_fd_scm(f.fileno())
                 await qmp.execute("getfd", {"fdname": "warden-snapshot"})
                 await qmp.execute("migrate", {"uri": "fd:warden-snapshot"})
-                await _wait_migration(qmp)
+                await wait_migration(qmp, "saving the boot snapshot")
                 f.flush()
                 os.fsync(f.fileno())
                 # Hashed from the fd QEMU wrote: what is sealed is what was saved.
@@ -323,7 +323,8 @@ def _read_meta(path: Path) -> dict[str, Any]:
     return meta
 
 
-async def _wait_migration(qmp: QMPClient) -> None:
+async def wait_migration(qmp: QMPClient, what: str) -> None:
+    """Wait until the migration QEMU runs completes; VMError naming ``what`` if it fails."""
     deadline = time.monotonic() + MIGRATE_TIMEOUT_S
     while True:
         info = await qmp.execute("query-migrate")
@@ -332,7 +333,7 @@ async def _wait_migration(qmp: QMPClient) -> None:
             return
         if status in ("failed", "cancelled"):
             desc = info.get("error-desc", status) if isinstance(info, dict) else status
-            raise VMError(f"saving the boot snapshot failed: {desc}")
+            raise VMError(f"{what} failed: {desc}")
         if time.monotonic() > deadline:
-            raise VMError(f"saving the boot snapshot took over {MIGRATE_TIMEOUT_S:.0f} s")
+            raise VMError(f"{what} took over {MIGRATE_TIMEOUT_S:.0f} s")
         await asyncio.sleep(0.01)

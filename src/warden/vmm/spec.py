@@ -12,6 +12,7 @@ from warden._errors import SpecError
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+TEMPLATE_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
 MIN_MEMORY_MIB = 128
 """The least guest memory warden boots, in MiB. Measured with the default image (cold boot under
@@ -48,6 +49,18 @@ class VMSpec(BaseModel):
         default="snapshot",
         description="'snapshot' restores a saved just-booted state when one exists; 'cold' boots",
     )
+
+    template: str | None = Field(
+        default=None,
+        description="clone this template: its image, memory and vCPUs are the clone's",
+    )
+
+    @field_validator("template")
+    @classmethod
+    def _check_template(cls, v: str | None) -> str | None:
+        if v is not None and not TEMPLATE_RE.match(v):
+            raise ValueError("a template name is 1-63 characters of a-z, 0-9, '_' and '-'")
+        return v
 
     @field_validator("name")
     @classmethod

@@ -93,6 +93,8 @@ class Key:
     """HELLO (agent): true once it holds the secret that REKEY handed it."""
     XFER_KEY = "xfer_key"
     """HELLO (host): the session's transfer-window key, hex (see warden.channel.window)."""
+    HOSTNAME = "hostname"
+    """HELLO (host): the guest's hostname (a clone of a template is a new machine: its own)."""
 
 
 class ErrorKind:

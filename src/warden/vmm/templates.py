@@ -1,0 +1,478 @@
+"""Templates: a VM saved once, cloned many times, its guest RAM shared copy-on-write.
+
+A template lives in ``$WARDEN_HOME/templates/<name>/``::
+
+    memory.ram   the guest's RAM, a sparse file (a 256 MiB guest just booted holds ~70 MB)
+    state.bin    its device state, saved by a migration that leaves RAM out (x-ignore-shared)
+    meta.json    what it was made for and the digests of both files, sealed (HMAC-SHA256
+                 with the host key, ``seal/``)
+
+and its channel secret in ``keys/template/<name>.key``.
+
+**Making one** (:meth:`Templates.capture`). A running VM's RAM is a memfd that QEMU maps
+shared (``vmm/argv.py``). The VM is paused; its device state is migrated with
+``x-ignore-shared`` (about 60 KB: RAM is left out); the host copies the RAM memfd, which it
+opens through ``/proc/<qemu>/fd``, into ``memory.ram`` (``vmm/memfd.py``: holes stay holes);
+both are hashed as they are written and sealed with the configuration. The VM is then ended
+(a new template) or resumed and given a new channel secret (``--from`` a running VM).
+
+**Cloning** (:meth:`Templates.load`). The seal and the configuration are checked first: the
+image's files, QEMU's version and the machine's shape (the argv a clone gets) must be those the
+template was made with, or the template is refused, never loaded. Its RAM is copied into a
+sealed memfd, and the digest checked on the copy itself; the kernel then refuses every write
+to it, so it stays verified while clones map it ``share=off`` (copy-on-write: a clone's write
+goes to a private page of its own). The memfd is kept for this process and reused by every
+later clone of the same sealed template. ``state.bin`` is checked on the open file that QEMU
+then loads (``-incoming fd:N``), as boot snapshots are.
+
+A clone is a new machine: the host's first session with it is authenticated by the template's
+secret and hands it one of its own; its HELLO brings a fresh RNG seed, the time and its own
+hostname (``guest/pid1.py:freshen``), all before any request runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import io
+import json
+import logging
+import os
+import shutil
+import stat
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import QMPClient
+
+from warden._errors import (
+    NameConflictError,
+    SpecError,
+    TemplateError,
+    TemplateNotFoundError,
+    TemplateRefusedError,
+)
+from warden.config import PRIVATE_FILE, Paths, open_private, private_dir, write_private
+from warden.seal import DigestRecord, KeyStoreError, Sealer, SealRefused, sha256_fd
+from warden.vmm import memfd
+from warden.vmm.channel_keys import ChannelKeys
+from warden.vmm.snapshot import META_MAX_BYTES, wait_migration
+from warden.vmm.spec import TEMPLATE_RE, VMSpec
+
+log = logging.getLogger(__name__)
+
+RAM_FILE = "memory.ram"
+STATE_FILE = "state.bin"
+META_FILE = "meta.json"
+SEAL_PURPOSE = "template/1"
+NAME_RE = TEMPLATE_RE
+NAME_RULE = "1-63 characters of a-z, 0-9, '_' and '-', starting with a letter or digit"
+
+
+def check_name(name: str) -> str:
+    if not NAME_RE.match(name):
+        raise SpecError(f"template name {name!r} is not valid: use {NAME_RULE}")
+    return name
+
+
+@dataclasses.dataclass(frozen=True)
+class TemplateConfig:
+    """The machine a template belongs to; its seal binds every field, and a clone must match
+    each one."""
+
+    image: str
+    machine_key: str
+    """Hash of QEMU's version and the clone's argv with per-VM names taken out."""
+    qemu_version: str
+    kernel_sha256: str
+    initrd_sha256: str
+    rootfs_sha256: str
+    memory_mib: int
+    vcpus: int
+
+    def fields(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class TemplateInfo:
+    """A template as ``warden template list`` shows it."""
+
+    name: str
+    image: str
+    memory_mib: int
+    vcpus: int
+    created: float
+    source: str | None
+    setup: str | None
+    disk_bytes: int
+    problem: str | None
+    """Why it would be refused (its seal does not verify), or None."""
+
+
+@dataclasses.dataclass
+class LoadedTemplate:
+    """A verified template, ready for a clone: its RAM in a sealed memfd (owned by the
+    :class:`Templates` cache: do not close it) and its device state open at offset 0 (the
+    caller passes it to QEMU and closes it)."""
+
+    name: str
+    config: TemplateConfig
+    ram_fd: int
+    state: io.FileIO
+    secret: bytes
+
+
+_ram_cache: dict[tuple[str, str], int] = {}
+"""(template dir, seal tag) -> sealed memfd, for this process."""
+_ram_lock = threading.Lock()
+
+
+class Templates:
+    """The template store of ``paths``."""
+
+    def __init__(self, paths: Paths) -> None:
+        self.root = paths.home / "templates"
+        self.sealer = Sealer(paths, SEAL_PURPOSE)
+        self.digests = DigestRecord(paths.cache)
+        self.keys = ChannelKeys(paths)
+
+    def path(self, name: str) -> Path:
+        return self.root / check_name(name)
+
+    def names(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if NAME_RE.match(p.name) and p.is_dir())
+
+    def exists(self, name: str) -> bool:
+        return (self.path(name) / META_FILE).is_file()
+
+    def list(self) -> list[TemplateInfo]:
+        return [info for name in self.names() if (info := self.info(name)) is not None]
+
+    def info(self, name: str) -> TemplateInfo | None:
+        """What ``list`` shows of ``name``; None if it has no ``meta.json``."""
+        directory = self.path(name)
+        try:
+            raw = read_meta(directory / META_FILE)
+        except SealRefused:
+            return None
+        problem: str | None = None
+        try:
+            meta = self.sealer.verify(raw)
+        except (SealRefused, KeyStoreError) as exc:
+            meta, problem = raw, str(exc)
+        disk = sum(_allocated(directory / f) for f in (RAM_FILE, STATE_FILE))
+        return TemplateInfo(
+            name=name,
+            image=str(meta.get("image", "?")),
+            memory_mib=_int(meta.get("memory_mib")),
+            vcpus=_int(meta.get("vcpus")),
+            created=float(meta.get("created", 0) or 0),
+            source=_str_or_none(meta.get("source")),
+            setup=_str_or_none(meta.get("setup")),
+            disk_bytes=disk,
+            problem=problem,
+        )
+
+    def sealed_config(self, name: str) -> TemplateConfig:
+        """Template ``name``'s configuration, its seal verified (its files are checked when
+        it is loaded). TemplateNotFoundError, TemplateRefusedError."""
+        path = self.path(name) / META_FILE
+        if not path.is_file():
+            raise TemplateNotFoundError(_not_found(name))
+        try:
+            return _config_of(self.sealer.verify(read_meta(path)))
+        except (SealRefused, KeyStoreError) as exc:
+            raise _refused(name, str(exc)) from None
+
+    def resolve(self, spec: VMSpec) -> VMSpec:
+        """``spec`` with its template's image, memory and vCPUs (a clone has its template's);
+        a spec that set one of them to another value is refused (SpecError). A spec without
+        a template is returned as it is."""
+        if spec.template is None:
+            return spec
+        config = self.sealed_config(spec.template)
+        fixed = {"image": config.image, "memory_mib": config.memory_mib, "vcpus": config.vcpus}
+        for field, value in fixed.items():
+            if field in spec.model_fields_set and getattr(spec, field) != value:
+                raise SpecError(
+                    f"{field}={getattr(spec, field)!r} but template {spec.template!r} has "
+                    f"{value!r}: a clone has its template's {field}; leave {field} unset"
+                )
+        return spec.model_copy(update=fixed)
+
+    def remove(self, name: str) -> None:
+        """Delete template ``name`` (clones running from it keep their memory)."""
+        directory = self.path(name)
+        if not directory.is_dir():
+            raise TemplateNotFoundError(_not_found(name))
+        _forget_ram(directory)
+        self.keys.forget_template(name)
+        shutil.rmtree(directory)
+
+    # -- loading ------------------------------------------------------------------------------
+
+    def load(self, name: str) -> LoadedTemplate:
+        """Verify template ``name`` and open it for a clone (see the module's docstring).
+
+        TemplateNotFoundError if there is none; TemplateRefusedError if its seal or a file's
+        digest does not verify. The caller still checks :attr:`LoadedTemplate.config` against
+        the machine it makes (:func:`check_config`).
+        """
+        directory = self.path(name)
+        if not (directory / META_FILE).is_file():
+            raise TemplateNotFoundError(_not_found(name))
+        try:
+            raw = read_meta(directory / META_FILE)
+            meta = self.sealer.verify(raw)
+            config = _config_of(meta)
+        except (SealRefused, KeyStoreError) as exc:
+            raise _refused(name, str(exc)) from None
+        secret = self.keys.template(name)
+        if secret is None:
+            raise _refused(name, "its channel secret is missing from the key store")
+        ram_fd = self._sealed_ram(directory, meta, raw["seal"]["tag"])
+        state = self._open_state(directory, meta)
+        return LoadedTemplate(name, config, ram_fd, state, secret)
+
+    def _sealed_ram(self, directory: Path, meta: dict[str, Any], tag: str) -> int:
+        """The template's RAM in a sealed memfd, copied and checked once per process."""
+        key = (str(directory), tag)
+        with _ram_lock:
+            cached = _ram_cache.get(key)
+            if cached is not None:
+                return cached
+            fd = _open_regular(directory / RAM_FILE, directory.name)
+            try:
+                size = os.fstat(fd).st_size
+                if size != meta.get("memory_size"):
+                    raise _refused(
+                        directory.name,
+                        f"{RAM_FILE} has {size} bytes, its seal says {meta.get('memory_size')}",
+                    )
+                ram, digest = memfd.sealed_copy(fd, size, f"warden-template-{directory.name}")
+            finally:
+                os.close(fd)
+            if digest != meta.get("memory_digest"):
+                os.close(ram)
+                raise _refused(directory.name, f"the digest of {RAM_FILE} is not the sealed one")
+            _drop_cached(directory)  # an older version of it (its seal changed)
+            _ram_cache[key] = ram
+            return ram
+
+    def _open_state(self, directory: Path, meta: dict[str, Any]) -> io.FileIO:
+        path = directory / STATE_FILE
+        fd = _open_regular(path, directory.name)
+        try:
+            st = os.fstat(fd)
+            if st.st_size != meta.get("state_size"):
+                raise _refused(directory.name, f"{STATE_FILE} is not the size it was sealed with")
+            if self.digests.digest(path, fd) != meta.get("state_sha256"):
+                raise _refused(directory.name, f"the SHA-256 of {STATE_FILE} is not the sealed one")
+            os.lseek(fd, 0, os.SEEK_SET)
+        except BaseException:
+            os.close(fd)
+            raise
+        return io.FileIO(fd, "rb", closefd=True)
+
+    # -- making -------------------------------------------------------------------------------
+
+    async def capture(
+        self,
+        qmp: QMPClient,
+        qemu_pid: int,
+        name: str,
+        config: TemplateConfig,
+        secret: bytes,
+        extra: dict[str, Any],
+    ) -> None:
+        """Save the paused VM behind ``qmp`` (QEMU's host pid ``qemu_pid``) as template
+        ``name``, sealed for ``config``; ``secret`` is the channel secret its guest holds.
+
+        The caller has paused the VM (QMP ``stop``) and closed its agent session; it resumes
+        or ends the VM afterwards. Nothing is left behind on failure.
+        """
+        target = self.path(name)
+        if target.exists():
+            raise NameConflictError(_exists(name))
+        private_dir(self.root)
+        work = self.root / f".{name}.{os.getpid()}.tmp"
+        shutil.rmtree(work, ignore_errors=True)
+        private_dir(work)
+        try:
+            record = await self._save_files(qmp, qemu_pid, work, config)
+            record.update(extra, created=time.time(), name=name, **config.fields())
+            write_private(work / META_FILE, _dump(self.sealer.seal(record)))
+            self.keys.save_template(name, secret)
+            try:
+                work.rename(target)
+            except OSError as exc:
+                self.keys.forget_template(name)
+                raise NameConflictError(_exists(name)) from exc
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    async def _save_files(
+        self, qmp: QMPClient, qemu_pid: int, work: Path, config: TemplateConfig
+    ) -> dict[str, Any]:
+        """Write ``state.bin`` and ``memory.ram`` into ``work``; their sizes and digests."""
+        await _set_ignore_shared(qmp, True)
+        try:
+            with os.fdopen(open_private(work / STATE_FILE, os.O_RDWR | os.O_CREAT), "r+b") as f:
+                qmp.send_fd_scm(f.fileno())
+                await qmp.execute("getfd", {"fdname": "warden-template"})
+                await qmp.execute("migrate", {"uri": "fd:warden-template"})
+                await wait_migration(qmp, "saving the template's device state")
+                f.flush()
+                os.fsync(f.fileno())
+                state_size = os.fstat(f.fileno()).st_size
+                state_digest = await asyncio.to_thread(sha256_fd, f.fileno())
+        finally:
+            await _set_ignore_shared(qmp, False)
+        size = config.memory_mib << 20
+        digest = await asyncio.to_thread(_copy_ram, qemu_pid, size, work / RAM_FILE)
+        return {
+            "state_size": state_size,
+            "state_sha256": state_digest,
+            "memory_size": size,
+            "memory_digest": digest,
+        }
+
+
+def check_config(name: str, sealed: TemplateConfig, wanted: TemplateConfig) -> None:
+    """Refuse a template made for another machine than the one cloning it would make."""
+    for field, value in wanted.fields().items():
+        have = getattr(sealed, field)
+        if have != value:
+            what = {
+                "kernel_sha256": "the image's kernel changed (rebuilt)",
+                "initrd_sha256": "the image's initrd changed (rebuilt)",
+                "rootfs_sha256": "the image's rootfs changed (rebuilt)",
+                "qemu_version": f"QEMU is {value} now, it was made with {have}",
+                "machine_key": "this warden gives a clone another machine (devices, command line)",
+            }.get(field, f"its {field} is {have!r}, the clone's {value!r}")
+            raise _refused(name, what)
+
+
+def _copy_ram(qemu_pid: int, size: int, path: Path) -> str:
+    """Copy the guest RAM of QEMU ``qemu_pid`` into a new sparse file at ``path``."""
+    try:
+        src = memfd.open_qemu_ram(qemu_pid, size)
+    except OSError as exc:
+        raise TemplateError(
+            f"the VM's guest RAM cannot be copied ({exc.strerror or exc}): a clone of a "
+            "template maps its RAM privately; make the template from the template itself, or "
+            "from a VM booted from an image"
+        ) from None
+    try:
+        dst = open_private(path, os.O_RDWR | os.O_CREAT | os.O_EXCL)
+        try:
+            os.ftruncate(dst, size)
+            digest = memfd.copy_sparse(src, dst, size)
+            os.fsync(dst)
+        finally:
+            os.close(dst)
+    finally:
+        os.close(src)
+    return digest
+
+
+async def _set_ignore_shared(qmp: QMPClient, on: bool) -> None:
+    await qmp.execute(
+        "migrate-set-capabilities",
+        {"capabilities": [{"capability": "x-ignore-shared", "state": on}]},
+    )
+
+
+def _config_of(meta: dict[str, Any]) -> TemplateConfig:
+    try:
+        return TemplateConfig(**{f.name: meta[f.name] for f in dataclasses.fields(TemplateConfig)})
+    except KeyError as exc:
+        raise SealRefused(f"its {META_FILE} lacks {exc}") from None
+
+
+def _open_regular(path: Path, name: str) -> int:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise _refused(name, f"{path.name} cannot be opened ({exc.strerror})") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise _refused(name, f"{path.name} is not a regular file")
+    if st.st_mode & 0o077:
+        os.fchmod(fd, PRIVATE_FILE)
+    return fd
+
+
+def _forget_ram(directory: Path) -> None:
+    with _ram_lock:
+        _drop_cached(directory)
+
+
+def _drop_cached(directory: Path) -> None:
+    """Close this process's memfds of the template at ``directory`` (hold ``_ram_lock``);
+    the clones that map them keep their mappings."""
+    for key in [k for k in _ram_cache if k[0] == str(directory)]:
+        os.close(_ram_cache.pop(key))
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    """``meta.json``, read once (its seal is checked on these very bytes)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise SealRefused(f"its {META_FILE} cannot be read ({exc.strerror})") from None
+    try:
+        raw = os.read(fd, META_MAX_BYTES + 1)
+    finally:
+        os.close(fd)
+    if len(raw) > META_MAX_BYTES:
+        raise SealRefused(f"its {META_FILE} is larger than {META_MAX_BYTES} bytes")
+    try:
+        meta = json.loads(raw)
+    except ValueError as exc:
+        raise SealRefused(f"its {META_FILE} is not JSON ({exc})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("seal"), dict):
+        raise SealRefused(f"its {META_FILE} is not a sealed JSON object")
+    return meta
+
+
+def _dump(record: dict[str, Any]) -> bytes:
+    return json.dumps(record, sort_keys=True, indent=1).encode()
+
+
+def _allocated(path: Path) -> int:
+    with contextlib.suppress(OSError):
+        return path.stat().st_blocks * 512
+    return 0
+
+
+def _int(value: object) -> int:
+    return value if isinstance(value, int) else 0
+
+
+def _str_or_none(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _not_found(name: str) -> str:
+    return f"no template is named {name!r}: `warden template list` shows them"
+
+
+def _exists(name: str) -> str:
+    return (
+        f"a template named {name!r} exists already: remove it first (`warden template rm {name}`)"
+    )
+
+
+def _refused(name: str, why: str) -> TemplateRefusedError:
+    return TemplateRefusedError(
+        f"template {name!r} is refused: {why}. Nothing was started; make it again: "
+        f"`warden template rm {name}` then `warden template create {name} ...`"
+    )
