@@ -8,8 +8,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from warden._errors import WardenError
 from warden.config import Paths
@@ -156,6 +154,9 @@ def _status(check: Check) -> str:
 
 
 def doctor() -> None:
+    from rich.console import Console
+    from rich.table import Table
+
     console = Console()
     checks = _checks()
     table = Table(title="warden doctor")

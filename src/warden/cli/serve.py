@@ -19,17 +19,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.console import Console
 
 from warden._errors import HostError, SpecError, WardenError
+from warden.cli._console import err
 from warden.config import Paths, private_dir
 from warden.policy.admission import AdmissionPolicy
 from warden.server import logs
 
 if TYPE_CHECKING:
     from warden.server.run import TcpListener
-
-err = Console(stderr=True)
 
 LOCK_NAME = "manager.lock"
 
@@ -161,7 +159,7 @@ def _require_jail(paths: Paths) -> None:
 
 
 def _print_error(exc: WardenError) -> None:
-    err.print(f"[red]warden:[/red] {exc}", highlight=False)
+    err().print(f"[red]warden:[/red] {exc}", highlight=False)
 
 
 def _policy(memory_overcommit: float, vcpu_overcommit: float, reserved: int) -> AdmissionPolicy:
