@@ -169,6 +169,7 @@ def serve(
     paths = Paths.from_env()
     if require_jail:
         _require_jail(paths)
+    policy = _calibrated(paths, policy)
     path = socket_path or default_socket(paths)
     lock, sock, listener = _listen(paths, path, tcp)
     from warden.server import run
@@ -208,6 +209,31 @@ def _require_jail(paths: Paths) -> None:
     except WardenError as exc:
         _print_error(exc)
         raise typer.Exit(1) from None
+
+
+def _calibrated(paths: Paths, policy: AdmissionPolicy) -> AdmissionPolicy:
+    """``policy`` with the footprint of an idle VM (``charge="measured"``): given, saved in
+    $WARDEN_HOME, or measured now by booting a VM before the daemon listens (~2 s, once per
+    image and QEMU). If that fails, VMs not measured yet are charged their limits."""
+    import dataclasses
+    import logging
+
+    from warden.policy import footprint
+
+    if policy.charge != "measured" or policy.vm_footprint_mib is not None:
+        return policy
+    found = footprint.load(paths)
+    if found is None:
+        try:
+            found = asyncio.run(footprint.measure(paths))
+        except WardenError as exc:
+            logging.getLogger("warden.serve").warning(
+                "could not calibrate the footprint of an idle VM (%s): admission charges VMs "
+                "not measured yet their limits",
+                exc,
+            )
+            return policy
+    return dataclasses.replace(policy, vm_footprint_mib=found.pss_mib)
 
 
 def _print_error(exc: WardenError) -> None:

@@ -2,11 +2,12 @@
 VM it has not measured yet (``charge="measured"``, see ``policy/admission.py``).
 
 Measured by booting a VM as ``warden run`` does (the default image, 256 MiB, 1 vCPU, from the
-boot snapshot), running ``true`` twice, waiting ``IDLE_S`` and reading its QEMU's PSS. The
-daemon calibrates at start-up unless a calibration of the same image, QEMU and spec is saved
-in ``$WARDEN_HOME/footprint.json`` (root's, 0600), or ``--vm-footprint`` gives one; ``warden
-doctor`` prints it (and measures it if none is saved). Under TCG here: about 175 MiB for a
-VM restored from the boot snapshot, against its limit of 256 + 320 MiB.
+boot snapshot), running ``true`` twice, waiting ``IDLE_S`` and reading its QEMU's PSS. Kept in
+``$WARDEN_HOME/footprint.json`` (root's, 0600) for the same image, QEMU and VM size. ``warden
+serve`` calibrates at start-up, before it listens, unless ``--vm-footprint`` gives one or one
+is saved; ``warden doctor`` prints it (and measures it if none is saved). A ``Manager`` only
+loads a saved one: it never boots a VM by itself. Under TCG here: about 175 MiB for a VM
+restored from the boot snapshot, against its limit of 256 + 320 MiB.
 """
 
 from __future__ import annotations
@@ -85,19 +86,21 @@ def _current(paths: Paths, pss_mib: int = 0) -> Footprint:
 
 
 async def measure(paths: Paths) -> Footprint:
-    """Boot a VM, idle it and measure its PSS; save and return the calibration. Raises the
-    boot's WardenError (no image, no QEMU...); leaves no VM behind."""
+    """Boot a VM in ``paths``' home, idle it and measure its PSS; save and return the
+    calibration. Raises the boot's WardenError (no image, no QEMU...); leaves no VM behind."""
     from warden.policy.meter import pss_mib
-    from warden.sdk import AsyncSandbox
     from warden.vmm.machine import Machine
+    from warden.vmm.spec import VMSpec
 
-    async with await AsyncSandbox.create(IMAGE, memory_mib=MEMORY_MIB, vcpus=1) as sbx:
+    machine = Machine(VMSpec(image=IMAGE, memory_mib=MEMORY_MIB, vcpus=1), paths=paths)
+    try:
+        await machine.launch()
         for _ in range(2):
-            await sbx.commands.run(["true"])
+            await machine.agent.exec(["true"])
         await asyncio.sleep(IDLE_S)
-        machine = sbx._machine
-        pid = machine.pid if isinstance(machine, Machine) else None
-        pss = pss_mib(pid) if pid is not None else None
+        pss = pss_mib(machine.pid) if machine.pid is not None else None
+    finally:
+        await machine.shutdown()
     if pss is None:
         raise WardenError("could not read the calibration VM's PSS from /proc")
     footprint = await asyncio.to_thread(_current, paths, math.ceil(pss))

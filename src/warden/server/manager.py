@@ -79,7 +79,6 @@ class Manager:
         self.meter = UsageMeter()
         """What each running VM uses, for admission (``charge="measured"``)."""
         self._sampler: asyncio.Task[None] | None = None
-        self._calibration: asyncio.Task[None] | None = None
 
     # -- life of the manager -----------------------------------------------------------------
 
@@ -91,7 +90,7 @@ class Manager:
                 continue
             await self._recover(row)
         self._sampler = asyncio.create_task(self._sample_cpu(), name="warden-cpu-sampler")
-        self._start_calibration()
+        await asyncio.to_thread(self._load_footprint)
 
     async def _sample_cpu(self) -> None:
         """Sample the CPU use of every held QEMU, for ``cpu_percent`` (``warden ps``) and
@@ -106,29 +105,20 @@ class Manager:
                 await asyncio.to_thread(self.meter.sample_memory, running)
             await asyncio.sleep(CPU_SAMPLE_S)
 
-    def _start_calibration(self) -> None:
-        """The footprint charged to VMs not measured yet: the policy's, else the one saved in
-        $WARDEN_HOME, else measured now in the background (until then such VMs are charged
-        their limits: never less than a calibration would charge)."""
+    def _load_footprint(self) -> None:
+        """The footprint charged to VMs not measured yet: the policy's (``warden serve``
+        calibrates before it starts the manager), else the one saved in $WARDEN_HOME, else
+        none: such VMs are charged their limits. The manager never boots a VM by itself."""
         if self.policy.charge != "measured" or self.policy.vm_footprint_mib is not None:
             return
         saved = footprint.load(self.paths)
-        if saved is not None:
-            self._use_footprint(saved.pss_mib)
+        if saved is None:
+            log.warning(
+                "no calibrated footprint of an idle VM: admission charges VMs not measured yet "
+                "their limits (run `warden doctor` to calibrate it)"
+            )
             return
-        self._calibration = asyncio.create_task(self._calibrate(), name="warden-calibration")
-
-    async def _calibrate(self) -> None:
-        try:
-            measured = await footprint.measure(self.paths)
-        except Exception as exc:  # noqa: BLE001 - admission then charges limits, as it says
-            log.warning("could not calibrate the footprint of an idle VM: %s", exc)
-            return
-        self._use_footprint(measured.pss_mib)
-
-    def _use_footprint(self, pss_mib: int) -> None:
-        self.policy = dataclasses.replace(self.policy, vm_footprint_mib=pss_mib)
-        log.info("admission charges a VM not measured yet %s MiB + headroom", pss_mib)
+        self.policy = dataclasses.replace(self.policy, vm_footprint_mib=saved.pss_mib)
 
     def _usage(self, vm: ActiveVM) -> VMUsage:
         paused = vm.state == getattr(VMState, "PAUSED", None)
@@ -180,11 +170,10 @@ class Manager:
 
     async def close(self) -> None:
         """Let go of every VM without stopping it, and close the store."""
-        for task in (self._sampler, self._calibration):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        if self._sampler is not None:
+            self._sampler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sampler
         for held in list(self.vms.values()):
             if held.monitor is not None:
                 held.monitor.cancel()
