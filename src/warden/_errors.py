@@ -164,7 +164,12 @@ class StateTransitionError(StoreError):
 
 class AdmissionError(WardenError):
     """A create would pass a host limit (HTTP 409). The message names the limit, the numbers
-    and the option to change. Nothing was created."""
+    and the option to change. Nothing was created. ``limits`` names the limits passed
+    (``memory``, ``vcpus``, ``cpu_busy``), for code that must not read the message."""
+
+    def __init__(self, message: str, *, limits: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.limits = limits
 
 
 class TemplateError(WardenError):

@@ -353,7 +353,8 @@ def _metric(text: str, line_start: str) -> float:
 
 def _limited_daemon(tmp_path: Path, host: HostCapacity, memory_limit: int, vcpus: int) -> Daemon:
     """A daemon (not started) that admits up to ``memory_limit`` MiB and ``vcpus`` + 0.5 vcpus,
-    logging JSON."""
+    logging JSON, charging each VM its limits (guest + overhead, all vCPUs): the rule on
+    totals. Measured charges: tests/integration/test_admission.py."""
     return Daemon(
         tmp_path / "w.sock",
         tmp_path / "daemon.log",
@@ -368,6 +369,8 @@ def _limited_daemon(tmp_path: Path, host: HostCapacity, memory_limit: int, vcpus
             str(host.memory_mib - memory_limit),
             "--vcpu-overcommit",
             repr((vcpus + 0.5) / host.cpus),
+            "--charge",
+            "limits",
         ],
     )
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,14 @@ from warden.policy import (
     HostCapacity,
     check,
 )
+from warden.policy.admission import (
+    DEFAULT_HEADROOM_MIB,
+    VMUsage,
+    check_usage,
+    memory_charge_mib,
+    vcpu_charge,
+)
+from warden.policy.meter import SETTLE_S, WINDOW_S, UsageMeter, pss_mib
 from warden.store import Reservations, Store
 from warden.vmm.argv import TCG_TB_SIZE_MIB
 from warden.vmm.spec import VMSpec
@@ -218,3 +228,203 @@ def test_create_is_check_plus_insert_in_one_transaction(tmp_path: Path) -> None:
         store.update_state("a", VMState.FAILED)
         create(store, "c", 448)
         assert store.reservations() == Reservations(memory_mib=896, vcpus=2, vms=2)
+
+
+# -- charge="measured": what VMs really use (issue 8) --------------------------------------
+
+HOST = HostCapacity(memory_mib=24105, cpus=2)  # this machine: 24 GiB, 2 cores
+
+
+def usage_check(
+    policy: AdmissionPolicy, vms: list[VMUsage], memory: int = 256, vcpus: int = 1
+) -> None:
+    check_usage(policy, HOST, vms, request=VMUsage(memory, vcpus))
+
+
+def test_a_measured_vm_is_charged_its_pss_plus_headroom_at_most_its_limit() -> None:
+    p = AdmissionPolicy(vm_footprint_mib=175, vm_headroom_mib=32, vm_overhead_mib=320)
+    assert memory_charge_mib(p, VMUsage(256, 1, pss_mib=59.2)) == 60 + 32
+    assert memory_charge_mib(p, VMUsage(256, 1)) == 175 + 32  # not measured: the footprint
+    assert memory_charge_mib(p, VMUsage(256, 1, pss_mib=900.0)) == 256 + 320  # its cgroup's
+    assert memory_charge_mib(p, VMUsage(128, 1)) == min(128 + 320, 175 + 32)
+    uncalibrated = AdmissionPolicy(vm_footprint_mib=None)
+    assert memory_charge_mib(uncalibrated, VMUsage(256, 1)) == 256 + TCG_VM_OVERHEAD_MIB
+    limits = AdmissionPolicy(charge="limits", vm_footprint_mib=175)
+    assert memory_charge_mib(limits, VMUsage(256, 1, pss_mib=60.0)) == 256 + TCG_VM_OVERHEAD_MIB
+
+
+def test_cpu_charge_is_measured_load_all_vcpus_until_measured_and_none_paused() -> None:
+    p = AdmissionPolicy()
+    assert vcpu_charge(p, VMUsage(256, 2)) == 2.0
+    assert vcpu_charge(p, VMUsage(256, 2, cpu_load=0.006)) == 0.006
+    assert vcpu_charge(p, VMUsage(256, 2, cpu_load=0.5, paused=True)) == 0.0
+    assert vcpu_charge(p, VMUsage(256, 2, paused=True)) == 0.0
+    assert vcpu_charge(AdmissionPolicy(charge="limits"), VMUsage(256, 2, cpu_load=0.0)) == 2.0
+
+
+def test_200_idle_sandboxes_fit_with_the_default_settings() -> None:
+    """Idle 256 MiB clones (PSS ~60 MiB, ~0.5% of a CPU each, as measured here) on this 24 GiB,
+    2-core host: the 201st is admitted; the limits rule refused the 9th (vCPUs 4 x 2)."""
+    p = AdmissionPolicy(vm_footprint_mib=175)
+    idle = [VMUsage(256, 1, pss_mib=60.0, cpu_load=0.005) for _ in range(200)]
+    usage_check(p, idle)
+    with pytest.raises(AdmissionError) as info:
+        usage_check(AdmissionPolicy(charge="limits"), idle[:8])
+    assert info.value.limits == ("vcpus",)
+
+
+def test_a_host_whose_vms_keep_the_cpus_busy_refuses_creates() -> None:
+    p = AdmissionPolicy(vm_footprint_mib=175)
+    busy = [VMUsage(256, 1, pss_mib=180.0, cpu_load=0.95) for _ in range(2)]
+    with pytest.raises(AdmissionError) as info:
+        usage_check(p, busy)
+    assert info.value.limits == ("cpu_busy",)
+    assert "cpu_busy_limit 0.9" in str(info.value) and "1.90 of this host's 2 CPUs" in str(
+        info.value
+    )
+    usage_check(AdmissionPolicy(vm_footprint_mib=175, cpu_busy_limit=1.0), busy)
+    paused = [VMUsage(256, 1, pss_mib=180.0, cpu_load=0.95, paused=True) for _ in range(2)]
+    usage_check(p, paused)  # a paused VM's last load does not count
+
+
+def test_vms_not_measured_yet_are_charged_in_full() -> None:
+    """A burst of creates: 8 VMs still booting hold 8 vCPUs (2 CPUs x 4), so a 9th waits;
+    once they are measured idle, there is room again."""
+    p = AdmissionPolicy(vm_footprint_mib=175)
+    booting = [VMUsage(256, 1) for _ in range(8)]
+    with pytest.raises(AdmissionError) as info:
+        usage_check(p, booting)
+    assert info.value.limits == ("vcpus",)
+    assert "all of its vCPUs until it is measured" in str(info.value)
+    usage_check(p, [VMUsage(256, 1, cpu_load=0.01) for _ in range(8)])
+
+
+def test_memory_at_the_limit_under_measured_charges() -> None:
+    # 1000 MiB for VMs: 4 measured at 100 + 20 headroom = 480; 520 left, a new VM costs
+    # footprint 240 + 20 = 260: two fit, a third does not.
+    p = AdmissionPolicy(reserved_host_memory_mib=0, vm_footprint_mib=240, vm_headroom_mib=20)
+    cap = HostCapacity(memory_mib=1000, cpus=64)
+    measured = [VMUsage(256, 1, pss_mib=100.0, cpu_load=0.0) for _ in range(4)]
+    check_usage(p, cap, [*measured, VMUsage(256, 1)], request=VMUsage(256, 1))
+    with pytest.raises(AdmissionError) as info:
+        check_usage(p, cap, [*measured, VMUsage(256, 1), VMUsage(256, 1)], request=VMUsage(256, 1))
+    assert info.value.limits == ("memory",)
+    msg = str(info.value)
+    for part in (
+        "charged 260 MiB",
+        "footprint of an idle VM, 240 MiB",
+        "6 active VMs are charged 1000 MiB (4 of them by their measured PSS",
+        "the limit is 1000 MiB",
+    ):
+        assert part in msg, (part, msg)
+
+
+def test_limits_charge_is_the_rule_on_totals() -> None:
+    p = AdmissionPolicy(charge="limits", reserved_host_memory_mib=96, vm_overhead_mib=100)
+    vms = [VMUsage(500, 1, pss_mib=10.0, cpu_load=0.0) for _ in range(2)]
+    check_usage(p, CAP, vms, request=VMUsage(2700, 1))
+    with pytest.raises(AdmissionError, match="needs 2801 MiB") as info:
+        check_usage(p, CAP, vms, request=VMUsage(2701, 1))
+    assert info.value.limits == ("memory",)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"cpu_busy_limit": 0.0},
+        {"cpu_busy_limit": float("nan")},
+        {"vm_headroom_mib": -1},
+        {"vm_footprint_mib": 0},
+        {"charge": "guess"},
+    ],
+)
+def test_bad_measured_settings_are_refused(kwargs: dict[str, object]) -> None:
+    with pytest.raises(SpecError, match=next(iter(kwargs))):
+        AdmissionPolicy(**kwargs)  # type: ignore[arg-type]
+
+
+def test_parallel_creates_at_the_limit_admit_exactly_n(tmp_path: Path) -> None:
+    """N + k threads, each with its own connection (as parallel API requests, or processes),
+    check and insert through the meter's charges: exactly N rows, the others refused with
+    nothing written, as the daemon's gate does it."""
+    n, k = 5, 7
+    charge = 175 + DEFAULT_HEADROOM_MIB  # a VM not measured yet
+    cap = HostCapacity(memory_mib=n * charge + charge // 2, cpus=64)
+    policy = AdmissionPolicy(reserved_host_memory_mib=0, vm_footprint_mib=175)
+    meter = UsageMeter()
+    path = tmp_path / "state.db"
+    Store(path).close()
+    barrier = threading.Barrier(n + k)
+    errors: list[AdmissionError] = []
+
+    def create(i: int) -> None:
+        def gate(r: Reservations) -> None:
+            vms = [meter.usage(v.id, v.memory_mib, v.vcpus) for v in r.active]
+            check_usage(policy, cap, vms, request=VMUsage(256, 1))
+
+        with Store(path) as store:
+            barrier.wait()
+            try:
+                store.create_vm(f"vm{i}", VMSpec(memory_mib=256), admit=gate)
+            except AdmissionError as exc:
+                errors.append(exc)
+
+    threads = [threading.Thread(target=create, args=(i,)) for i in range(n + k)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(errors) == k
+    assert all(e.limits == ("memory",) for e in errors)
+    with Store(path) as store:
+        assert store.reservations().vms == n
+        assert len(store.events_since(0)) == n
+
+
+# -- the meter ------------------------------------------------------------------------------
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_meter_measures_load_over_a_whole_window_only() -> None:
+    clock = FakeClock()
+    meter = UsageMeter(clock)
+    cpu = {"a": 0.0}
+    for _ in range(int(WINDOW_S)):
+        meter.sample_cpu({"a": 1}, read=lambda pid: cpu["a"])
+        assert meter.usage("a", 256, 1).cpu_load is None  # not a whole window yet
+        clock.now += 1.0
+        cpu["a"] += 0.25
+    meter.sample_cpu({"a": 1}, read=lambda pid: cpu["a"])
+    assert meter.usage("a", 256, 1).cpu_load == pytest.approx(0.25)
+    for _ in range(10):  # idle from now on: the window slides past the busy part
+        clock.now += 1.0
+        meter.sample_cpu({"a": 1}, read=lambda pid: cpu["a"])
+    assert meter.usage("a", 256, 1).cpu_load == pytest.approx(0.0)
+
+
+def test_the_meter_counts_pss_only_once_a_vm_has_settled() -> None:
+    clock = FakeClock()
+    meter = UsageMeter(clock)
+    meter.sample_cpu({"a": 1}, read=lambda pid: 1.0)
+    meter.sample_memory({"a": 1}, read=lambda pid: 40.0)  # still restoring: not counted
+    assert meter.usage("a", 256, 1).pss_mib is None
+    clock.now += SETTLE_S
+    meter.sample_memory({"a": 1}, read=lambda pid: 170.0)
+    assert meter.usage("a", 256, 1).pss_mib == 170.0
+    meter.sample_memory({"a": 1}, read=lambda pid: None)  # gone between samples: kept
+    assert meter.usage("a", 256, 1).pss_mib == 170.0
+    meter.sample_cpu({}, read=lambda pid: 1.0)  # not running any more: forgotten
+    assert meter.usage("a", 256, 1) == VMUsage(256, 1)
+
+
+def test_pss_of_this_process() -> None:
+    pss = pss_mib(os.getpid())
+    assert pss is not None and 1 < pss < 4096
+    assert pss_mib(2**22 + 1) is None

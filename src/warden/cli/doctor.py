@@ -8,8 +8,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from warden._errors import WardenError
 from warden.config import Paths
@@ -134,6 +132,34 @@ def _jail_checks(paths: Paths, qemu: str | None, image: Image | None) -> list[Ch
     ]
 
 
+def _footprint_check(paths: Paths, qemu: str | None, image: Image | None) -> Check:
+    """The PSS of an idle VM that the daemon's admission charges a VM not measured yet: the
+    saved calibration, else measured now (a VM boots) and saved for the daemon."""
+    import asyncio
+
+    from warden.policy import footprint
+
+    name = "admission footprint"
+    if qemu is None or image is None:
+        return Check(name, False, "unknown until QEMU and the image are present")
+    saved = footprint.load(paths)
+    how = "calibrated"
+    if saved is None:
+        try:
+            saved = asyncio.run(footprint.measure(paths))
+        except WardenError as exc:
+            return Check(
+                name, False, f"could not boot a VM to measure it: {exc}", "fix the checks above"
+            )
+        how = "measured now"
+    return Check(
+        name,
+        True,
+        f"an idle {saved.memory_mib} MiB VM: PSS {saved.pss_mib} MiB ({how}; charged + "
+        "headroom to each VM until it is measured)",
+    )
+
+
 def _checks() -> list[Check]:
     from warden.vmm.accel import kvm_usable_device
 
@@ -146,6 +172,7 @@ def _checks() -> list[Check]:
     checks.append(Check("/dev/kvm", kvm_why_not is None, kvm_why_not or "opens read-write"))
     checks.append(_accel_check(paths, qemu, image))
     checks += _jail_checks(paths, qemu, image)
+    checks.append(_footprint_check(paths, qemu, image))
     return checks
 
 
@@ -156,6 +183,9 @@ def _status(check: Check) -> str:
 
 
 def doctor() -> None:
+    from rich.console import Console
+    from rich.table import Table
+
     console = Console()
     checks = _checks()
     table = Table(title="warden doctor")

@@ -14,18 +14,19 @@ from typing import Annotated, Any
 
 import typer
 
-from warden.cli.remote import HostOption, _check, _client, _fail, out
+from warden.cli._console import out
+from warden.cli.remote import HostOption, _check, _client, _fail
 
 POLL_S = 0.5
 
 
 def _print(event: dict[str, Any], fmt: str) -> None:
     if fmt == "json":
-        out.print(json.dumps(event, separators=(",", ":")), highlight=False, soft_wrap=True)
+        out().print(json.dumps(event, separators=(",", ":")), highlight=False, soft_wrap=True)
         return
     at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(event["at"])))
     detail = " ".join(f"{k}={v}" for k, v in event.get("detail", {}).items() if v is not None)
-    out.print(
+    out().print(
         f"{at}  {event['vm_id']}  {event['kind']:<9} {detail}".rstrip(),
         highlight=False,
         markup=False,
@@ -58,7 +59,7 @@ def events(
                 for event in batch or []:
                     _print(event, fmt)
                     after = max(after, int(event["id"]))
-                out.file.flush()
+                out().file.flush()
                 if not follow:
                     return
                 if not batch:

@@ -5,12 +5,9 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.progress import Progress, ProgressColumn, SpinnerColumn, Task, TaskID, TextColumn
-from rich.table import Table
-from rich.text import Text
 
 from warden._errors import WardenError
+from warden.cli._console import err, out
 from warden.config import Paths
 
 image_app = typer.Typer(
@@ -21,7 +18,6 @@ image_app = typer.Typer(
 )
 
 EXIT_ERROR = 1
-_MARKS = {"done": ("✓", "green"), "cached": ("✓", "cyan"), "failed": ("✗", "red")}
 
 
 def _size(n: int) -> str:
@@ -31,31 +27,10 @@ def _size(n: int) -> str:
 
 
 def _fail(exc: WardenError) -> typer.Exit:
-    Console(stderr=True).print(Text("warden: ", style="red") + Text(str(exc)))
+    from rich.text import Text
+
+    err().print(Text("warden: ", style="red") + Text(str(exc)))
     return typer.Exit(EXIT_ERROR)
-
-
-class _StatusColumn(ProgressColumn):
-    """A spinner while a step runs, then a mark for done, cached or failed."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._spinner = SpinnerColumn()
-
-    def render(self, task: Task) -> Text:
-        mark = _MARKS.get(str(task.fields.get("status", "")))
-        if mark is None:
-            rendered = self._spinner.render(task)
-            return rendered if isinstance(rendered, Text) else Text("…")
-        return Text(mark[0], style=mark[1])
-
-
-class _ElapsedColumn(ProgressColumn):
-    """Seconds a step has run (frozen when it ends)."""
-
-    def render(self, task: Task) -> Text:
-        elapsed = task.finished_time if task.finished else task.elapsed
-        return Text(f"{elapsed or 0.0:6.1f}s", style="progress.elapsed")
 
 
 @image_app.command("build")
@@ -66,20 +41,16 @@ def build(
     ] = False,
 ) -> None:
     """Build an image (kernel, initramfs, rootfs); reuse cached artifacts that still match."""
+    from rich.progress import TaskID
+
+    from warden.cli._progress import steps_progress
     from warden.image.build import StepEvent, build_image
 
-    console = Console()
+    console = out()
     paths = Paths.from_env()
 
     if console.is_terminal:
-        progress = Progress(
-            _StatusColumn(),
-            TextColumn("{task.description}"),
-            TextColumn("{task.fields[status]}"),
-            _ElapsedColumn(),
-            TextColumn("[dim]{task.fields[detail]}"),
-            console=console,
-        )
+        progress = steps_progress(console)
         room = max(10, console.width - 50)  # long details would squeeze the other columns
         tasks: dict[str, TaskID] = {}
 
@@ -124,10 +95,12 @@ def build(
 @image_app.command("list")
 def list_() -> None:
     """List built images."""
+    from rich.table import Table
+
     from warden.image.store import list_images
 
     images = list_images(Paths.from_env())
-    console = Console()
+    console = out()
     if not images:
         console.print("no images built; run `warden image build default`")
         return
@@ -154,4 +127,4 @@ def rm(name: Annotated[str, typer.Argument(help="Image name.")]) -> None:
         remove_image(Paths.from_env(), name)
     except WardenError as exc:
         raise _fail(exc) from None
-    Console().print(f"removed image {name}")
+    out().print(f"removed image {name}")

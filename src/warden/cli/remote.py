@@ -17,22 +17,21 @@ import sys
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
-from typing import IO, Annotated, Any, NoReturn
+from typing import IO, TYPE_CHECKING, Annotated, Any, NoReturn
 
-import httpx
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from warden._errors import CommandTimeoutError, SpecError, WardenError
-from warden.agent.client import ExecResult
-from warden.sdk import _download as _download_mod
-from warden.sdk._endpoint import Endpoint
-from warden.sdk._lines import RecordPool
-from warden.sdk._remote import RemoteAgent
+from warden.cli._console import err, out
 
-out = Console()
-err = Console(stderr=True)
+if TYPE_CHECKING:
+    import httpx
+
+    from warden.agent.client import ExecResult
+    from warden.sdk._endpoint import Endpoint
+
+# httpx, rich and the SDK's remote client load in the commands that contact a daemon: every
+# other command (``warden run`` above all) must not pay ~0.3 s for them (issue 8).
 
 EXIT_WARDEN_ERROR = 125
 
@@ -67,11 +66,13 @@ RequireJailOption = Annotated[
 
 
 def _fail(message: str) -> NoReturn:
-    err.print(f"[red]warden:[/red] {message}", highlight=False)
+    err().print(f"[red]warden:[/red] {message}", highlight=False)
     raise typer.Exit(EXIT_WARDEN_ERROR)
 
 
 def _endpoint(host: str | None) -> Endpoint:
+    from warden.sdk._endpoint import Endpoint
+
     try:
         return Endpoint.resolve(host)
     except SpecError as exc:
@@ -80,6 +81,8 @@ def _endpoint(host: str | None) -> Endpoint:
 
 @contextmanager
 def _client(host: str | None) -> Iterator[httpx.Client]:
+    import httpx
+
     endpoint = _endpoint(host)
     try:
         with endpoint.sync_client(httpx.Timeout(60.0, read=None)) as client:
@@ -138,6 +141,8 @@ def create(
         body["name"] = name
     if require_jail:  # only when asked: a daemon that predates it refuses the field
         body["require_jail"] = True
+    import httpx
+
     with _client(host) as c:
         vm = _check(c.post("/v1/sandboxes", json=body, timeout=httpx.Timeout(300.0)))
     print(vm["id"])
@@ -165,6 +170,8 @@ def ps(
     if format == "json":
         print(json.dumps(vms, indent=2))
         return
+    from rich.table import Table
+
     table = Table(box=None)
     for col in ("ID", "NAME", "STATE", "UPTIME", "MEMORY", "CPUS", "CPU%", "IMAGE"):
         table.add_column(col, justify="right" if col == "CPU%" else "left")
@@ -180,7 +187,7 @@ def ps(
             "-" if cpu is None else f"{cpu:.1f}",
             vm["image"],
         )
-    out.print(table)
+    out().print(table)
 
 
 def inspect(
@@ -214,6 +221,8 @@ def exec_(
         cmd = cmd[1:]
     if not cmd:
         raise typer.BadParameter("give the command after --", param_hint="CMD")
+    import httpx
+
     endpoint = _endpoint(host)
     try:
         result = asyncio.run(
@@ -229,7 +238,7 @@ def exec_(
             )
         )
     except CommandTimeoutError:
-        err.print(f"[red]warden:[/red] the command passed its timeout of {timeout}s")
+        err().print(f"[red]warden:[/red] the command passed its timeout of {timeout}s")
         raise typer.Exit(124) from None
     except httpx.TransportError as exc:
         _fail(endpoint.unreachable(exc))
@@ -254,6 +263,11 @@ async def _exec(
 ) -> ExecResult:
     """Run ``cmd`` through the daemon with the SDK's remote agent, output straight through
     (none of it is kept: a command may write without end)."""
+    import httpx
+
+    from warden.sdk._lines import RecordPool
+    from warden.sdk._remote import RemoteAgent
+
     stdout, stderr = sys.stdout.buffer, sys.stderr.buffer
 
     def write(stream: IO[bytes]) -> Callable[[bytes], None]:
@@ -394,6 +408,8 @@ def _upload(local: str, ref: str, path: str, user: str, host: str | None) -> Non
         if stat_mod.S_ISDIR(st.st_mode):
             _fail(f"{local} is a directory; warden cp copies one file at a time")
         mode = stat_mod.S_IMODE(st.st_mode) if stat_mod.S_ISREG(st.st_mode) else 0o644
+        import httpx
+
         with _client(host) as c:
             _check(
                 c.put(
@@ -413,6 +429,8 @@ def _download(
 ) -> None:
     if local != "-" and (local.endswith("/") or os.path.isdir(local)):
         local = os.path.join(local, os.path.basename(path.rstrip("/")))
+    import httpx
+
     endpoint = _endpoint(host)
     try:
         asyncio.run(_copy_out(endpoint, ref, path, local, max_size, user))
@@ -423,10 +441,10 @@ def _download(
     except OSError as exc:
         _fail(f"cannot write {local}: {exc.strerror or exc}")
     except asyncio.CancelledError:
-        err.print("[red]warden:[/red] cp was stopped (SIGTERM); nothing was kept")
+        err().print("[red]warden:[/red] cp was stopped (SIGTERM); nothing was kept")
         raise typer.Exit(128 + signal.SIGTERM) from None
     except KeyboardInterrupt:
-        err.print("[red]warden:[/red] cp was interrupted; nothing was kept")
+        err().print("[red]warden:[/red] cp was interrupted; nothing was kept")
         raise typer.Exit(128 + signal.SIGINT) from None
 
 
@@ -435,6 +453,12 @@ async def _copy_out(
 ) -> None:
     """Stream ``path`` out of sandbox ``ref`` into ``local`` (or stdout for ``-``) with the
     SDK's bounded, sparse, all-or-nothing download. SIGTERM cancels it like Ctrl-C does."""
+    import httpx
+
+    from warden.sdk import _download as _download_mod
+    from warden.sdk._lines import RecordPool
+    from warden.sdk._remote import RemoteAgent
+
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     assert task is not None
@@ -464,6 +488,8 @@ def stop(
     host: HostOption = None,
 ) -> None:
     """Stop a sandbox (it stays listed with --all until rm)."""
+    import httpx
+
     with _client(host) as c:
         vm = _check(c.post(f"/v1/sandboxes/{ref}/stop", timeout=httpx.Timeout(60.0)))
     print(vm["id"])

@@ -16,20 +16,18 @@ import shutil
 import signal
 import socket
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
 
 from warden._errors import HostError, SpecError, WardenError
+from warden.cli._console import err
 from warden.config import Paths, private_dir
 from warden.policy.admission import AdmissionPolicy
 from warden.server import logs
 
 if TYPE_CHECKING:
     from warden.server.run import TcpListener
-
-err = Console(stderr=True)
 
 LOCK_NAME = "manager.lock"
 
@@ -52,13 +50,52 @@ MemoryOvercommitOption = Annotated[
     float,
     typer.Option(
         "--memory-overcommit",
-        help="Admit guest memory (plus QEMU overhead) up to this multiple of host memory "
-        "minus --reserved-memory.",
+        help="Admit the memory VMs are charged (see --charge) up to this multiple of host "
+        "memory minus --reserved-memory.",
     ),
 ]
 VcpuOvercommitOption = Annotated[
     float,
-    typer.Option("--vcpu-overcommit", help="Admit vcpus up to this multiple of host CPUs."),
+    typer.Option(
+        "--vcpu-overcommit",
+        help="Admit the vCPUs VMs are charged (see --charge) up to this multiple of host CPUs.",
+    ),
+]
+ChargeOption = Annotated[
+    str,
+    typer.Option(
+        "--charge",
+        help="measured: charge each VM its measured PSS + --vm-headroom and its measured CPU "
+        "load (a VM not measured yet: the calibrated footprint, all of its vCPUs; a paused "
+        "one: no CPU); limits: its guest memory + QEMU overhead and all of its vCPUs.",
+    ),
+]
+FootprintOption = Annotated[
+    int | None,
+    typer.Option(
+        "--vm-footprint",
+        metavar="MIB",
+        help="The PSS charged to a VM not measured yet [default: calibrated by booting one at "
+        "start-up, kept in $WARDEN_HOME/footprint.json; `warden doctor` shows it].",
+        min=1,
+    ),
+]
+HeadroomOption = Annotated[
+    int,
+    typer.Option(
+        "--vm-headroom",
+        metavar="MIB",
+        help="Memory charged per VM on top of its measured PSS (room to grow between samples).",
+        min=0,
+    ),
+]
+CpuBusyOption = Annotated[
+    float,
+    typer.Option(
+        "--cpu-busy-limit",
+        help="Refuse creates while the VMs' measured CPU load passes this fraction of the "
+        "host's CPUs (--charge measured).",
+    ),
 ]
 ReservedMemoryOption = Annotated[
     int,
@@ -100,14 +137,19 @@ def serve(
     memory_overcommit: MemoryOvercommitOption = AdmissionPolicy.memory_overcommit,
     vcpu_overcommit: VcpuOvercommitOption = AdmissionPolicy.vcpu_overcommit,
     reserved_memory: ReservedMemoryOption = AdmissionPolicy.reserved_host_memory_mib,
+    charge: ChargeOption = AdmissionPolicy.charge,
+    vm_footprint: FootprintOption = None,
+    vm_headroom: HeadroomOption = AdmissionPolicy.vm_headroom_mib,
+    cpu_busy_limit: CpuBusyOption = AdmissionPolicy.cpu_busy_limit,
     tcp: TcpOption = None,
     allow_root: AllowRootOption = False,
     require_jail: RequireJailOption = False,
 ) -> None:
     """Run the manager daemon: it holds the VMs and serves the REST API on a unix socket.
 
-    Admission control refuses a create (HTTP 409) that would pass the memory or vcpu limit;
-    `warden info` shows the capacity, the limits and what the VMs reserve. Workloads run as
+    Admission control refuses a create (HTTP 409) that would pass the memory or vcpu limit,
+    or while the VMs keep the host's CPUs busy; `warden info` shows the capacity, the limits
+    and what the VMs are charged. Workloads run as
     the guest's unprivileged user unless --allow-root lets a request ask for root.
     """
     if log_format not in logs.FORMATS:
@@ -115,10 +157,19 @@ def serve(
             f"{log_format!r} is not one of {', '.join(logs.FORMATS)}", param_hint="'--log-format'"
         )
     logs.setup(log_level, log_format)
-    policy = _policy(memory_overcommit, vcpu_overcommit, reserved_memory)
+    policy = _policy(
+        memory_overcommit=memory_overcommit,
+        vcpu_overcommit=vcpu_overcommit,
+        reserved_host_memory_mib=reserved_memory,
+        charge=charge,
+        vm_footprint_mib=vm_footprint,
+        vm_headroom_mib=vm_headroom,
+        cpu_busy_limit=cpu_busy_limit,
+    )
     paths = Paths.from_env()
     if require_jail:
         _require_jail(paths)
+    policy = _calibrated(paths, policy)
     path = socket_path or default_socket(paths)
     lock, sock, listener = _listen(paths, path, tcp)
     from warden.server import run
@@ -160,18 +211,39 @@ def _require_jail(paths: Paths) -> None:
         raise typer.Exit(1) from None
 
 
+def _calibrated(paths: Paths, policy: AdmissionPolicy) -> AdmissionPolicy:
+    """``policy`` with the footprint of an idle VM (``charge="measured"``): given, saved in
+    $WARDEN_HOME, or measured now by booting a VM before the daemon listens (~2 s, once per
+    image and QEMU). If that fails, VMs not measured yet are charged their limits."""
+    import dataclasses
+    import logging
+
+    from warden.policy import footprint
+
+    if policy.charge != "measured" or policy.vm_footprint_mib is not None:
+        return policy
+    found = footprint.load(paths)
+    if found is None:
+        try:
+            found = asyncio.run(footprint.measure(paths))
+        except WardenError as exc:
+            logging.getLogger("warden.serve").warning(
+                "could not calibrate the footprint of an idle VM (%s): admission charges VMs "
+                "not measured yet their limits",
+                exc,
+            )
+            return policy
+    return dataclasses.replace(policy, vm_footprint_mib=found.pss_mib)
+
+
 def _print_error(exc: WardenError) -> None:
-    err.print(f"[red]warden:[/red] {exc}", highlight=False)
+    err().print(f"[red]warden:[/red] {exc}", highlight=False)
 
 
-def _policy(memory_overcommit: float, vcpu_overcommit: float, reserved: int) -> AdmissionPolicy:
+def _policy(**options: Any) -> AdmissionPolicy:
     """The admission policy of the options; exit 2 if they make no sense."""
     try:
-        return AdmissionPolicy(
-            memory_overcommit=memory_overcommit,
-            vcpu_overcommit=vcpu_overcommit,
-            reserved_host_memory_mib=reserved,
-        )
+        return AdmissionPolicy(**options)
     except SpecError as exc:
         _print_error(exc)
         raise typer.Exit(2) from None

@@ -101,7 +101,7 @@ def create_app(
     @app.exception_handler(WardenError)
     async def _warden_error(request: Request, exc: WardenError) -> JSONResponse:
         if isinstance(exc, AdmissionError):
-            metrics.refused(str(exc))
+            metrics.refused(exc.limits)
         return _error(_status(exc), exc)
 
     @app.exception_handler(RequestValidationError)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import shutil
 import time
@@ -27,8 +28,10 @@ from warden.config import Paths
 from warden.image.store import load_image
 from warden.jail import features
 from warden.jail.policy import default_mode
-from warden.policy.admission import AdmissionPolicy, HostCapacity, check
-from warden.store.db import ACTIVE_STATES, Reservations, Store, VMRow, db_path
+from warden.policy import footprint
+from warden.policy.admission import AdmissionPolicy, Charges, HostCapacity, VMUsage, check_usage
+from warden.policy.meter import MEMORY_EVERY_S, UsageMeter
+from warden.store.db import ACTIVE_STATES, ActiveVM, Reservations, Store, VMRow, db_path
 from warden.vmm import ownership
 from warden.vmm.machine import QEMU_BINARY, UNKNOWN_EXIT_CODE, Machine, new_vm_id
 from warden.vmm.ownership import Ownership
@@ -73,6 +76,8 @@ class Manager:
         self.vms: dict[str, _Held] = {}
         self._final_console: dict[str, str] = {}
         self.cpu = CpuMeter()
+        self.meter = UsageMeter()
+        """What each running VM uses, for admission (``charge="measured"``)."""
         self._sampler: asyncio.Task[None] | None = None
 
     # -- life of the manager -----------------------------------------------------------------
@@ -85,12 +90,39 @@ class Manager:
                 continue
             await self._recover(row)
         self._sampler = asyncio.create_task(self._sample_cpu(), name="warden-cpu-sampler")
+        await asyncio.to_thread(self._load_footprint)
 
     async def _sample_cpu(self) -> None:
-        """Sample the CPU use of every held QEMU, for ``cpu_percent`` (``warden ps``)."""
+        """Sample the CPU use of every held QEMU, for ``cpu_percent`` (``warden ps``) and
+        admission, and every MEMORY_EVERY_S its PSS (off the loop: ~1.5 ms a VM)."""
+        last_memory = 0.0
         while True:
-            self.cpu.sample(h.machine.pid for h in self.vms.values() if h.machine.pid)
+            running = {h.machine.id: h.machine.pid for h in self.vms.values() if h.machine.pid}
+            self.cpu.sample(running.values())
+            self.meter.sample_cpu(running)
+            if time.monotonic() - last_memory >= MEMORY_EVERY_S:
+                last_memory = time.monotonic()
+                await asyncio.to_thread(self.meter.sample_memory, running)
             await asyncio.sleep(CPU_SAMPLE_S)
+
+    def _load_footprint(self) -> None:
+        """The footprint charged to VMs not measured yet: the policy's (``warden serve``
+        calibrates before it starts the manager), else the one saved in $WARDEN_HOME, else
+        none: such VMs are charged their limits. The manager never boots a VM by itself."""
+        if self.policy.charge != "measured" or self.policy.vm_footprint_mib is not None:
+            return
+        saved = footprint.load(self.paths)
+        if saved is None:
+            log.warning(
+                "no calibrated footprint of an idle VM: admission charges VMs not measured yet "
+                "their limits (run `warden doctor` to calibrate it)"
+            )
+            return
+        self.policy = dataclasses.replace(self.policy, vm_footprint_mib=saved.pss_mib)
+
+    def _usage(self, vm: ActiveVM) -> VMUsage:
+        paused = vm.state == getattr(VMState, "PAUSED", None)
+        return self.meter.usage(vm.id, vm.memory_mib, vm.vcpus, paused=paused)
 
     def cpu_percent(self, row: VMRow) -> float | None:
         """The CPU use of a running VM's QEMU over the last second, in percent of one CPU."""
@@ -164,15 +196,9 @@ class Manager:
         vm_id = new_vm_id()
 
         def admit(reserved: Reservations) -> None:
-            check(
-                self.policy,
-                self.capacity,
-                reserved_memory_mib=reserved.memory_mib,
-                reserved_vcpus=reserved.vcpus,
-                reserved_vms=reserved.vms,
-                request_memory_mib=spec.memory_mib,
-                request_vcpus=spec.vcpus,
-            )
+            vms = [self._usage(vm) for vm in reserved.active]
+            request = VMUsage(spec.memory_mib, spec.vcpus)
+            check_usage(self.policy, self.capacity, vms, request=request)
 
         await asyncio.to_thread(
             self.store.create_vm, vm_id, spec, runtime_dir=self.paths.vms / vm_id, admit=admit
@@ -364,6 +390,7 @@ class Manager:
     async def info(self) -> dict[str, object]:
         reserved = await asyncio.to_thread(self.store.reservations)
         p, c = self.policy, self.capacity
+        charged = Charges.of(p, [self._usage(vm) for vm in reserved.active])
         return {
             "capacity": {"memory_mib": c.memory_mib, "cpus": c.cpus},
             "policy": {
@@ -371,13 +398,20 @@ class Manager:
                 "vcpu_overcommit": p.vcpu_overcommit,
                 "reserved_host_memory_mib": p.reserved_host_memory_mib,
                 "vm_overhead_mib": p.vm_overhead_mib,
+                "charge": p.charge,
+                "vm_footprint_mib": p.vm_footprint_mib,
+                "vm_headroom_mib": p.vm_headroom_mib,
+                "cpu_busy_limit": p.cpu_busy_limit,
             },
             "limits": {"memory_mib": p.memory_limit_mib(c), "vcpus": p.vcpu_limit(c)},
             "reservations": {
                 "memory_mib": reserved.memory_mib,
-                "charged_memory_mib": p.charge_mib(reserved.memory_mib, reserved.vms),
+                "charged_memory_mib": charged.memory_mib,
                 "vcpus": reserved.vcpus,
+                "charged_vcpus": round(charged.vcpus, 3),
+                "measured_cpu_load": round(charged.measured_load, 3),
                 "vms": reserved.vms,
+                "measured_vms": charged.measured,
             },
             "held": len(self.vms),
             "time": time.time(),

@@ -152,15 +152,15 @@ class Metrics:
         self.refusals_by_limit = Counter(
             "warden_admission_refusals_by_limit_total",
             "Creates refused by admission control, by each limit they would pass "
-            "(a create passing both counts under both).",
-            initial=[(("limit", "memory"),), (("limit", "vcpus"),)],
+            "(a create passing several counts under each).",
+            initial=[(("limit", "memory"),), (("limit", "vcpus"),), (("limit", "cpu_busy"),)],
         )
 
-    def refused(self, message: str) -> None:
+    def refused(self, limits: Sequence[str]) -> None:
+        """A create refused by admission for passing ``limits`` (``AdmissionError.limits``)."""
         self.refusals.inc()
-        for limit in ("memory", "vcpus"):
-            if f"\n  {limit}:" in message:
-                self.refusals_by_limit.inc(limit=limit)
+        for limit in limits:
+            self.refusals_by_limit.inc(limit=limit)
 
     def render(self, *, gauges: Sequence[list[str]] = ()) -> str:
         lines: list[str] = []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from warden.store.db import (
     ACTIVE_STATES,
+    ActiveVM,
     EventRow,
     Reservations,
     Store,
@@ -11,4 +12,4 @@ from warden.store.db import (
     db_path,
 )
 
-__all__ = ["ACTIVE_STATES", "EventRow", "Reservations", "Store", "VMRow", "db_path"]
+__all__ = ["ACTIVE_STATES", "ActiveVM", "EventRow", "Reservations", "Store", "VMRow", "db_path"]

@@ -35,7 +35,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -147,13 +147,29 @@ class EventRow:
     detail: dict[str, Any]
 
 
-class Reservations(NamedTuple):
+class ActiveVM(NamedTuple):
+    """One VM in ACTIVE_STATES, as admission control charges it."""
+
+    id: str
+    memory_mib: int
+    vcpus: int
+    state: str
+
+
+@dataclass(frozen=True)
+class Reservations:
     """What the VMs in ACTIVE_STATES hold: guest memory, vcpus, and how many VMs they are
-    (admission control adds a per-VM overhead to the memory)."""
+    (admission control adds a per-VM overhead to the memory); ``active`` lists them one by
+    one (for charges by measured use; not part of equality)."""
 
     memory_mib: int
     vcpus: int
     vms: int
+    active: tuple[ActiveVM, ...] = field(default=(), compare=False, repr=False)
+
+    def __iter__(self) -> Iterator[int]:
+        """Unpacks as ``memory_mib, vcpus, vms`` (it was a named tuple of those)."""
+        return iter((self.memory_mib, self.vcpus, self.vms))
 
 
 def migrate(conn: sqlite3.Connection, migrations: Sequence[Sequence[str]] = MIGRATIONS) -> int:
@@ -535,12 +551,21 @@ def _name_taken(conn: sqlite3.Connection, name: str) -> bool:
 
 
 def _reservations(conn: sqlite3.Connection) -> Reservations:
-    r = conn.execute(
-        "SELECT COALESCE(SUM(memory_mib), 0), COALESCE(SUM(vcpus), 0), COUNT(*) FROM vms"  # noqa: S608
-        + _WHERE_ACTIVE,  # a constant: placeholders only
-        _ACTIVE_PARAMS,
-    ).fetchone()
-    return Reservations(memory_mib=int(r[0]), vcpus=int(r[1]), vms=int(r[2]))
+    active = tuple(
+        ActiveVM(str(r[0]), int(r[1]), int(r[2]), str(r[3]))
+        for r in conn.execute(
+            "SELECT id, memory_mib, vcpus, state FROM vms"  # noqa: S608
+            + _WHERE_ACTIVE  # a constant: placeholders only
+            + " ORDER BY created_at, rowid",
+            _ACTIVE_PARAMS,
+        )
+    )
+    return Reservations(
+        memory_mib=sum(vm.memory_mib for vm in active),
+        vcpus=sum(vm.vcpus for vm in active),
+        vms=len(active),
+        active=active,
+    )
 
 
 def _insert_event(

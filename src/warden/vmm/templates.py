@@ -192,14 +192,15 @@ class Templates:
 
     def resolve(self, spec: VMSpec) -> VMSpec:
         """``spec`` with its template's image, memory and vCPUs (a clone has its template's);
-        a spec that set one of them to another value is refused (SpecError). A spec without
-        a template is returned as it is."""
+        a spec that set one of them to a value other than its default and the template's is
+        refused (SpecError). A spec without a template is returned as it is."""
         if spec.template is None:
             return spec
         config = self.sealed_config(spec.template)
         fixed = {"image": config.image, "memory_mib": config.memory_mib, "vcpus": config.vcpus}
+        default = VMSpec()
         for field, value in fixed.items():
-            if field in spec.model_fields_set and getattr(spec, field) != value:
+            if getattr(spec, field) not in (value, getattr(default, field)):
                 raise SpecError(
                     f"{field}={getattr(spec, field)!r} but template {spec.template!r} has "
                     f"{value!r}: a clone has its template's {field}; leave {field} unset"
