@@ -28,6 +28,9 @@ def test_spec_covers_the_api() -> None:
         "/v1/sandboxes/{ref}/files/list",
         "/v1/sandboxes/{ref}/files/mkdir",
         "/v1/events",
+        "/v1/templates",
+        "/v1/templates/{name}",
+        "/v1/sandboxes/{ref}/template",
         "/v1/info",
         "/metrics",
     ):

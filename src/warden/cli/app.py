@@ -13,6 +13,7 @@ from warden.cli.remote import HostOption, UserOption
 from warden.cli.remote import register as register_remote
 from warden.cli.run import EXIT_TIMEOUT, EXIT_WARDEN_ERROR, RunArgs, run_command
 from warden.cli.serve import serve
+from warden.cli.template import template_app
 
 app = typer.Typer(
     name="warden",
@@ -22,6 +23,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(image_app, name="image", help="Build, list and remove guest images.")
+app.add_typer(template_app, name="template", help="Make, list and remove templates.")
 app.command("doctor", help="Check QEMU, kernel, image and accelerator; say how to fix problems.")(
     doctor
 )
@@ -74,6 +76,10 @@ def run(
     cold: Annotated[
         bool, typer.Option("--cold", help="Boot from scratch, not from the boot snapshot.")
     ] = False,
+    template: Annotated[
+        str | None,
+        typer.Option("--template", help="Clone this template instead of booting an image."),
+    ] = None,
     user: UserOption = "user",
     host: HostOption = None,
     require_jail: RequireJailOption = False,
@@ -101,6 +107,7 @@ def run(
         interactive=interactive,
         shell=shell,
         cold=cold,
+        template=template,
         user=user,
         host=host,
         require_jail=require_jail,

@@ -37,6 +37,7 @@ _VALUES = {
     "-u": "user",
     "--user": "user",
     "--host": "host",
+    "--template": "template",
 }
 _CONVERT: dict[str, type] = {"memory": int, "cpus": int, "timeout": float}
 

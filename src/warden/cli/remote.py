@@ -127,6 +127,14 @@ def create(
     label: Annotated[
         list[str] | None, typer.Option("--label", help="k=v, may be repeated.")
     ] = None,
+    template: Annotated[
+        str | None,
+        typer.Option(
+            "--template",
+            help="Clone this template (`warden template list`): it has the template's image, "
+            "memory and vCPUs.",
+        ),
+    ] = None,
     host: HostOption = None,
     require_jail: RequireJailOption = False,
 ) -> None:
@@ -139,6 +147,8 @@ def create(
     }
     if name is not None:
         body["name"] = name
+    if template is not None:
+        body["template"] = template
     if require_jail:  # only when asked: a daemon that predates it refuses the field
         body["require_jail"] = True
     import httpx

@@ -37,6 +37,7 @@ class RunArgs:
     interactive: bool = False
     shell: bool = False
     cold: bool = False
+    template: str | None = None
     user: str = "user"
     host: str | None = None
     require_jail: bool = False
@@ -86,7 +87,10 @@ async def _run(
 
     create = client.AsyncSandbox.create if client is not None else AsyncSandbox.create
     boot = "cold" if args.cold else "snapshot"
-    async with await create(args.image, memory_mib=args.memory, vcpus=args.cpus, boot=boot) as sbx:
+    sandbox = create(
+        args.image, memory_mib=args.memory, vcpus=args.cpus, boot=boot, template=args.template
+    )
+    async with await sandbox as sbx:
         # Raw bytes straight through: the CLI must pass binary output unchanged. None of it
         # is kept (max_output=0): a command may write without end.
         result = await sbx._agent().exec(

@@ -259,15 +259,23 @@ class JailedProcess:
             self._track(pid, start, argv)
             return False
         if word == "ok":
+            if self._pidfd is None:
+                raise LaunchError("the jail's launcher is gone already", argv, None, "")
             return True
         raise LaunchError(f"the jail failed at {rest or line}", argv, None, "")
 
     def _track(self, pid: int, start: int, argv: list[str]) -> None:
-        """Bind a pidfd to the reported process, and check it is the one that reported."""
-        fd = os.pidfd_open(pid)
+        """Bind a pidfd to the reported process, and check it is the one that reported.
+
+        A launcher that is gone already failed a step: its status line follows (an exit
+        before ``ok`` is reported as such), so nothing is tracked and nothing raised here."""
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            return
         if proc_start_time(pid) != start:
             os.close(fd)
-            raise LaunchError(f"the jail's launcher (pid {pid}) is gone already", argv, None, "")
+            return
         self._pidfd, self.qemu_pid, self.start_time = fd, pid, start
 
 

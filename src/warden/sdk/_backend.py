@@ -9,7 +9,7 @@ public API. mypy checks that both backends fit.
 from __future__ import annotations
 
 from collections.abc import AsyncIterable, AsyncIterator, Mapping
-from typing import Protocol
+from typing import Any, Protocol
 
 from warden.agent.client import EntryInfo, ExecResult, OutputCallback
 from warden.vmm.spec import VMSpec
@@ -80,3 +80,7 @@ class MachineBackend(Protocol):
     def console_tail(self, lines: int = ...) -> str: ...
 
     async def shutdown(self) -> None: ...
+
+    async def save_template(
+        self, name: str, *, keep_running: bool, extra: dict[str, Any] | None = None
+    ) -> None: ...

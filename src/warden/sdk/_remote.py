@@ -40,6 +40,9 @@ from warden._errors import (
     NameConflictError,
     SandboxClosedError,
     SpecError,
+    TemplateError,
+    TemplateNotFoundError,
+    TemplateRefusedError,
     WardenError,
 )
 from warden.agent.client import DEFAULT_MAX_OUTPUT, EntryInfo, ExecResult, OutputCallback
@@ -86,12 +89,31 @@ def _detail(response: httpx.Response) -> str:
     return f"{detail} (HTTP {response.status_code})"
 
 
+def _error_type(response: httpx.Response) -> str:
+    """The error class a daemon names in its answer (``"error"``), or ""."""
+    try:
+        kind = response.json().get("error", "")
+    except (ValueError, AttributeError):
+        return ""
+    return kind if isinstance(kind, str) else ""
+
+
 _ERRNO = re.compile(r"^\[Errno (\d+)\]")
+
+
+_TYPED_ERRORS: dict[str, type[WardenError]] = {
+    cls.__name__: cls
+    for cls in (TemplateError, TemplateNotFoundError, TemplateRefusedError, NameConflictError)
+}
+"""Errors a daemon names in its answer (``"error"``) and the SDK raises as they are."""
 
 
 def _raise(response: httpx.Response, *, vm_id: str | None = None, files: bool = False) -> NoReturn:
     """Turn an error response into the exception embedded mode would raise."""
     detail, status = _detail(response), response.status_code
+    typed = _TYPED_ERRORS.get(_error_type(response))
+    if typed is not None:
+        raise typed(detail)
     gone = vm_id is not None and "no VM has id" in detail
     if files and not gone and status in (400, 404):
         m = _ERRNO.match(detail)
@@ -425,6 +447,19 @@ class RemoteMachine:
             return ""
         return r.text if r.is_success else ""
 
+    async def save_template(
+        self, name: str, *, keep_running: bool, extra: dict[str, Any] | None = None
+    ) -> None:
+        """Have the daemon save this VM as template ``name`` (it keeps running; the daemon
+        records the source itself, so ``extra`` is not sent)."""
+        if not keep_running:
+            raise RemoteUnsupportedError("a daemon's VM keeps running after save_template")
+        r = await self._http.post(
+            f"{API}/sandboxes/{self.id}/template", json={"name": name}, timeout=300.0
+        )
+        if not r.is_success:
+            _raise(r)
+
     async def shutdown(self) -> None:
         """Remove the VM from the daemon (killing it). Safe to call twice."""
         if self.state in (VMState.STOPPED, VMState.FAILED) and self._http.is_closed:
@@ -461,6 +496,7 @@ class _AsyncFactory:
         timeout: float = 60.0,
         boot: str = "snapshot",
         require_jail: bool = False,
+        template: str | None = None,
     ) -> AsyncSandbox:
         """Create a sandbox on the daemon; the same parameters as ``AsyncSandbox.create``.
 
@@ -481,11 +517,13 @@ class _AsyncFactory:
             "name": name,
             "env": env or {},
             "labels": labels or {},
+            "template": template,
         }
         # The same checks as embedded mode, before asking; the host's are the daemon's.
         spec = VMSpec.parse(check_host=False, **fields, agent_timeout_s=timeout)
-        if name is None:
-            del fields["name"]
+        for unset in ("name", "template"):
+            if fields[unset] is None:
+                del fields[unset]
         if require_jail:  # only when asked: a daemon that predates it refuses the field
             fields["require_jail"] = True
         http = self._endpoint.async_client(httpx.Timeout(60.0, read=None))
@@ -522,6 +560,7 @@ class _SyncFactory:
         timeout: float = 60.0,
         boot: str = "snapshot",
         require_jail: bool = False,
+        template: str | None = None,
     ) -> Sandbox:
         """See :meth:`_AsyncFactory.create`."""
         from warden.sdk import _portal
@@ -539,6 +578,7 @@ class _SyncFactory:
                     timeout=timeout,
                     boot=boot,
                     require_jail=require_jail,
+                    template=template,
                 )
             )
         )
@@ -568,6 +608,7 @@ class Client:
         env: dict[str, str] | None = None,
         labels: dict[str, str] | None = None,
         timeout: float = 60.0,
+        template: str | None = None,
     ) -> Sandbox:
         """Shorthand for ``client.Sandbox.create(...)``."""
         return self.Sandbox.create(
@@ -578,7 +619,38 @@ class Client:
             env=env,
             labels=labels,
             timeout=timeout,
+            template=template,
         )
+
+    def templates(self) -> list[dict[str, Any]]:
+        """The daemon's templates (as ``GET /v1/templates`` lists them)."""
+        return cast(list[dict[str, Any]], self._call("GET", f"{API}/templates").json())
+
+    def remove_template(self, name: str) -> None:
+        """Delete template ``name`` on the daemon (its clones keep running)."""
+        self._call("DELETE", f"{API}/templates/{name}")
+
+    def save_template(self, sandbox: str, name: str) -> dict[str, Any]:
+        """Save the daemon's running sandbox ``sandbox`` (id or name) as template ``name``;
+        it keeps running. Returns the template as ``templates()`` lists it."""
+        r = self._call("POST", f"{API}/sandboxes/{sandbox}/template", {"name": name}, 300.0)
+        return cast(dict[str, Any], r.json())
+
+    def _call(
+        self,
+        method: str,
+        url: str,
+        body: dict[str, Any] | None = None,
+        timeout: float = CONNECT_TIMEOUT_S,
+    ) -> httpx.Response:
+        try:
+            with self.endpoint.sync_client(timeout) as c:
+                r = c.request(method, url, json=body)
+        except httpx.TransportError as exc:
+            raise HostError(self.endpoint.unreachable(exc)) from None
+        if not r.is_success:
+            _raise(r)
+        return r
 
     def info(self) -> dict[str, Any]:
         """The daemon's host capacity, overcommit ratios and reservations."""

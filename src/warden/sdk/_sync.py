@@ -50,12 +50,14 @@ class Sandbox:
         timeout: float = 60.0,
         boot: str = "snapshot",
         require_jail: bool = False,
+        template: str | None = None,
     ) -> Sandbox:
         """Boot a sandbox and wait until its agent answers (at most ``timeout`` seconds).
 
         ``boot="snapshot"`` (the default) restores a saved just-booted state of the same
         configuration when there is one, and saves one after a cold boot; ``"cold"`` always
-        boots from scratch. ``require_jail``: see :meth:`AsyncSandbox.create`.
+        boots from scratch. ``require_jail`` and ``template``: see
+        :meth:`AsyncSandbox.create`.
         """
         return cls(
             _portal.call(
@@ -70,6 +72,7 @@ class Sandbox:
                     timeout=timeout,
                     boot=boot,
                     require_jail=require_jail,
+                    template=template,
                 )
             )
         )
@@ -99,6 +102,10 @@ class Sandbox:
 
     def ping(self) -> float:
         return _portal.call(self._inner.ping())
+
+    def save_template(self, name: str) -> None:
+        """Save this sandbox as template ``name``; see :meth:`AsyncSandbox.save_template`."""
+        _portal.call(self._inner.save_template(name))
 
     def kill(self) -> None:
         """Destroy the VM now. Nothing is left behind. Safe to call twice."""

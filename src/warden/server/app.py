@@ -28,25 +28,31 @@ from warden._errors import (
     SandboxClosedError,
     SpecError,
     StateTransitionError,
+    TemplateError,
+    TemplateNotFoundError,
     VMNotFoundError,
     WardenError,
 )
 from warden.server.limits import BodyLimit
 from warden.server.manager import Manager
 from warden.server.metrics import Metrics
-from warden.server.routes import events, files, sandboxes, system
+from warden.server.routes import events, files, sandboxes, system, templates
 from warden.server.routes import exec as exec_routes
 from warden.server.stdin import StdinPipe
 
 
 def _error(status: int, exc: BaseException) -> JSONResponse:
-    return JSONResponse({"detail": str(exc)}, status_code=status)
+    """``{"detail": message, "error": class name}``: clients tell errors apart by the class,
+    never by the message (the SDK raises the same class as embedded mode)."""
+    return JSONResponse({"detail": str(exc), "error": type(exc).__name__}, status_code=status)
 
 
 _STATUS: tuple[tuple[type[WardenError], int], ...] = (
     (VMNotFoundError, 404),
     (ImageNotFoundError, 404),
     (NameConflictError, 409),
+    (TemplateNotFoundError, 404),
+    (TemplateError, 409),  # refused (its seal, image or QEMU changed), or not from a clone
     (StateTransitionError, 409),
     (AdmissionError, 409),
     (SpecError, 422),
@@ -108,6 +114,6 @@ def create_app(
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         return JSONResponse({"detail": _problems(exc)}, status_code=422)
 
-    for module in (sandboxes, events, system, exec_routes, files):
+    for module in (sandboxes, templates, events, system, exec_routes, files):
         app.include_router(module.router)
     return app

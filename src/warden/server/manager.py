@@ -37,6 +37,7 @@ from warden.vmm.machine import QEMU_BINARY, UNKNOWN_EXIT_CODE, Machine, new_vm_i
 from warden.vmm.ownership import Ownership
 from warden.vmm.spec import VMSpec
 from warden.vmm.state import LIVE_STATES, VMState
+from warden.vmm.templates import TemplateInfo, Templates
 from warden.vmm.usage import CpuMeter
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,7 @@ class Manager:
         self.meter = UsageMeter()
         """What each running VM uses, for admission (``charge="measured"``)."""
         self._sampler: asyncio.Task[None] | None = None
+        self.templates = Templates(paths)
 
     # -- life of the manager -----------------------------------------------------------------
 
@@ -191,6 +193,9 @@ class Manager:
         why. ``require_jail`` (or the daemon's ``--require-jail``) refuses a host that lacks
         a jail feature: checked before anything is recorded, and again by the launch."""
         require_jail = require_jail or default_mode() == "require"
+        # A clone has its template's memory and vCPUs: admitted as such (TemplateNotFoundError
+        # and a refused seal leave no trace either).
+        spec = await asyncio.to_thread(self.templates.resolve, spec)
         if require_jail:
             await asyncio.to_thread(self._check_jail, spec)
         vm_id = new_vm_id()
@@ -379,6 +384,15 @@ class Manager:
         if held is None or held.machine.state is not VMState.RUNNING:
             raise StateTransitionError(f"VM {row.id} is {row.state.value}, not running")
         return held.machine
+
+    async def save_template(self, id_or_name: str, name: str) -> TemplateInfo:
+        """Save running VM ``id_or_name`` as template ``name``; it keeps running."""
+        machine = await self.machine(id_or_name)
+        await machine.save_template(name, keep_running=True, extra={"source": machine.id})
+        info = await asyncio.to_thread(self.templates.info, name)
+        if info is None:
+            raise VMError(f"template {name!r} was saved but cannot be read back")
+        return info
 
     async def console(self, id_or_name: str, lines: int = 100) -> str:
         row = await self.get(id_or_name)

@@ -46,6 +46,13 @@ class CreateRequest(BaseModel):
     vcpus: int = Field(default=1, ge=1, le=MAX_VCPUS)
     env: Env = Field(default_factory=dict)
     labels: Labels = Field(default_factory=dict)
+    template: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=63,
+        description="clone this template (`warden template list`): its image, memory and vCPUs "
+        "are the clone's; leave those unset",
+    )
     require_jail: bool = Field(
         default=False,
         description="refuse the create (409, nothing recorded) unless QEMU gets every jail "
@@ -178,3 +185,25 @@ class Event(BaseModel):
     @classmethod
     def from_row(cls, row: EventRow) -> Event:
         return cls(id=row.id, vm_id=row.vm_id, at=row.at, kind=row.kind, detail=row.detail)
+
+
+class TemplateRequest(BaseModel):
+    """Save a running sandbox as a template (``POST /v1/sandboxes/{id}/template``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=63, description="[a-z0-9][a-z0-9_-]*")
+
+
+class Template(BaseModel):
+    """A template, as ``GET /v1/templates`` lists it."""
+
+    name: str
+    image: str
+    memory_mib: int
+    vcpus: int
+    created: float
+    source: str | None = Field(description="the id of the sandbox it was saved from")
+    setup: str | None = Field(description="the command that prepared it, if any")
+    disk_bytes: int = Field(description="what its RAM and device state take on disk")
+    problem: str | None = Field(description="why a clone of it would be refused, if it would")

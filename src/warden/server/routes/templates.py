@@ -1,0 +1,34 @@
+"""``/v1/templates``: list and remove templates; ``POST /v1/sandboxes/{ref}/template`` saves a
+running sandbox as one. A sandbox is made from a template with ``template`` in its create."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+from fastapi import APIRouter, Response
+
+from warden.server.models import Template, TemplateRequest
+from warden.server.routes import API, ManagerDep
+
+router = APIRouter(prefix=API)
+
+
+@router.get("/templates")
+async def list_templates(manager: ManagerDep) -> list[Template]:
+    infos = await asyncio.to_thread(manager.templates.list)
+    return [Template(**dataclasses.asdict(info)) for info in infos]
+
+
+@router.delete("/templates/{name}", status_code=204)
+async def remove_template(name: str, manager: ManagerDep) -> Response:
+    await asyncio.to_thread(manager.templates.remove, name)
+    return Response(status_code=204)
+
+
+@router.post("/sandboxes/{ref}/template", status_code=201)
+async def save_template(ref: str, body: TemplateRequest, manager: ManagerDep) -> Template:
+    """Save the running sandbox ``ref`` as template ``name``; it keeps running (paused while
+    its state is saved; its commands in flight fail)."""
+    info = await manager.save_template(ref, body.name)
+    return Template(**dataclasses.asdict(info))
