@@ -119,6 +119,15 @@ RequireJailOption = Annotated[
         "feature is a logged downgrade.",
     ),
 ]
+PoolOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--pool",
+        metavar="TEMPLATE=K",
+        help="Keep K warmed-up clones of TEMPLATE ready for creates (repeatable; K=0 turns a "
+        "pool off). Default: default=2, once a template named 'default' exists.",
+    ),
+]
 AllowRootOption = Annotated[
     bool,
     typer.Option(
@@ -144,6 +153,7 @@ def serve(
     tcp: TcpOption = None,
     allow_root: AllowRootOption = False,
     require_jail: RequireJailOption = False,
+    pool: PoolOption = None,
 ) -> None:
     """Run the manager daemon: it holds the VMs and serves the REST API on a unix socket.
 
@@ -157,6 +167,12 @@ def serve(
             f"{log_format!r} is not one of {', '.join(logs.FORMATS)}", param_hint="'--log-format'"
         )
     logs.setup(log_level, log_format)
+    from warden.server.pool import parse_sizes
+
+    try:
+        pools = parse_sizes(pool or [])
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="'--pool'") from None
     policy = _policy(
         memory_overcommit=memory_overcommit,
         vcpu_overcommit=vcpu_overcommit,
@@ -179,7 +195,9 @@ def serve(
         # that is a no-op, so `serve` returns and removes its socket instead of dying by it.
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, _ignore)
-        asyncio.run(run.serve(paths, sock, log_level, policy, listener, allow_root=allow_root))
+        asyncio.run(
+            run.serve(paths, sock, log_level, policy, listener, allow_root=allow_root, pools=pools)
+        )
     finally:
         sock.close()
         if listener is not None:

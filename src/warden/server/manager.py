@@ -23,7 +23,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from warden._errors import StateTransitionError, VMError, VMNotFoundError
+from warden._errors import (
+    NameConflictError,
+    SpecError,
+    StateTransitionError,
+    VMError,
+    VMNotFoundError,
+    WardenError,
+)
 from warden.config import Paths
 from warden.image.store import load_image
 from warden.jail import features
@@ -31,6 +38,7 @@ from warden.jail.policy import default_mode
 from warden.policy import footprint
 from warden.policy.admission import AdmissionPolicy, Charges, HostCapacity, VMUsage, check_usage
 from warden.policy.meter import MEMORY_EVERY_S, UsageMeter
+from warden.server.pool import POOL_LABEL, WARM_UP, WarmPool
 from warden.store.db import ACTIVE_STATES, ActiveVM, Reservations, Store, VMRow, db_path
 from warden.vmm import ownership
 from warden.vmm.machine import QEMU_BINARY, UNKNOWN_EXIT_CODE, Machine, new_vm_id
@@ -69,6 +77,7 @@ class Manager:
         store: Store | None = None,
         policy: AdmissionPolicy | None = None,
         capacity: HostCapacity | None = None,
+        pools: dict[str, int] | None = None,
     ) -> None:
         self.paths = paths
         self.store = store or Store(db_path(paths))
@@ -81,6 +90,8 @@ class Manager:
         """What each running VM uses, for admission (``charge="measured"``)."""
         self._sampler: asyncio.Task[None] | None = None
         self.templates = Templates(paths)
+        self.pool = WarmPool(pools or {}, self._pool_member)
+        """Ready clones per template (``server/pool.py``); none unless sizes are given."""
 
     # -- life of the manager -----------------------------------------------------------------
 
@@ -93,6 +104,7 @@ class Manager:
             await self._recover(row)
         self._sampler = asyncio.create_task(self._sample_cpu(), name="warden-cpu-sampler")
         await asyncio.to_thread(self._load_footprint)
+        self.pool.start([held.machine for held in self.vms.values()])
 
     async def _sample_cpu(self) -> None:
         """Sample the CPU use of every held QEMU, for ``cpu_percent`` (``warden ps``) and
@@ -171,7 +183,13 @@ class Manager:
             await asyncio.to_thread(self.store.update_state, vm_id, VMState.FAILED, error=error)
 
     async def close(self) -> None:
-        """Let go of every VM without stopping it, and close the store."""
+        """Let go of every VM without stopping it, and close the store. The warm pools' ready
+        members are removed: they serve no one, and a stopped daemon should leave no VM it
+        made on its own (a restart refills the pools; after a kill -9 it takes them back)."""
+        await self.pool.close()
+        for member in self.pool.members():
+            with contextlib.suppress(WardenError):
+                await self.remove(member.id, force=True)
         if self._sampler is not None:
             self._sampler.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -187,7 +205,9 @@ class Manager:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    async def create(self, spec: VMSpec, *, require_jail: bool = False) -> VMRow:
+    async def create(
+        self, spec: VMSpec, *, require_jail: bool = False, pool_member: bool = False
+    ) -> VMRow:
         """Admit, record and boot a VM. A refused create (AdmissionError, NameConflictError,
         JailUnavailableError) leaves no trace; a failed boot leaves a ``failed`` row saying
         why. ``require_jail`` (or the daemon's ``--require-jail``) refuses a host that lacks
@@ -196,6 +216,12 @@ class Manager:
         # A clone has its template's memory and vCPUs: admitted as such (TemplateNotFoundError
         # and a refused seal leave no trace either).
         spec = await asyncio.to_thread(self.templates.resolve, spec)
+        if POOL_LABEL in spec.labels and not pool_member:
+            raise SpecError(f"the label {POOL_LABEL} is warden's (it marks warm pool members)")
+        if not require_jail and self.pool.serves(spec):
+            row = await self._from_pool(spec)
+            if row is not None:
+                return row
         if require_jail:
             await asyncio.to_thread(self._check_jail, spec)
         vm_id = new_vm_id()
@@ -238,6 +264,33 @@ class Manager:
             await self._mark_unhealthy(vm_id, machine.error or "the guest agent broke")
             row = await self.get(vm_id)
         return row
+
+    async def _from_pool(self, spec: VMSpec) -> VMRow | None:
+        """Hand a ready pool member to the create of ``spec`` (None: none is ready)."""
+        assert spec.template is not None
+        machine = self.pool.take(spec.template)
+        if machine is None:
+            return None
+        try:
+            row = await asyncio.to_thread(self.store.hand_over, machine.id, spec)
+        except NameConflictError:
+            self.pool.put_back(spec.template, machine)
+            raise
+        machine.spec = spec
+        return row
+
+    async def _pool_member(self, spec: VMSpec) -> Machine:
+        """Create a warm pool member: admitted and recorded like any VM, then warmed up; a
+        member that fails its warm-up is removed."""
+        row = await self.create(spec, pool_member=True)
+        machine = self.vms[row.id].machine
+        try:
+            await machine.agent.exec(WARM_UP, timeout=60.0)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self.remove(row.id, force=True)
+            raise
+        return machine
 
     def _check_jail(self, spec: VMSpec) -> None:
         """JailUnavailableError if this host lacks a jail feature for ``spec``'s image (the
@@ -361,7 +414,9 @@ class Manager:
         return row
 
     async def list(self, *, all: bool = False) -> list[VMRow]:
-        return await asyncio.to_thread(self.store.list_vms, all=all)
+        """Active VMs but the warm pools' members; with ``all``, every VM."""
+        rows = await asyncio.to_thread(self.store.list_vms, all=all)
+        return rows if all else [r for r in rows if POOL_LABEL not in r.labels]
 
     async def machine(self, id_or_name: str) -> Machine:
         """The running machine of a VM; StateTransitionError (409) if it is not running.
@@ -428,5 +483,6 @@ class Manager:
                 "measured_vms": charged.measured,
             },
             "held": len(self.vms),
+            "pools": self.pool.counts(),
             "time": time.time(),
         }

@@ -82,8 +82,9 @@ async def serve(
     listener: TcpListener | None,
     *,
     allow_root: bool = False,
+    pools: dict[str, int] | None = None,
 ) -> None:
-    manager = Manager(paths, policy=policy)
+    manager = Manager(paths, policy=policy, pools=pools)
     app = create_app(manager, allow_root=allow_root)
     common: dict[str, Any] = {
         "log_level": log_level.lower(),

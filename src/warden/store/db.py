@@ -314,6 +314,22 @@ class Store:
             )
             return _get(conn, vm_id)
 
+    def hand_over(self, vm_id: str, spec: VMSpec) -> VMRow:
+        """Give the running VM ``vm_id`` (a warm pool's) the name, labels and spec of the
+        create it now serves, with a ``taken`` event. Raises NameConflictError if the name
+        is taken, VMNotFoundError if the VM is gone; then nothing changes."""
+        with self._write() as conn:
+            if spec.name is not None and _name_taken(conn, spec.name):
+                raise _name_conflict(spec.name)
+            changed = conn.execute(
+                "UPDATE vms SET name = ?, spec_json = ?, labels_json = ? WHERE id = ?",
+                (spec.name, spec.model_dump_json(), json.dumps(spec.labels, sort_keys=True), vm_id),
+            ).rowcount
+            if not changed:
+                raise VMNotFoundError(f"no VM has id {vm_id!r}")
+            _insert_event(conn, vm_id, self._clock(), "taken", {"name": spec.name})
+            return _get(conn, vm_id)
+
     def get_vm(self, vm_id: str) -> VMRow | None:
         with self._read() as conn:
             return _find(conn, "id", vm_id)
