@@ -54,6 +54,7 @@ test-unit: venv
 bench: setup
 	$(PY) -m bench.run
 	$(PY) -m bench.daemon
+	$(PY) -m bench.density
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -285,7 +285,8 @@ class Manager:
         row = await self.create(spec, pool_member=True)
         machine = self.vms[row.id].machine
         try:
-            await machine.agent.exec(WARM_UP, timeout=60.0)
+            for command in WARM_UP:
+                await machine.agent.exec(command, timeout=60.0)
         except BaseException:
             with contextlib.suppress(Exception):
                 await self.remove(row.id, force=True)

@@ -36,8 +36,9 @@ DEFAULT_TEMPLATE = "default"
 DEFAULT_SIZE = 2
 RETRY_S = 5.0
 """How long a refill waits after admission refused it (or the template was missing)."""
-WARM_UP = ["sh", "-c", "true"]
-"""The command every member runs once before it is handed out."""
+WARM_UP = (["true"], ["sh", "-c", "echo warm"])
+"""The commands every member runs once before it is handed out: the agent's exec path, the
+dynamic loader, libc and the shell translated once (TCG translates code on its first run)."""
 
 Launch = Callable[[VMSpec], Awaitable[Machine]]
 """Creates a member through the manager (recorded, admitted, warmed up with ``WARM_UP``;
