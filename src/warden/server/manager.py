@@ -245,14 +245,8 @@ class Manager:
             await machine.launch()
         except BaseException as exc:
             self._final_console[vm_id] = machine.console_tail()
-            await asyncio.shield(
-                asyncio.to_thread(
-                    self.store.update_state,
-                    vm_id,
-                    VMState.FAILED,
-                    error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
-                )
-            )
+            error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            await asyncio.shield(asyncio.to_thread(self._record_failure, vm_id, error, pool_member))
             raise
         pid = machine.pid
         await asyncio.to_thread(
@@ -264,6 +258,13 @@ class Manager:
             await self._mark_unhealthy(vm_id, machine.error or "the guest agent broke")
             row = await self.get(vm_id)
         return row
+
+    def _record_failure(self, vm_id: str, error: str, pool_member: bool) -> None:
+        """A launch failed: its row says why; a pool member's (no one asked for it, and a
+        stopping daemon cancels a refill) is removed."""
+        self.store.update_state(vm_id, VMState.FAILED, error=error)
+        if pool_member:
+            self.store.delete_vm(vm_id)
 
     async def _from_pool(self, spec: VMSpec) -> VMRow | None:
         """Hand a ready pool member to the create of ``spec`` (None: none is ready)."""
