@@ -1,4 +1,5 @@
-"""The guest's side of the transfer window: a virtio-blk disk the host writes pieces into."""
+"""The guest's side of the transfer window: a virtio-blk disk the host writes pieces into (file
+writes), and the agent writes pieces into for the host (file reads, in slots the host lent)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,14 @@ import os
 from warden.guest.log import log
 from warden.wire.frame import XFER_MAX_LENGTH, XFER_SERIAL
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import mmap
+
 
 class XferWindow:
-    """The guest's side of the transfer window: O_DIRECT reads into one aligned buffer.
+    """The guest's side of the transfer window: O_DIRECT reads into one aligned buffer, and
+    O_DIRECT writes from the buffers of file reads.
 
     Only the session's reader thread calls :meth:`read`, so one buffer serves every request.
     """
@@ -17,7 +23,13 @@ class XferWindow:
     def __init__(self, device: str) -> None:
         import mmap
 
-        self.fd = os.open(device, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
+        try:
+            self.fd = os.open(device, os.O_RDWR | os.O_DIRECT | os.O_CLOEXEC)
+            self.writable = True
+        except OSError as exc:
+            log(f"the transfer window {device} is read-only ({exc}): reads stream instead")
+            self.fd = os.open(device, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
+            self.writable = False
         self.size = os.lseek(self.fd, 0, os.SEEK_END)
         self.buffer = mmap.mmap(-1, XFER_MAX_LENGTH)
 
@@ -29,6 +41,18 @@ class XferWindow:
         if done < length:
             raise OSError(f"short read from the window: {done} of {length} bytes")
         return memoryview(self.buffer)[:length]
+
+    def write(self, offset: int, buffer: mmap.mmap, length: int) -> None:
+        """Write the first ``length`` bytes of ``buffer`` (page-aligned, an mmap) at ``offset``,
+        padded with zeros to whole sectors (O_DIRECT writes them), within the window."""
+        span = -(-length // 512) * 512
+        if offset < 0 or offset % 512 or offset + span > self.size or span > len(buffer):
+            raise OSError(f"a piece of {length} bytes at {offset} does not fit the window")
+        view = memoryview(buffer)
+        view[length:span] = bytes(span - length)
+        done = os.pwritev(self.fd, [view[:span]], offset)
+        if done < span:
+            raise OSError(f"short write to the window: {done} of {span} bytes")
 
 
 def find_xfer() -> XferWindow | None:
