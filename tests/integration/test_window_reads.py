@@ -23,7 +23,10 @@ import pytest
 from warden import AsyncSandbox, Sandbox
 from warden._errors import ChannelAuthError, WardenError
 from warden.agent import xferread
-from warden.vmm.argv import XFER_SLOT_SIZE
+from warden.agent.client import AgentClient
+from warden.vmm.argv import XFER_SLOT_SIZE, XFER_SLOTS
+from warden.vmm.machine import Machine
+from warden.vmm.spec import VMSpec
 
 pytestmark = pytest.mark.vm
 
@@ -163,3 +166,37 @@ def test_an_altered_piece_is_refused_and_a_new_session_works(
         except WardenError:
             assert time.monotonic() < deadline, "no new session"
             time.sleep(0.2)
+
+
+async def test_a_new_host_takes_over_an_agent_left_mid_read(no_leaks: None) -> None:
+    """The host dies in the middle of a read through the window (a manager killed with -9):
+    the agent's read is cancelled with its session, and the new session answers its HELLO only
+    once no write of the old read into the window is in progress. The new host's reads and
+    writes through the same slots then arrive intact, every time."""
+    machine = Machine(VMSpec(memory_mib=512))
+    await machine.launch()
+    try:
+        await machine.agent.close()
+        secret = machine.channel_keys.current(machine.id)
+        make = "head -c 48M /dev/urandom > /home/user/big"
+        client = await AgentClient.connect_unix(machine.run.agent, timeout=20, secret=secret)
+        assert (await client.exec(["sh", "-c", make])).exit_code == 0
+        for _ in range(3):
+            client.enable_xfer(machine.run.xfer, slots=XFER_SLOTS, slot_size=XFER_SLOT_SIZE)
+            chunks = client.read_file("/home/user/big")
+            assert len(await anext(chunks)) == SLOT  # the agent now fills the other slots
+            client._writer.transport.abort()  # the host dies without a goodbye
+            with pytest.raises(WardenError):
+                async for _ in chunks:
+                    pass
+            client = await AgentClient.connect_unix(
+                machine.run.agent, timeout=20, resync=True, secret=secret
+            )
+            client.enable_xfer(machine.run.xfer, slots=XFER_SLOTS, slot_size=XFER_SLOT_SIZE)
+            data = os.urandom(9 * SLOT + 3)
+            for _ in range(2):
+                assert await client.write_file("/home/user/w.bin", data) == len(data)
+                assert await client.read_file_bytes("/home/user/w.bin") == data
+        await client.close()
+    finally:
+        await machine.shutdown()

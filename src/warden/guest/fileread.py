@@ -133,7 +133,8 @@ class ReadFile(Request):
                 if not length or not self._send_inline(memoryview(buffer)[:length]):
                     return size if not length else -1
             else:
-                xfer.write(offset, buffer, length)
+                if not xfer.write(offset, buffer, length, lambda: self.cancelled):
+                    return -1
                 if not self.session.send_piece(
                     self.request_id, offset, memoryview(buffer)[:length]
                 ):

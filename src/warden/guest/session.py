@@ -161,6 +161,8 @@ class Session:
         if problem is not None:
             self.protocol_error(problem, nonce)
             return
+        if self.agent.xfer is not None:
+            self.agent.xfer.quiesce()  # no read of an earlier session writes into the window
         if os.getpid() == 1:  # only ever in a guest: never touch a host's clock or pool
             from warden.guest.pid1 import freshen
 
