@@ -21,7 +21,7 @@ import pytest
 from tests.unit.test_client_hostile import VM, FakeAgent, Session, expect_broken
 from warden._errors import ChannelAuthError, ProtocolError
 from warden.agent.client import AgentClient
-from warden.agent.xferread import READ_SLOTS
+from warden.agent.xferread import FOR_WRITES, READ_SLOTS
 from warden.channel.window import WindowAuth, reads_key
 from warden.wire.frame import (
     SESSION_VERSION,
@@ -199,7 +199,7 @@ async def test_an_agent_without_window_reads_gets_a_stream(window_file: Path) ->
 async def test_a_read_streams_while_no_slot_is_free(window_file: Path) -> None:
     async with session(window_file) as s:
         assert s.client._xfer is not None
-        held = s.client._xfer.grab(SLOTS)
+        held = [s.client._xfer._free.get_nowait() for _ in range(SLOTS)]  # as writes would
         read = asyncio.create_task(read_all(s.client))
         rid, args = await s.agent.request(Op.READ)
         assert Key.XFER not in args
@@ -208,6 +208,34 @@ async def test_a_read_streams_while_no_slot_is_free(window_file: Path) -> None:
         assert await read == b"streamed"
         s.client._xfer.give_back(held)
         assert free_slots(s.client) == SLOTS
+
+
+async def test_reads_leave_slots_to_writes(window_file: Path) -> None:
+    """Reads hold at most all but FOR_WRITES slots: a read beyond that streams, and a write
+    (from a caller that holds the reads open) still finds free slots."""
+    assert SLOTS - FOR_WRITES == READ_SLOTS  # room for one read through the window
+    async with session(window_file) as s:
+        first = cast(AsyncGenerator[bytes, None], s.client.read_file("/1"))
+        taking = asyncio.create_task(next_chunk(first))
+        guest = FakeReader(s, window_file)
+        await guest.start()
+        guest.lent = [await guest.slot() for _ in range(READ_SLOTS)]
+        second = asyncio.create_task(read_all(s.client, "/2"))
+        rid, args = await s.agent.request(Op.READ)
+        assert Key.XFER not in args  # no slot for it: it streams
+        s.agent.data(rid, Channel.FILE, b"streamed")
+        s.agent.respond(rid, {Key.OK: True, Key.SIZE: 8})
+        assert await second == b"streamed"
+        write = asyncio.create_task(s.client.write_file("/w", bytes(2 * SLOT)))
+        wid, _ = await s.agent.request(Op.WRITE)
+        while (frame := await s.agent.frame()).type != FrameType.EOF:
+            assert frame.channel == Channel.XFER and frame.request_id == wid
+            s.agent.data(wid, Channel.XFER, frame.payload)
+        s.agent.respond(wid, {Key.OK: True, Key.SIZE: 2 * SLOT})
+        assert await write == 2 * SLOT
+        guest.put(await guest.slot(), b"1" * SLOT)
+        assert await taking == b"1" * SLOT
+        await first.aclose()
 
 
 async def test_a_consumer_that_leaves_early_frees_the_slots(window_file: Path) -> None:

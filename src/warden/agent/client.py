@@ -60,7 +60,7 @@ from warden._errors import (
     WardenError,
 )
 from warden.agent.secure import ChannelLayer
-from warden.agent.xferread import READ_SLOTS, ReadSlots
+from warden.agent.xferread import FOR_WRITES, READ_SLOTS, ReadSlots
 from warden.channel.window import WINDOW_KEY_SIZE, WindowAuth, reads_key
 from warden.wire.frame import (
     INITIAL_WINDOW,
@@ -371,6 +371,7 @@ class _XferWindow:
         read_auth: WindowAuth | None = None,
     ) -> None:
         self.slot_size = slot_size
+        self.slots = slots
         self.auth = auth
         """Tags each piece (on the encrypted channel; see ``warden.channel.window``)."""
         self._sequence = 0
@@ -437,7 +438,9 @@ class _XferWindow:
         return encode_xfer_ref(offset, length)
 
     def grab(self, count: int) -> list[int]:
-        """Up to ``count`` free slots, taken at once (none if none is free): for a read."""
+        """Up to ``count`` free slots, taken at once (none if none is free), for a read: reads
+        together hold at most all but ``FOR_WRITES`` slots."""
+        count = min(count, self.slots - FOR_WRITES - self.reads.count)
         offsets: list[int] = []
         while len(offsets) < count and not self._free.empty() and not self._closed.is_set():
             offsets.append(self._free.get_nowait())

@@ -33,10 +33,13 @@ from warden._errors import ChannelAuthError
 from warden.channel.window import WindowAuth
 from warden.wire.frame import FrameError, decode_xfer_ref, encode_xfer_ref, xfer_ref_tag
 
-__all__ = ["READ_SLOTS", "ReadSlots"]
+__all__ = ["FOR_WRITES", "READ_SLOTS", "ReadSlots"]
 
 READ_SLOTS = 4
 """How many slots of the window one read may hold at once (lent or filled)."""
+FOR_WRITES = 4
+"""Slots that reads leave to writes: a write never waits for a read's caller (who may be the
+same task, holding the read open while it writes)."""
 
 
 class _State(Enum):
@@ -83,6 +86,11 @@ class ReadSlots:
         """Gives a slot back to the window's free slots."""
         self._sequence = 0
         """Piece references received in this session: the sequence number of the next one."""
+
+    @property
+    def count(self) -> int:
+        """How many slots all reads hold."""
+        return len(self._slots)
 
     def held(self, request_id: int) -> int:
         """How many slots the read holds (lent or filled)."""
