@@ -24,9 +24,11 @@ from warden import AsyncSandbox, Sandbox
 from warden._errors import ChannelAuthError, WardenError
 from warden.agent import xferread
 from warden.agent.client import AgentClient
+from warden.config import Paths
 from warden.vmm.argv import XFER_SLOT_SIZE, XFER_SLOTS
 from warden.vmm.machine import Machine
 from warden.vmm.spec import VMSpec
+from warden.vmm.templates import Templates
 
 pytestmark = pytest.mark.vm
 
@@ -129,6 +131,29 @@ def test_concurrent_reads_and_a_write(pieces: list[int]) -> None:
 
     asyncio.run(main())
     assert sum(pieces) == 9 * SLOT + 7 * SLOT + 5 * SLOT
+
+
+def test_clones_of_a_template_read_through_their_own_windows(pieces: list[int]) -> None:
+    """The agent's window disk and its state come from the template's memory; each clone has
+    a window file of its own, and a session key of its own, and reads through it."""
+    name = f"t-reads-{os.getpid()}"
+    try:
+        data = os.urandom(3 * SLOT + 70000)
+        with Sandbox.create(memory_mib=256) as src:
+            src.files.write("/home/user/t.bin", data)
+            src.save_template(name)
+        with Sandbox.create(template=name) as a, Sandbox.create(template=name) as b:
+            for clone in (a, b):
+                pieces.clear()
+                assert clone.files.read("/home/user/t.bin", format="bytes") == data
+                assert sum(pieces) == len(data)
+                fresh = os.urandom(2 * SLOT)
+                clone.files.write("/home/user/c.bin", fresh)
+                assert clone.files.read("/home/user/c.bin", format="bytes") == fresh
+    finally:
+        store = Templates(Paths.from_env())
+        if store.exists(name):
+            store.remove(name)
 
 
 def test_an_altered_piece_is_refused_and_a_new_session_works(
