@@ -19,7 +19,7 @@ from typing import Any, cast
 import pytest
 
 from tests.unit.test_client_hostile import VM, FakeAgent, Session, expect_broken
-from warden._errors import ChannelAuthError, ProtocolError
+from warden._errors import ChannelAuthError, GuestFileError, ProtocolError
 from warden.agent.client import AgentClient
 from warden.agent.xferread import FOR_WRITES, READ_SLOTS
 from warden.channel.window import WindowAuth, reads_key
@@ -208,6 +208,20 @@ async def test_a_read_streams_while_no_slot_is_free(window_file: Path) -> None:
         assert await read == b"streamed"
         s.client._xfer.give_back(held)
         assert free_slots(s.client) == SLOTS
+
+
+async def test_a_read_the_agent_refuses_gives_its_slots_back(window_file: Path) -> None:
+    async with session(window_file) as s:
+        read = asyncio.create_task(read_all(s.client, "/missing"))
+        guest = FakeReader(s, window_file)
+        await guest.start()
+        assert free_slots(s.client) == SLOTS - READ_SLOTS
+        error = {Key.OK: False, Key.ERROR: "file", Key.ERRNO: 2, Key.STRERROR: "No such file"}
+        s.agent.respond(guest.rid, error)
+        with pytest.raises(GuestFileError, match="No such file"):
+            await read
+        assert free_slots(s.client) == SLOTS
+        assert s.broken == []
 
 
 async def test_reads_leave_slots_to_writes(window_file: Path) -> None:
