@@ -7,15 +7,19 @@
   (target at least 50 MB/s);
 * the daemon's peak RSS above idle while one guest streams 1 GiB to a slow client (one that
   takes at most ``SLOW_CLIENT_MBPS``; target at most 64 MiB);
-* list and inspect latency with 20 live VMs of 128 MiB each.
+* list and inspect latency with 20 live VMs of 128 MiB each;
+* issue 8: a 64 MiB file written into and read out of a sandbox of the daemon (its files
+  routes) and an embedded one, alternating (``--only files`` runs this alone).
 
 Run with ``python -m bench.daemon``; results go to ``bench/results/daemon-<utc time>.json``.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import datetime as dt
+import hashlib
 import json
 import os
 import shutil
@@ -155,6 +159,54 @@ async def bench_stdout_throughput(daemon: Daemon, runs: int) -> dict[str, Any]:
     }
 
 
+FILE_MIB = 64
+
+
+async def _file_mbps(sbx: AsyncSandbox, data: bytes, digest: str) -> tuple[float, float]:
+    """MB/s of a write of ``data`` into the sandbox, then of a read of it back."""
+    t0 = time.perf_counter()
+    await sbx.files.write("/tmp/big", data)
+    write = len(data) / 1e6 / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    got = await sbx.files.read("/tmp/big", format="bytes", max_size=None)
+    read = len(data) / 1e6 / (time.perf_counter() - t0)
+    if hashlib.sha256(got).hexdigest() != digest:
+        raise RuntimeError("the file came back different")
+    return write, read
+
+
+async def bench_files(daemon: Daemon, runs: int) -> list[dict[str, Any]]:
+    """A 64 MiB write and read through the daemon and embedded, alternating."""
+    data = os.urandom(FILE_MIB << 20)
+    digest = hashlib.sha256(data).hexdigest()
+    remote = await warden.connect(f"unix://{daemon.socket}").AsyncSandbox.create(memory_mib=512)
+    sbx = await AsyncSandbox.create(memory_mib=512)
+    results: dict[str, list[float]] = {"dw": [], "dr": [], "ew": [], "er": []}
+    try:
+        for _ in range(runs):
+            for key, box in (("d", remote), ("e", sbx)):
+                write, read = await _file_mbps(box, data, digest)
+                results[key + "w"].append(write)
+                results[key + "r"].append(read)
+    finally:
+        await sbx.kill()
+        await remote.kill()
+    rows = []
+    for op, name in (("w", "write host->guest"), ("r", "read guest->host")):
+        d, e = statistics.median(results["d" + op]), statistics.median(results["e" + op])
+        rows.append(
+            {
+                "metric": f"{FILE_MIB} MiB {name} (MB/s), daemon vs embedded",
+                "daemon": round(d, 1),
+                "embedded": round(e, 1),
+                "ratio": round(d / e, 3),
+                "daemon_runs": [round(v, 1) for v in results["d" + op]],
+                "embedded_runs": [round(v, 1) for v in results["e" + op]],
+            }
+        )
+    return rows
+
+
 def _rss(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -233,16 +285,19 @@ async def bench_list_inspect(daemon: Daemon, iterations: int) -> dict[str, Any]:
     }
 
 
-async def main() -> dict[str, Any]:
+async def main(only: str) -> dict[str, Any]:
     # 20 one-vCPU VMs on a 2-CPU host need a vCPU overcommit above the default 4.
     daemon = Daemon("--vcpu-overcommit", "16", "--log-level", "warning")
     try:
-        rows = [
-            await bench_exec(daemon, 200),
-            await bench_stdout_throughput(daemon, 3),
-            await bench_slow_client_rss(daemon),
-            await bench_list_inspect(daemon, 200),
-        ]
+        rows = []
+        if only == "all":
+            rows += [
+                await bench_exec(daemon, 200),
+                await bench_stdout_throughput(daemon, 3),
+                await bench_slow_client_rss(daemon),
+                await bench_list_inspect(daemon, 200),
+            ]
+        rows += await bench_files(daemon, 3)
     finally:
         await daemon.close()
     return {
@@ -253,7 +308,9 @@ async def main() -> dict[str, Any]:
 
 
 def cli() -> None:
-    report = asyncio.run(main())
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--only", choices=("all", "files"), default="all")
+    report = asyncio.run(main(parser.parse_args().only))
     RESULTS.mkdir(exist_ok=True)
     stamp = report["when"].replace(":", "").replace("-", "")
     out = RESULTS / f"daemon-{stamp}.json"

@@ -6,7 +6,9 @@ Two more rows compare warden with itself: the jail on and off (``--only jail``),
 channel with and without its crypto layer (``--only channel``), with, measured in a guest,
 what encrypting the transfer window would cost. ``--only cli`` times ``warden run -- true`` as
 a new process and the part of it spent in warden's own code outside the VM (target <= 0.3 s).
-Rows with a target say PASS or FAIL.
+``--only reads`` compares a 64 MiB read out of the guest with a 64 MiB write into it,
+alternating in one sandbox (and the read through the stream, as before the window carried
+reads). Rows with a target say PASS or FAIL.
 Results go to ``bench/results/<utc time>.json``; ``docs/benchmarks.md`` summarizes them.
 """
 
@@ -29,12 +31,14 @@ from pathlib import Path
 from typing import Any
 
 from bench.qga import QgaVM
+from warden.agent.client import AgentClient
 from warden.config import Paths
 from warden.guest.openssl import SCALAR_CRYPTO
 from warden.jail import policy
 from warden.sdk import AsyncSandbox
 from warden.vmm.machine import Machine
 from warden.vmm.spec import VMSpec
+from warden.wire.ops import Key
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CLI_PROBE = Path(__file__).resolve().parent / "cli_probe.py"
@@ -284,6 +288,57 @@ async def bench_channel(
     ]
 
 
+def _client(sbx: AsyncSandbox) -> AgentClient:
+    agent = sbx._agent()
+    assert isinstance(agent, AgentClient), "an embedded sandbox's agent is an AgentClient"
+    return agent
+
+
+async def _read_mbps(sbx: AsyncSandbox, size: int, *, window: bool) -> tuple[float, str]:
+    """MB/s of a read of /tmp/big (through the window, or the stream); the bytes' digest."""
+    agent = _client(sbx)
+    can = agent.agent_hello.get(Key.XFER_READ)
+    agent.agent_hello[Key.XFER_READ] = can if window else False
+    try:
+        t0 = time.perf_counter()
+        data = await sbx.files.read("/tmp/big", format="bytes", max_size=None)
+        elapsed = time.perf_counter() - t0
+    finally:
+        agent.agent_hello[Key.XFER_READ] = can
+    assert len(data) == size, f"read {len(data)} bytes of {size}"
+    return size / 1e6 / elapsed, hashlib.sha256(data).hexdigest()
+
+
+async def bench_reads(rounds: int) -> list[dict[str, Any]]:
+    """Issue 8: a 64 MiB read guest -> host against a 64 MiB write host -> guest, in one
+    sandbox (encrypted channel, the default), alternating ``rounds`` times; and the read
+    through the stream of DATA frames (as before reads used the window) in the same rounds."""
+    data = os.urandom(WRITE_SIZE)
+    digest = hashlib.sha256(data).hexdigest()
+    sbx = await AsyncSandbox.create(memory_mib=512)
+    writes: list[float] = []
+    reads: list[float] = []
+    streams: list[float] = []
+    try:
+        if not _client(sbx).agent_hello.get(Key.XFER_READ):
+            raise RuntimeError("the agent cannot read through the window: rebuild the image")
+        for _ in range(rounds):
+            writes.append(await _write_mbps(sbx, data))
+            mbps, got = await _read_mbps(sbx, WRITE_SIZE, window=True)
+            assert got == digest, "warden read different bytes (window)"
+            reads.append(mbps)
+            mbps, got = await _read_mbps(sbx, WRITE_SIZE, window=False)
+            assert got == digest, "warden read different bytes (stream)"
+            streams.append(mbps)
+    finally:
+        await sbx.kill()
+    read_row = _pair("read 64 MiB guest->host / write (MB/s)", reads, writes, False)
+    read_row["peer_is"] = "a 64 MiB write host->guest, same sandbox, alternating (median)"
+    stream_row = _pair("  read, window/stream (MB/s)", reads, streams, False)
+    stream_row["peer_is"] = "the same read through the stream of DATA frames (before)"
+    return [_target(read_row, ">=", 0.8), stream_row]
+
+
 async def bench_exec_and_write(iterations: int) -> list[dict[str, Any]]:
     data = os.urandom(WRITE_SIZE)
     digest = hashlib.sha256(data).hexdigest()
@@ -408,6 +463,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         rows += await bench_exec_and_write(args.iterations)
     if args.only in ("all", "jail"):
         rows += await bench_jail(args.jail_runs)
+    if args.only in ("all", "reads"):
+        rows += await bench_reads(args.read_rounds)
     if args.only in ("all", "channel"):
         qga = next((r["peer"] for r in rows if r["metric"] == WRITE_METRIC), None)
         rows += await bench_channel(args.channel_iterations, args.channel_writes, qga)
@@ -432,13 +489,15 @@ def cli() -> None:
     parser.add_argument("--channel-iterations", type=int, default=100)
     parser.add_argument("--channel-writes", type=int, default=2)
     parser.add_argument("--cli-runs", type=int, default=10)
+    parser.add_argument("--read-rounds", type=int, default=3)
     parser.add_argument(
         "--only",
-        choices=("all", "peer", "jail", "channel", "cli"),
+        choices=("all", "peer", "jail", "channel", "cli", "reads"),
         default="all",
         help="peer: warden against qemu-guest-agent; jail: warden with and without its jail; "
         "channel: warden with and without the channel's crypto layer; cli: `warden run -- "
-        "true` as a new process, and its part in warden's own code outside the VM",
+        "true` as a new process, and its part in warden's own code outside the VM; reads: a "
+        "read out of the guest against a write into it",
     )
     args = parser.parse_args()
     report = asyncio.run(main(args))

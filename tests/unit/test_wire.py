@@ -158,7 +158,7 @@ def test_decode_json_raises_only_frame_error(payload: bytes) -> None:
         ({"ftype": 0}, "type"),
         ({"ftype": 9}, "type"),
         ({"ftype": 255}, "type"),
-        ({"channel": 6}, "channel"),
+        ({"channel": 7}, "channel"),
         ({"flags": 1}, "flags"),
         ({"length": MAX_PAYLOAD + 1}, "length"),
         ({"length": 0xFFFFFFFF}, "length"),

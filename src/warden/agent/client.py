@@ -42,7 +42,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,7 +60,8 @@ from warden._errors import (
     WardenError,
 )
 from warden.agent.secure import ChannelLayer
-from warden.channel.window import WINDOW_KEY_SIZE, WindowAuth
+from warden.agent.xferread import FOR_WRITES, READ_SLOTS, ReadSlots
+from warden.channel.window import WINDOW_KEY_SIZE, WindowAuth, reads_key
 from warden.wire.frame import (
     INITIAL_WINDOW,
     MAX_REQUEST_ID,
@@ -236,6 +237,10 @@ class _Request:
             self._queue.put_nowait(frame)
         return None
 
+    def put_piece(self, frame: Frame) -> None:
+        """A piece of a file read in the transfer window (checked; one per lent slot)."""
+        self._queue.put_nowait(frame)
+
     def deliver(self, item: dict[str, Any] | WardenError) -> None:
         """The RESPONSE, or the failure of the connection."""
         self.answered = True
@@ -358,9 +363,15 @@ class _XferWindow:
     """
 
     def __init__(
-        self, path: Path, slots: int, slot_size: int, auth: WindowAuth | None = None
+        self,
+        path: Path,
+        slots: int,
+        slot_size: int,
+        auth: WindowAuth | None = None,
+        read_auth: WindowAuth | None = None,
     ) -> None:
         self.slot_size = slot_size
+        self.slots = slots
         self.auth = auth
         """Tags each piece (on the encrypted channel; see ``warden.channel.window``)."""
         self._sequence = 0
@@ -378,6 +389,8 @@ class _XferWindow:
         self._closed = asyncio.Event()
         for i in range(slots):
             self._free.put_nowait(i * slot_size)
+        self.reads = ReadSlots(slots * slot_size, slot_size, read_auth, self._free.put_nowait)
+        """The slots lent to file reads (guest -> host), and the pieces in them."""
 
     @property
     def outstanding(self) -> int:
@@ -423,6 +436,20 @@ class _XferWindow:
             raise
         self._outstanding[offset] = (request_id, length)
         return encode_xfer_ref(offset, length)
+
+    def grab(self, count: int) -> list[int]:
+        """Up to ``count`` free slots, taken at once (none if none is free), for a read: reads
+        together hold at most all but ``FOR_WRITES`` slots."""
+        count = min(count, self.slots - FOR_WRITES - self.reads.count)
+        offsets: list[int] = []
+        while len(offsets) < count and not self._free.empty() and not self._closed.is_set():
+            offsets.append(self._free.get_nowait())
+        return offsets
+
+    def give_back(self, offsets: list[int]) -> None:
+        """Slots from :meth:`grab` that were never lent after all."""
+        for offset in offsets:
+            self._free.put_nowait(offset)
 
     def tagged(self, request_id: int, reference: bytes, piece: memoryview) -> bytes:
         """``reference`` with the piece's tag, under the next sequence number. Call right
@@ -739,8 +766,10 @@ class AgentClient:
             )
         if self.agent_hello.get(Key.XFER) is not True or self._xfer is not None:
             return self._xfer is not None
-        auth = WindowAuth(self._window_key) if self._window_key is not None else None
-        self._xfer = _XferWindow(path, slots, slot_size, auth)
+        key = self._window_key
+        auth = WindowAuth(key) if key is not None else None
+        read_auth = WindowAuth(reads_key(key)) if key is not None else None
+        self._xfer = _XferWindow(path, slots, slot_size, auth, read_auth)
         return True
 
     @property
@@ -925,16 +954,14 @@ class AgentClient:
                 )
             )
             return
-        if ftype == FrameType.DATA and frame.channel == Channel.XFER:
-            if self._xfer is None:
-                raise FrameError("a transfer window acknowledgement, but no window is open")
-            problem = self._xfer.acknowledge(rid, frame.payload)
-            if problem is not None:
-                raise FrameError(problem)
+        if ftype == FrameType.DATA and frame.channel in (Channel.XFER, Channel.XFER_READ):
+            self._window_frame(frame)
             return
         if ftype not in (FrameType.DATA, FrameType.EOF, FrameType.RESPONSE):
             raise FrameError(f"unexpected {ftype.name} frame from the agent")
         response = decode_json(frame) if ftype == FrameType.RESPONSE else None
+        if response is not None and self._xfer is not None:
+            self._xfer.reads.answered(rid)  # the agent writes no more into this read's slots
         request = self._requests.get(rid)
         if request is None:
             return  # a request the caller abandoned (cancelled); its late frames are dropped
@@ -945,6 +972,23 @@ class AgentClient:
         problem = request.accept(frame)
         if problem is not None:
             raise FrameError(problem)
+
+    def _window_frame(self, frame: Frame) -> None:
+        """An acknowledgement of a write's piece (XFER), or a reference to a piece of a file
+        read (XFER_READ), in the transfer window."""
+        if self._xfer is None:
+            raise FrameError("a transfer window reference, but no window is open")
+        if frame.channel == Channel.XFER:
+            problem = self._xfer.acknowledge(frame.request_id, frame.payload)
+            if problem is not None:
+                raise FrameError(problem)
+            return
+        problem = self._xfer.reads.accept(frame.request_id, frame.payload)[1]
+        if problem is not None:
+            raise FrameError(problem)
+        request = self._requests.get(frame.request_id)
+        if request is not None:  # else the consumer left, and the slot is free again
+            request.put_piece(frame)
 
     # -- requests
 
@@ -1152,15 +1196,58 @@ class AgentClient:
 
     async def read_file(self, path: str, *, user: str = DEFAULT_USER) -> AsyncIterator[bytes]:
         """Stream a file from the guest in chunks, read as ``user``. Leaving the loop early
-        cancels the read. The agent may send the next chunks only as the caller takes these."""
-        args = {Key.OP: Op.READ, Key.PATH: path, Key.USER: _user_arg(user)}
-        async with self._request(args) as request:
+        cancels the read. The agent may send the next chunks only as the caller takes these.
+
+        Through the transfer window where the agent can (``xfer_read`` in its HELLO) and a
+        slot is free: the agent writes pieces of up to a slot into slots lent to this read
+        (:mod:`warden.agent.xferread`), and each is checked before it is handed on."""
+        args: dict[str, Any] = {Key.OP: Op.READ, Key.PATH: path, Key.USER: _user_arg(user)}
+        xfer = self._xfer if self.agent_hello.get(Key.XFER_READ) is True else None
+        offsets = xfer.grab(READ_SLOTS) if xfer is not None else []
+        if offsets:
+            args[Key.XFER] = True
+        try:
+            async with self._request(args) as request:
+                if xfer is not None and offsets:
+                    lent = [xfer.reads.lend(request.id, offset) for offset in offsets]
+                    offsets = []
+                    self._send_nowait(b"".join(_xfer_read_frame(request.id, r) for r in lent))
+                async with contextlib.aclosing(self._read_chunks(request, xfer)) as chunks:
+                    async for chunk in chunks:
+                        yield chunk
+        finally:
+            if xfer is not None:
+                xfer.give_back(offsets)
+
+    async def _read_chunks(
+        self, request: _Request, xfer: _XferWindow | None
+    ) -> AsyncGenerator[bytes, None]:
+        """The chunks of a read: DATA, and pieces in the window (each checked, and its slot
+        lent again once the caller took it)."""
+        try:
             while True:
                 item = await request.next()
                 if isinstance(item, dict):
                     return
-                yield item.payload
-                request.consumed(item)
+                if item.channel != Channel.XFER_READ or xfer is None:
+                    yield item.payload
+                    request.consumed(item)
+                    continue
+                if self._closed_by is not None:  # the window file is closed
+                    raise self._closed_error()
+                offset = decode_xfer_ref(item.payload)[0]
+                try:
+                    data = xfer.reads.take(xfer.fd, request.id, offset, self.who)
+                except ChannelAuthError as exc:
+                    self._abort(exc)
+                    raise self._closed_error() from None
+                yield data
+                again = xfer.reads.after_take(request.id, offset)
+                if again is not None:
+                    self._send_nowait(_xfer_read_frame(request.id, again))
+        finally:
+            if xfer is not None:
+                xfer.reads.abandoned(request.id)  # nothing, if every piece was taken
 
     async def read_file_bytes(self, path: str, *, user: str = DEFAULT_USER) -> bytes:
         """A whole file from the guest."""
@@ -1262,6 +1349,11 @@ async def _pump_output(
         collector.add(item.payload)
         await _emit(callback, item.payload)
         request.consumed(item)
+
+
+def _xfer_read_frame(request_id: int, reference: bytes) -> bytes:
+    """A slot lent to a read: DATA on XFER_READ with the slot's reference."""
+    return encode_header(FrameType.DATA, request_id, Channel.XFER_READ, len(reference)) + reference
 
 
 def _opt_int(value: object) -> int | None:

@@ -158,6 +158,17 @@ class EvpChaCha20Poly1305:
             return False
         return True
 
+    def tag(self, nonce: bytes, associated_data: memoryview) -> bytes:
+        """The tag of ``associated_data`` with an empty plaintext, read in place (a writable
+        buffer, such as a view of an mmap): no copy of it is made."""
+        view = memoryview(associated_data)
+        ad = (ctypes.c_char * len(view)).from_buffer(view) if view else b""
+        self._run(nonce, b"", ad, 1)
+        tag = ctypes.create_string_buffer(TAG_SIZE)
+        if _Loaded.lib.EVP_CIPHER_CTX_ctrl(self._ctx, _CTRL_AEAD_GET_TAG, TAG_SIZE, tag) != 1:
+            raise RuntimeError("EVP_CTRL_AEAD_GET_TAG failed")
+        return tag.raw
+
     def decrypt(self, nonce: bytes, data: bytes, associated_data: bytes) -> bytes:
         """The plaintext of ``data`` (ciphertext then tag); EvpAuthError if it does not
         authenticate."""

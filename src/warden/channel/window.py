@@ -16,6 +16,13 @@ altered, swapped with another slot's, replayed from an earlier request or sessio
 reordered fails the check. Both sides count the session's pieces in the order their references
 travel in the channel (which keeps order), so no nonce repeats under one key.
 
+File reads (guest -> host) use the window the other way: the agent writes each piece into a
+slot the host lent to that read and sends a tagged reference; the host checks the tag before
+it hands a byte to its caller. Those pieces are tagged under a key of their own,
+``reads_key(key)`` (HMAC-SHA256 of the session's key with a label), and numbered in a
+sequence of their own (in the order their references travel, guest -> host): a piece can
+never be replayed from one direction into the other, even at the same request id and number.
+
 Why not encrypt the pieces too: a guest under TCG decrypts ChaCha20-Poly1305 at about
 110 MB/s (with OpenSSL's scalar code; its SIMD code is slower under TCG), against about
 520 MB/s for the Poly1305 tag alone, which would cut a 64 MiB write to about 0.4x of
@@ -28,10 +35,18 @@ from __future__ import annotations
 
 import struct
 
-__all__ = ["WINDOW_KEY_SIZE", "WindowAuth", "window_nonce"]
+__all__ = ["WINDOW_KEY_SIZE", "WindowAuth", "reads_key", "window_nonce"]
 
 WINDOW_KEY_SIZE = 32
 _NONCE = struct.Struct(">IQ")
+_READS_LABEL = b"warden transfer window: guest -> host pieces"
+
+
+def reads_key(key: bytes) -> bytes:
+    """The key of the pieces of file reads (guest -> host), derived from the session's key."""
+    import hmac
+
+    return hmac.digest(key, _READS_LABEL, "sha256")
 
 
 def window_nonce(request_id: int, sequence: int) -> bytes:
@@ -59,6 +74,12 @@ class WindowAuth:
     def tag(self, request_id: int, sequence: int, piece: bytes | memoryview) -> bytes:
         """The 16-byte tag of ``piece``, the ``sequence``-th of request ``request_id``."""
         return self._aead.encrypt(window_nonce(request_id, sequence), b"", _bytes(piece))
+
+    def tag_in_place(self, request_id: int, sequence: int, piece: memoryview) -> bytes:
+        """:meth:`tag` of a writable buffer, read in place where EVP is loaded (the guest)."""
+        if self._evp is not None and not piece.readonly:
+            return self._evp.tag(window_nonce(request_id, sequence), piece)
+        return self.tag(request_id, sequence, piece)
 
     def check(self, request_id: int, sequence: int, piece: bytes | memoryview, tag: bytes) -> bool:
         """Whether ``tag`` is the tag of ``piece`` at that place."""

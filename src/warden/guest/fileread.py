@@ -1,15 +1,24 @@
-"""``read``: a guest file streamed to the host as DATA on channel FILE, then EOF and the size."""
+"""``read``: a guest file streamed to the host as DATA on channel FILE, then EOF and the size.
+
+With ``xfer``: true (a host that lent slots of the transfer window to the read), the pieces of
+the file go through the window instead: each is read into a buffer of the read's own, written
+into a slot the host lent (O_DIRECT), and referenced on XFER_READ with its tag
+(``Session.send_piece``). A slot is used once, until the host lends it again (once it took the
+piece). A piece shorter than ``XFER_MIN`` (the end of a small file, a short read of a pipe)
+goes inline as DATA, within the stream's credit.
+"""
 
 from __future__ import annotations
 
 import os
+import queue
 import threading
 
-from warden.guest.args import arg_path, failure, file_error
+from warden.guest.args import arg_bool, arg_path, failure, file_error
 from warden.guest.log import log_exception
 from warden.guest.request import Request
 from warden.guest.users import acting_as
-from warden.wire.frame import Channel
+from warden.wire.frame import XFER_MAX_LENGTH, Channel, FrameError, decode_xfer_ref
 from warden.wire.ops import ErrorKind, Key
 
 TYPE_CHECKING = False
@@ -18,11 +27,15 @@ if TYPE_CHECKING:
 
     from warden.guest.session import Session
     from warden.guest.users import Account
+    from warden.guest.xfer import XferWindow
+    from warden.wire.frame import Frame
 
 CHUNK = 256 * 1024
 """The largest DATA payload of a file read."""
 CREDIT_POLL = 1.0
-"""How often a read waiting for credit checks whether it was cancelled."""
+"""How often a read waiting for credit (or a slot) checks whether it was cancelled."""
+XFER_MIN = 64 * 1024
+"""Pieces shorter than this go inline in DATA frames; longer ones through the window."""
 
 
 class ReadFile(Request):
@@ -34,6 +47,9 @@ class ReadFile(Request):
         self.account = account
         self.cancelled = False
         self.credit = self.new_credit(Channel.FILE)
+        self.window = arg_bool(args, Key.XFER, False) and session.window_reads()
+        self.slots: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()
+        """Slots of the window the host lent to this read: (offset, size); None: cancelled."""
 
     def start(self) -> None:
         threading.Thread(target=self._run, name=f"read-{self.request_id}", daemon=True).start()
@@ -41,6 +57,17 @@ class ReadFile(Request):
     def cancel(self) -> None:
         self.cancelled = True
         self.close_credits()
+        self.slots.put(None)
+
+    def on_data(self, frame: Frame) -> None:
+        """A slot of the window lent to this read (checked against the window's size)."""
+        xfer = self.session.agent.xfer
+        if frame.channel != Channel.XFER_READ or xfer is None:
+            return
+        offset, length = decode_xfer_ref(frame.payload)  # FrameError: a protocol error
+        if offset + length > xfer.size:
+            raise FrameError(f"a slot of {length} bytes at {offset} is beyond the window")
+        self.slots.put((offset, length))
 
     def _run(self) -> None:
         try:
@@ -56,7 +83,11 @@ class ReadFile(Request):
         except OSError as exc:
             return file_error("read", self.path, exc)
         try:
-            size = self._send_all(fd)
+            xfer = self.session.agent.xfer
+            if self.window and xfer is not None:
+                size = self._send_window(fd, xfer)
+            else:
+                size = self._send_all(fd)
         except OSError as exc:
             return file_error("read", self.path, exc)
         finally:
@@ -84,6 +115,60 @@ class ReadFile(Request):
             size += len(chunk)
             if not self.send(Channel.FILE, credit, chunk):
                 return -1
+
+    def _send_window(self, fd: int, xfer: XferWindow) -> int:
+        """Send the file through the slots the host lends; its size, or -1 if cancelled."""
+        import mmap
+
+        buffer = mmap.mmap(-1, XFER_MAX_LENGTH)  # page-aligned, as O_DIRECT needs
+        size = 0
+        while True:
+            slot = self._next_slot(fd, size)
+            if slot is None:
+                return -1 if self.cancelled else size
+            offset, room = slot
+            length = os.readv(fd, [memoryview(buffer)[: min(room, XFER_MAX_LENGTH)]])
+            if length < XFER_MIN:
+                self.slots.put(slot)  # not used: still lent to this read
+                if not length or not self._send_inline(memoryview(buffer)[:length]):
+                    return size if not length else -1
+            else:
+                if not xfer.write(offset, buffer, length, lambda: self.cancelled):
+                    return -1
+                if not self.session.send_piece(
+                    self.request_id, offset, memoryview(buffer)[:length]
+                ):
+                    return -1
+            size += length
+
+    def _next_slot(self, fd: int, size: int) -> tuple[int, int] | None:
+        """The next lent slot; None if cancelled, or at the end of the file with none lent."""
+        while not self.cancelled:
+            try:
+                return self.slots.get_nowait()
+            except queue.Empty:
+                pass
+            if _at_end(fd, size):
+                return None
+            try:
+                return self.slots.get(timeout=CREDIT_POLL)
+            except queue.Empty:
+                continue
+        return None
+
+    def _send_inline(self, view: memoryview) -> bool:
+        """Send ``view`` as DATA within the stream's credit; False if cancelled or gone."""
+        credit = self.credit
+        while view:
+            allowed = credit.available
+            while allowed == 0 and not self.cancelled:
+                allowed = credit.wait(CREDIT_POLL)
+            if self.cancelled:
+                return False
+            chunk, view = bytes(view[: min(CHUNK, allowed)]), view[min(CHUNK, allowed) :]
+            if not self.send(Channel.FILE, credit, chunk):
+                return False
+        return True
 
 
 def _at_end(fd: int, offset: int) -> bool:

@@ -26,6 +26,7 @@ from warden.wire.frame import (
     decode_window,
     encode_header,
     encode_json,
+    encode_xfer_ref,
 )
 from warden.wire.ops import ErrorKind, Key, Op
 
@@ -66,6 +67,12 @@ class Session:
         self.window: WindowAuth | None = None
         """Checks the transfer window's pieces (the HELLO's ``xfer_key``): on the encrypted
         channel a piece without a valid tag is refused; on a plaintext one there is none."""
+        self.read_window: WindowAuth | None = None
+        """Tags the pieces of file reads (guest -> host), under ``reads_key`` of that key."""
+        self.read_pieces = 0
+        """Pieces of file reads sent in this session: the sequence number of the next one."""
+        self._piece_lock = threading.Lock()
+        """Numbers, tags and sends one read's piece at a time, so they go out in order."""
 
     # -- sending (any thread)
 
@@ -88,6 +95,24 @@ class Session:
             data = encode_json(FrameType.RESPONSE, request_id, failure(ErrorKind.AGENT, message))
         ends = b"".join(encode_header(FrameType.EOF, request_id, c, 0) for c in eofs)
         self.writer.send(ends + data)
+
+    def window_reads(self) -> bool:
+        """Whether file reads may go through the transfer window in this session."""
+        xfer = self.agent.xfer
+        if xfer is None or not xfer.writable:
+            return False
+        return self.read_window is not None or not self.writer.encrypted
+
+    def send_piece(self, request_id: int, offset: int, piece: memoryview) -> bool:
+        """Send the reference to a piece of a file read that is in the window at ``offset``,
+        tagged under the next sequence number; False once the session is gone."""
+        with self._piece_lock:
+            tag = b""
+            if self.read_window is not None:
+                tag = self.read_window.tag_in_place(request_id, self.read_pieces, piece)
+            self.read_pieces += 1
+            reference = encode_xfer_ref(offset, len(piece), tag)
+            return self.send_data(request_id, Channel.XFER_READ, reference)
 
     def forget(self, request_id: int) -> None:
         with self._lock:
@@ -136,6 +161,8 @@ class Session:
         if problem is not None:
             self.protocol_error(problem, nonce)
             return
+        if self.agent.xfer is not None:
+            self.agent.xfer.quiesce()  # no read of an earlier session writes into the window
         if os.getpid() == 1:  # only ever in a guest: never touch a host's clock or pool
             from warden.guest.pid1 import freshen
 
@@ -145,6 +172,7 @@ class Session:
             Key.AGENT: AGENT_NAME,
             Key.PID: os.getpid(),
             Key.XFER: self.agent.xfer is not None,
+            Key.XFER_READ: self.window_reads(),
         }
         if Key.REKEY in hello:
             reply[Key.REKEYED] = True
@@ -170,9 +198,10 @@ class Session:
             if len(decoded[name]) != 32:
                 return f"the HELLO's {name} is not 32 bytes of hex"
         if Key.XFER_KEY in decoded:
-            from warden.channel.window import WindowAuth
+            from warden.channel.window import WindowAuth, reads_key
 
             self.window = WindowAuth(decoded[Key.XFER_KEY])
+            self.read_window = WindowAuth(reads_key(decoded[Key.XFER_KEY]))
         if Key.REKEY in decoded:
             self.agent.secret = decoded[Key.REKEY]  # for every later handshake
             log("the host handed this VM a new channel secret")

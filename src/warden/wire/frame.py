@@ -83,6 +83,11 @@ RESYNC_PADDING_SIZE = 12 + MAX_PAYLOAD
 # and the guest reads with O_DIRECT. A DATA frame on channel XFER carries a reference into it
 # (offset, length) instead of the bytes; the guest answers each one with the same reference
 # once it has consumed it, so the host can reuse that part of the window.
+# Reads (guest -> host) run the other way on channel XFER_READ: the host lends slots of the
+# window to a read (a DATA frame host -> guest with a reference (offset, slot size)); the
+# agent writes a piece of the file into a lent slot with O_DIRECT and sends a reference to it
+# (offset, length, tag) on XFER_READ; once the host's consumer took the piece, the host lends
+# the slot again. The agent writes only into slots lent to that read and not yet filled.
 XFER_SERIAL = "warden-xfer"
 XFER_ALIGN = 4096
 XFER_MAX_LENGTH = 4 << 20
@@ -138,6 +143,7 @@ class Channel(IntEnum):
     STDERR = 3
     FILE = 4
     XFER = 5
+    XFER_READ = 6
 
 
 _TYPES: dict[int, FrameType] = {t.value: t for t in FrameType}

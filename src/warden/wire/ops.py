@@ -95,6 +95,9 @@ class Key:
     """HELLO (host): the session's transfer-window key, hex (see warden.channel.window)."""
     HOSTNAME = "hostname"
     """HELLO (host): the guest's hostname (a clone of a template is a new machine: its own)."""
+    XFER_READ = "xfer_read"
+    """HELLO (agent): true if it can send file reads through the transfer window (a ``read``
+    REQUEST then asks for that with ``xfer``: true)."""
 
 
 class ErrorKind:
