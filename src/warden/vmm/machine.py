@@ -53,6 +53,7 @@ from warden.vmm.argv import (
     host_tsc_khz,
 )
 from warden.vmm.channel_keys import ChannelKeys
+from warden.vmm.fork import fork as fork_machine
 from warden.vmm.ownership import Ownership, recorded_uid
 from warden.vmm.snapshot import BootSnapshots, SnapshotConfig
 from warden.vmm.spec import VMSpec
@@ -82,6 +83,9 @@ def new_vm_id() -> str:
 
 class Machine:
     """A QEMU microVM with a guest agent. Use ``await launch()`` then ``await shutdown()``."""
+
+    forked_from: str | None = None
+    """The id of the VM this one is a fork child of (its ``booted_from`` is ``template``)."""
 
     def __init__(
         self,
@@ -117,7 +121,7 @@ class Machine:
         self._exit_code: int | None = None
         self.snapshots = BootSnapshots(self.paths)
         self.booted_from: str | None = None
-        """``snapshot`` or ``cold``, once launched."""
+        """``snapshot``, ``cold`` or ``template`` (a clone, or a fork child), once launched."""
         self.snapshot_key: str | None = None
         self._final_console: str | None = None
         self.use_cgroups = use_cgroups
@@ -673,20 +677,27 @@ class Machine:
         self._agent = await self._open_agent(self.spec.agent_timeout_s, held=self._secret)
 
     async def save_template(
-        self, name: str, *, keep_running: bool, extra: dict[str, Any] | None = None
+        self,
+        name: str,
+        *,
+        keep_running: bool,
+        extra: dict[str, Any] | None = None,
+        store: Templates | None = None,
     ) -> None:
         """Save this running VM as template ``name`` (``vmm/templates.py``).
 
         The VM is paused meanwhile and its agent session closed (requests in flight fail).
         With ``keep_running`` it then resumes with a new channel secret (the template holds
         the old one); else the caller ends it. NameConflictError if the name is taken,
-        TemplateError if this VM's RAM cannot be copied (a clone's is private).
+        TemplateError if this VM's RAM cannot be copied (a clone's is private). ``store``:
+        another template store than ``self.templates`` (a fork's transient one).
         """
+        store = store or self.templates
         if self.state is not VMState.RUNNING or self._qmp is None or self.image is None:
             raise VMError(f"VM {self.id} is {self.state.value}, not running")
         if self._secret is None:
             raise TemplateError(f"VM {self.id} has a plaintext channel: it cannot be a template")
-        if self.templates.exists(name):
+        if store.exists(name):
             raise NameConflictError(
                 f"a template named {name!r} exists already: remove it first "
                 f"(`warden template rm {name}`)"
@@ -698,7 +709,7 @@ class Machine:
             self._agent = None
         await self._qmp.execute("stop")
         try:
-            await self.templates.capture(
+            await store.capture(
                 self._qmp, self._qemu_pid(), name, config, self._secret, extra or {}
             )
         finally:
@@ -706,6 +717,16 @@ class Machine:
                 await self._qmp.execute("cont")
                 # The template holds this VM's secret now: it gets a new one of its own.
                 self._agent = await self._open_agent(self.spec.agent_timeout_s, held=self._secret)
+
+    async def fork(self, n: int = 1) -> list[Machine]:
+        """Start ``n`` children of this running VM that carry on from its state (files and
+        processes included) and share its memory copy-on-write (``vmm/fork.py``); this VM
+        keeps running, with a new channel secret. The caller owns the children.
+
+        SpecError for a bad ``n``; TemplateError if this VM is a clone (its RAM is private and
+        cannot be copied). A fork that fails leaves nothing behind.
+        """
+        return await fork_machine(self, n)
 
     def _qemu_pid(self) -> int:
         """QEMU's host pid (a jailed one's, not its ``unshare``'s)."""

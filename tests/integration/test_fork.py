@@ -1,0 +1,128 @@
+"""Fork (``Machine.fork``) on real VMs: children carry on from their parent's files and
+processes and are new machines; the parent keeps running; a fork that fails leaves nothing."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import qemu_pids, runtime_dirs
+from tests.integration.test_templates import MARK, prepare_source, sh
+from warden._errors import HostError, SpecError, TemplateError
+from warden.config import Paths
+from warden.vmm import fork as fork_module
+from warden.vmm.fork import ForkStore
+from warden.vmm.machine import Machine
+from warden.vmm.spec import VMSpec
+
+pytestmark = pytest.mark.vm
+
+
+@asynccontextmanager
+async def running(spec: VMSpec) -> AsyncIterator[Machine]:
+    machine = Machine(spec)
+    await machine.launch()
+    try:
+        yield machine
+    finally:
+        await machine.shutdown()
+
+
+def _fork_leftovers() -> list[Path]:
+    """Transient fork templates and their keys still on disk."""
+    paths = Paths.from_env()
+    found: list[Path] = []
+    for where in (ForkStore(paths).root, paths.home / "keys" / fork_module.KEY_NAMESPACE):
+        if where.is_dir():
+            found += list(where.iterdir())
+    return found
+
+
+async def test_fork_children_carry_on_from_their_parent(no_leaks: None) -> None:
+    async with running(VMSpec(memory_mib=256)) as parent:
+        sleeper = await prepare_source(parent)
+        await sh(parent, "echo 41 > /home/user/counter")
+        children = await parent.fork(2)
+        try:
+            assert len(children) == 2 and not _fork_leftovers()
+            for child in children:
+                assert child.booted_from == "template" and child.forked_from == parent.id
+                assert await sh(child, f"cat {MARK} /home/user/counter") == ("template-state\n41\n")
+                alive = await sh(
+                    child, f"kill -0 {sleeper} && tr '\\0' ' ' < /proc/{sleeper}/cmdline"
+                )
+                assert alive.startswith("sleep 100000"), alive
+                assert await sh(child, "hostname") == f"{child.id}\n"
+            a, b = children
+            assert len({parent.id, a.id, b.id}) == 3
+            keys = {m.channel_keys.current(m.id) for m in (parent, a, b)}
+            assert None not in keys and len(keys) == 3
+            # Each carries on by itself: the parent and the children diverge.
+            await sh(a, "echo 42 > /home/user/counter")
+            await sh(parent, "echo 43 > /home/user/counter")
+            assert await sh(b, "cat /home/user/counter") == "41\n"
+            assert await sh(a, "cat /home/user/counter") == "42\n"
+            assert await sh(parent, f"cat /home/user/counter; kill -0 {sleeper} && echo up") == (
+                "43\nup\n"
+            )
+        finally:
+            for child in children:
+                await child.shutdown()
+        # The parent keeps running after its children are gone.
+        assert await sh(parent, "echo still") == "still\n"
+
+
+async def test_a_failed_fork_leaves_no_trace(
+    no_leaks: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with running(VMSpec(memory_mib=256)) as parent:
+        await sh(parent, "echo kept > /home/user/kept")
+        pids, dirs = qemu_pids(), runtime_dirs()
+        for bad in (0, -1, 17, True):
+            with pytest.raises(SpecError, match="a fork makes 1 to 16 children"):
+                await parent.fork(bad)
+        # One child cannot start: the other is stopped, the transient template removed.
+        real_child = fork_module._child
+        made: list[Machine] = []
+
+        def second_fails(*args: object) -> Machine:
+            child = real_child(*args)  # type: ignore[arg-type]
+            made.append(child)
+            if len(made) == 2:
+                child.qemu = "/nonexistent/qemu-system-x86_64"
+            return child
+
+        monkeypatch.setattr(fork_module, "_child", second_fails)
+        with pytest.raises(HostError, match="is not installed"):
+            await parent.fork(2)
+        assert [c.state.value for c in made] == ["stopped", "failed"]
+        monkeypatch.undo()
+        assert qemu_pids() == pids and runtime_dirs() == dirs and not _fork_leftovers()
+        # A clone cannot be forked: its RAM is private. Refused before it is paused.
+        [child] = await parent.fork(1)
+        try:
+            with pytest.raises(TemplateError, match="it cannot be forked"):
+                await child.fork(1)
+            assert await sh(child, "cat /home/user/kept") == "kept\n"
+        finally:
+            await child.shutdown()
+        assert qemu_pids() == pids and runtime_dirs() == dirs and not _fork_leftovers()
+        assert await sh(parent, "cat /home/user/kept") == "kept\n"
+
+
+async def test_a_clone_cannot_be_captured_and_says_why(no_leaks: None) -> None:
+    """The same limit through save_template itself (no early check): the capture fails with
+    a clear TemplateError, the clone runs on and no template is left."""
+    async with running(VMSpec(memory_mib=256)) as parent:
+        [child] = await parent.fork(1)
+        try:
+            store = ForkStore(Paths.from_env())
+            with pytest.raises(TemplateError, match="maps its RAM privately"):
+                await child.save_template("from-a-clone", keep_running=True, store=store)
+            assert not store.path("from-a-clone").exists() and not _fork_leftovers()
+            assert await sh(child, "echo on") == "on\n"
+        finally:
+            await child.shutdown()
