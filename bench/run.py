@@ -8,7 +8,10 @@ what encrypting the transfer window would cost. ``--only cli`` times ``warden ru
 a new process and the part of it spent in warden's own code outside the VM (target <= 0.3 s).
 ``--only reads`` compares a 64 MiB read out of the guest with a 64 MiB write into it,
 alternating in one sandbox (and the read through the stream, as before the window carried
-reads). Rows with a target say PASS or FAIL.
+reads).
+``--only templates`` times a clone of a 256 MiB template against a boot-snapshot restore
+(target <= 0.5x) and a fork of a running 256 MiB VM (target <= 0.5 s), each to first output.
+Rows with a target say PASS or FAIL.
 Results go to ``bench/results/<utc time>.json``; ``docs/benchmarks.md`` summarizes them.
 """
 
@@ -38,6 +41,7 @@ from warden.jail import policy
 from warden.sdk import AsyncSandbox
 from warden.vmm.machine import Machine
 from warden.vmm.spec import VMSpec
+from warden.vmm.templates import Templates
 from warden.wire.ops import Key
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -45,6 +49,8 @@ CLI_PROBE = Path(__file__).resolve().parent / "cli_probe.py"
 CLI_OWN_TARGET_S = 0.3
 WRITE_SIZE = 64 * 1024 * 1024
 WRITE_METRIC = "write 64 MiB host->guest (MB/s)"
+TEMPLATE_MIB = 256
+FORK_TARGET_S = 0.5
 
 
 def pct(values: list[float], q: float) -> float:
@@ -395,6 +401,78 @@ async def bench_exec_and_write(iterations: int) -> list[dict[str, Any]]:
     ]
 
 
+async def _to_first_output(spec: VMSpec) -> tuple[float, str | None]:
+    """Create a VM of ``spec``, run ``echo ready`` in it, stop it: seconds to the output,
+    and how it booted."""
+    t0 = time.perf_counter()
+    machine = Machine(spec)
+    try:
+        await machine.launch()
+        r = await machine.agent.exec(["echo", "ready"])
+        assert r.stdout == b"ready\n"
+        return time.perf_counter() - t0, machine.booted_from
+    finally:
+        await machine.shutdown()
+
+
+async def _fork_to_first_output(parent: Machine) -> float:
+    t0 = time.perf_counter()
+    [child] = await parent.fork(1)
+    try:
+        r = await child.agent.exec(["echo", "ready"])
+        assert r.stdout == b"ready\n"
+        return time.perf_counter() - t0
+    finally:
+        await child.shutdown()
+
+
+async def bench_templates(runs: int) -> list[dict[str, Any]]:
+    """Clones and forks of a 256 MiB VM (embedded ``Machine``), each to its first output.
+
+    A clone of a template against a restore of the boot snapshot of the same configuration
+    (target ratio <= 0.5), alternating; both warmed up first (the snapshot exists, the
+    template's sealed RAM is in this process's cache). A fork of a running VM (target
+    <= 0.5 s): its peer is the same restore, for scale."""
+    spec = VMSpec(memory_mib=TEMPLATE_MIB)
+    name = f"bench-{os.getpid()}"
+    source = Machine(spec)
+    await source.launch()
+    try:
+        await source.agent.exec(["true"])
+        await source.save_template(name, keep_running=False)
+    finally:
+        await source.shutdown()
+    parent = Machine(spec)
+    try:
+        await _to_first_output(spec)
+        await _to_first_output(VMSpec(template=name))
+        await parent.launch()
+        await parent.agent.exec(["true"])
+        clone: list[float] = []
+        restore: list[float] = []
+        fork: list[float] = []
+        for _ in range(runs):
+            seconds, how = await _to_first_output(VMSpec(template=name))
+            assert how == "template", how
+            clone.append(seconds)
+            seconds, how = await _to_first_output(spec)
+            assert how == "snapshot", how
+            restore.append(seconds)
+            fork.append(await _fork_to_first_output(parent))
+    finally:
+        await parent.shutdown()
+        Templates(Paths.from_env()).remove(name)
+    clone_row = _target(
+        _pair("template: clone create to first output (s)", clone, restore, True), "<=", 0.5
+    )
+    clone_row["peer_is"] = "a boot-snapshot restore of the same 256 MiB configuration"
+    fork_row = _pair("fork: running 256 MiB VM to child's first output (s)", fork, restore, True)
+    fork_row["peer_is"] = clone_row["peer_is"] + " (for scale)"
+    fork_row["target"] = f"warden <= {FORK_TARGET_S:g} s"
+    fork_row["pass"] = fork_row["warden"] <= FORK_TARGET_S
+    return [clone_row, fork_row]
+
+
 def _pair(name: str, w: list[float], q: list[float], lower_is_better: bool) -> dict[str, Any]:
     wm, qm = statistics.median(w), statistics.median(q)
     return {
@@ -470,6 +548,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         rows += await bench_channel(args.channel_iterations, args.channel_writes, qga)
     if args.only in ("all", "cli"):
         rows += await asyncio.to_thread(bench_cli, args.cli_runs)
+    if args.only in ("all", "templates"):
+        rows += await bench_templates(args.template_runs)
     return {
         "when": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "host": {"cpus": os.cpu_count(), "python": platform.python_version()},
@@ -490,14 +570,16 @@ def cli() -> None:
     parser.add_argument("--channel-writes", type=int, default=2)
     parser.add_argument("--cli-runs", type=int, default=10)
     parser.add_argument("--read-rounds", type=int, default=3)
+    parser.add_argument("--template-runs", type=int, default=7)
     parser.add_argument(
         "--only",
-        choices=("all", "peer", "jail", "channel", "cli", "reads"),
+        choices=("all", "peer", "jail", "channel", "cli", "reads", "templates"),
         default="all",
         help="peer: warden against qemu-guest-agent; jail: warden with and without its jail; "
         "channel: warden with and without the channel's crypto layer; cli: `warden run -- "
         "true` as a new process, and its part in warden's own code outside the VM; reads: a "
-        "read out of the guest against a write into it",
+        "read out of the guest against a write into it; templates: a clone against a "
+        "boot-snapshot restore, and a fork",
     )
     args = parser.parse_args()
     report = asyncio.run(main(args))

@@ -96,3 +96,13 @@ def test_a_sealed_copy_refuses_writes(fds: list[int]) -> None:
     with pytest.raises(PermissionError):
         fcntl.fcntl(sealed, memfd.F_ADD_SEALS, 0)
     assert not memfd.is_sealed(src)
+
+
+def test_an_unhashed_copy_is_the_same_copy(fds: list[int]) -> None:
+    src = _file({2 * CHUNK + 3: b"fork", 5 * CHUNK: os.urandom(CHUNK)})
+    fds.append(src)
+    sealed, digest = memfd.sealed_copy(src, SIZE, "test-unhashed", hashed=False)
+    fds.append(sealed)
+    assert digest == "" and memfd.is_sealed(sealed)
+    assert os.pread(sealed, SIZE, 0) == os.pread(src, SIZE, 0)
+    assert os.fstat(sealed).st_blocks * 512 == 2 * CHUNK

@@ -77,11 +77,22 @@ def _data_ranges(fd: int, size: int) -> Iterator[tuple[int, int]]:
         offset = end
 
 
-def copy_sparse(src: int, dst: int, size: int) -> str:
+class _Unhashed(RamDigest):
+    """No digest: for a copy that never leaves the process (a fork's)."""
+
+    def chunk(self, data: bytes | memoryview | None, length: int = CHUNK) -> None:
+        pass
+
+    def hexdigest(self) -> str:
+        return ""
+
+
+def copy_sparse(src: int, dst: int, size: int, *, hashed: bool = True) -> str:
     """Copy ``size`` bytes from fd ``src`` to fd ``dst`` (both at offset 0, ``dst`` empty and
     ``size`` long already), writing no chunk that is all zeros; return the RAM digest of
-    what was read. The two files' offsets are not used (pread/pwrite)."""
-    digest = RamDigest()
+    what was read ("" if not ``hashed``: 0.15 s less per 256 MiB). The two files' offsets
+    are not used (pread/pwrite)."""
+    digest = RamDigest() if hashed else _Unhashed()
     buf = bytearray(CHUNK)
     view = memoryview(buf)
     position = 0
@@ -94,7 +105,7 @@ def copy_sparse(src: int, dst: int, size: int) -> str:
         if got != length:
             raise OSError(errno.EIO, f"short read of guest RAM at {offset}: {got} of {length}")
         digest.chunk(piece)
-        if piece != ZERO_CHUNK[:length]:
+        if not _is_zero(buf, length):
             _pwrite_all(dst, piece, offset)
         position = offset + length
     while position < size:
@@ -103,13 +114,21 @@ def copy_sparse(src: int, dst: int, size: int) -> str:
     return digest.hexdigest()
 
 
+def _is_zero(buf: bytearray, length: int) -> bool:
+    """Whether the first ``length`` bytes of ``buf`` are zeros. (A bytearray compares with
+    memcmp; a memoryview compares item by item, 60 times slower: 0.45 s per 256 MiB.)"""
+    if length == len(buf):
+        return buf == ZERO_CHUNK
+    return buf[:length] == ZERO_CHUNK[:length]
+
+
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
     while data:
         n = os.pwrite(fd, data, offset)
         data, offset = data[n:], offset + n
 
 
-def sealed_copy(src: int, size: int, name: str) -> tuple[int, str]:
+def sealed_copy(src: int, size: int, name: str, *, hashed: bool = True) -> tuple[int, str]:
     """A sealed memfd holding the ``size`` bytes of fd ``src``, and their RAM digest (the
     caller compares it with the sealed one before any QEMU maps the memfd).
 
@@ -120,7 +139,7 @@ def sealed_copy(src: int, size: int, name: str) -> tuple[int, str]:
     fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
         os.ftruncate(fd, size)
-        digest = copy_sparse(src, fd, size)
+        digest = copy_sparse(src, fd, size, hashed=hashed)
         fcntl.fcntl(fd, F_ADD_SEALS, SEALS)
     except BaseException:
         os.close(fd)
