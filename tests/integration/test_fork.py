@@ -12,6 +12,7 @@ import pytest
 
 from tests.conftest import qemu_pids, runtime_dirs
 from tests.integration.test_templates import MARK, prepare_source, sh
+from warden import Sandbox
 from warden._errors import HostError, SpecError, TemplateError
 from warden.config import Paths
 from warden.vmm import fork as fork_module
@@ -128,3 +129,22 @@ async def test_a_clone_cannot_be_captured_and_says_why(no_leaks: None) -> None:
             assert await sh(child, "echo on") == "on\n"
         finally:
             await child.shutdown()
+
+
+def test_sandbox_fork(no_leaks: None) -> None:
+    """The SDK's fork (embedded): children are sandboxes of their own."""
+    with Sandbox.create(memory_mib=256) as sbx:
+        sbx.files.write("/home/user/note", "from the parent")
+        children = sbx.fork(2)
+        try:
+            assert [c.files.read("/home/user/note") for c in children] == ["from the parent"] * 2
+            assert len({sbx.id, *(c.id for c in children)}) == 3
+            children[0].files.write("/home/user/note", "changed")
+            assert children[1].files.read("/home/user/note") == "from the parent"
+            assert sbx.files.read("/home/user/note") == "from the parent"
+            with pytest.raises(TemplateError, match="it cannot be forked"):
+                children[0].fork()
+        finally:
+            for child in children:
+                child.kill()
+        assert sbx.commands.run("echo on").stdout == "on\n"

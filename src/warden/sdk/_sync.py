@@ -107,6 +107,10 @@ class Sandbox:
         """Save this sandbox as template ``name``; see :meth:`AsyncSandbox.save_template`."""
         _portal.call(self._inner.save_template(name))
 
+    def fork(self, n: int = 1) -> list[Sandbox]:
+        """Start ``n`` children of this sandbox; see :meth:`AsyncSandbox.fork`."""
+        return [Sandbox(child) for child in _portal.call(self._inner.fork(n))]
+
     def kill(self) -> None:
         """Destroy the VM now. Nothing is left behind. Safe to call twice."""
         _portal.call(self._inner.kill())
