@@ -3,6 +3,7 @@ processes and are new machines; the parent keeps running; a fork that fails leav
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 from collections.abc import AsyncIterator
@@ -114,6 +115,39 @@ async def test_a_failed_fork_leaves_no_trace(
             await child.shutdown()
         assert qemu_pids() == pids and runtime_dirs() == dirs and not _fork_leftovers()
         assert await sh(parent, "cat /home/user/kept") == "kept\n"
+
+
+async def test_a_cancelled_fork_leaves_no_trace(
+    no_leaks: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cancelled while one child runs and the other still starts: both are stopped."""
+    async with running(VMSpec(memory_mib=256)) as parent:
+        pids, dirs = qemu_pids(), runtime_dirs()
+        real_child = fork_module._child
+        made: list[Machine] = []
+
+        def second_hangs(*args: object) -> Machine:
+            child = real_child(*args)  # type: ignore[arg-type]
+            made.append(child)
+            if len(made) == 2:
+
+                async def hang() -> None:
+                    await asyncio.sleep(3600)
+
+                child.launch = hang  # type: ignore[method-assign]
+            return child
+
+        monkeypatch.setattr(fork_module, "_child", second_hangs)
+        forking = asyncio.create_task(parent.fork(2))
+        while not made or made[0].state.value != "running":
+            assert not forking.done()
+            await asyncio.sleep(0.01)
+        forking.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await forking
+        assert made[0].state.value == "stopped"
+        assert qemu_pids() == pids and runtime_dirs() == dirs and not _fork_leftovers()
+        assert await sh(parent, "echo on") == "on\n"
 
 
 async def test_a_clone_cannot_be_captured_and_says_why(no_leaks: None) -> None:

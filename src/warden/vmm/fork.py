@@ -167,21 +167,23 @@ def check_forkable(parent: Machine, n: int) -> None:
         )
 
 
-async def fork(parent: Machine, n: int, *, extra: dict[str, Any] | None = None) -> list[Machine]:
+async def fork(parent: Machine, n: int) -> list[Machine]:
     """Start ``n`` children of the running VM ``parent`` (see the module's docstring); they
     are running when this returns, and the caller owns them (shut each down)."""
     check_forkable(parent, n)
     store = ForkStore(parent.paths)
     name = f"f{secrets.token_hex(8)}"
-    record = {"source": parent.id, "fork": True, **(extra or {})}
-    await parent.save_template(name, keep_running=True, extra=record, store=store)
+    await parent.save_template(name, keep_running=True, store=store)
+    children: list[Machine] = []
     try:
         children = [_child(parent, store, name) for _ in range(n)]
         results = await asyncio.gather(*(c.launch() for c in children), return_exceptions=True)
         failed = [r for r in results if isinstance(r, BaseException)]
         if failed:
-            await asyncio.gather(*(c.shutdown() for c in children), return_exceptions=True)
             raise failed[0]
+    except BaseException:  # a child failed, or the fork was cancelled: none is left running
+        await asyncio.gather(*(c.shutdown() for c in children), return_exceptions=True)
+        raise
     finally:
         store.remove(name)
     for child in children:
