@@ -10,8 +10,8 @@ a new process and the part of it spent in warden's own code outside the VM (targ
 alternating in one sandbox (and the read through the stream, as before the window carried
 reads).
 ``--only templates`` times a clone of a 256 MiB template against a boot-snapshot restore
-(target <= 0.5x) and a fork of a running 256 MiB VM (target <= 0.5 s), each to first output,
-and the PSS of idle clones against a cold-booted VM (target <= 0.25x).
+(target <= 0.5x) and a fork of a running 256 MiB VM (target <= 0.5 s), each to first output
+(the PSS of idle clones is ``bench/density.py``'s).
 Rows with a target say PASS or FAIL.
 Results go to ``bench/results/<utc time>.json``; ``docs/benchmarks.md`` summarizes them.
 """
@@ -52,8 +52,6 @@ WRITE_SIZE = 64 * 1024 * 1024
 WRITE_METRIC = "write 64 MiB host->guest (MB/s)"
 TEMPLATE_MIB = 256
 FORK_TARGET_S = 0.5
-PSS_CLONES = 4
-PSS_SETTLE_S = 2.0
 
 
 def pct(values: list[float], q: float) -> float:
@@ -462,15 +460,9 @@ async def bench_templates(runs: int) -> list[dict[str, Any]]:
             assert how == "snapshot", how
             restore.append(seconds)
             fork.append(await _fork_to_first_output(parent))
-        pss = await _clone_pss(name, spec)
     finally:
         await parent.shutdown()
         Templates(Paths.from_env()).remove(name)
-    pss_row = _target(_pair("template: PSS per idle clone (MiB)", *pss, True), "<=", 0.25)
-    pss_row["peer_is"] = (
-        f"a VM of the same size booted cold (not from the boot snapshot); {PSS_CLONES} clones "
-        f"held at once, each measured {PSS_SETTLE_S:g} s after its first command"
-    )
     clone_row = _target(
         _pair("template: clone create to first output (s)", clone, restore, True), "<=", 0.5
     )
@@ -479,31 +471,7 @@ async def bench_templates(runs: int) -> list[dict[str, Any]]:
     fork_row["peer_is"] = clone_row["peer_is"] + " (for scale)"
     fork_row["target"] = f"warden <= {FORK_TARGET_S:g} s"
     fork_row["pass"] = fork_row["warden"] <= FORK_TARGET_S
-    return [clone_row, fork_row, pss_row]
-
-
-def _pss_mib(pid: int | None) -> float:
-    """The PSS of QEMU ``pid`` (guest RAM and QEMU itself), in MiB."""
-    with open(f"/proc/{pid}/smaps_rollup") as f:
-        for line in f:
-            if line.startswith("Pss:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no Pss for {pid}")
-
-
-async def _clone_pss(name: str, spec: VMSpec) -> tuple[list[float], list[float]]:
-    """PSS of each of ``PSS_CLONES`` idle clones held at once, and of one cold-booted VM."""
-    clones = [Machine(VMSpec(template=name)) for _ in range(PSS_CLONES)]
-    cold = Machine(spec.model_copy(update={"boot": "cold"}))
-    try:
-        for machine in [*clones, cold]:
-            await machine.launch()
-            await machine.agent.exec(["true"])
-        await asyncio.sleep(PSS_SETTLE_S)
-        return [_pss_mib(c.pid) for c in clones], [_pss_mib(cold.pid)]
-    finally:
-        for machine in [*clones, cold]:
-            await machine.shutdown()
+    return [clone_row, fork_row]
 
 
 def _pair(name: str, w: list[float], q: list[float], lower_is_better: bool) -> dict[str, Any]:
