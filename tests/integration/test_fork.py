@@ -54,6 +54,7 @@ async def test_fork_children_carry_on_from_their_parent(no_leaks: None) -> None:
             assert len(children) == 2 and not _fork_leftovers()
             for child in children:
                 assert child.booted_from == "template" and child.forked_from == parent.id
+                assert child.spec.template is None and child.templates is parent.templates
                 assert await sh(child, f"cat {MARK} /home/user/counter") == ("template-state\n41\n")
                 alive = await sh(
                     child, f"kill -0 {sleeper} && tr '\\0' ' ' < /proc/{sleeper}/cmdline"

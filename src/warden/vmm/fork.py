@@ -188,6 +188,9 @@ async def fork(parent: Machine, n: int) -> list[Machine]:
         store.remove(name)
     for child in children:
         child.forked_from = parent.id
+        # The transient template is gone: the child names none, and saves to the real store.
+        child.spec = child.spec.model_copy(update={"template": None})
+        child.templates = parent.templates
     return children
 
 
