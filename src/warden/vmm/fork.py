@@ -159,6 +159,11 @@ def check_forkable(parent: Machine, n: int) -> None:
     """Refuse a fork that cannot work before the parent is paused (SpecError, TemplateError)."""
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_CHILDREN:
         raise SpecError(f"n={n!r}: a fork makes 1 to {MAX_CHILDREN} children")
+    if parent.spec.memory_backend == "file":
+        raise TemplateError(
+            f"VM {parent.id} keeps its RAM in a file (memory_backend='file'): only a VM with "
+            "the default RAM (a memfd) can be forked"
+        )
     if parent.booted_from == "template":
         raise TemplateError(
             f"VM {parent.id} is a clone (of a template, or a fork child): its RAM is private "
