@@ -178,9 +178,9 @@ async def fork(parent: Machine, n: int) -> list[Machine]:
     check_forkable(parent, n)
     store = ForkStore(parent.paths)
     name = f"f{secrets.token_hex(8)}"
-    await parent.save_template(name, keep_running=True, store=store)
     children: list[Machine] = []
     try:
+        await parent.save_template(name, keep_running=True, store=store)
         children = [_child(parent, store, name) for _ in range(n)]
         results = await asyncio.gather(*(c.launch() for c in children), return_exceptions=True)
         failed = [r for r in results if isinstance(r, BaseException)]
