@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager
 import pytest
 
 from tests.conftest import qemu_pids, runtime_dirs
-from tests.integration.test_templates import MARK, prepare_source, sh
+from tests.integration.test_templates import MARK, prepare_source, pss_mib, sh
 from warden import Sandbox
 from warden._errors import HostError, SpecError, TemplateError
 from warden.config import Paths
@@ -63,6 +63,10 @@ async def test_fork_children_carry_on_from_their_parent(no_leaks: None) -> None:
                 assert await sh(child, "hostname") == f"{child.id}\n"
             a, b = children
             assert len({parent.id, a.id, b.id}) == 3
+            # They share the parent's memory as it was: each costs well under the parent.
+            parent_pss = pss_mib(parent.pid or 0)
+            for child in children:
+                assert pss_mib(child.pid or 0) < 0.75 * parent_pss, parent_pss
             keys = {m.channel_keys.current(m.id) for m in (parent, a, b)}
             assert None not in keys and len(keys) == 3
             # Each carries on by itself: the parent and the children diverge.
