@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from warden import SpecError, TemplateNotFoundError
+from warden import SpecError, TemplateError, TemplateNotFoundError
 from warden._errors import NameConflictError
 from warden.config import Paths
 from warden.vmm.templates import Templates
@@ -135,3 +135,23 @@ def test_cli_template_create_run_and_rm(template_name: str, tmp_path: Path) -> N
     )
     assert removed.returncode == 0, removed.stderr
     assert not Templates(Paths.from_env()).exists(template_name)
+
+
+def test_fork_children_carry_on_from_the_parent(sdk: Any, no_leaks: None) -> None:
+    with sdk.Sandbox.create() as parent:
+        parent.commands.run("echo from-parent > /home/user/f")
+        children = parent.fork(2)
+        try:
+            assert len({c.id for c in children} | {parent.id}) == 3
+            for child in children:
+                assert child.commands.run("cat /home/user/f").stdout == "from-parent\n"
+                assert child.commands.run("hostname").stdout.strip() == child.id
+            children[0].commands.run("echo changed > /home/user/f")
+            assert children[1].commands.run("cat /home/user/f").stdout == "from-parent\n"
+            assert parent.commands.run("cat /home/user/f").stdout == "from-parent\n"
+            with pytest.raises(TemplateError, match="clone"):
+                children[0].fork(1)
+        finally:
+            for child in children:
+                child.kill()
+        assert parent.commands.run("true").exit_code == 0

@@ -493,6 +493,23 @@ async def _copy_out(
         await lines.aclose()
 
 
+def fork(
+    ref: Annotated[str, typer.Argument(metavar="ID", help="Id or name of a running sandbox.")],
+    n: Annotated[int, typer.Option("-n", help="How many children (1 to 16).")] = 1,
+    host: HostOption = None,
+) -> None:
+    """Start N children of a running sandbox that carry on from its state (files and
+    processes) and share its memory; print their ids. The sandbox keeps running."""
+    import httpx
+
+    with _client(host) as c:
+        children = _check(
+            c.post(f"/v1/sandboxes/{ref}/fork", json={"n": n}, timeout=httpx.Timeout(300.0))
+        )
+    for child in children:
+        print(child["id"])
+
+
 def stop(
     ref: Annotated[str, typer.Argument(metavar="ID", help="Id or name.")],
     host: HostOption = None,
@@ -541,6 +558,7 @@ def register(app: typer.Typer) -> None:
     app.command("inspect")(inspect)
     app.command("exec", context_settings={"allow_interspersed_args": False})(exec_)
     app.command("cp")(cp)
+    app.command("fork")(fork)
     app.command("stop")(stop)
     app.command("rm")(rm)
     app.command("logs")(logs)

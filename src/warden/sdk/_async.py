@@ -137,13 +137,9 @@ class AsyncSandbox:
         commands in flight fail. Each child is a new sandbox (its own id, hostname, keys and
         RNG seed); kill each when done. ``TemplateError`` if this sandbox is a clone or a
         fork child itself (its memory is private: fork sandboxes booted from an image).
-        Embedded mode only for now (``RemoteUnsupportedError`` on a daemon).
+        On a daemon, each child is admitted like a create (``AdmissionError``: none starts).
         """
         self._agent()  # a closed or dead sandbox says so
-        if not isinstance(self._machine, Machine):
-            from warden.sdk._remote import RemoteUnsupportedError  # only a remote sandbox gets here
-
-            raise RemoteUnsupportedError("fork is served in embedded mode only, for now")
         return [AsyncSandbox(child) for child in await self._machine.fork(n)]
 
     async def kill(self) -> None:

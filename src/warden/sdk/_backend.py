@@ -8,7 +8,7 @@ public API. mypy checks that both backends fit.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, AsyncIterator, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Mapping, Sequence
 from typing import Any, Protocol
 
 from warden.agent.client import EntryInfo, ExecResult, OutputCallback
@@ -84,3 +84,5 @@ class MachineBackend(Protocol):
     async def save_template(
         self, name: str, *, keep_running: bool, extra: dict[str, Any] | None = None
     ) -> None: ...
+
+    async def fork(self, n: int = ...) -> Sequence[MachineBackend]: ...

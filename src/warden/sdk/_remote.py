@@ -460,6 +460,18 @@ class RemoteMachine:
         if not r.is_success:
             _raise(r)
 
+    async def fork(self, n: int = 1) -> list[RemoteMachine]:
+        """Have the daemon start ``n`` children of this VM; each gets a client of its own."""
+        r = await self._http.post(f"{API}/sandboxes/{self.id}/fork", json={"n": n}, timeout=300.0)
+        if not r.is_success:
+            _raise(r)
+        children = []
+        for row in r.json():
+            http = self.endpoint.async_client(httpx.Timeout(60.0, read=None))
+            spec = self.spec.model_copy(update={"name": None, "template": None})
+            children.append(RemoteMachine(self.endpoint, http, row, spec))
+        return children
+
     async def shutdown(self) -> None:
         """Remove the VM from the daemon (killing it). Safe to call twice."""
         if self.state in (VMState.STOPPED, VMState.FAILED) and self._http.is_closed:

@@ -41,6 +41,7 @@ from warden.policy.meter import MEMORY_EVERY_S, UsageMeter
 from warden.server.pool import POOL_LABEL, WARM_UP, WarmPool
 from warden.store.db import ACTIVE_STATES, ActiveVM, Reservations, Store, VMRow, db_path
 from warden.vmm import ownership
+from warden.vmm.fork import check_forkable
 from warden.vmm.machine import QEMU_BINARY, UNKNOWN_EXIT_CODE, Machine, new_vm_id
 from warden.vmm.ownership import Ownership
 from warden.vmm.spec import VMSpec
@@ -225,15 +226,7 @@ class Manager:
         if require_jail:
             await asyncio.to_thread(self._check_jail, spec)
         vm_id = new_vm_id()
-
-        def admit(reserved: Reservations) -> None:
-            vms = [self._usage(vm) for vm in reserved.active]
-            request = VMUsage(spec.memory_mib, spec.vcpus)
-            check_usage(self.policy, self.capacity, vms, request=request)
-
-        await asyncio.to_thread(
-            self.store.create_vm, vm_id, spec, runtime_dir=self.paths.vms / vm_id, admit=admit
-        )
+        await asyncio.to_thread(self._record, vm_id, spec)
         machine = Machine(
             spec,
             paths=self.paths,
@@ -248,16 +241,58 @@ class Manager:
             error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             await asyncio.shield(asyncio.to_thread(self._record_failure, vm_id, error, pool_member))
             raise
+        return await self._running(machine)
+
+    def _record(self, vm_id: str, spec: VMSpec) -> VMRow:
+        """Admit ``spec`` and record it as VM ``vm_id`` (creating), in one write transaction:
+        AdmissionError and NameConflictError leave nothing."""
+
+        def admit(reserved: Reservations) -> None:
+            vms = [self._usage(vm) for vm in reserved.active]
+            request = VMUsage(spec.memory_mib, spec.vcpus)
+            check_usage(self.policy, self.capacity, vms, request=request)
+
+        return self.store.create_vm(vm_id, spec, runtime_dir=self.paths.vms / vm_id, admit=admit)
+
+    async def _running(self, machine: Machine) -> VMRow:
+        """Hold a launched VM and record it running (with its QEMU's pid and start time)."""
         pid = machine.pid
         await asyncio.to_thread(
-            self.store.set_pid, vm_id, pid, ownership.proc_start_time(pid) if pid else None
+            self.store.set_pid, machine.id, pid, ownership.proc_start_time(pid) if pid else None
         )
         self._hold(machine)
-        row = await asyncio.to_thread(self.store.update_state, vm_id, VMState.RUNNING)
+        row = await asyncio.to_thread(self.store.update_state, machine.id, VMState.RUNNING)
         if machine.state is VMState.UNHEALTHY:  # it broke before its row said running
-            await self._mark_unhealthy(vm_id, machine.error or "the guest agent broke")
-            row = await self.get(vm_id)
+            await self._mark_unhealthy(machine.id, machine.error or "the guest agent broke")
+            row = await self.get(machine.id)
         return row
+
+    async def fork(self, id_or_name: str, n: int) -> list[VMRow]:
+        """Start ``n`` children of running VM ``id_or_name`` (``Machine.fork``), each admitted
+        and recorded like a create before the parent is paused; it keeps running. A refused
+        fork (AdmissionError, a clone as parent, a bad ``n``) leaves no trace; children that
+        fail to start leave ``failed`` rows saying why."""
+        parent = await self.machine(id_or_name)
+        check_forkable(parent, n)
+        spec = parent.spec.model_copy(update={"name": None, "template": None})
+        ids = [new_vm_id() for _ in range(n)]
+        recorded: list[str] = []
+        try:
+            for vm_id in ids:
+                await asyncio.to_thread(self._record, vm_id, spec)
+                recorded.append(vm_id)
+        except BaseException:
+            for vm_id in recorded:
+                await asyncio.shield(asyncio.to_thread(self._record_failure, vm_id, "", True))
+            raise
+        try:
+            children = await parent.fork(n, vm_ids=ids)
+        except BaseException as exc:
+            error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            for vm_id in ids:
+                await asyncio.shield(asyncio.to_thread(self._record_failure, vm_id, error, False))
+            raise
+        return [await self._running(child) for child in children]
 
     def _record_failure(self, vm_id: str, error: str, pool_member: bool) -> None:
         """A launch failed: its row says why; a pool member's (no one asked for it, and a

@@ -207,3 +207,11 @@ class Template(BaseModel):
     setup: str | None = Field(description="the command that prepared it, if any")
     disk_bytes: int = Field(description="what its RAM and device state take on disk")
     problem: str | None = Field(description="why a clone of it would be refused, if it would")
+
+
+class ForkRequest(BaseModel):
+    """Fork a running sandbox (``POST /v1/sandboxes/{id}/fork``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    n: int = Field(default=1, ge=1, le=16, description="how many children (1 to 16)")

@@ -172,16 +172,20 @@ def check_forkable(parent: Machine, n: int) -> None:
         )
 
 
-async def fork(parent: Machine, n: int) -> list[Machine]:
+async def fork(parent: Machine, n: int, vm_ids: list[str] | None = None) -> list[Machine]:
     """Start ``n`` children of the running VM ``parent`` (see the module's docstring); they
-    are running when this returns, and the caller owns them (shut each down)."""
+    are running when this returns, and the caller owns them (shut each down). ``vm_ids``
+    names them (a daemon records each child before it starts); new ids by default."""
     check_forkable(parent, n)
+    if vm_ids is not None and len(vm_ids) != n:
+        raise SpecError(f"{len(vm_ids)} ids for {n} children")
     store = ForkStore(parent.paths)
     name = f"f{secrets.token_hex(8)}"
     children: list[Machine] = []
     try:
         await parent.save_template(name, keep_running=True, store=store)
-        children = [_child(parent, store, name) for _ in range(n)]
+        ids: list[str | None] = list(vm_ids) if vm_ids is not None else [None] * n
+        children = [_child(parent, store, name, vm_id) for vm_id in ids]
         results = await asyncio.gather(*(c.launch() for c in children), return_exceptions=True)
         failed = [r for r in results if isinstance(r, BaseException)]
         if failed:
@@ -199,7 +203,7 @@ async def fork(parent: Machine, n: int) -> list[Machine]:
     return children
 
 
-def _child(parent: Machine, store: ForkStore, name: str) -> Machine:
+def _child(parent: Machine, store: ForkStore, name: str, vm_id: str | None) -> Machine:
     child = type(parent)(
         parent.spec.model_copy(update={"template": name, "name": None}),
         paths=parent.paths,
@@ -208,6 +212,7 @@ def _child(parent: Machine, store: ForkStore, name: str) -> Machine:
         wrappers=parent.wrappers,
         use_cgroups=parent.use_cgroups,
         jail=parent.jail_mode,
+        vm_id=vm_id,
     )
     child.templates = store
     return child

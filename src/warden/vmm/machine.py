@@ -718,7 +718,7 @@ class Machine:
                 # The template holds this VM's secret now: it gets a new one of its own.
                 self._agent = await self._open_agent(self.spec.agent_timeout_s, held=self._secret)
 
-    async def fork(self, n: int = 1) -> list[Machine]:
+    async def fork(self, n: int = 1, *, vm_ids: list[str] | None = None) -> list[Machine]:
         """Start ``n`` children of this running VM that carry on from its state (files and
         processes included) and share its memory copy-on-write (``vmm/fork.py``); this VM
         keeps running, with a new channel secret. The caller owns the children.
@@ -726,7 +726,7 @@ class Machine:
         SpecError for a bad ``n``; TemplateError if this VM is a clone (its RAM is private and
         cannot be copied). A fork that fails leaves nothing behind.
         """
-        return await fork_machine(self, n)
+        return await fork_machine(self, n, vm_ids)
 
     def _qemu_pid(self) -> int:
         """QEMU's host pid (a jailed one's, not its ``unshare``'s)."""

@@ -10,7 +10,7 @@ from fastapi import APIRouter, HTTPException, Query, Response
 from fastapi.responses import PlainTextResponse
 
 from warden._errors import AdmissionError, JailUnavailableError, NameConflictError
-from warden.server.models import CreateRequest, Sandbox
+from warden.server.models import CreateRequest, ForkRequest, Sandbox
 from warden.server.routes import API, ManagerDep, MetricsDep
 from warden.vmm.spec import VMSpec
 
@@ -34,6 +34,14 @@ async def create(body: CreateRequest, manager: ManagerDep, metrics: MetricsDep) 
     finally:
         metrics.create_seconds.observe(time.monotonic() - started, outcome=outcome)
     return Sandbox.from_row(row)
+
+
+@router.post("/{ref}/fork", status_code=201)
+async def fork(ref: str, body: ForkRequest, manager: ManagerDep) -> list[Sandbox]:
+    """Start ``n`` children of the running sandbox ``ref`` that carry on from its state (files
+    and processes) and share its memory copy-on-write; it keeps running (paused while its
+    memory is copied; its commands in flight fail). Each child is admitted like a create."""
+    return [Sandbox.from_row(row) for row in await manager.fork(ref, body.n)]
 
 
 @router.get("")
