@@ -16,6 +16,8 @@ and its message says what the user can do about it::
      |    +-- AgentTimeoutError the guest agent did not answer in time (quotes the console)
      |         +-- AgentUnresponsiveError  a running agent missed a liveness ping or a call's
      |                                     deadline; its connection was closed
+     |    +-- PausedStateError  a paused VM's saved state is missing or failed its seal;
+     |                          it was not loaded (HTTP 409)
      +-- AgentError             the guest agent refused or failed an operation
      |    +-- ProtocolError     a malformed frame; the connection was closed
  |    |    +-- ChannelAuthError  the encrypted channel refused a handshake or a record
@@ -111,6 +113,11 @@ class AgentTimeoutError(VMError, TimeoutError):
 class AgentUnresponsiveError(AgentTimeoutError):
     """A connected guest agent did not answer a liveness ping or a call within its deadline, or
     stopped reading its channel. The connection was closed: the VM can only be stopped."""
+
+
+class PausedStateError(VMError):
+    """A paused VM's saved state is missing, or failed its seal or its configuration check.
+    It was not loaded; the VM stays paused (remove it)."""
 
 
 class AgentError(WardenError):

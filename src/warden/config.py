@@ -102,3 +102,8 @@ class Paths:
     def vms(self) -> Path:
         """One runtime dir per live VM: ``run/vms/<id>/``."""
         return self.run / "vms"
+
+    @property
+    def paused(self) -> Path:
+        """The sealed saved state of each paused VM: ``paused/<id>/`` (``vmm/pause.py``)."""
+        return self.home / "paused"

@@ -45,7 +45,7 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from warden._errors import (
     AgentError,
@@ -82,6 +82,9 @@ from warden.wire.frame import (
     encode_xfer_ref,
 )
 from warden.wire.ops import DEFAULT_USER, USERS, ErrorKind, Key, Op
+
+if TYPE_CHECKING:
+    from warden.vmm.idle import IdleGate
 
 __all__ = [
     "CALL_TIMEOUT_S",
@@ -580,6 +583,9 @@ class AgentClient:
         self._shutting_down = False
         self._busy = 0  # requests the watchdog watches over
         self._busy_event = asyncio.Event()
+        self.gate: IdleGate | None = None
+        """Every request passes it: it continues an idle-stopped VM first (``vmm/idle.py``)."""
+        self._clock_task: asyncio.Task[None] | None = None
         self.session_version = 0
         """The session version the agent chose: SESSION_VERSION, once connected."""
         self.agent_hello: dict[str, Any] = {}
@@ -1003,6 +1009,9 @@ class AgentClient:
         """
         if self._closed_by is not None:
             raise self._closed_error()
+        gate = self.gate
+        if gate is not None:
+            await gate.enter()
         rid = self._next_id
         self._next_id = rid + 1 if rid < MAX_REQUEST_ID else 1
         request = _Request(self, rid, str(args[Key.OP]))
@@ -1027,6 +1036,8 @@ class AgentClient:
                 self._busy -= 1
                 if not self._busy:
                     self._busy_event.clear()
+            if gate is not None:
+                gate.leave()
 
     async def _call(self, args: dict[str, Any]) -> dict[str, Any]:
         """A quick request: its response must come within ``Deadlines.call``."""
@@ -1056,6 +1067,29 @@ class AgentClient:
                     raise self._unresponsive(f"did not answer a liveness ping within {timeout:g}s")
         except WardenError:
             return  # the connection ended (this ping's failure ended it, or something else)
+
+    def send_time(self) -> None:
+        """Send the host's time now, ahead of any request sent after it (the agent reads
+        requests in order and sets its clock first): a VM that was stopped has a clock that
+        stood still. Not gated, not waited for; its answer is read in the background."""
+        if self._closed_by is not None or self._writer.is_closing():
+            return
+        rid = self._next_id
+        self._next_id = rid + 1 if rid < MAX_REQUEST_ID else 1
+        request = _Request(self, rid, Op.PING)
+        self._requests[rid] = request
+        self._send_nowait(
+            encode_json(FrameType.REQUEST, rid, {Key.OP: Op.PING, Key.TIME: time.time()})
+        )
+        self._clock_task = asyncio.create_task(self._time_answer(request), name="warden-time")
+
+    async def _time_answer(self, request: _Request) -> None:
+        try:
+            with contextlib.suppress(WardenError):
+                await _answer_within(request, self._deadlines.ping)
+        finally:
+            self._requests.pop(request.id, None)
+            request.discard()
 
     # -- operations
 

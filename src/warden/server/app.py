@@ -25,6 +25,7 @@ from warden._errors import (
     GuestFileError,
     ImageNotFoundError,
     NameConflictError,
+    PausedStateError,
     SandboxClosedError,
     SpecError,
     StateTransitionError,
@@ -54,6 +55,7 @@ _STATUS: tuple[tuple[type[WardenError], int], ...] = (
     (TemplateNotFoundError, 404),
     (TemplateError, 409),  # refused (its seal, image or QEMU changed), or not from a clone
     (StateTransitionError, 409),
+    (PausedStateError, 409),  # a paused VM's saved state was refused (tampered, say)
     (AdmissionError, 409),
     (SpecError, 422),
     (SandboxClosedError, 409),  # the VM was stopped or died under the request

@@ -41,7 +41,8 @@ from warden.jail.features import JailPlan
 from warden.jail.files import qemu_files
 from warden.jail.policy import JailMode, default_mode
 from warden.policy.admission import TCG_VM_OVERHEAD_MIB
-from warden.vmm import cgroups, console, ownership
+from warden.vmm import cgroups, console, idle, ownership
+from warden.vmm import pause as pausing
 from warden.vmm.accel import AccelChoice, qemu_version, resolve_accel
 from warden.vmm.argv import (
     XFER_SLOT_SIZE,
@@ -54,6 +55,7 @@ from warden.vmm.argv import (
 )
 from warden.vmm.channel_keys import ChannelKeys
 from warden.vmm.fork import fork as fork_machine
+from warden.vmm.idle import IdleGate
 from warden.vmm.ownership import Ownership, recorded_uid
 from warden.vmm.snapshot import BootSnapshots, SnapshotConfig
 from warden.vmm.spec import VMSpec
@@ -86,6 +88,8 @@ class Machine:
 
     forked_from: str | None = None
     """The id of the VM this one is a fork child of (its ``booted_from`` is ``template``)."""
+    error: str | None = None
+    """Why the VM is unhealthy (its agent connection broke), or None."""
 
     def __init__(
         self,
@@ -99,6 +103,7 @@ class Machine:
         use_cgroups: bool = True,
         jail: JailMode | None = None,
         plaintext_channel: bool = False,
+        auto_pause_s: float | None = None,
     ) -> None:
         self.spec = spec
         self.paths = paths or Paths.from_env()
@@ -132,8 +137,6 @@ class Machine:
         self._renewal: asyncio.Task[None] | None = None
         """A new agent session after the channel refused a record (see _on_agent_broken)."""
         self._renewals = 0
-        self.error: str | None = None
-        """Why the VM is unhealthy (its agent connection broke), or None."""
         self.on_unhealthy: UnhealthyCallback | None = None
         self.jail_mode: JailMode = jail or default_mode()
         """off, on (what the host has; a missing feature is logged) or require."""
@@ -154,6 +157,9 @@ class Machine:
         self.templates = Templates(self.paths)
         self._template: LoadedTemplate | None = None
         """The template this VM is cloned from, verified, while it launches."""
+        # Every agent request passes the gate; with ``auto_pause_s`` it stops the VM (QMP
+        # ``stop``) after that long without one, and the next request continues it.
+        self.idle = IdleGate(self.id, auto_pause_s)
 
     # -- public surface ------------------------------------------------------------------
 
@@ -208,6 +214,31 @@ class Machine:
         self.started_at = time.time()
         self._set_state(VMState.RUNNING)
         self._watch = asyncio.create_task(self._watch_exit(), name=f"warden-vm-{self.id}")
+        self._bind_idle()
+
+    async def pause(self) -> None:
+        """Save the VM's memory and devices to a sealed file and end QEMU (``vmm/pause.py``)."""
+        await pausing.pause(self)
+
+    async def resume(self) -> None:
+        """Start a paused VM again from its verified saved state (``vmm/pause.py``)."""
+        await pausing.resume(self)
+
+    def _bind_idle(self) -> None:
+        """Let the idle gate stop and continue this VM's QEMU (once it runs)."""
+        qmp = self._qmp
+        if qmp is None:
+            return
+
+        async def stop() -> None:
+            await qmp.execute("stop")
+
+        async def cont() -> None:
+            await qmp.execute("cont")
+            if self._agent is not None:
+                self._agent.send_time()  # the guest's clock stood still
+
+        self.idle.bind(stop, cont)
 
     async def shutdown(self, *, timeout: float = 3.0) -> None:
         """Stop the VM: QMP ``quit`` first, SIGKILL after ``timeout``; always clean up."""
@@ -235,7 +266,7 @@ class Machine:
             self._end_stop()
 
     def _begin_stop(self) -> None:
-        if self.state in LIVE_STATES:
+        if self.state in LIVE_STATES or self.state is VMState.PAUSED:
             self._set_state(VMState.STOPPING)
 
     def _end_stop(self) -> None:
@@ -284,6 +315,7 @@ class Machine:
             async with asyncio.timeout(timeout):
                 await machine._start_console(deadline)
                 machine._qmp = await machine._connect_qmp(deadline)
+                await idle.continue_if_stopped(machine._qmp)  # an earlier manager's idle stop
                 # The earlier manager may have died mid-frame: resynchronise the stream.
                 machine._secret = await asyncio.to_thread(machine.channel_keys.current, vm_id)
                 machine._agent = await machine._reattach_agent(
@@ -303,6 +335,7 @@ class Machine:
         machine.started_at = started_at or time.time()
         machine._set_state(VMState.RUNNING)
         machine._watch = asyncio.create_task(machine._watch_exit(), name=f"warden-vm-{vm_id}")
+        machine._bind_idle()
         return machine
 
     async def detach(self) -> None:
@@ -800,6 +833,7 @@ class Machine:
             self._secret = rekey
             await asyncio.to_thread(self.channel_keys.end_rekey, self.id)
         self._drop_secret_file()
+        agent.gate = self.idle
         agent.enable_xfer(self.run.xfer, slots=XFER_SLOTS, slot_size=XFER_SLOT_SIZE)
         return agent
 
@@ -981,6 +1015,8 @@ class Machine:
     async def _cleanup(self) -> None:
         if self._renewal is not None and self._renewal is not asyncio.current_task():
             self._renewal.cancel()
+        self.idle.unbind()
+        self.idle.frozen = f"VM {self.id} is {self.state.value}"
         await self._stop_process()
         if self._watch is not None and self._watch is not asyncio.current_task():
             self._watch.cancel()
@@ -994,6 +1030,7 @@ class Machine:
             self.uid = None
         if self._proc is None or self._proc.returncode is not None:
             await asyncio.to_thread(self.channel_keys.forget, self.id)
+            await asyncio.to_thread(pausing.PausedStates(self.paths).discard, self.id)
 
 
 async def _load_device_state(qmp: QMPClient, uri: str) -> None:

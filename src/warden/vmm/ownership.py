@@ -150,7 +150,9 @@ def release(rundir: Path, *, grace_s: float = 2.0) -> None:
     if uid is not None and gone:  # a QEMU that outlived its kill keeps its uid (swept later)
         ids.release(rundir.parent, uid, rundir.name)
     if gone:  # run/vms/<id> -> the data dir: no one reattaches to this VM any more
-        forget_vm(Paths(rundir.parent.parent.parent), rundir.name)
+        paths = Paths(rundir.parent.parent.parent)
+        forget_vm(paths, rundir.name)
+        shutil.rmtree(paths.paused / rundir.name, ignore_errors=True)  # a paused VM's state
 
 
 def open_verified(pid: int, start: int | None, rundir: Path) -> int | None:

@@ -11,11 +11,16 @@ from warden._errors import StateTransitionError
 
 class VMState(enum.StrEnum):
     """creating -> running -> stopping -> stopped, or failed; running -> unhealthy when the
-    guest agent stops answering or breaks the protocol (see TRANSITIONS)."""
+    guest agent stops answering or breaks the protocol; running <-> paused (its state saved
+    to a sealed file and QEMU ended, ``vmm/pause.py``) (see TRANSITIONS).
+
+    An auto-paused VM (QMP ``stop`` after an idle time, ``vmm/idle.py``) stays ``running``:
+    its QEMU and memory are there, and the next request resumes it; ``ps`` flags it."""
 
     CREATING = "creating"
     RUNNING = "running"
     UNHEALTHY = "unhealthy"
+    PAUSED = "paused"
     STOPPING = "stopping"
     STOPPED = "stopped"
     FAILED = "failed"
@@ -24,8 +29,11 @@ class VMState(enum.StrEnum):
 TRANSITIONS: Mapping[VMState, frozenset[VMState]] = {
     VMState.CREATING: frozenset({VMState.RUNNING, VMState.FAILED}),
     VMState.RUNNING: frozenset(
-        {VMState.UNHEALTHY, VMState.STOPPING, VMState.STOPPED, VMState.FAILED}
+        {VMState.UNHEALTHY, VMState.PAUSED, VMState.STOPPING, VMState.STOPPED, VMState.FAILED}
     ),
+    # paused -> running by a resume; a paused VM has no QEMU, so stopping it only removes
+    # its saved state; failed when its saved state cannot be loaded any more.
+    VMState.PAUSED: frozenset({VMState.RUNNING, VMState.STOPPING, VMState.STOPPED, VMState.FAILED}),
     # unhealthy -> running only when a new manager reattaches and the agent answers a fresh
     # session again; an unhealthy VM otherwise only goes down.
     VMState.UNHEALTHY: frozenset(
