@@ -1,5 +1,5 @@
-"""CLI commands that talk to the manager daemon: create, ps, inspect, exec, cp, stop, rm, logs,
-info.
+"""CLI commands that talk to the manager daemon: create, ps, inspect, exec, cp, pause, resume,
+stop, rm, logs, info.
 
 The daemon is found by ``--host`` or ``$WARDEN_HOST``: a unix socket path (``unix:///path`` or
 ``/path``) or an ``http://host:port`` URL; by default ``$WARDEN_HOME/run/warden.sock``.
@@ -190,7 +190,7 @@ def ps(
         table.add_row(
             vm["id"],
             vm["name"] or "-",
-            vm["state"],
+            "running (idle-paused)" if vm.get("idle_paused") else vm["state"],
             _uptime(vm["uptime_s"]),
             f"{vm['memory_mib']} MiB",
             str(vm["vcpus"]),
@@ -522,6 +522,27 @@ def stop(
     print(vm["id"])
 
 
+def pause(
+    ref: Annotated[str, typer.Argument(metavar="ID", help="Id or name.")],
+    host: HostOption = None,
+) -> None:
+    """Pause a running sandbox: its memory and files are saved to disk and its QEMU ends
+    (its RAM is freed); `warden resume` starts it again where it was."""
+    with _client(host) as c:
+        vm = _check(c.post(f"/v1/sandboxes/{ref}/pause", timeout=httpx.Timeout(300.0)))
+    print(vm["id"])
+
+
+def resume(
+    ref: Annotated[str, typer.Argument(metavar="ID", help="Id or name.")],
+    host: HostOption = None,
+) -> None:
+    """Resume a paused sandbox from its saved state (refused if that state was altered)."""
+    with _client(host) as c:
+        vm = _check(c.post(f"/v1/sandboxes/{ref}/resume", timeout=httpx.Timeout(300.0)))
+    print(vm["id"])
+
+
 def rm(
     ref: Annotated[str, typer.Argument(metavar="ID", help="Id or name.")],
     force: Annotated[bool, typer.Option("-f", "--force", help="Kill it if it runs.")] = False,
@@ -560,6 +581,8 @@ def register(app: typer.Typer) -> None:
     app.command("cp")(cp)
     app.command("fork")(fork)
     app.command("stop")(stop)
+    app.command("pause")(pause)
+    app.command("resume")(resume)
     app.command("rm")(rm)
     app.command("logs")(logs)
     app.command("info")(info)

@@ -128,6 +128,17 @@ PoolOption = Annotated[
         "pool off). Default: default=2, once a template named 'default' exists.",
     ),
 ]
+AutoPauseOption = Annotated[
+    float,
+    typer.Option(
+        "--auto-pause",
+        metavar="SECONDS",
+        min=0,
+        help="Stop a VM's vCPUs (QMP stop: no CPU, memory kept) once it has had no request in "
+        "flight for this long; the next request continues it first. Work the guest does on "
+        "its own is frozen meanwhile. 0 (the default) never stops a VM.",
+    ),
+]
 AllowRootOption = Annotated[
     bool,
     typer.Option(
@@ -154,6 +165,7 @@ def serve(
     allow_root: AllowRootOption = False,
     require_jail: RequireJailOption = False,
     pool: PoolOption = None,
+    auto_pause: AutoPauseOption = 0.0,
 ) -> None:
     """Run the manager daemon: it holds the VMs and serves the REST API on a unix socket.
 
@@ -196,7 +208,16 @@ def serve(
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, _ignore)
         asyncio.run(
-            run.serve(paths, sock, log_level, policy, listener, allow_root=allow_root, pools=pools)
+            run.serve(
+                paths,
+                sock,
+                log_level,
+                policy,
+                listener,
+                allow_root=allow_root,
+                pools=pools,
+                auto_pause_s=auto_pause or None,
+            )
         )
     finally:
         sock.close()

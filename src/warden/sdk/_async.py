@@ -10,7 +10,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, S
 from types import TracebackType
 from typing import IO, Any, Literal, overload
 
-from warden._errors import GuestFileError, SandboxClosedError, SpecError
+from warden._errors import GuestFileError, SandboxClosedError, SpecError, VMNotFoundError
 from warden.agent.client import DEFAULT_MAX_OUTPUT
 from warden.config import Paths
 from warden.sdk import _download
@@ -27,6 +27,9 @@ DEFAULT_MAX_READ = 64 * 1024 * 1024
 """The default ``max_size`` of ``files.read``, which holds the whole file in memory."""
 
 OutputHandler = Callable[[str], Awaitable[None] | None]
+
+_paused: dict[str, AsyncSandbox] = {}
+"""Embedded sandboxes this process paused, by id, for ``AsyncSandbox.resume(id)``."""
 FileData = bytes | str | IO[bytes] | AsyncIterable[bytes]
 
 
@@ -142,8 +145,35 @@ class AsyncSandbox:
         self._agent()  # a closed or dead sandbox says so
         return [AsyncSandbox(child) for child in await self._machine.fork(n)]
 
+    async def pause(self) -> None:
+        """Save the VM's memory and files to disk, sealed, and end its QEMU (its RAM is
+        freed). ``AsyncSandbox.resume(sbx.id)`` (or ``sbx.resume()``) starts it again where it
+        was, processes included. Refused (StateTransitionError) unless it is running with
+        no command or transfer in flight.
+
+        An embedded sandbox can be resumed by the process that paused it; a daemon's by any
+        client, after a daemon restart too."""
+        await self._machine.pause()
+        _paused[self.id] = self
+
+    @classmethod
+    async def resume(cls, sandbox_id: str) -> AsyncSandbox:
+        """Start a paused sandbox again from its saved state, checked against its seal
+        (``PausedStateError`` if it was altered: it is not loaded)."""
+        sandbox = _paused.get(sandbox_id)
+        if sandbox is None:
+            raise VMNotFoundError(
+                f"no sandbox {sandbox_id!r} was paused by this process (an embedded sandbox "
+                "is resumed by the process that paused it; a daemon's with "
+                "`client.Sandbox.resume(id)`)"
+            )
+        await sandbox._machine.resume()
+        _paused.pop(sandbox_id, None)
+        return sandbox
+
     async def kill(self) -> None:
         """Destroy the VM now. Nothing is left behind. Safe to call twice."""
+        _paused.pop(self.id, None)
         await self._machine.shutdown()
 
     async def close(self) -> None:
@@ -168,6 +198,10 @@ class AsyncSandbox:
                 detail = (
                     f" (its QEMU exited with code {machine.exit_code}; console tail:\n"
                     f"{machine.console_tail() or '(empty)'})"
+                )
+            if machine.state is VMState.PAUSED:
+                raise SandboxClosedError(
+                    f"sandbox {self.id} is paused; resume it first with Sandbox.resume(id)"
                 )
             raise SandboxClosedError(
                 f"sandbox {self.id} is {machine.state.value}{detail}; create a new one with "

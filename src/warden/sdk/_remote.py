@@ -472,6 +472,23 @@ class RemoteMachine:
             children.append(RemoteMachine(self.endpoint, http, row, spec))
         return children
 
+    async def pause(self) -> None:
+        """Have the daemon save the VM to disk and end its QEMU."""
+        await self._lifecycle("pause")
+
+    async def resume(self) -> None:
+        """Have the daemon start the paused VM again from its saved state."""
+        await self._lifecycle("resume")
+
+    async def _lifecycle(self, action: str) -> None:
+        try:
+            r = await self._http.post(f"{API}/sandboxes/{self.id}/{action}", timeout=300.0)
+        except httpx.TransportError as exc:
+            raise HostError(self.endpoint.unreachable(exc)) from None
+        if not r.is_success:
+            _raise(r, vm_id=self.id)
+        self.state = VMState(r.json()["state"])
+
     async def shutdown(self) -> None:
         """Remove the VM from the daemon (killing it). Safe to call twice."""
         if self.state in (VMState.STOPPED, VMState.FAILED) and self._http.is_closed:
@@ -552,12 +569,46 @@ class _AsyncFactory:
         machine = RemoteMachine(self._endpoint, http, r.json(), spec)
         return AsyncSandbox(machine)
 
+    async def resume(self, sandbox_id: str) -> AsyncSandbox:
+        """Resume a sandbox the daemon holds paused (by any client, after a daemon restart
+        too); ``PausedStateError`` if its saved state was refused, and
+        ``StateTransitionError`` unless it is paused."""
+        http = self._endpoint.async_client(httpx.Timeout(60.0, read=None))
+        try:
+            r = await http.get(f"{API}/sandboxes/{sandbox_id}")
+            if not r.is_success:
+                _raise(r, vm_id=sandbox_id)
+            row = r.json()
+            spec = VMSpec.parse(
+                check_host=False,
+                image=row["image"],
+                memory_mib=row["memory_mib"],
+                vcpus=row["vcpus"],
+                name=row["name"],
+                labels=row["labels"],
+            )
+            machine = RemoteMachine(self._endpoint, http, row, spec)
+            await machine.resume()
+        except httpx.TransportError as exc:
+            await http.aclose()
+            raise HostError(self._endpoint.unreachable(exc)) from None
+        except BaseException:
+            await http.aclose()
+            raise
+        return AsyncSandbox(machine)
+
 
 class _SyncFactory:
     """``client.Sandbox``: ``client.Sandbox.create(...)``."""
 
     def __init__(self, endpoint: Endpoint) -> None:
         self._async = _AsyncFactory(endpoint)
+
+    def resume(self, sandbox_id: str) -> Sandbox:
+        """See :meth:`_AsyncFactory.resume`."""
+        from warden.sdk import _portal
+
+        return Sandbox(_portal.call(self._async.resume(sandbox_id)))
 
     def create(
         self,

@@ -111,6 +111,15 @@ class Sandbox:
         """Start ``n`` children of this sandbox; see :meth:`AsyncSandbox.fork`."""
         return [Sandbox(child) for child in _portal.call(self._inner.fork(n))]
 
+    def pause(self) -> None:
+        """Save the VM to disk and end its QEMU; see :meth:`AsyncSandbox.pause`."""
+        _portal.call(self._inner.pause())
+
+    @classmethod
+    def resume(cls, sandbox_id: str) -> Sandbox:
+        """Start a paused sandbox again; see :meth:`AsyncSandbox.resume`."""
+        return cls(_portal.call(AsyncSandbox.resume(sandbox_id)))
+
     def kill(self) -> None:
         """Destroy the VM now. Nothing is left behind. Safe to call twice."""
         _portal.call(self._inner.kill())

@@ -41,6 +41,7 @@ from warden.policy.meter import MEMORY_EVERY_S, UsageMeter
 from warden.server.pool import POOL_LABEL, WARM_UP, WarmPool
 from warden.store.db import ACTIVE_STATES, ActiveVM, Reservations, Store, VMRow, db_path
 from warden.vmm import ownership
+from warden.vmm import pause as pausing
 from warden.vmm.fork import check_forkable
 from warden.vmm.machine import QEMU_BINARY, UNKNOWN_EXIT_CODE, Machine, new_vm_id
 from warden.vmm.ownership import Ownership
@@ -79,8 +80,11 @@ class Manager:
         policy: AdmissionPolicy | None = None,
         capacity: HostCapacity | None = None,
         pools: dict[str, int] | None = None,
+        auto_pause_s: float | None = None,
     ) -> None:
         self.paths = paths
+        self.auto_pause_s = auto_pause_s
+        """Stop a VM's vCPUs after this long without a request (None: never; ``vmm/idle.py``)."""
         self.store = store or Store(db_path(paths))
         self.policy = policy or AdmissionPolicy()
         self.capacity = capacity or HostCapacity.from_host()
@@ -145,6 +149,9 @@ class Manager:
 
     async def _recover(self, row: VMRow) -> None:
         rundir = row.runtime_dir or self.paths.vms / row.id
+        if row.state is VMState.PAUSED:
+            await self._recover_paused(row, rundir)
+            return
         alive = row.qemu_pid is not None and ownership.is_alive(row.qemu_pid, row.qemu_start)
         if row.state in LIVE_STATES and alive and row.qemu_pid is not None:
             try:
@@ -161,6 +168,7 @@ class Manager:
                 log.warning("VM %s: %s; marking it failed", row.id, exc)
                 await self._fail_row(row.id, rundir, f"reattach failed: {exc}")
                 return
+            machine.idle.configure(self.auto_pause_s)
             self._hold(machine)
             if row.state is VMState.UNHEALTHY:  # its agent answers a new session again
                 await asyncio.to_thread(self.store.update_state, row.id, VMState.RUNNING)
@@ -177,6 +185,23 @@ class Manager:
             else ("the manager died while the VM was being created")
         )
         await self._fail_row(row.id, rundir, reason)
+
+    async def _recover_paused(self, row: VMRow, rundir: Path) -> None:
+        """A paused VM has no QEMU: hold it paused, resumable. A QEMU of a resume that the
+        last manager did not finish is ended first (its saved state is still there)."""
+        await asyncio.to_thread(_end_unfinished_resume, rundir)
+        if not await asyncio.to_thread(pausing.is_paused_on_disk, self.paths, row.id):
+            await self._fail_row(row.id, rundir, "its saved state is gone; it cannot resume")
+            return
+        machine = Machine(
+            row.spec(),
+            paths=self.paths,
+            ownership=Ownership.DAEMON,
+            vm_id=row.id,
+            auto_pause_s=self.auto_pause_s,
+        )
+        self.vms[row.id] = _Held(pausing.rebuilt(machine))
+        log.info("VM %s: held paused", row.id)
 
     async def _fail_row(self, vm_id: str, rundir: Path, error: str) -> None:
         await asyncio.to_thread(ownership.release, rundir)
@@ -233,6 +258,7 @@ class Manager:
             ownership=Ownership.DAEMON,
             vm_id=vm_id,
             jail="require" if require_jail else None,
+            auto_pause_s=self.auto_pause_s,
         )
         try:
             await machine.launch()
@@ -383,7 +409,7 @@ class Manager:
         """Stop a running or unhealthy VM (QMP quit, then SIGKILL; at once with ``force``)."""
         row = await self.get(vm_id)
         held = self.vms.get(row.id)
-        if row.state not in LIVE_STATES or held is None:
+        if (row.state not in LIVE_STATES and row.state is not VMState.PAUSED) or held is None:
             if row.state in (VMState.STOPPED, VMState.FAILED):
                 return row
             raise StateTransitionError(
@@ -473,6 +499,8 @@ class Manager:
                 f"VM {row.id} is unhealthy ({held.machine.error}); it cannot run anything: "
                 f"stop and remove it (`warden rm -f {row.id}`)"
             )
+        if held is not None and held.machine.state is VMState.PAUSED:
+            raise StateTransitionError(pausing.paused_message(row.id))
         if held is None or held.machine.state is not VMState.RUNNING:
             raise StateTransitionError(f"VM {row.id} is {row.state.value}, not running")
         return held.machine
@@ -485,6 +513,62 @@ class Manager:
         if info is None:
             raise VMError(f"template {name!r} was saved but cannot be read back")
         return info
+
+    def idle_paused(self, vm_id: str) -> bool:
+        """Whether the idle timer has stopped this VM's vCPUs (it stays ``running``)."""
+        held = self.vms.get(vm_id)
+        return held is not None and held.machine.idle.stopped
+
+    # -- pause and resume --------------------------------------------------------------------
+
+    async def pause(self, vm_id: str) -> VMRow:
+        """Save a running VM to its sealed file and end its QEMU (``vmm/pause.py``); 409 if
+        it is not running (or has requests in flight)."""
+        row = await self.get(vm_id)
+        held = self.vms.get(row.id)
+        if row.state is not VMState.RUNNING or held is None:
+            raise StateTransitionError(
+                f"VM {row.id} is {row.state.value}; only a running VM can be paused"
+            )
+        async with held.lock:
+            if self.vms.get(row.id) is not held or held.stopping:
+                raise StateTransitionError(f"VM {row.id} is being stopped")
+            monitor, held.monitor = held.monitor, None
+            if monitor is not None:  # QEMU is about to quit on purpose
+                monitor.cancel()
+                with contextlib.suppress(BaseException):
+                    await monitor
+            try:
+                await held.machine.pause()
+            finally:
+                if held.machine.state is not VMState.PAUSED:
+                    held.monitor = self._watch(held)
+            await asyncio.to_thread(self.store.set_pid, row.id, None, None)
+            return await asyncio.to_thread(self.store.update_state, row.id, VMState.PAUSED)
+
+    async def resume(self, vm_id: str) -> VMRow:
+        """Start a paused VM again from its verified saved state; 409 if it is not paused or
+        its saved state is refused."""
+        row = await self.get(vm_id)
+        held = self.vms.get(row.id)
+        if row.state is not VMState.PAUSED or held is None:
+            raise StateTransitionError(
+                f"VM {row.id} is {row.state.value}; only a paused VM can be resumed"
+            )
+        async with held.lock:
+            if self.vms.get(row.id) is not held or held.stopping:
+                raise StateTransitionError(f"VM {row.id} is being stopped")
+            machine = held.machine
+            if machine.state is VMState.PAUSED:  # else a concurrent resume did it
+                await machine.resume()
+                pid = machine.pid
+                start = ownership.proc_start_time(pid) if pid else None
+                await asyncio.to_thread(self.store.set_pid, row.id, pid, start)
+                held.monitor = self._watch(held)
+            return await asyncio.to_thread(self.store.update_state, row.id, VMState.RUNNING)
+
+    def _watch(self, held: _Held) -> asyncio.Task[None]:
+        return asyncio.create_task(self._monitor(held), name=f"warden-monitor-{held.machine.id}")
 
     async def console(self, id_or_name: str, lines: int = 100) -> str:
         row = await self.get(id_or_name)
@@ -523,3 +607,11 @@ class Manager:
             "pools": self.pool.counts(),
             "time": time.time(),
         }
+
+
+def _end_unfinished_resume(rundir: Path) -> None:
+    """Kill the QEMU that a resume started if its manager died before recording it."""
+    data = ownership.read_owner(rundir) or {}
+    pid, start = data.get("qemu_pid"), data.get("qemu_start")
+    if isinstance(pid, int) and ownership.is_alive(pid, start if isinstance(start, int) else None):
+        ownership.kill_verified(pid, start if isinstance(start, int) else None, rundir, 2.0)

@@ -127,9 +127,16 @@ class Sandbox(BaseModel):
     pid: int | None
     exit_code: int | None
     error: str | None
+    idle_paused: bool = Field(
+        False,
+        description="a running VM whose vCPUs the daemon stopped after its idle time "
+        "(`warden serve --auto-pause`); the next request continues it",
+    )
 
     @classmethod
-    def from_row(cls, row: VMRow, cpu_percent: float | None = None) -> Sandbox:
+    def from_row(
+        cls, row: VMRow, cpu_percent: float | None = None, *, idle_paused: bool = False
+    ) -> Sandbox:
         running = row.state in LIVE_STATES and row.started_at is not None
         return cls(
             id=row.id,
@@ -147,6 +154,7 @@ class Sandbox(BaseModel):
             pid=row.qemu_pid if row.state in LIVE_STATES else None,
             exit_code=row.exit_code,
             error=row.error,
+            idle_paused=idle_paused and row.state is VMState.RUNNING,
         )
 
 

@@ -83,8 +83,9 @@ async def serve(
     *,
     allow_root: bool = False,
     pools: dict[str, int] | None = None,
+    auto_pause_s: float | None = None,
 ) -> None:
-    manager = Manager(paths, policy=policy, pools=pools)
+    manager = Manager(paths, policy=policy, pools=pools, auto_pause_s=auto_pause_s)
     app = create_app(manager, allow_root=allow_root)
     common: dict[str, Any] = {
         "log_level": log_level.lower(),

@@ -53,9 +53,10 @@ DB_NAME = "state.db"
 BUSY_TIMEOUT_MS = 5000
 
 ACTIVE_STATES: frozenset[VMState] = frozenset(
-    {VMState.CREATING, VMState.RUNNING, VMState.UNHEALTHY, VMState.STOPPING}
+    {VMState.CREATING, VMState.RUNNING, VMState.UNHEALTHY, VMState.PAUSED, VMState.STOPPING}
 )
-"""States whose VM holds (or may hold) a QEMU process: they count against host capacity."""
+"""States whose VM holds (or may hold) a QEMU process: they count against host capacity. A
+paused VM has none, but keeps its reservation so that its resume is never refused."""
 
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
     # 1: VMs and their lifecycle events. events.vm_id is not a foreign key on purpose: the

@@ -57,6 +57,11 @@ class IdleGate:
         self._timer: asyncio.TimerHandle | None = None
         self._stopping: asyncio.Task[None] | None = None
 
+    def configure(self, idle_s: float | None) -> None:
+        """Change the idle time (None or 0: never stop)."""
+        self.idle_s = idle_s if idle_s and idle_s > 0 else None
+        self.arm()
+
     def bind(self, stop: Action, cont: Action) -> None:
         """What stops and continues the VM (its QMP); arms the timer."""
         self._stop, self._cont = stop, cont

@@ -1,5 +1,5 @@
-"""``/v1/sandboxes``: create, list, inspect, stop, remove; a VM's console log, guest info and
-a ping of its agent."""
+"""``/v1/sandboxes``: create, list, inspect, pause, resume, stop, remove; a VM's console log,
+guest info and a ping of its agent."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ from fastapi import APIRouter, HTTPException, Query, Response
 from fastapi.responses import PlainTextResponse
 
 from warden._errors import AdmissionError, JailUnavailableError, NameConflictError
+from warden.server.manager import Manager
 from warden.server.models import CreateRequest, ForkRequest, Sandbox
 from warden.server.routes import API, ManagerDep, MetricsDep
+from warden.store.db import VMRow
 from warden.vmm.spec import VMSpec
 
 router = APIRouter(prefix=f"{API}/sandboxes")
@@ -44,15 +46,32 @@ async def fork(ref: str, body: ForkRequest, manager: ManagerDep) -> list[Sandbox
     return [Sandbox.from_row(row) for row in await manager.fork(ref, body.n)]
 
 
+def _sandbox(manager: Manager, row: VMRow) -> Sandbox:
+    return Sandbox.from_row(row, manager.cpu_percent(row), idle_paused=manager.idle_paused(row.id))
+
+
 @router.get("")
 async def list_sandboxes(manager: ManagerDep, all: bool = False) -> list[Sandbox]:
-    return [Sandbox.from_row(r, manager.cpu_percent(r)) for r in await manager.list(all=all)]
+    return [_sandbox(manager, r) for r in await manager.list(all=all)]
 
 
 @router.get("/{ref}")
 async def inspect(ref: str, manager: ManagerDep) -> Sandbox:
-    row = await manager.get(ref)
-    return Sandbox.from_row(row, manager.cpu_percent(row))
+    return _sandbox(manager, await manager.get(ref))
+
+
+@router.post("/{ref}/pause")
+async def pause(ref: str, manager: ManagerDep) -> Sandbox:
+    """Save the VM's memory and devices to a sealed file on disk and end its QEMU (its RAM
+    is freed); 409 unless it is running with no request in flight."""
+    return Sandbox.from_row(await manager.pause(ref))
+
+
+@router.post("/{ref}/resume")
+async def resume(ref: str, manager: ManagerDep) -> Sandbox:
+    """Start a paused VM again from its saved state, checked against its seal; 409 unless it
+    is paused, or if its saved state is refused."""
+    return _sandbox(manager, await manager.resume(ref))
 
 
 @router.post("/{ref}/stop")

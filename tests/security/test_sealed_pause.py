@@ -1,0 +1,70 @@
+"""A paused VM's saved state is sealed: a tampered or re-sealed-for-another-VM file is refused
+before QEMU reads a byte, with a clear error, and the VM stays paused (removable)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+
+import pytest
+
+from warden._errors import PausedStateError
+from warden.seal import Sealer
+from warden.vmm.machine import Machine
+from warden.vmm.pause import SEAL_PURPOSE, PausedStates
+from warden.vmm.snapshot import META_FILE
+from warden.vmm.spec import VMSpec
+from warden.vmm.state import VMState
+
+pytestmark = pytest.mark.vm
+
+
+def _flip_byte(path: os.PathLike[str], offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0x01]))
+
+
+def test_a_tampered_pause_file_is_refused(no_leaks: None) -> None:
+    async def main() -> None:
+        machine = Machine(VMSpec.parse())
+        await machine.launch()
+        try:
+            await machine.pause()
+            states = PausedStates(machine.paths)
+            state = states.path(machine.id)
+            size = state.stat().st_size
+            _flip_byte(state, size // 2)  # guest memory
+            with pytest.raises(PausedStateError, match=r"SHA-256 .* not the sealed one"):
+                await machine.resume()
+            assert machine.state is VMState.PAUSED and machine.pid is None
+            _flip_byte(state, size // 2)  # undone: the original bytes verify again
+
+            # A record that claims another VM, sealed with the host key: the id is bound.
+            meta_path = state.parent / META_FILE
+            original = meta_path.read_bytes()
+            meta = json.loads(original)
+            meta["vm_id"] = "0123456789ab"
+            sealer = Sealer(machine.paths, SEAL_PURPOSE)
+            meta_path.write_text(json.dumps(sealer.seal(meta)))
+            with pytest.raises(PausedStateError, match="another machine"):
+                await machine.resume()
+
+            # A record whose seal does not verify (changed without the key).
+            meta = json.loads(original)
+            meta["memory_mib"] = 512
+            meta_path.write_text(json.dumps(meta))
+            with pytest.raises(PausedStateError, match="refused"):
+                await machine.resume()
+            assert machine.state is VMState.PAUSED
+
+            meta_path.write_bytes(original)  # the genuine record: it resumes
+            await machine.resume()
+            assert (await machine.agent.exec(["echo", "ok"])).stdout == b"ok\n"
+        finally:
+            await machine.shutdown()
+
+    asyncio.run(main())
