@@ -34,6 +34,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from bench.pause import bench_pause
 from bench.qga import QgaVM
 from warden.agent.client import AgentClient
 from warden.config import Paths
@@ -551,6 +552,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         rows += await asyncio.to_thread(bench_cli, args.cli_runs)
     if args.only in ("all", "templates"):
         rows += await bench_templates(args.template_runs)
+    if args.only in ("all", "pause"):
+        rows += await bench_pause(args.pause_vms, args.pause_rounds)
     return {
         "when": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "host": {"cpus": os.cpu_count(), "python": platform.python_version()},
@@ -573,14 +576,22 @@ def cli() -> None:
     parser.add_argument("--read-rounds", type=int, default=3)
     parser.add_argument("--template-runs", type=int, default=7)
     parser.add_argument(
+        "--pause-vms",
+        type=int,
+        default=20,
+        help="VMs in the idle-CPU row (the issue asks 100; 20 start in about a minute here)",
+    )
+    parser.add_argument("--pause-rounds", type=int, default=20)
+    parser.add_argument(
         "--only",
-        choices=("all", "peer", "jail", "channel", "cli", "reads", "templates"),
+        choices=("all", "peer", "jail", "channel", "cli", "reads", "templates", "pause"),
         default="all",
         help="peer: warden against qemu-guest-agent; jail: warden with and without its jail; "
         "channel: warden with and without the channel's crypto layer; cli: `warden run -- "
         "true` as a new process, and its part in warden's own code outside the VM; reads: a "
         "read out of the guest against a write into it; templates: a clone against a "
-        "boot-snapshot restore, and a fork",
+        "boot-snapshot restore, and a fork; pause: auto-pause's idle CPU and first exec, "
+        "pause to disk and resume",
     )
     args = parser.parse_args()
     report = asyncio.run(main(args))

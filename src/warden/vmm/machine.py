@@ -29,6 +29,7 @@ from warden._errors import (
     HostError,
     LaunchError,
     NameConflictError,
+    StateTransitionError,
     TemplateError,
     VMError,
     WardenError,
@@ -170,6 +171,8 @@ class Machine:
                 f"VM {self.id} is unhealthy ({self.error}); its guest agent cannot be used: "
                 "stop it and start a new one"
             )
+        if self.state is VMState.PAUSED:
+            raise StateTransitionError(pausing.paused_message(self.id))
         if self._agent is None or self.state is not VMState.RUNNING:
             raise VMError(f"VM {self.id} is {self.state.value}, not running")
         return self._agent
