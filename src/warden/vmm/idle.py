@@ -85,6 +85,8 @@ class IdleGate:
         if not (self.stopped or self.frozen is not None or self._lock.locked()):
             return
         try:
+            if self.frozen is not None:
+                raise StateTransitionError(self.frozen)
             async with self._lock:
                 if self.frozen is not None:
                     raise StateTransitionError(self.frozen)

@@ -93,14 +93,19 @@ class PausedStates:
         try:
             with os.fdopen(open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "wb") as f:
                 copy = _Copier(read_end, f.fileno())
-                await qmp.execute("stop")
-                qmp.send_fd_scm(write_end)
-                await qmp.execute("getfd", {"fdname": "warden-pause"})
-                os.close(write_end)  # QEMU has its own: its close is the end of the stream
-                write_end = -1
-                await qmp.execute("migrate", {"uri": "fd:warden-pause"})
-                await _wait_migration(qmp)
-                size, digest = await copy.result()
+                try:
+                    await qmp.execute("stop")
+                    qmp.send_fd_scm(write_end)
+                    await qmp.execute("getfd", {"fdname": "warden-pause"})
+                    os.close(write_end)  # QEMU has its own: its close ends the stream
+                    write_end = -1
+                    await qmp.execute("migrate", {"uri": "fd:warden-pause"})
+                    await _wait_migration(qmp)
+                    size, digest = await copy.result()
+                except BaseException:
+                    await _abandon(qmp, copy, write_end)
+                    write_end = -1
+                    raise
                 os.fsync(f.fileno())
             meta = {
                 "vm_id": vm_id,
@@ -159,6 +164,17 @@ class PausedStates:
                 f"the SHA-256 of {STATE_FILE} is not the sealed one: the file was changed "
                 "after it was sealed"
             )
+
+
+async def _abandon(qmp: QMPClient, copy: _Copier, write_end: int) -> None:
+    """A save failed: end the stream (our end, and QEMU's if it still holds it) and let the
+    copier finish before its file is closed."""
+    if write_end >= 0:
+        os.close(write_end)
+    with contextlib.suppress(Exception):
+        await qmp.execute("closefd", {"fdname": "warden-pause"})
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(copy.result(), QUIT_TIMEOUT_S)
 
 
 def _refused(vm_id: str, reason: str) -> str:
