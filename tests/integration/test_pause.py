@@ -222,6 +222,12 @@ def test_daemon_pause_resume_survives_kill_9(daemon: Daemon) -> None:
         assert r.json()["state"] == "running"
         out, _, final = _exec(c, vm_id, f"kill -0 {counter_pid} && cat /tmp/counter")
         assert final["exit_code"] == 0 and int(out) > 0
+        # A paused VM is removed with its saved state.
+        assert c.post(f"/v1/sandboxes/{vm_id}/pause").status_code == 200
+        assert (Paths.from_env().paused / vm_id).is_dir()
+        assert c.delete(f"/v1/sandboxes/{vm_id}").status_code == 409
+        assert c.delete(f"/v1/sandboxes/{vm_id}", params={"force": "true"}).status_code == 204
+        assert not (Paths.from_env().paused / vm_id).exists()
 
 
 def test_daemon_auto_pause_shows_in_ps_and_resumes_on_requests(daemon: Daemon) -> None:
