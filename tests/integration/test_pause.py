@@ -26,6 +26,7 @@ from warden.vmm.machine import Machine
 from warden.vmm.pause import PausedStates
 from warden.vmm.spec import VMSpec
 from warden.vmm.state import VMState
+from warden.vmm.templates import Templates
 
 pytestmark = pytest.mark.vm
 
@@ -273,3 +274,31 @@ def _wait_idle_paused(c: object, vm_id: str) -> None:
     while not c.get(f"/v1/sandboxes/{vm_id}").json()["idle_paused"]:
         assert time.monotonic() < deadline, "the idle VM was not stopped"
         time.sleep(0.1)
+
+
+def test_a_clone_pauses_and_resumes(no_leaks: None) -> None:
+    """A clone's QEMU loaded its template with x-ignore-shared on; its saved state must still
+    hold its whole RAM (its own writes), and load into a plain QEMU."""
+    name = "pause-test-clone"
+
+    async def main() -> None:
+        base = Machine(VMSpec.parse())
+        await base.launch()
+        try:
+            await base.save_template(name, keep_running=False)
+        finally:
+            await base.shutdown()
+        clone = Machine(VMSpec.parse(template=name))
+        try:
+            await clone.launch()
+            assert clone.booted_from == "template"
+            await clone.agent.write_file("/home/user/c", b"the clone's own")
+            await clone.pause()
+            await clone.resume()
+            assert await clone.agent.read_file_bytes("/home/user/c") == b"the clone's own"
+            assert (await _run(clone, "hostname")).strip() == clone.id
+        finally:
+            await clone.shutdown()
+            Templates(clone.paths).remove(name)
+
+    asyncio.run(main())

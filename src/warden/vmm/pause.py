@@ -95,6 +95,12 @@ class PausedStates:
                 copy = _Copier(read_end, f.fileno())
                 try:
                     await qmp.execute("stop")
+                    # The whole RAM goes in the file: a clone's QEMU has this on (its RAM
+                    # came from its template), and the resumed QEMU must agree.
+                    await qmp.execute(
+                        "migrate-set-capabilities",
+                        {"capabilities": [{"capability": "x-ignore-shared", "state": False}]},
+                    )
                     qmp.send_fd_scm(write_end)
                     await qmp.execute("getfd", {"fdname": "warden-pause"})
                     os.close(write_end)  # QEMU has its own: its close ends the stream
