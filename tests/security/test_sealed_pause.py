@@ -9,8 +9,9 @@ import os
 
 import pytest
 
-from warden._errors import PausedStateError
+from warden._errors import PausedStateError, VMError
 from warden.seal import Sealer
+from warden.vmm import pause as pause_module
 from warden.vmm.machine import Machine
 from warden.vmm.pause import SEAL_PURPOSE, PausedStates
 from warden.vmm.snapshot import META_FILE
@@ -64,6 +65,30 @@ def test_a_tampered_pause_file_is_refused(no_leaks: None) -> None:
             meta_path.write_bytes(original)  # the genuine record: it resumes
             await machine.resume()
             assert (await machine.agent.exec(["echo", "ok"])).stdout == b"ok\n"
+        finally:
+            await machine.shutdown()
+
+    asyncio.run(main())
+
+
+def test_a_stream_past_its_bound_fails_the_pause_and_the_vm_runs_on(
+    no_leaks: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A QEMU (taken over by its guest) that streams more than RAM + margin does not fill the
+    disk: the pause fails, nothing is kept, and the VM carries on with a new session."""
+    monkeypatch.setattr(pause_module, "STREAM_MARGIN", -(200 << 20))  # 256 MiB -> 56 MiB
+
+    async def main() -> None:
+        machine = Machine(VMSpec.parse())
+        await machine.launch()
+        try:
+            await machine.agent.write_file("/home/user/f", b"still here")
+            with pytest.raises(VMError, match="migration stream passed"):
+                await machine.pause()
+            assert machine.state is VMState.RUNNING
+            assert not (machine.paths.paused / machine.id / "state.bin").exists()
+            assert not list((machine.paths.paused / machine.id).glob(".*.tmp"))
+            assert await machine.agent.read_file_bytes("/home/user/f") == b"still here"
         finally:
             await machine.shutdown()
 

@@ -63,6 +63,9 @@ log = logging.getLogger(__name__)
 SEAL_PURPOSE = "paused-vm/1"
 """Keeps a paused VM's record from passing for a boot snapshot's, and the other way round."""
 PIPE_CHUNK = 1 << 20
+STREAM_MARGIN = 32 << 20
+"""Beyond the guest's RAM, what a migration stream may add (page headers, device state): a
+QEMU that sends more (one the guest took over) fails the pause instead of filling the disk."""
 QUIT_TIMEOUT_S = 5.0
 
 
@@ -92,7 +95,7 @@ class PausedStates:
         read_end, write_end = os.pipe()
         try:
             with os.fdopen(open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "wb") as f:
-                copy = _Copier(read_end, f.fileno())
+                copy = _Copier(read_end, f.fileno(), (config.memory_mib << 20) + STREAM_MARGIN)
                 try:
                     await qmp.execute("stop")
                     # The whole RAM goes in the file: a clone's QEMU has this on (its RAM
@@ -106,7 +109,7 @@ class PausedStates:
                     os.close(write_end)  # QEMU has its own: its close ends the stream
                     write_end = -1
                     await qmp.execute("migrate", {"uri": "fd:warden-pause"})
-                    await _wait_migration(qmp)
+                    await _wait_migration(qmp, copy)
                     size, digest = await copy.result()
                 except BaseException:
                     await _abandon(qmp, copy, write_end)
@@ -178,6 +181,8 @@ async def _abandon(qmp: QMPClient, copy: _Copier, write_end: int) -> None:
     if write_end >= 0:
         os.close(write_end)
     with contextlib.suppress(Exception):
+        await qmp.execute("migrate_cancel")
+    with contextlib.suppress(Exception):
         await qmp.execute("closefd", {"fdname": "warden-pause"})
     with contextlib.suppress(Exception):
         await asyncio.wait_for(copy.result(), QUIT_TIMEOUT_S)
@@ -191,12 +196,13 @@ def _refused(vm_id: str, reason: str) -> str:
 
 
 class _Copier:
-    """Copies the migration stream from a pipe into the file, hashing it, in a thread."""
+    """Copies the migration stream from a pipe into the file, hashing it, in a thread; at most
+    ``limit`` bytes (OSError beyond)."""
 
-    def __init__(self, read_fd: int, out_fd: int) -> None:
+    def __init__(self, read_fd: int, out_fd: int, limit: int) -> None:
         self._loop = asyncio.get_running_loop()
         self._done: asyncio.Future[tuple[int, str]] = self._loop.create_future()
-        self._read_fd, self._out_fd = read_fd, out_fd
+        self._read_fd, self._out_fd, self._limit = read_fd, out_fd, limit
         threading.Thread(target=self._run, name="warden-pause-copy", daemon=True).start()
 
     def _run(self) -> None:
@@ -208,10 +214,17 @@ class _Copier:
                 while view:
                     view = view[os.write(self._out_fd, view) :]
                 size += len(chunk)
+                if size > self._limit:
+                    raise OSError(f"QEMU's migration stream passed {self._limit} bytes")
         except OSError as exc:
             self._loop.call_soon_threadsafe(_settle, self._done, exc)
             return
         self._loop.call_soon_threadsafe(_settle, self._done, (size, h.hexdigest()))
+
+    def raise_failure(self) -> None:
+        """Raise the copy's error if it failed (a stream too long, a full disk)."""
+        if self._done.done() and self._done.exception() is not None:
+            raise VMError(f"saving the paused VM's state failed: {self._done.exception()}")
 
     async def result(self) -> tuple[int, str]:
         return await asyncio.wait_for(asyncio.shield(self._done), MIGRATE_TIMEOUT_S)
@@ -226,9 +239,10 @@ def _settle(future: asyncio.Future[tuple[int, str]], value: tuple[int, str] | OS
         future.set_result(value)
 
 
-async def _wait_migration(qmp: QMPClient) -> None:
+async def _wait_migration(qmp: QMPClient, copy: _Copier) -> None:
     deadline = time.monotonic() + MIGRATE_TIMEOUT_S
     while True:
+        copy.raise_failure()
         info = await qmp.execute("query-migrate")
         status = info.get("status") if isinstance(info, dict) else None
         if status == "completed":
