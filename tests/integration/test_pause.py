@@ -217,7 +217,8 @@ def test_daemon_pause_resume_survives_kill_9(daemon: Daemon) -> None:
     daemon.signal(signal.SIGKILL)
     daemon.start()
     with daemon.client() as c:
-        assert c.get(f"/v1/sandboxes/{vm_id}").json()["state"] == "paused"
+        row = c.get(f"/v1/sandboxes/{vm_id}").json()
+        assert row["state"] == "paused", (row["error"], daemon.log_tail())
         r = c.post(f"/v1/sandboxes/{vm_id}/resume")
         assert r.status_code == 200, r.text
         assert r.json()["state"] == "running"

@@ -37,6 +37,18 @@ def test_sweep_removes_dirs_of_dead_owners_only(tmp_path: Path) -> None:
     assert live.exists() and daemon.exists() and not dead.exists()
 
 
+def test_a_janitor_leaves_its_owners_daemon_vms(tmp_path: Path) -> None:
+    """A daemon that ran an embedded VM (the footprint calibration at start-up) has a janitor;
+    when the daemon is killed, that janitor sweeps its embedded VMs, not its daemon VMs."""
+    owner = _dead_pid()
+    embedded, daemon = tmp_path / "embedded", tmp_path / "daemon"
+    for d, kind in ((embedded, "embedded"), (daemon, "daemon")):
+        d.mkdir()
+        (d / "owner.json").write_text(json.dumps({"ownership": kind, "owner_pid": owner}))
+    assert ownership.sweep_stale(tmp_path, owner_pid=owner) == [embedded]
+    assert daemon.exists()
+
+
 def test_a_recycled_pid_is_not_the_owner(tmp_path: Path) -> None:
     d = tmp_path / "vm"
     d.mkdir()

@@ -529,7 +529,7 @@ def pause(
     """Pause a running sandbox: its memory and files are saved to disk and its QEMU ends
     (its RAM is freed); `warden resume` starts it again where it was."""
     with _client(host) as c:
-        vm = _check(c.post(f"/v1/sandboxes/{ref}/pause", timeout=httpx.Timeout(300.0)))
+        vm = _check(c.post(f"/v1/sandboxes/{ref}/pause", timeout=300.0))
     print(vm["id"])
 
 
@@ -539,7 +539,7 @@ def resume(
 ) -> None:
     """Resume a paused sandbox from its saved state (refused if that state was altered)."""
     with _client(host) as c:
-        vm = _check(c.post(f"/v1/sandboxes/{ref}/resume", timeout=httpx.Timeout(300.0)))
+        vm = _check(c.post(f"/v1/sandboxes/{ref}/resume", timeout=300.0))
     print(vm["id"])
 
 

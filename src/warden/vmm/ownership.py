@@ -210,6 +210,10 @@ def sweep_stale(vms_dir: Path, *, owner_pid: int | None = None) -> list[Path]:
         if owner_pid is not None:
             if data is None or _int(data.get("owner_pid")) != owner_pid:
                 continue
+            if data.get("ownership") == Ownership.DAEMON.value:
+                # A daemon's VMs outlive it; its janitor (started by an embedded VM of the
+                # same process, such as the footprint calibration) must leave them alone.
+                continue
         elif data is None:
             # A dir being created right now has no owner.json for a moment; leave young ones.
             with contextlib.suppress(OSError):
