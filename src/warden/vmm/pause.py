@@ -2,8 +2,8 @@
 
 ``pause``: the agent session is closed (the saved guest holds no host session), the VM is
 stopped and its state streamed by a QMP migration into a pipe that the host copies to
-``$WARDEN_HOME/paused/<id>/state.bin`` while hashing it (QEMU writes no file: its jail's file
-size limit stays the transfer window's). ``meta.json`` is then sealed with the host key, as a
+``$WARDEN_HOME/paused/<id>/state.bin`` while hashing it and bounding its size (QEMU gets no
+writable fd of the file). ``meta.json`` is then sealed with the host key, as a
 boot snapshot's is (``vmm/snapshot.py``), binding the VM id, the snapshot key of its QEMU argv
 (image files, memory, vCPUs, devices, kernel command line, accelerator), QEMU's version, the
 image digests and the file's size and SHA-256. QEMU then quits: the VM's RAM is freed. Its
