@@ -124,10 +124,11 @@ class AsyncSandbox:
         """Save this sandbox, as it is now, as template ``name``; it keeps running.
 
         The sandbox is paused while its device state and memory are saved (about a second
-        for 256 MiB here), and its commands in flight fail. ``create(template=name)`` then
-        makes clones of it. ``NameConflictError`` if the name is taken; ``TemplateError`` if
-        this sandbox is itself a clone (its memory is private: make templates from sandboxes
-        booted from an image).
+        for 256 MiB here); it is refused (``StateTransitionError``) while commands or file
+        transfers are in flight. ``create(template=name)`` then makes clones of it.
+        ``NameConflictError`` if the name is taken; ``TemplateError`` if this sandbox is
+        itself a clone (its memory is private: make templates from sandboxes booted from an
+        image).
         """
         self._agent()  # a closed or dead sandbox says so
         await self._machine.save_template(name, keep_running=True, extra={"source": self.id})
@@ -136,11 +137,12 @@ class AsyncSandbox:
         """Start ``n`` children of this sandbox (1 to 16) that carry on from its state, files
         and processes included, and share its memory copy-on-write; it keeps running.
 
-        It is paused while its memory is copied (about 0.2 s for 256 MiB here), and its
-        commands in flight fail. Each child is a new sandbox (its own id, hostname, keys and
-        RNG seed); kill each when done. ``TemplateError`` if this sandbox is a clone or a
-        fork child itself (its memory is private: fork sandboxes booted from an image).
-        On a daemon, each child is admitted like a create (``AdmissionError``: none starts).
+        It is paused while its memory is copied (about 0.2 s for 256 MiB here); commands in
+        flight refuse the fork (``StateTransitionError``). Each child is a new sandbox (its
+        own id, hostname, keys and RNG seed); kill each when done. ``TemplateError`` if this
+        sandbox is a clone or a fork child itself (its memory is private: fork sandboxes
+        booted from an image). On a daemon, each child is admitted like a create
+        (``AdmissionError``: none starts).
         """
         self._agent()  # a closed or dead sandbox says so
         return [AsyncSandbox(child) for child in await self._machine.fork(n)]

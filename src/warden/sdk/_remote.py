@@ -40,6 +40,7 @@ from warden._errors import (
     NameConflictError,
     SandboxClosedError,
     SpecError,
+    StateTransitionError,
     TemplateError,
     TemplateNotFoundError,
     TemplateRefusedError,
@@ -106,6 +107,13 @@ _TYPED_ERRORS: dict[str, type[WardenError]] = {
     for cls in (TemplateError, TemplateNotFoundError, TemplateRefusedError, NameConflictError)
 }
 """Errors a daemon names in its answer (``"error"``) and the SDK raises as they are."""
+
+
+def _raise_busy(response: httpx.Response) -> None:
+    """Raise StateTransitionError, as embedded mode does, if the daemon refused an operation
+    on a sandbox because of its state (commands in flight, paused...)."""
+    if _error_type(response) == StateTransitionError.__name__:
+        raise StateTransitionError(_detail(response))
 
 
 def _raise(response: httpx.Response, *, vm_id: str | None = None, files: bool = False) -> NoReturn:
@@ -458,12 +466,14 @@ class RemoteMachine:
             f"{API}/sandboxes/{self.id}/template", json={"name": name}, timeout=300.0
         )
         if not r.is_success:
+            _raise_busy(r)
             _raise(r)
 
     async def fork(self, n: int = 1) -> list[RemoteMachine]:
         """Have the daemon start ``n`` children of this VM; each gets a client of its own."""
         r = await self._http.post(f"{API}/sandboxes/{self.id}/fork", json={"n": n}, timeout=300.0)
         if not r.is_success:
+            _raise_busy(r)
             _raise(r)
         children = []
         for row in r.json():

@@ -156,17 +156,18 @@ class IdleGate:
     # -- pausing to disk
 
     @contextlib.asynccontextmanager
-    async def exclusive(self, reason: str) -> AsyncIterator[None]:
-        """Hold the VM for a pause: no request in flight, new ones refused with ``reason``
-        (StateTransitionError). Refuses if requests are in flight. On an error the gate opens
-        again; on success the caller decides (:meth:`reopen`)."""
+    async def exclusive(self, reason: str, what: str = "pause it") -> AsyncIterator[None]:
+        """Hold the VM for a pause (or a capture): no request in flight, new ones refused with
+        ``reason`` (StateTransitionError). Refuses if requests are in flight (``what`` to do
+        once they ended). On an error the gate opens again; on success the caller decides
+        (:meth:`reopen`)."""
         async with self._lock:
             if self.frozen is not None:
                 raise StateTransitionError(self.frozen)
             if self.inflight:
                 raise StateTransitionError(
                     f"VM {self.name} has {self.inflight} request(s) in flight (a command or a "
-                    "file transfer); pause it once they have ended"
+                    f"file transfer); {what} once they have ended"
                 )
             self._disarm()
             self.frozen = reason

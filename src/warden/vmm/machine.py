@@ -722,7 +722,8 @@ class Machine:
     ) -> None:
         """Save this running VM as template ``name`` (``vmm/templates.py``).
 
-        The VM is paused meanwhile and its agent session closed (requests in flight fail).
+        The VM is paused meanwhile and its agent session closed; StateTransitionError while
+        requests are in flight (the idle gate holds new ones off meanwhile).
         With ``keep_running`` it then resumes with a new channel secret (the template holds
         the old one); else the caller ends it. NameConflictError if the name is taken,
         TemplateError if this VM's RAM cannot be copied (a clone's is private). ``store``:
@@ -740,14 +741,30 @@ class Machine:
             )
         boot = BootFiles(self.image.kernel.path, self.image.initrd.path, self.image.rootfs.path)
         config = self._template_config(boot)
+        # The idle gate holds off auto-pause and new requests meanwhile (it refuses while
+        # requests are in flight), and continues a VM that auto-pause had stopped.
+        await self.idle.wake()
+        async with self.idle.exclusive(f"VM {self.id} is being saved", what="save it"):
+            await self._capture(store, name, config, extra or {}, keep_running=keep_running)
+        if keep_running:
+            self.idle.reopen()
+
+    async def _capture(
+        self,
+        store: Templates,
+        name: str,
+        config: TemplateConfig,
+        extra: dict[str, Any],
+        *,
+        keep_running: bool,
+    ) -> None:
+        assert self._qmp is not None and self._secret is not None
         if self._agent is not None:
             await self._agent.close()  # the template must hold no host session
             self._agent = None
         await self._qmp.execute("stop")
         try:
-            await store.capture(
-                self._qmp, self._qemu_pid(), name, config, self._secret, extra or {}
-            )
+            await store.capture(self._qmp, self._qemu_pid(), name, config, self._secret, extra)
         finally:
             if keep_running:
                 await self._qmp.execute("cont")

@@ -42,7 +42,8 @@ async def create(body: CreateRequest, manager: ManagerDep, metrics: MetricsDep) 
 async def fork(ref: str, body: ForkRequest, manager: ManagerDep) -> list[Sandbox]:
     """Start ``n`` children of the running sandbox ``ref`` that carry on from its state (files
     and processes) and share its memory copy-on-write; it keeps running (paused while its
-    memory is copied; its commands in flight fail). Each child is admitted like a create."""
+    memory is copied; refused with 409 while it has commands in flight). Each child is
+    admitted like a create."""
     return [Sandbox.from_row(row) for row in await manager.fork(ref, body.n)]
 
 

@@ -29,6 +29,6 @@ async def remove_template(name: str, manager: ManagerDep) -> Response:
 @router.post("/sandboxes/{ref}/template", status_code=201)
 async def save_template(ref: str, body: TemplateRequest, manager: ManagerDep) -> Template:
     """Save the running sandbox ``ref`` as template ``name``; it keeps running (paused while
-    its state is saved; its commands in flight fail)."""
+    its state is saved; refused with 409 while it has commands in flight)."""
     info = await manager.save_template(ref, body.name)
     return Template(**dataclasses.asdict(info))
