@@ -9,7 +9,9 @@
   (target <= 0.25x, 0.15x stretch);
 * idle 256 MiB clones held at once on a daemon with default admission, each answering exec
   within 2x a lone VM's p50 (target >= 200): clones are created until admission refuses or
-  ``--hold`` is reached, then each runs ``true`` once.
+  ``--hold`` is reached, each runs ``true`` (a first command, as a pool member's warm-up),
+  all idle 5 s, then each runs ``true`` again, timed; once as they are, once on a daemon
+  that stops idle VMs (``--auto-pause``, ``hold-paused``).
 
 Run with ``python -m bench.density``; results go to ``bench/results/density-<utc time>.json``.
 """
@@ -23,6 +25,7 @@ import datetime as dt
 import json
 import statistics
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -183,12 +186,13 @@ async def bench_pss(clones: int) -> list[dict[str, Any]]:
     ]
 
 
-async def bench_hold(limit: int) -> list[dict[str, Any]]:
+async def bench_hold(limit: int, auto_pause_s: float | None) -> list[dict[str, Any]]:
     """Clones held at once under default admission (until refused or ``limit``), and how
-    many answer exec within 2x a lone clone's p50."""
+    many answer exec within 2x a lone clone's p50; with ``auto_pause_s``, the daemon stops
+    VMs idle that long (``--auto-pause``), so idle ones cost no CPU."""
     import warden
 
-    d = Daemon()
+    d = Daemon(*(["--auto-pause", str(auto_pause_s)] if auto_pause_s else []))
     ids: list[str] = []
     try:
         client = warden.connect(f"unix://{d.socket}")
@@ -198,7 +202,9 @@ async def bench_hold(limit: int) -> list[dict[str, Any]]:
         lone_p50 = statistics.median(lone_times)
         held, refused = await _create_until_refused(client, limit)
         ids = [s.id for s in held]
-        await asyncio.sleep(5)
+        for sbx in held:  # each has run a command (as a pool member has): warm, then idle
+            await sbx.commands.run(["true"])
+        await asyncio.sleep(5 + (auto_pause_s or 0))
         times = [await _exec_s(s) for s in held]
         within = sum(1 for t in times if t <= 2 * lone_p50)
         for sbx in held:
@@ -208,7 +214,8 @@ async def bench_hold(limit: int) -> list[dict[str, Any]]:
         await d.close()
     return [
         {
-            "metric": "idle 256 MiB clones held, exec within 2x lone p50",
+            "metric": "idle 256 MiB clones held, exec within 2x lone p50"
+            + (f", auto-pause {auto_pause_s:g} s" if auto_pause_s else ", no auto-pause"),
             "warden": within,
             "peer": len(times),
             "ratio": None,
@@ -267,14 +274,19 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     await _make_template()
     rows: list[dict[str, Any]] = []
     try:
-        if args.only in ("all", "pool"):
-            rows += await bench_pool(args.runs)
-        if args.only in ("all", "burst"):
-            rows += await bench_burst(args.burst)
-        if args.only in ("all", "pss"):
-            rows += await bench_pss(args.clones)
-        if args.only in ("all", "hold"):
-            rows += await bench_hold(args.hold)
+        sections: dict[str, Callable[[], Awaitable[list[dict[str, Any]]]]] = {
+            "pool": lambda: bench_pool(args.runs),
+            "burst": lambda: bench_burst(args.burst),
+            "pss": lambda: bench_pss(args.clones),
+            "hold": lambda: bench_hold(args.hold, None),
+            "hold-paused": lambda: bench_hold(args.hold, args.auto_pause),
+        }
+        for name, section in sections.items():
+            if args.only in ("all", name):
+                found = await section()
+                for row in found:
+                    print(json.dumps(row), flush=True)  # kept if a later section fails
+                rows += found
     finally:
         Templates(Paths.from_env()).remove(TEMPLATE)
     return {"when": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "results": rows}
@@ -286,7 +298,10 @@ def cli() -> None:
     parser.add_argument("--burst", type=int, default=100)
     parser.add_argument("--clones", type=int, default=10)
     parser.add_argument("--hold", type=int, default=200)
-    parser.add_argument("--only", choices=("all", "pool", "burst", "pss", "hold"), default="all")
+    parser.add_argument("--auto-pause", type=float, default=2.0)
+    parser.add_argument(
+        "--only", choices=("all", "pool", "burst", "pss", "hold", "hold-paused"), default="all"
+    )
     args = parser.parse_args()
     report = asyncio.run(main(args))
     RESULTS.mkdir(exist_ok=True)

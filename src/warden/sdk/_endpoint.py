@@ -97,14 +97,16 @@ class Endpoint:
         import httpx
 
         uds = self.socket_path
-        transport = httpx.AsyncHTTPTransport(uds=uds) if uds else None
+        # No TLS on a unix socket: verify=False spares building an SSL context (~25 ms) for
+        # every sandbox's client.
+        transport = httpx.AsyncHTTPTransport(uds=uds, verify=False) if uds else None
         return httpx.AsyncClient(transport=transport, timeout=timeout, **self._client_args())
 
     def sync_client(self, timeout: httpx.Timeout | float = 60.0) -> httpx.Client:
         import httpx
 
         uds = self.socket_path
-        transport = httpx.HTTPTransport(uds=uds) if uds else None
+        transport = httpx.HTTPTransport(uds=uds, verify=False) if uds else None  # no TLS there
         return httpx.Client(transport=transport, timeout=timeout, **self._client_args())
 
     def unreachable(self, exc: BaseException) -> str:

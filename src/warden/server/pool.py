@@ -34,6 +34,11 @@ POOL_LABEL = "warden.pool"
 """The label of a pool member: the template it is a clone of."""
 DEFAULT_TEMPLATE = "default"
 DEFAULT_SIZE = 2
+MAX_SIZE = 512
+"""The largest pool (admission still decides how many members it really gets)."""
+REFILL_DELAY_S = 1.0
+"""How long a refill waits after a member was taken: booting its replacement would take the
+CPU from the taken member's first commands (TCG, two cores), which its user is waiting for."""
 RETRY_S = 5.0
 """How long a refill waits after admission refused it (or the template was missing)."""
 WARM_UP = (["true"], ["sh", "-c", "echo warm"])
@@ -52,8 +57,8 @@ def parse_sizes(pairs: list[str]) -> dict[str, int]:
     sizes = {DEFAULT_TEMPLATE: DEFAULT_SIZE}
     for pair in pairs:
         name, sep, count = pair.partition("=")
-        if not sep or not TEMPLATE_RE.match(name) or not count.isdigit() or int(count) > 64:
-            raise ValueError(f"{pair!r} is not NAME=K (a template name and 0 to 64)")
+        if not sep or not TEMPLATE_RE.match(name) or not count.isdigit() or int(count) > MAX_SIZE:
+            raise ValueError(f"{pair!r} is not NAME=K (a template name and 0 to {MAX_SIZE})")
         sizes[name] = int(count)
     return {name: k for name, k in sizes.items() if k > 0}
 
@@ -98,12 +103,11 @@ class WarmPool:
         pool = self.pools.get(template)
         if pool is None:
             return None
+        asyncio.get_running_loop().call_later(REFILL_DELAY_S, pool.wake.set)
         while pool.ready:
             machine = pool.ready.pop(0)
-            pool.wake.set()
             if machine.state is VMState.RUNNING:
                 return machine
-        pool.wake.set()
         return None
 
     def put_back(self, template: str, machine: Machine) -> None:
