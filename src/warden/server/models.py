@@ -212,7 +212,6 @@ class Template(BaseModel):
     vcpus: int
     created: float
     source: str | None = Field(description="the id of the sandbox it was saved from")
-    setup: str | None = Field(description="the command that prepared it, if any")
     disk_bytes: int = Field(description="what its RAM and device state take on disk")
     problem: str | None = Field(description="why a clone of it would be refused, if it would")
 

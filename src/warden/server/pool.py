@@ -127,7 +127,8 @@ class WarmPool:
         }
 
     async def close(self) -> None:
-        """Stop refilling; the members stay (the daemon lets go of its VMs, not stops them)."""
+        """Stop refilling (a launch under way is cancelled and rolled back); the ready members
+        are the manager's to remove (:meth:`members`)."""
         for pool in self.pools.values():
             if pool.task is not None:
                 pool.task.cancel()

@@ -107,7 +107,6 @@ class TemplateInfo:
     vcpus: int
     created: float
     source: str | None
-    setup: str | None
     disk_bytes: int
     problem: str | None
     """Why it would be refused (its seal does not verify), or None."""
@@ -172,9 +171,8 @@ class Templates:
             image=str(meta.get("image", "?")),
             memory_mib=_int(meta.get("memory_mib")),
             vcpus=_int(meta.get("vcpus")),
-            created=float(meta.get("created", 0) or 0),
+            created=_float(meta.get("created")),
             source=_str_or_none(meta.get("source")),
-            setup=_str_or_none(meta.get("setup")),
             disk_bytes=disk,
             problem=problem,
         )
@@ -456,6 +454,10 @@ def _allocated(path: Path) -> int:
 
 def _int(value: object) -> int:
     return value if isinstance(value, int) else 0
+
+
+def _float(value: object) -> float:
+    return float(value) if isinstance(value, int | float) else 0.0
 
 
 def _str_or_none(value: object) -> str | None:
