@@ -179,12 +179,7 @@ def serve(
             f"{log_format!r} is not one of {', '.join(logs.FORMATS)}", param_hint="'--log-format'"
         )
     logs.setup(log_level, log_format)
-    from warden.server.pool import parse_sizes
-
-    try:
-        pools = parse_sizes(pool or [])
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc), param_hint="'--pool'") from None
+    pools = _pools(pool or [])
     policy = _policy(
         memory_overcommit=memory_overcommit,
         vcpu_overcommit=vcpu_overcommit,
@@ -207,18 +202,11 @@ def serve(
         # that is a no-op, so `serve` returns and removes its socket instead of dying by it.
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, _ignore)
-        asyncio.run(
-            run.serve(
-                paths,
-                sock,
-                log_level,
-                policy,
-                listener,
-                allow_root=allow_root,
-                pools=pools,
-                auto_pause_s=auto_pause or None,
-            )
-        )
+        daemon = run.serve(
+            paths, sock, log_level, policy, listener,
+            allow_root=allow_root, pools=pools, auto_pause_s=auto_pause or None,
+        )  # fmt: skip
+        asyncio.run(daemon)
     finally:
         sock.close()
         if listener is not None:
@@ -226,6 +214,16 @@ def serve(
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
         os.close(lock)
+
+
+def _pools(pairs: list[str]) -> dict[str, int]:
+    """The warm pools' sizes of ``--pool`` (a usage error says what is wrong)."""
+    from warden.server.pool import parse_sizes
+
+    try:
+        return parse_sizes(pairs)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="'--pool'") from None
 
 
 def _require_jail(paths: Paths) -> None:

@@ -35,7 +35,7 @@ from qemu.qmp import QMPClient
 from warden._errors import NameConflictError, SpecError, TemplateError, TemplateNotFoundError
 from warden.config import Paths
 from warden.vmm import memfd
-from warden.vmm.snapshot import wait_migration
+from warden.vmm.snapshot import set_ignore_shared, wait_migration
 from warden.vmm.templates import LoadedTemplate, TemplateConfig, Templates
 
 if TYPE_CHECKING:
@@ -131,13 +131,6 @@ async def _save_state(qmp: QMPClient, name: str) -> int:
         os.close(fd)
         raise
     return fd
-
-
-async def set_ignore_shared(qmp: QMPClient, on: bool) -> None:
-    await qmp.execute(
-        "migrate-set-capabilities",
-        {"capabilities": [{"capability": "x-ignore-shared", "state": on}]},
-    )
 
 
 def _seal_ram(qemu_pid: int, size: int, name: str) -> tuple[int, str]:

@@ -58,7 +58,7 @@ from warden.vmm.channel_keys import ChannelKeys
 from warden.vmm.fork import fork as fork_machine
 from warden.vmm.idle import IdleGate
 from warden.vmm.ownership import Ownership, recorded_uid
-from warden.vmm.snapshot import BootSnapshots, SnapshotConfig
+from warden.vmm.snapshot import BootSnapshots, SnapshotConfig, set_ignore_shared
 from warden.vmm.spec import VMSpec
 from warden.vmm.state import LIVE_STATES, VMState, check_transition
 from warden.vmm.templates import LoadedTemplate, TemplateConfig, Templates, check_config
@@ -1055,10 +1055,7 @@ class Machine:
 
 async def _load_device_state(qmp: QMPClient, uri: str) -> None:
     """Start a deferred incoming migration of device state only: RAM is the template's."""
-    await qmp.execute(
-        "migrate-set-capabilities",
-        {"capabilities": [{"capability": "x-ignore-shared", "state": True}]},
-    )
+    await set_ignore_shared(qmp, True)
     await qmp.execute("migrate-incoming", {"uri": uri})
 
 

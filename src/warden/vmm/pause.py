@@ -51,7 +51,9 @@ from warden.vmm.snapshot import (
     STATE_FILE,
     BootSnapshots,
     SnapshotConfig,
-    _read_meta,
+    read_meta,
+    set_ignore_shared,
+    wait_migration,
 )
 from warden.vmm.state import VMState
 
@@ -100,16 +102,13 @@ class PausedStates:
                     await qmp.execute("stop")
                     # The whole RAM goes in the file: a clone's QEMU has this on (its RAM
                     # came from its template), and the resumed QEMU must agree.
-                    await qmp.execute(
-                        "migrate-set-capabilities",
-                        {"capabilities": [{"capability": "x-ignore-shared", "state": False}]},
-                    )
+                    await set_ignore_shared(qmp, False)
                     qmp.send_fd_scm(write_end)
                     await qmp.execute("getfd", {"fdname": "warden-pause"})
                     os.close(write_end)  # QEMU has its own: its close ends the stream
                     write_end = -1
                     await qmp.execute("migrate", {"uri": "fd:warden-pause"})
-                    await _wait_migration(qmp, copy)
+                    await wait_migration(qmp, "saving the paused VM's state", copy.raise_failure)
                     size, digest = await copy.result()
                 except BaseException:
                     await _abandon(qmp, copy, write_end)
@@ -155,7 +154,7 @@ class PausedStates:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise SealRefused(f"{STATE_FILE} is not a regular file")
-        meta = self.sealer.verify(_read_meta(self.root / vm_id / META_FILE))
+        meta = self.sealer.verify(read_meta(self.root / vm_id / META_FILE))
         want: dict[str, Any] = {"vm_id": vm_id, **config.fields()}
         for name, value in want.items():
             if meta.get(name) != value:
@@ -237,22 +236,6 @@ def _settle(future: asyncio.Future[tuple[int, str]], value: tuple[int, str] | OS
         future.set_exception(value)
     else:
         future.set_result(value)
-
-
-async def _wait_migration(qmp: QMPClient, copy: _Copier) -> None:
-    deadline = time.monotonic() + MIGRATE_TIMEOUT_S
-    while True:
-        copy.raise_failure()
-        info = await qmp.execute("query-migrate")
-        status = info.get("status") if isinstance(info, dict) else None
-        if status == "completed":
-            return
-        if status in ("failed", "cancelled"):
-            desc = info.get("error-desc", status) if isinstance(info, dict) else status
-            raise VMError(f"saving the paused VM's state failed: {desc}")
-        if time.monotonic() > deadline:
-            raise VMError(f"saving the paused VM's state took over {MIGRATE_TIMEOUT_S:.0f} s")
-        await asyncio.sleep(0.01)
 
 
 def _config(machine: Machine, qemu_argv: list[str]) -> SnapshotConfig:

@@ -43,7 +43,7 @@ import os
 import shutil
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -155,7 +155,7 @@ class BootSnapshots:
             raise SealRefused(f"{STATE_FILE} is not a regular file")
         if st.st_mode & 0o077:  # one saved by an older warden was readable by all
             os.fchmod(fd, PRIVATE_FILE)
-        meta = self.sealer.verify(_read_meta(path.parent / META_FILE))
+        meta = self.sealer.verify(read_meta(path.parent / META_FILE))
         want = config.fields()
         for name, value in want.items():
             if meta.get(name) != value:
@@ -300,7 +300,7 @@ def _tighten(path: Path) -> None:
             os.chmod(path, PRIVATE_FILE)
 
 
-def _read_meta(path: Path) -> dict[str, Any]:
+def read_meta(path: Path) -> dict[str, Any]:
     """``meta.json``, read once (its seal is checked on these very bytes)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -323,10 +323,24 @@ def _read_meta(path: Path) -> dict[str, Any]:
     return meta
 
 
-async def wait_migration(qmp: QMPClient, what: str) -> None:
-    """Wait until the migration QEMU runs completes; VMError naming ``what`` if it fails."""
+async def set_ignore_shared(qmp: QMPClient, on: bool) -> None:
+    """Turn QEMU's ``x-ignore-shared`` migration capability on or off: on, a migration leaves
+    out RAM that QEMU maps shared (a template's or a fork's device state only)."""
+    await qmp.execute(
+        "migrate-set-capabilities",
+        {"capabilities": [{"capability": "x-ignore-shared", "state": on}]},
+    )
+
+
+async def wait_migration(
+    qmp: QMPClient, what: str, check: Callable[[], None] | None = None
+) -> None:
+    """Wait until the migration QEMU runs completes; VMError naming ``what`` if it fails.
+    ``check``, if given, runs before each poll and may raise to end the wait."""
     deadline = time.monotonic() + MIGRATE_TIMEOUT_S
     while True:
+        if check is not None:
+            check()
         info = await qmp.execute("query-migrate")
         status = info.get("status") if isinstance(info, dict) else None
         if status == "completed":

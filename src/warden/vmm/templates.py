@@ -57,9 +57,9 @@ from warden._errors import (
 )
 from warden.config import PRIVATE_FILE, Paths, open_private, private_dir, write_private
 from warden.seal import DigestRecord, KeyStoreError, Sealer, SealRefused, sha256_fd
-from warden.vmm import memfd
+from warden.vmm import memfd, snapshot
 from warden.vmm.channel_keys import ChannelKeys
-from warden.vmm.snapshot import META_MAX_BYTES, wait_migration
+from warden.vmm.snapshot import set_ignore_shared, wait_migration
 from warden.vmm.spec import TEMPLATE_RE, VMSpec
 
 log = logging.getLogger(__name__)
@@ -320,7 +320,7 @@ class Templates:
         self, qmp: QMPClient, qemu_pid: int, work: Path, config: TemplateConfig
     ) -> dict[str, Any]:
         """Write ``state.bin`` and ``memory.ram`` into ``work``; their sizes and digests."""
-        await _set_ignore_shared(qmp, True)
+        await set_ignore_shared(qmp, True)
         try:
             with os.fdopen(open_private(work / STATE_FILE, os.O_RDWR | os.O_CREAT), "r+b") as f:
                 qmp.send_fd_scm(f.fileno())
@@ -332,7 +332,7 @@ class Templates:
                 state_size = os.fstat(f.fileno()).st_size
                 state_digest = await asyncio.to_thread(sha256_fd, f.fileno())
         finally:
-            await _set_ignore_shared(qmp, False)
+            await set_ignore_shared(qmp, False)
         size = config.memory_mib << 20
         digest = await asyncio.to_thread(_copy_ram, qemu_pid, size, work / RAM_FILE)
         return {
@@ -381,13 +381,6 @@ def _copy_ram(qemu_pid: int, size: int, path: Path) -> str:
     return digest
 
 
-async def _set_ignore_shared(qmp: QMPClient, on: bool) -> None:
-    await qmp.execute(
-        "migrate-set-capabilities",
-        {"capabilities": [{"capability": "x-ignore-shared", "state": on}]},
-    )
-
-
 def _config_of(meta: dict[str, Any]) -> TemplateConfig:
     try:
         return TemplateConfig(**{f.name: meta[f.name] for f in dataclasses.fields(TemplateConfig)})
@@ -422,22 +415,9 @@ def _drop_cached(directory: Path) -> None:
 
 
 def read_meta(path: Path) -> dict[str, Any]:
-    """``meta.json``, read once (its seal is checked on these very bytes)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as exc:
-        raise SealRefused(f"its {META_FILE} cannot be read ({exc.strerror})") from None
-    try:
-        raw = os.read(fd, META_MAX_BYTES + 1)
-    finally:
-        os.close(fd)
-    if len(raw) > META_MAX_BYTES:
-        raise SealRefused(f"its {META_FILE} is larger than {META_MAX_BYTES} bytes")
-    try:
-        meta = json.loads(raw)
-    except ValueError as exc:
-        raise SealRefused(f"its {META_FILE} is not JSON ({exc})") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("seal"), dict):
+    """``meta.json``, read once (its seal is checked on these very bytes), if it is sealed."""
+    meta = snapshot.read_meta(path)
+    if not isinstance(meta.get("seal"), dict):
         raise SealRefused(f"its {META_FILE} is not a sealed JSON object")
     return meta
 
