@@ -1,0 +1,1 @@
+"""Who is calling: principals (``principal.py``), API tokens and peer credentials."""
