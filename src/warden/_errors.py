@@ -29,6 +29,8 @@ and its message says what the user can do about it::
      |    +-- NameConflictError    the name is taken (HTTP 409)
      |    +-- VMNotFoundError      no VM has that id or name (HTTP 404)
      |    +-- StateTransitionError the VM cannot go from its state to that one (HTTP 409)
+     +-- AuthenticationError    no, a wrong, an expired or a revoked credential (HTTP 401)
+     +-- PermissionDeniedError  the policy refuses the caller this action (HTTP 403)
      +-- AdmissionError         the host's capacity x overcommit ratio would be passed (409)
      +-- TemplateError          a template cannot be made, found or used
           +-- TemplateNotFoundError  no template has that name (HTTP 404)
@@ -167,6 +169,16 @@ class VMNotFoundError(StoreError, LookupError):
 
 class StateTransitionError(StoreError):
     """A VM's state cannot change that way, e.g. ``stopped -> running`` (HTTP 409)."""
+
+
+class AuthenticationError(WardenError):
+    """The request carried no credential, or one that is wrong, expired or revoked (HTTP
+    401). The message says which, and how to get a valid one."""
+
+
+class PermissionDeniedError(WardenError):
+    """The policy refuses the caller this action on this sandbox (HTTP 403). The message
+    names the action and the rule that decided (``warden policy check`` shows it)."""
 
 
 class AdmissionError(WardenError):

@@ -14,10 +14,11 @@ import json
 import os
 import secrets
 from pathlib import Path
-from typing import Any
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from warden._errors import AuthenticationError
+from warden.api import errors as api_errors
 from warden.config import private_dir
 
 TOKEN_FILE = "api-token"  # noqa: S105 - a file name, not a secret
@@ -59,11 +60,11 @@ class BearerAuth:
             await self.app(scope, receive, send)
             return
         what = "a wrong API token" if given else "no API token"
-        body: dict[str, Any] = {
-            "detail": f"{what}: send Authorization: Bearer <token>, the token being the "
+        message = (
+            f"{what}: send Authorization: Bearer <token>, the token being the "
             f"contents of the daemon's $WARDEN_HOME/{TOKEN_FILE} (WARDEN_TOKEN for the CLI/SDK)"
-        }
-        payload = json.dumps(body).encode()
+        )
+        payload = json.dumps(api_errors.body(AuthenticationError.__name__, message)).encode()
         await send(
             {
                 "type": "http.response.start",
