@@ -24,7 +24,7 @@ import os
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Coroutine, Mapping
 from types import TracebackType
-from typing import Any, NoReturn, cast
+from typing import Any, NoReturn, Unpack, cast
 
 import httpx
 
@@ -43,6 +43,7 @@ from warden.agent.client import DEFAULT_MAX_OUTPUT, EntryInfo, ExecResult, Outpu
 from warden.api import errors as api_errors
 from warden.records import Kind
 from warden.sdk._async import AsyncSandbox
+from warden.sdk._create import Create, CreateOptions
 from warden.sdk._endpoint import Endpoint
 from warden.sdk._lines import RecordPool
 from warden.sdk._sync import Sandbox
@@ -467,48 +468,35 @@ class _AsyncFactory:
         self._endpoint = endpoint
 
     async def create(
-        self,
-        image: str = "default",
-        *,
-        memory_mib: int = 256,
-        vcpus: int = 1,
-        name: str | None = None,
-        env: dict[str, str] | None = None,
-        labels: dict[str, str] | None = None,
-        accel: str = "auto",
-        timeout: float = 60.0,
-        boot: str = "snapshot",
-        require_jail: bool = False,
-        template: str | None = None,
+        self, image: str = "default", **options: Unpack[CreateOptions]
     ) -> AsyncSandbox:
-        """Create a sandbox on the daemon; the same parameters as ``AsyncSandbox.create``.
+        """Create a sandbox on the daemon; the options of ``AsyncSandbox.create``
+        (:class:`~warden.sdk._create.CreateOptions`).
 
         ``accel`` and ``boot`` are the daemon's to choose: only their defaults are accepted.
         ``require_jail=True`` has the daemon refuse (``JailUnavailableError``, HTTP 409,
         nothing recorded) unless its host gives the VM every jail feature.
         The sandbox is removed from the daemon by ``kill()``/``close()``/leaving ``with``.
         """
-        if accel != "auto" or boot != "snapshot":
+        call = Create.of(image, options)
+        if (call.accel, call.boot) != (Create.accel, Create.boot):
             raise SpecError(
                 "the warden daemon chooses the accelerator and the boot mode itself; leave "
                 "accel and boot at their defaults, or use embedded mode (warden.Sandbox)"
             )
-        fields: dict[str, Any] = {
-            "image": image,
-            "memory_mib": memory_mib,
-            "vcpus": vcpus,
-            "name": name,
-            "env": env or {},
-            "labels": labels or {},
-            "template": template,
-        }
         # The same checks as embedded mode, before asking; the host's are the daemon's.
-        spec = VMSpec.parse(check_host=False, **fields, agent_timeout_s=timeout)
-        for unset in ("name", "template"):
-            if fields[unset] is None:
-                del fields[unset]
-        if require_jail:  # only when asked: a daemon that predates it refuses the field
+        spec = call.spec(check_host=False)
+        fields: dict[str, Any] = {
+            "image": call.image,
+            "memory_mib": call.memory_mib,
+            "vcpus": call.vcpus,
+            "env": call.env,
+            "labels": call.labels,
+        }
+        fields.update({k: v for k, v in (("name", call.name), ("template", call.template)) if v})
+        if call.require_jail:  # only when asked: a daemon that predates it refuses the field
             fields["require_jail"] = True
+        timeout = call.timeout
         http = self._endpoint.async_client(httpx.Timeout(60.0, read=None))
         try:
             r = await http.post(f"{API}/sandboxes", json=fields, timeout=timeout + 60.0)
@@ -564,41 +552,11 @@ class _SyncFactory:
 
         return Sandbox(_portal.call(self._async.resume(sandbox_id)))
 
-    def create(
-        self,
-        image: str = "default",
-        *,
-        memory_mib: int = 256,
-        vcpus: int = 1,
-        name: str | None = None,
-        env: dict[str, str] | None = None,
-        labels: dict[str, str] | None = None,
-        accel: str = "auto",
-        timeout: float = 60.0,
-        boot: str = "snapshot",
-        require_jail: bool = False,
-        template: str | None = None,
-    ) -> Sandbox:
+    def create(self, image: str = "default", **options: Unpack[CreateOptions]) -> Sandbox:
         """See :meth:`_AsyncFactory.create`."""
         from warden.sdk import _portal
 
-        return Sandbox(
-            _portal.call(
-                self._async.create(
-                    image,
-                    memory_mib=memory_mib,
-                    vcpus=vcpus,
-                    name=name,
-                    env=env,
-                    labels=labels,
-                    accel=accel,
-                    timeout=timeout,
-                    boot=boot,
-                    require_jail=require_jail,
-                    template=template,
-                )
-            )
-        )
+        return Sandbox(_portal.call(self._async.create(image, **options)))
 
 
 class Client:
@@ -615,29 +573,9 @@ class Client:
     def __repr__(self) -> str:
         return f"warden.Client({self.url!r})"
 
-    def create(
-        self,
-        image: str = "default",
-        *,
-        memory_mib: int = 256,
-        vcpus: int = 1,
-        name: str | None = None,
-        env: dict[str, str] | None = None,
-        labels: dict[str, str] | None = None,
-        timeout: float = 60.0,
-        template: str | None = None,
-    ) -> Sandbox:
+    def create(self, image: str = "default", **options: Unpack[CreateOptions]) -> Sandbox:
         """Shorthand for ``client.Sandbox.create(...)``."""
-        return self.Sandbox.create(
-            image,
-            memory_mib=memory_mib,
-            vcpus=vcpus,
-            name=name,
-            env=env,
-            labels=labels,
-            timeout=timeout,
-            template=template,
-        )
+        return self.Sandbox.create(image, **options)
 
     def templates(self) -> list[dict[str, Any]]:
         """The daemon's templates (as ``GET /v1/templates`` lists them)."""
