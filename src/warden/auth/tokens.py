@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Literal
 
 from warden._errors import AuthenticationError, SpecError, WardenError
-from warden.config import Paths, open_private, private_dir
+from warden.config import PRIVATE_FILE, Paths, open_private, private_dir
 
 TOKENS_DB = "tokens.db"
 PREFIX = "wdn"
@@ -186,6 +186,7 @@ class TokenStore:
     def __init__(self, path: Path, busy_timeout_ms: int = 5000) -> None:
         self.path = path
         self._lock = threading.Lock()
+        _create(path)  # before any connection: closing an fd of the file drops SQLite's locks
         self._conn = _connect(path, busy_timeout_ms)
         self._write_lock = threading.Lock()
         self._write_conn = _connect(path, busy_timeout_ms)
@@ -362,12 +363,28 @@ def _info(row: sqlite3.Row) -> TokenInfo:
     )
 
 
-def _connect(path: Path, busy_timeout_ms: int) -> sqlite3.Connection:
+def _create(path: Path) -> None:
+    """Make the file 0600 before SQLite opens it (its -wal and -shm files get the same mode).
+
+    Only before this process has a connection to it: closing any fd of a file drops every
+    POSIX lock the process holds on it, SQLite's included (the SQLite docs' "How To Corrupt
+    An SQLite Database File", 2.2)."""
     if not path.parent.exists():
         private_dir(path.parent)
     try:
-        # Made 0600 before SQLite opens it: its -wal and -shm files get the same mode.
-        os.close(open_private(path, os.O_RDWR | os.O_CREAT))
+        if path.exists():
+            os.chmod(path, PRIVATE_FILE)  # no fd opened: another store of ours may be open
+        else:
+            os.close(open_private(path, os.O_RDWR | os.O_CREAT))
+    except OSError as exc:
+        raise WardenError(
+            f"cannot open the token database {path}: {exc} (token commands run as the "
+            "daemon's user, root)"
+        ) from None
+
+
+def _connect(path: Path, busy_timeout_ms: int) -> sqlite3.Connection:
+    try:
         conn = sqlite3.connect(
             path, timeout=busy_timeout_ms / 1000, isolation_level=None, check_same_thread=False
         )

@@ -78,8 +78,6 @@ def list_(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON array.")] = False,
 ) -> None:
     """Every token: id, principal, roles, created, expiry, state. Never a secret."""
-    from rich.table import Table
-
     from warden.auth.tokens import TokenStore
 
     try:
@@ -99,16 +97,27 @@ def list_(
         ]  # fmt: skip
         sys.stdout.write(json.dumps(rows) + "\n")
         return
-    table = Table(box=None)
-    for column in ("ID", "NAME", "ROLES", "CREATED", "EXPIRES", "STATE", "LAST USED", "SOURCE"):
-        table.add_column(column, no_wrap=True)
-    for t in tokens:
-        state = t.state(now) + (f" {_when(t.revoked)}" if t.revoked else "")
-        table.add_row(
+    table: list[tuple[str, ...]] = [
+        ("ID", "NAME", "ROLES", "CREATED", "EXPIRES", "STATE", "LAST USED", "SOURCE")
+    ]
+    table += [
+        (
             t.id, t.name, ",".join(sorted(t.roles)), _when(t.created), _when(t.expires),
-            state, _when(t.last_used), t.source,
-        )  # fmt: skip
-    out().print(table)
+            t.state(now) + (f" {_when(t.revoked)}" if t.revoked else ""), _when(t.last_used),
+            t.source,
+        )
+        for t in tokens
+    ]  # fmt: skip
+    sys.stdout.write(_columns(table))
+
+
+def _columns(rows: list[tuple[str, ...]]) -> str:
+    """Plain aligned columns, never cut (an id is what ``revoke`` takes)."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() + "\n"
+        for row in rows
+    )
 
 
 @token_app.command("revoke")
