@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pwd
+import socket
 import sqlite3
 import time
 from pathlib import Path
@@ -22,7 +24,7 @@ from warden.auth.tokens import (
     parse_expiry,
     parse_token,
 )
-from warden.auth.unix import Peer, UnixRoles, principal_for_peer
+from warden.auth.unix import Peer, UnixRoles, peer_credentials, principal_for_peer
 
 
 @pytest.fixture
@@ -214,3 +216,11 @@ def test_principal_for_peer_names_the_uid() -> None:
     assert (p.name, p.roles, p.via, p.uid) == ("root", frozenset({"admin"}), "unix", 0)
     p = principal_for_peer(Peer(pid=1, uid=61234, gid=61234, groups=frozenset({777})), roles)
     assert (p.name, p.roles, p.uid) == ("uid:61234", frozenset({"user"}), 61234)
+
+
+def test_peer_credentials_come_from_the_kernel() -> None:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with a, b:
+        peer = peer_credentials(a)
+    assert (peer.pid, peer.uid, peer.gid) == (os.getpid(), os.getuid(), os.getgid())
+    assert set(os.getgroups()) <= peer.gids and peer.name == pwd.getpwuid(os.getuid()).pw_name

@@ -46,6 +46,8 @@ class Peer:
     uid: int
     gid: int
     groups: frozenset[int] = frozenset()
+    name: str = ""
+    """Its login name, looked up once per connection (a miss costs ~0.15 ms); "" if not yet."""
 
     @property
     def gids(self) -> frozenset[int]:
@@ -58,7 +60,8 @@ def peer_credentials(sock: Any) -> Peer:
     TransportSocket); :class:`OSError` if the kernel has none."""
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     pid, uid, gid = struct.unpack("3i", raw)
-    return Peer(pid=pid, uid=uid, gid=gid, groups=_peer_groups(sock, uid, gid))
+    groups = _peer_groups(sock, uid, gid)
+    return Peer(pid=pid, uid=uid, gid=gid, groups=groups, name=user_name(uid))
 
 
 def _peer_groups(sock: Any, uid: int, gid: int) -> frozenset[int]:
@@ -134,7 +137,7 @@ def roles_for_unix(uid: int, gids: Iterable[int]) -> frozenset[str]:
 def principal_for_peer(peer: Peer, roles: UnixRoles) -> Principal:
     """The principal of a unix peer: its login name, the roles its uid and groups give."""
     return Principal(
-        name=user_name(peer.uid),
+        name=peer.name or user_name(peer.uid),
         roles=roles.roles_for_unix(peer.uid, peer.gids),
         via="unix",
         uid=peer.uid,
