@@ -239,8 +239,9 @@ def test_one_who_gets_through_anyway_is_refused(setup: Setup) -> None:
             os.chmod(path, mode)
     assert got["status"] == 401, got
     body = got["body"]
-    assert isinstance(body, dict) and body["error"] == "AuthenticationError"
-    assert f"uid:{setup.outsider}" in body["detail"] and "no role" in body["detail"]
+    assert isinstance(body, dict) and body["error"]["type"] == "AuthenticationError"
+    message = body["error"]["message"]
+    assert f"uid:{setup.outsider}" in message and "no role" in message
 
 
 def test_without_the_group_the_socket_stays_private(setup: Setup) -> None:

@@ -25,6 +25,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+import warden
 from tests.integration.conftest import WARDEN, ServeProcess
 from warden.config import Paths
 
@@ -76,8 +77,8 @@ def _token(*args: str) -> tuple[str, str]:
 def _refused(r: httpx.Response, what: str) -> None:
     assert r.status_code == 401, r.text
     assert r.headers["www-authenticate"] == "Bearer"
-    body = r.json()
-    assert body["error"] == "AuthenticationError" and body["detail"].startswith(what), body
+    error = r.json()["error"]
+    assert error["type"] == "AuthenticationError" and error["message"].startswith(what), error
 
 
 def test_a_valid_token_works_and_names_its_principal(daemon: Daemon) -> None:
@@ -129,6 +130,9 @@ def test_a_revoke_while_the_daemon_runs_fails_the_next_request(daemon: Daemon) -
     ).stdout
     row = next(t for t in json.loads(listed) if t["id"] == token_id)
     assert row["state"] == "revoked" and row["last_used"] is not None
+    ca = str(daemon.home / "tls" / "server.crt")
+    with pytest.raises(warden.AuthenticationError, match="revoked"):  # the SDK's class
+        warden.connect(f"https://127.0.0.1:{daemon.port}", token=text, ca_cert=ca)
 
 
 def test_on_the_unix_socket_a_token_selects_its_principal(daemon: Daemon) -> None:
