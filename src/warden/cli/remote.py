@@ -2,7 +2,7 @@
 stop, rm, logs, info.
 
 The daemon is found by ``--host`` or ``$WARDEN_HOST``: a unix socket path (``unix:///path`` or
-``/path``) or an ``http://host:port`` URL; by default ``$WARDEN_HOME/run/warden.sock``.
+``/path``) or an ``http://host:port`` URL; by default ``$WARDEN_HOME/api/warden.sock``.
 """
 
 from __future__ import annotations

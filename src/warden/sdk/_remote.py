@@ -681,7 +681,7 @@ def connect(
 
     ``url`` is ``unix:///path/to.sock`` (or just the path), or ``https://host:port`` for a
     daemon's TCP listener; by default ``$WARDEN_HOST``, else the local daemon's socket
-    ``$WARDEN_HOME/run/warden.sock``. Over TCP, ``token`` (default ``$WARDEN_TOKEN``) is the
+    ``$WARDEN_HOME/api/warden.sock``. Over TCP, ``token`` (default ``$WARDEN_TOKEN``) is the
     daemon's API token and ``ca_cert`` (default ``$WARDEN_CA_CERT``) a copy of its certificate.
     """
     client = Client(Endpoint.resolve(url, token=token, ca_cert=ca_cert))
