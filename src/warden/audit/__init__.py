@@ -1,0 +1,29 @@
+"""The tamper-evident audit log (issue 9): who did what, chained with HMAC-SHA256, signed at
+checkpoints with Ed25519, durable before an append returns.
+
+- :class:`AuditLog` (``log.py``) writes it: ``AuditLog.open(home).append(action, principal=...)``.
+- :func:`verify` (``verify.py``) finds and places every modified, deleted, inserted,
+  reordered or truncated record, a torn tail, a bad checkpoint or a wrong key.
+- :func:`records` and :func:`follow` (``read.py``) read it, for ``warden audit tail|search``.
+
+Layout, format and keys: ``_format.py``; threat model: docs/security.md, "Audit log".
+"""
+
+from __future__ import annotations
+
+from warden.audit._format import MAX_RECORD_BYTES, log_path
+from warden.audit.log import AuditLog
+from warden.audit.read import follow, parse_since, records
+from warden.audit.verify import Problem, VerifyReport, verify
+
+__all__ = [
+    "MAX_RECORD_BYTES",
+    "AuditLog",
+    "Problem",
+    "VerifyReport",
+    "follow",
+    "log_path",
+    "parse_since",
+    "records",
+    "verify",
+]
