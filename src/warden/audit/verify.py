@@ -269,6 +269,7 @@ def _check_checkpoints(
     lines: list[_Line], data: bytes, public: Ed25519PublicKey, report: VerifyReport
 ) -> None:
     span_start, span_line = 0, 0  # byte offset and index of the first line of the span
+    report.unverified_after = 0
     key_id = public_key_id(public)
     for i, ln in enumerate(lines):
         rec = ln.rec
@@ -288,7 +289,7 @@ def _check_checkpoints(
             _check_span(lines[span_line:i], data[span_start : ln.start], ln, report)
             report.unverified_after = seq
         span_start, span_line = ln.start + len(ln.raw) + 1, i + 1
-    if report.mode == "mac":
+    if report.mode == "mac" or report.unverified_after == report.last_seq:
         report.unverified_after = None
 
 
