@@ -136,9 +136,9 @@ class AuditLog:
         return log
 
     def _start(self, tail: _Tail, existed: bool) -> None:
+        head = read_head(head_path(self.home), self._keys.public)  # before any append
         if tail.torn:
             self._recover(tail.torn)
-        head = read_head(head_path(self.home), self._keys.public)
         if (existed or head is not None) and not _head_matches(head, tail):
             self._record_cut(head, tail)
         self.append(
