@@ -296,7 +296,7 @@ while True:
 
 @pytest.mark.parametrize("round_", range(3))
 def test_kill_9_during_appends_loses_no_returned_record(tmp_path: Path, round_: int) -> None:
-    rng = random.Random(round_)
+    rng = random.Random(round_)  # noqa: S311 (when to kill, not a secret)
     for _ in range(2):  # kill twice on the same log: recovery after recovery
         child = subprocess.Popen(
             [sys.executable, "-c", _CHILD, str(tmp_path)],
