@@ -20,7 +20,15 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from warden._errors import AuditRecordError
-from warden.audit import MAX_RECORD_BYTES, AuditLog, follow, parse_since, records, verify
+from warden.audit import (
+    MAX_RECORD_BYTES,
+    AuditLog,
+    argv_digest,
+    follow,
+    parse_since,
+    records,
+    verify,
+)
 from warden.audit._format import MAC_DOMAIN, canonical
 from warden.cli.app import app
 from warden.cli.audit import format_record
@@ -38,6 +46,12 @@ def test_canonical_json_is_sorted_compact_and_ascii() -> None:
     assert got == b'{"a":"\\u00e9\\n","b":1,"c":null,"d":[true,1.5]}'
     with pytest.raises(ValueError):
         canonical({"x": math.nan})
+
+
+def test_argv_digest_is_sha256_of_the_argv_as_canonical_json() -> None:
+    assert argv_digest(["echo", "é"]) == hashlib.sha256(b'{"argv":["echo","\\u00e9"]}').hexdigest()
+    assert argv_digest(["a b"]) != argv_digest(["a", "b"])
+    assert argv_digest(("x",)) == argv_digest(["x"])
 
 
 def test_each_record_mac_is_hmac_sha256_of_its_canonical_bytes_chained_by_prev(

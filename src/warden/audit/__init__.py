@@ -11,7 +11,7 @@ Layout, format and keys: ``_format.py``; threat model: docs/security.md, "Audit 
 
 from __future__ import annotations
 
-from warden.audit._format import MAX_RECORD_BYTES, log_path
+from warden.audit._format import MAX_RECORD_BYTES, argv_digest, log_path
 from warden.audit.log import AuditLog
 from warden.audit.read import follow, parse_since, records
 from warden.audit.verify import Problem, VerifyReport, verify
@@ -21,6 +21,7 @@ __all__ = [
     "AuditLog",
     "Problem",
     "VerifyReport",
+    "argv_digest",
     "follow",
     "log_path",
     "parse_since",

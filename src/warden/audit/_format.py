@@ -85,6 +85,12 @@ def canonical(obj: dict[str, Any]) -> bytes:
     ).encode("ascii")
 
 
+def argv_digest(argv: list[str] | tuple[str, ...]) -> str:
+    """The ``argv_sha256`` of an exec record: SHA-256 of the argv as canonical JSON (a list of
+    strings), so ``["a b"]`` and ``["a", "b"]`` differ. Record this, never the argv itself."""
+    return hashlib.sha256(canonical({"argv": list(argv)})).hexdigest()
+
+
 def record_mac(key: bytes, record: dict[str, Any]) -> str:
     """The MAC of ``record`` (its own ``mac`` field, if any, left out)."""
     body = {k: v for k, v in record.items() if k != "mac"}

@@ -106,6 +106,11 @@ def verify(
         data = path.read_bytes()
     except FileNotFoundError:
         raise AuditLogError(f"there is no audit log at {path}") from None
+    except OSError as exc:
+        raise AuditLogError(
+            f"cannot read the audit log {path} ({exc.strerror}): run as the owner of "
+            "$WARDEN_HOME (root), or verify a copy with --public-only"
+        ) from exc
     public = load_public(home, public_key)
     key = None if public_only else load_mac_key(home)
     report = VerifyReport(mode="public" if key is None else "mac")
