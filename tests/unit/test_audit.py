@@ -312,6 +312,27 @@ def test_cli_verify_says_intact_then_lists_each_problem(tmp_path: Path) -> None:
     assert body["problems"][0]["kind"] == "deleted" and body["problems"][0]["seq"] == 3
 
 
+def test_cli_verifies_a_copy_with_only_the_public_key(tmp_path: Path) -> None:
+    import shutil
+
+    _sample(tmp_path / "host")
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in ("audit/audit.log", "audit/head", "keys/audit-sign.pub"):
+        shutil.copy(tmp_path / "host" / name, copy)
+    runner = CliRunner()
+    args = ["audit", "verify", "--public-only", "--log", str(copy / "audit.log")]
+    args += ["--public-key", str(copy / "audit-sign.pub")]
+    env = {"WARDEN_HOME": str(tmp_path / "nowhere")}
+    ok = runner.invoke(app, args, env=env)
+    assert ok.exit_code == 0, ok.stdout
+    assert "intact" in ok.stdout and "public key only" in ok.stdout
+    data = (copy / "audit.log").read_bytes()
+    (copy / "audit.log").write_bytes(data.replace(b'"size":3', b'"size":4'))
+    bad = runner.invoke(app, args, env=env)
+    assert bad.exit_code == 1 and ": modified:" in bad.stdout
+
+
 def test_cli_tail_and_search(tmp_path: Path) -> None:
     _sample(tmp_path)
     runner = CliRunner()

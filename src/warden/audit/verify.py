@@ -98,10 +98,16 @@ class _Line:
 
 
 def verify(
-    home: Path, *, public_only: bool = False, public_key: Path | None = None
+    home: Path,
+    *,
+    public_only: bool = False,
+    public_key: Path | None = None,
+    log: Path | None = None,
 ) -> VerifyReport:
-    """Check the log under ``home``; AuditLogError if there is none or no key to check it."""
-    path = log_path(home)
+    """Check the log under ``home`` (or the copy ``log``, with its ``head`` next to it);
+    AuditLogError if there is none or no key to check it. Without the HMAC key (absent, or
+    ``public_only``) only what the public key can check is checked."""
+    path = log or log_path(home)
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -123,7 +129,7 @@ def verify(
             ln.mac_ok = ln.rec is not None and hmac.compare_digest(
                 str(ln.rec.get("mac")), record_mac(key, ln.rec)
             )
-    head = read_head(head_path(home), public)
+    head = read_head(path.parent / "head" if log else head_path(home), public)
     _Walk(lines, head, report).run()
     _check_checkpoints(lines, data, public, report)
     _check_head(head, lines, report)

@@ -68,6 +68,10 @@ def verify_command(
             "--public-key", help="The checkpoint public key (default keys/audit-sign.pub)."
         ),
     ] = None,
+    log: Annotated[
+        Path | None,
+        typer.Option("--log", help="Check this copy of a log (its head file next to it)."),
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Check every record, link, checkpoint and the head of the log. Exit 0 if intact, 1 with
@@ -76,7 +80,7 @@ def verify_command(
     from warden.audit import verify
 
     try:
-        report = verify(_home(), public_only=public_only, public_key=public_key)
+        report = verify(_home(), public_only=public_only, public_key=public_key, log=log)
     except WardenError as exc:
         raise _fail(exc) from None
     if as_json:
