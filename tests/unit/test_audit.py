@@ -196,6 +196,29 @@ def test_checkpoints_come_every_n_records_after_t_seconds_and_at_close(tmp_path:
     assert verify(tmp_path).ok
 
 
+@pytest.mark.parametrize("window", [64, 300, 1 << 20])
+def test_reopening_reads_back_only_to_the_last_checkpoint_and_chains_right(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, window: int
+) -> None:
+    import warden.audit.log as log_module
+
+    monkeypatch.setattr(log_module, "_SCAN_WINDOW", window)
+    for round_ in range(3):
+        log = AuditLog.open(tmp_path, checkpoint_every=7)
+        for i in range(10 + round_):
+            log.append("exec", principal="a", pad="y" * (i * 13), exit_code=i)
+        if round_ == 1:  # the writer dies: no closing checkpoint, a torn tail
+            log._release()
+            with (tmp_path / "audit" / "audit.log").open("ab") as f:
+                f.write(b'{"action":"ex')
+        else:
+            log.close()
+        report = verify(tmp_path)
+        assert report.ok or round_ == 1, report.problems
+    assert verify(tmp_path).ok
+    assert [r["action"] for r in _recs(tmp_path)].count("recovered") == 1
+
+
 @settings(
     max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )

@@ -368,24 +368,51 @@ def _open_locked(path: Path) -> int:
 
 
 def _scan(fd: int, keys: Keys, path: Path) -> _Tail:
-    """Read the whole log: its last record, the lines since its last checkpoint, a torn tail."""
+    """The log's last record, the lines since its last checkpoint and a torn tail, read from
+    the end back to that checkpoint (a window that doubles), not the whole file."""
     size = os.fstat(fd).st_size
-    data = os.pread(fd, size, 0) if size else b""
-    cut = data.rfind(b"\n") + 1
-    whole, torn = data[:cut], data[cut:]
-    lines = whole.split(b"\n")[:-1]
-    if not lines:
-        return _Tail(0, 0, GENESIS_PREV, GENESIS_PREV, hashlib.sha256(), 0, torn)
-    last = _parse_last(lines[-1], keys, path)
-    since = 0
-    span_start = 0
-    for line in reversed(lines):
-        if _is_checkpoint(line):
-            span_start = len(whole) - sum(len(x) + 1 for x in lines[len(lines) - since :])
+    window = _SCAN_WINDOW
+    while True:
+        base = max(0, size - window)
+        data = os.pread(fd, size - base, base) if size else b""
+        cut = data.rfind(b"\n") + 1
+        first = 0 if base == 0 else data.find(b"\n") + 1  # skip a line cut by the window
+        found = _lines_since_checkpoint(data[first:cut])
+        if found is not None or base == 0:
             break
-        since += 1
-    span = hashlib.sha256(whole[span_start:])
-    return _Tail(len(whole), last["seq"], last["mac"], last["prev"], span, since, torn)
+        window *= 2
+    torn = data[cut:]
+    if cut <= first:  # no whole line at all (base is 0 here)
+        return _Tail(0, 0, GENESIS_PREV, GENESIS_PREV, hashlib.sha256(), 0, torn)
+    whole = data[first:cut]
+    since = found if found is not None else whole.count(b"\n")
+    span_bytes = whole[len(whole) - _tail_len(whole, since) :]
+    last = _parse_last(whole[: len(whole) - 1].rsplit(b"\n", 1)[-1], keys, path)
+    span = hashlib.sha256(span_bytes)
+    return _Tail(base + cut, last["seq"], last["mac"], last["prev"], span, since, torn)
+
+
+_SCAN_WINDOW = 1 << 20
+
+
+def _lines_since_checkpoint(whole: bytes) -> int | None:
+    """How many whole lines of ``whole`` come after its last checkpoint; None if it has none."""
+    lines = whole.split(b"\n")[:-1]
+    for since, line in enumerate(reversed(lines)):
+        if _is_checkpoint(line):
+            return since
+    return None
+
+
+def _tail_len(whole: bytes, lines: int) -> int:
+    """The byte length of the last ``lines`` lines of ``whole`` (which ends with a newline)."""
+    if lines == 0:
+        return 0
+    end = len(whole) - 1
+    pos = end
+    for _ in range(lines):
+        pos = whole.rfind(b"\n", 0, pos)
+    return end - pos
 
 
 def _parse_last(line: bytes, keys: Keys, path: Path) -> dict[str, Any]:
