@@ -397,3 +397,28 @@ def test_format_record_is_one_line_with_short_digests() -> None:
         line
         == '1970-01-01T00:00:00Z  #7  alice  exec  -  ok  argv_sha256=abababababab…  path="/a b"'
     )
+
+
+def test_cli_tail_follow_prints_new_records_as_they_come(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    _sample(tmp_path)
+    code = "from warden.cli.main import main; main()"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, "audit", "tail", "-f", "-n", "1", "--action", "exec"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "WARDEN_HOME": str(tmp_path)},
+    )
+    try:
+        assert proc.stdout is not None
+        assert "bob  exec  sb1  denied" in proc.stdout.readline()
+        with AuditLog.open(tmp_path) as log:
+            log.append("exec", principal="carol", sandbox="sb9", exit_code=7)
+        assert "carol  exec  sb9  ok" in proc.stdout.readline()
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+        if proc.stdout is not None:
+            proc.stdout.close()
