@@ -422,3 +422,29 @@ def test_cli_tail_follow_prints_new_records_as_they_come(tmp_path: Path) -> None
         proc.wait(timeout=10)
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+def test_verify_while_the_writer_appends_reports_nothing(tmp_path: Path) -> None:
+    """The head is read before the log, and a partial last line is read again: a busy
+    writer is not mistaken for a cut or torn tail."""
+    stop = threading.Event()
+    with AuditLog.open(tmp_path, checkpoint_every=9) as log:
+
+        def writer() -> None:
+            i = 0
+            while not stop.is_set():
+                log.append("exec", principal="w", pad="z" * (i % 3000), exit_code=i)
+                i += 1
+
+        th = threading.Thread(target=writer)
+        th.start()
+        try:
+            reports = []
+            deadline = time.monotonic() + 1.5
+            while time.monotonic() < deadline:
+                reports.append(verify(tmp_path))
+        finally:
+            stop.set()
+            th.join()
+    assert len(reports) > 3
+    assert all(r.ok for r in reports), next(r.problems for r in reports if not r.ok)

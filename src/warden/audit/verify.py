@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -108,8 +109,12 @@ def verify(
     AuditLogError if there is none or no key to check it. Without the HMAC key (absent, or
     ``public_only``) only what the public key can check is checked."""
     path = log or log_path(home)
+    if not path.exists():
+        raise AuditLogError(f"there is no audit log at {path}")
+    public = load_public(home, public_key)
+    head = read_head(path.parent / "head" if log else head_path(home), public)  # head first
     try:
-        data = path.read_bytes()
+        data = _read_whole(path)
     except FileNotFoundError:
         raise AuditLogError(f"there is no audit log at {path}") from None
     except OSError as exc:
@@ -117,7 +122,6 @@ def verify(
             f"cannot read the audit log {path} ({exc.strerror}): run as the owner of "
             "$WARDEN_HOME (root), or verify a copy with --public-only"
         ) from exc
-    public = load_public(home, public_key)
     key = None if public_only else load_mac_key(home)
     report = VerifyReport(mode="public" if key is None else "mac")
     lines = _split(data, report)
@@ -129,12 +133,23 @@ def verify(
             ln.mac_ok = ln.rec is not None and hmac.compare_digest(
                 str(ln.rec.get("mac")), record_mac(key, ln.rec)
             )
-    head = read_head(path.parent / "head" if log else head_path(home), public)
     _Walk(lines, head, report).run()
     _check_checkpoints(lines, data, public, report)
     _check_head(head, lines, report)
     report.problems.sort(key=lambda p: (p.line or 1 << 62, p.kind))
     return report
+
+
+def _read_whole(path: Path) -> bytes:
+    """The log's bytes; read again (briefly) while they end in a partial line, which may be
+    an append in flight rather than a torn one."""
+    data = path.read_bytes()
+    for _ in range(5):
+        if not data or data.endswith(b"\n"):
+            break
+        time.sleep(0.02)
+        data = path.read_bytes()
+    return data
 
 
 def _split(data: bytes, report: VerifyReport) -> list[_Line]:
@@ -331,45 +346,35 @@ def _check_span(span: list[_Line], data: bytes, cp: _Line, report: VerifyReport)
 
 
 def _check_head(head: Head | None, lines: list[_Line], report: VerifyReport) -> None:
-    """The signed head file names the last record written: is it still the log's tail?"""
+    """The signed head names a record written (the last one, when the writer is quiet): it
+    must still be in the log. Read before the log, so a writer busy meanwhile adds only
+    records after it."""
     for ln in lines:
         if ln.rec is not None and ln.rec.get("action") == "log-truncated":
             report.problems.append(
                 Problem("truncated", str(ln.rec.get("reason")), ln.rec["seq"], ln.no)
             )
-    last = next((ln.rec for ln in reversed(lines) if ln.rec is not None), None)
-    end = len(lines) + 1
-    if last is None:
+    recs = [ln.rec for ln in lines if ln.rec is not None]
+    if not recs:
         return
+    top, end = max(int(r["seq"]) for r in recs), len(lines) + 1
     if head is None:
-        if last["seq"] > 1:
+        if top > 1:
             report.problems.append(
                 Problem("bad-checkpoint", "the head file is missing or not signed", line=end)
             )
         return
-    if head.seq > last["seq"]:
-        report.problems.append(
-            Problem(
-                "truncated",
-                f"records after seq {last['seq']} were cut: the signed head file says seq "
-                f"{head.seq} was written",
-                head.seq,
-                end,
-            )
+    macs = {str(r["mac"]) for r in recs if r["seq"] == head.seq}
+    if head.seq > top:
+        message = (
+            f"records after seq {top} were cut: the signed head file says seq {head.seq} "
+            "was written"
         )
-    elif not _head_fits(head, last):
-        report.problems.append(
-            Problem(
-                "truncated",
-                f"the tail was replaced or is stale: the signed head names seq {head.seq} "
-                f"(mac {head.mac[:16]}…), the log ends at seq {last['seq']}",
-                head.seq,
-                end,
-            )
+    elif macs and head.mac not in macs:
+        message = (
+            f"record seq {head.seq} is not the one the signed head names "
+            f"(mac {head.mac[:16]}…): the tail was replaced"
         )
-
-
-def _head_fits(head: Head, last: dict[str, Any]) -> bool:
-    if head.seq == last["seq"]:
-        return head.mac == str(last["mac"])
-    return head.seq == last["seq"] - 1 and head.mac == str(last["prev"])
+    else:
+        return
+    report.problems.append(Problem("truncated", message, head.seq, end))
