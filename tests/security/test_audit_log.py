@@ -317,3 +317,40 @@ def test_kill_9_during_appends_loses_no_returned_record(tmp_path: Path, round_: 
         assert set(returned) <= seqs
         report = verify(tmp_path)
         assert report.ok, report.problems
+
+
+def test_checkpoints_re_signed_under_a_planted_public_key_are_found(
+    home: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """An attacker without the keys swaps keys/audit-sign.pub for their own and re-signs every
+    checkpoint and the head after editing a record. The MAC chain finds it; so does a
+    public-key verifier that pinned the real public key earlier."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from warden.audit._format import Head, checkpoint_message, head_slot, public_key_id
+
+    pinned = tmp_path_factory.mktemp("pin") / "audit-sign.pub"
+    pinned.write_bytes((home / "keys" / "audit-sign.pub").read_bytes())
+    evil = Ed25519PrivateKey.generate()
+    lines = _lines(home)
+    i = _index(lines, 6)
+    rec = _rec(lines[i])
+    rec["principal"] = "someone-else"
+    lines[i] = canonical(rec) + b"\n"
+    for k, ln in enumerate(lines):
+        cp = _rec(ln)
+        if cp["action"] == "checkpoint":
+            cp["key_id"] = public_key_id(evil.public_key())
+            cp["sig"] = evil.sign(checkpoint_message(cp)).hex()
+            lines[k] = canonical(cp) + b"\n"
+    _write(home, lines)
+    last = _rec(lines[-1])
+    slot = head_slot(evil, Head(last["seq"], last["mac"]))
+    (home / "audit" / "head").write_bytes(slot + slot)
+    pem = evil.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    (home / "keys" / "audit-sign.pub").write_bytes(pem)
+    _found(verify(home), "modified", seq=6, line=i + 1)
+    _found(verify(home, public_only=True, public_key=pinned), "bad-key")

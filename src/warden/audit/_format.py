@@ -256,6 +256,13 @@ def load_public(home: Path, path: Path | None = None) -> Ed25519PublicKey:
     return loaded
 
 
+def load_own_public(home: Path) -> Ed25519PublicKey | None:
+    """The public key derived from the private seed, when this process may read it: a
+    replaced ``audit-sign.pub`` then cannot vouch for checkpoints re-signed by someone else."""
+    seed = KeyStore(Paths(home)).get(SIGN_KEY_NAME)
+    return None if seed is None else Ed25519PrivateKey.from_private_bytes(seed).public_key()
+
+
 def load_mac_key(home: Path) -> bytes | None:
     """The HMAC key, or None if absent (a verifier that holds only the public key)."""
     return KeyStore(Paths(home)).get(MAC_KEY_NAME)

@@ -36,6 +36,7 @@ from warden.audit._format import (
     checkpoint_message,
     head_path,
     load_mac_key,
+    load_own_public,
     load_public,
     log_path,
     mac_key_id,
@@ -111,7 +112,8 @@ def verify(
     path = log or log_path(home)
     if not path.exists():
         raise AuditLogError(f"there is no audit log at {path}")
-    public = load_public(home, public_key)
+    own = None if public_only or public_key else load_own_public(home)
+    public = own or load_public(home, public_key)
     head = read_head(path.parent / "head" if log else head_path(home), public)  # head first
     try:
         data = _read_whole(path)
