@@ -256,7 +256,19 @@ def test_an_altered_last_record_stops_a_writer_from_chaining_onto_it(home: Path)
 
 def test_a_second_writer_is_refused(home: Path) -> None:
     with AuditLog.open(home), pytest.raises(AuditLogError, match="another process"):
-        AuditLog.open(home)
+        AuditLog.open(home, lock_timeout=0.1)
+
+
+def test_a_second_writer_may_wait_for_the_first_to_close(home: Path) -> None:
+    import threading
+
+    first = AuditLog.open(home)
+    timer = threading.Timer(0.2, first.close)
+    timer.start()
+    with AuditLog.open(home, lock_timeout=10) as second:
+        second.append("exec", principal="second")
+    timer.join()
+    assert verify(home).ok
 
 
 @settings(

@@ -106,11 +106,13 @@ class AuditLog:
         *,
         checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
         checkpoint_interval: float = DEFAULT_CHECKPOINT_INTERVAL_S,
+        lock_timeout: float = 0.0,
     ) -> AuditLog:
         """Open (or make) the log of ``home``; keys are made with a new log only.
 
         Recovers a torn tail, notes a cut tail, and appends a ``log-open`` record.
-        AuditLogError if another process writes the log or its keys or last record are bad.
+        AuditLogError if another process writes the log (after waiting up to
+        ``lock_timeout`` seconds for it to close), or its keys or last record are bad.
         """
         if checkpoint_every < 1 or checkpoint_interval <= 0:
             raise ValueError("checkpoint_every must be >= 1 and checkpoint_interval > 0")
@@ -118,7 +120,7 @@ class AuditLog:
         existed = log_path(home).exists() and log_path(home).stat().st_size > 0
         private_dir(log_dir(home))
         keys = load_keys(home, create=not existed)
-        fd = _open_locked(log_path(home))
+        fd = _open_locked(log_path(home), lock_timeout)
         try:
             head_fd = open_private(head_path(home), os.O_RDWR | os.O_CREAT)
             _fsync_dir(log_dir(home))
@@ -354,17 +356,22 @@ def _head_matches(head: Head | None, tail: _Tail) -> bool:
     return head.seq == tail.seq - 1 and head.mac == tail.prev
 
 
-def _open_locked(path: Path) -> int:
+def _open_locked(path: Path, timeout: float) -> int:
     fd = open_private(path, os.O_RDWR | os.O_CREAT | os.O_APPEND)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise AuditLogError(
-            f"another process writes the audit log {path} (a running `warden serve`?): "
-            "only one writer at a time; read it with `warden audit tail`"
-        ) from None
-    return fd
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.01)
+    os.close(fd)
+    raise AuditLogError(
+        f"another process writes the audit log {path} (a running `warden serve`?): "
+        "only one writer at a time; read it with `warden audit tail`"
+    )
 
 
 def _scan(fd: int, keys: Keys, path: Path) -> _Tail:
