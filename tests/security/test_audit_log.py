@@ -366,3 +366,41 @@ def test_checkpoints_re_signed_under_a_planted_public_key_are_found(
     (home / "keys" / "audit-sign.pub").write_bytes(pem)
     _found(verify(home), "modified", seq=6, line=i + 1)
     _found(verify(home, public_only=True, public_key=pinned), "bad-key")
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Any:
+    """A real 256 KiB tmpfs: the disk fills up for real (needs root to mount)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    got = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs", str(mnt)],
+        check=False,
+        capture_output=True,
+    )
+    if got.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {got.stderr.decode().strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_full_disk_fails_the_append_and_leaves_no_partial_record(small_fs: Path) -> None:
+    home = small_fs / "home"
+    filler = small_fs / "filler"
+    with AuditLog.open(home) as log:
+        log.append("exec", principal="a", exit_code=0)
+        free = os.statvfs(small_fs).f_bavail * os.statvfs(small_fs).f_frsize
+        filler.write_bytes(b"\0" * max(0, free - 6000))  # about one 8 KiB record short
+        last_ok = log.last_seq
+        with pytest.raises(AuditLogError, match="not written"):
+            for _ in range(20):
+                log.append("exec", principal="a", pad="p" * 8000)
+                last_ok = log.last_seq
+        assert log.last_seq == last_ok
+        assert (home / "audit" / "audit.log").read_bytes().endswith(b"\n")
+        filler.unlink()
+        log.append("exec", principal="a", exit_code=1)  # the chain goes on where it was
+    report = verify(home)
+    assert report.ok, report.problems
