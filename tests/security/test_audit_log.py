@@ -404,3 +404,45 @@ def test_a_full_disk_fails_the_append_and_leaves_no_partial_record(small_fs: Pat
         log.append("exec", principal="a", exit_code=1)  # the chain goes on where it was
     report = verify(home)
     assert report.ok, report.problems
+
+
+def test_a_full_disk_under_threads_fails_whole_groups_and_keeps_every_returned_record(
+    small_fs: Path,
+) -> None:
+    import threading
+
+    home = small_fs / "home"
+    filler = small_fs / "filler"
+    returned: list[int] = []
+    failed: list[str] = []
+    lock = threading.Lock()
+    with AuditLog.open(home) as log:
+        free = os.statvfs(small_fs).f_bavail * os.statvfs(small_fs).f_frsize
+        filler.write_bytes(b"\0" * max(0, free - 40_000))
+
+        def work(t: int) -> None:
+            for i in range(40):
+                try:
+                    rec = log.append("exec", principal=f"t{t}", pad="q" * 6000, exit_code=i)
+                except AuditLogError as exc:
+                    with lock:
+                        failed.append(str(exc))
+                    return
+                with lock:
+                    returned.append(int(str(rec["seq"])))
+
+        threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        assert failed and returned, (failed, returned)
+        assert all("not written" in x for x in failed)
+        assert (home / "audit" / "audit.log").read_bytes().endswith(b"\n")
+        filler.unlink()  # space again: the writer goes on from the last record on disk
+        log.append("exec", principal="after", exit_code=0)
+    seqs = [_rec(x)["seq"] for x in _lines(home)]
+    assert seqs == list(range(1, len(seqs) + 1))
+    assert set(returned) <= set(seqs)
+    report = verify(home)
+    assert report.ok, report.problems

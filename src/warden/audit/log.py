@@ -72,8 +72,28 @@ class _Tail:
     torn: bytes
 
 
+@dataclass
+class _Chain:
+    """Where the chain is: after the last record made (the tip) or after the last on disk."""
+
+    seq: int
+    mac: str
+    size: int
+    span: Any  # hashlib sha256 of the lines since the last checkpoint
+    since_checkpoint: int
+
+    def copy(self) -> _Chain:
+        return _Chain(self.seq, self.mac, self.size, self.span.copy(), self.since_checkpoint)
+
+
 class AuditLog:
-    """An open, appendable audit log under ``$WARDEN_HOME/audit/``. Thread-safe."""
+    """An open, appendable audit log under ``$WARDEN_HOME/audit/``. Thread-safe.
+
+    Appends commit in groups: a thread makes its record (seq, prev, MAC) under the lock and
+    queues its line; the first waiting thread writes every queued line at once, syncs, writes
+    the head, and wakes the others. A failed write cuts the file back and fails every record
+    queued with it (they chain onto each other); the chain goes on from the last one on disk.
+    """
 
     def __init__(
         self,
@@ -88,15 +108,17 @@ class AuditLog:
         self.path = log_path(home)
         self._keys = keys
         self._fd, self._head_fd = fds
-        self._size = tail.size
-        self._seq = tail.seq
-        self._mac = tail.mac
-        self._span = tail.span
-        self._since_checkpoint = tail.since_checkpoint
+        self._disk = _Chain(tail.seq, tail.mac, tail.size, tail.span, tail.since_checkpoint)
+        self._tip = self._disk.copy()
+        self._pending: list[bytes] = []
+        self._flushing = False
+        self._generation = 0  # bumped when a group fails: its records, and later ones, fail
+        self._failure: AuditLogError | None = None
+        self._head_slot = 0
         self._every = every
         self._interval = interval
         self._last_checkpoint = time.monotonic()
-        self._lock = threading.Lock()
+        self._cond = threading.Condition()
         self._closed = False
 
     @classmethod
@@ -141,7 +163,7 @@ class AuditLog:
         head = read_head(head_path(self.home), self._keys.public)  # before any append
         if tail.torn:
             self._recover(tail.torn)
-        if (existed or head is not None) and not _head_matches(head, tail):
+        if (existed or head is not None) and not _head_matches(head, tail, self._fd):
             self._record_cut(head, tail)
         self.append(
             "log-open",
@@ -165,9 +187,9 @@ class AuditLog:
     ) -> dict[str, object]:
         """Append one record and return it (with its ``seq``, ``time``, ``prev`` and ``mac``)
         once it is on disk. AuditRecordError (nothing written) for a bad or too big record;
-        AuditLogError if the disk failed."""
+        AuditLogError if the disk failed (the record is not in the log)."""
         check_fields(action, principal, outcome, fields)
-        with self._lock:
+        with self._cond:
             self._check_open()
             record: dict[str, Any] = {
                 **fields,
@@ -176,9 +198,10 @@ class AuditLog:
                 "sandbox": sandbox,
                 "outcome": outcome,
             }
-            done = self._append_locked(record)
+            done = self._enqueue(record)
             if self._due():
-                self._checkpoint_locked()
+                self._enqueue_checkpoint()
+            self._commit(done["seq"])
         return done
 
     async def append_async(
@@ -198,20 +221,25 @@ class AuditLog:
 
     def checkpoint(self) -> None:
         """Append a signed checkpoint now (nothing if no record came since the last one)."""
-        with self._lock:
+        with self._cond:
             self._check_open()
-            if self._since_checkpoint:
-                self._checkpoint_locked()
+            if self._tip.since_checkpoint:
+                self._enqueue_checkpoint()
+                self._commit(self._tip.seq)
 
     def close(self) -> None:
         """Write a final checkpoint and release the log. Idempotent."""
-        with self._lock:
+        with self._cond:
             if self._closed:
                 return
             try:
-                if self._since_checkpoint:
-                    self._checkpoint_locked()
+                if self._tip.since_checkpoint:
+                    self._enqueue_checkpoint()
+                if self._tip.seq > self._disk.seq:
+                    self._commit(self._tip.seq)
             finally:
+                while self._flushing:
+                    self._cond.wait()
                 self._release()
 
     def __enter__(self) -> AuditLog:
@@ -224,79 +252,133 @@ class AuditLog:
 
     @property
     def last_seq(self) -> int:
-        return self._seq
+        """The seq of the last record on disk."""
+        return self._disk.seq
 
     # -- internals (called with the lock held) -------------------------------------------
 
-    def _append_locked(self, record: dict[str, Any]) -> dict[str, object]:
-        record["seq"] = self._seq + 1
+    def _enqueue(self, record: dict[str, Any]) -> dict[str, Any]:
+        """Give ``record`` its place in the chain and queue its line (nothing on disk yet)."""
+        tip = self._tip
+        record["seq"] = tip.seq + 1
         record["time"] = round(time.time(), 6)
-        record["prev"] = self._mac
+        record["prev"] = tip.mac
         if record["action"] == CHECKPOINT:
             record["sig"] = self._keys.signer.sign(checkpoint_message(record)).hex()
         record["mac"] = record_mac(self._keys.mac_key, record)
-        line = encode_line(record)
-        self._write(line)
-        self._size += len(line)
-        self._seq = record["seq"]
-        self._mac = record["mac"]
-        self._span.update(line)
-        self._since_checkpoint += 1
-        self._write_head()
+        line = encode_line(record)  # too big: refused before the chain moves
+        self._pending.append(line)
+        tip.seq, tip.mac, tip.size = record["seq"], record["mac"], tip.size + len(line)
+        tip.span.update(line)
+        tip.since_checkpoint += 1
         return record
 
-    def _checkpoint_locked(self) -> None:
-        self._append_locked(
+    def _enqueue_checkpoint(self) -> None:
+        tip = self._tip
+        self._enqueue(
             {
                 "action": CHECKPOINT,
                 "principal": SYSTEM_PRINCIPAL,
                 "sandbox": None,
                 "outcome": "ok",
-                "covers": self._seq,
-                "records": self._since_checkpoint,
-                "span_sha256": self._span.hexdigest(),
+                "covers": tip.seq,
+                "records": tip.since_checkpoint,
+                "span_sha256": tip.span.hexdigest(),
                 "key_id": self._keys.key_id,
             }
         )
-        self._span = hashlib.sha256()
-        self._since_checkpoint = 0
+        tip.span = hashlib.sha256()
+        tip.since_checkpoint = 0
         self._last_checkpoint = time.monotonic()
 
     def _due(self) -> bool:
-        if self._since_checkpoint >= self._every:
+        if self._tip.since_checkpoint >= self._every:
             return True
         return time.monotonic() - self._last_checkpoint >= self._interval
 
-    def _write(self, line: bytes) -> None:
-        """``line`` at the end of the log, on disk; on failure the log is cut back."""
+    def _commit(self, seq: int) -> None:
+        """Return once record ``seq`` (queued in this generation) is on disk; write the queue
+        if no other thread is writing it."""
+        generation = self._generation
+        while True:
+            if self._generation != generation:
+                raise AuditLogError(
+                    f"record {seq} was not written to the audit log {self.path}: {self._failure}"
+                )
+            if self._disk.seq >= seq:
+                return
+            if not self._flushing:
+                self._flush()
+            else:
+                self._cond.wait()
+
+    def _flush(self) -> None:
+        """Write the queue as one group; the lock is let go during the disk I/O."""
+        self._flushing = True
+        batch, self._pending = b"".join(self._pending), []
+        end, start = self._tip.copy(), self._disk.size
+        error: AuditLogError | None = AuditLogError("the write was interrupted")
+        head_error: AuditLogError | None = None
+        self._cond.release()
         try:
-            view = memoryview(line)
+            self._write(batch, start)
+            error = None
+            head_error = self._write_head(Head(end.seq, end.mac))
+        except AuditLogError as exc:
+            error = exc
+        finally:
+            self._cond.acquire()
+            self._settle(end, error)
+        if head_error is not None:
+            raise head_error
+
+    def _settle(self, end: _Chain, error: AuditLogError | None) -> None:
+        self._flushing = False
+        if error is None:
+            self._disk = end
+        else:  # every queued record chains onto the failed ones: fail them all
+            self._generation += 1
+            self._failure = error
+            self._pending = []
+            self._tip = self._disk.copy()
+        self._cond.notify_all()
+
+    def _write(self, data: bytes, start: int) -> None:
+        """``data`` at the end of the log (at ``start``), on disk; on failure it is cut back."""
+        try:
+            view = memoryview(data)
             while view:
                 view = view[os.write(self._fd, view) :]
             os.fdatasync(self._fd)
-        except OSError as exc:
+        except BaseException as exc:
             with contextlib.suppress(OSError):
-                os.ftruncate(self._fd, self._size)
+                os.ftruncate(self._fd, start)
                 os.fdatasync(self._fd)
+            if not isinstance(exc, OSError):
+                raise
             raise AuditLogError(
                 f"cannot append to the audit log {self.path}: {exc.strerror}; the record was "
                 "not written. Free disk space or fix the file system, then retry"
             ) from exc
 
-    def _write_head(self) -> None:
-        slot = head_slot(self._keys.signer, Head(self._seq, self._mac))
+    def _write_head(self, head: Head) -> AuditLogError | None:
+        """The head names the last record on disk, in the slot the last write did not use
+        (a torn slot leaves the other). An error is returned: the records are on disk."""
+        slot = head_slot(self._keys.signer, head)
         try:
-            os.pwrite(self._head_fd, slot, (self._seq % 2) * HEAD_SLOT_BYTES)
+            os.pwrite(self._head_fd, slot, self._head_slot * HEAD_SLOT_BYTES)
             os.fdatasync(self._head_fd)
         except OSError as exc:
-            raise AuditLogError(
-                f"record {self._seq} is in the audit log, but its head file "
+            return AuditLogError(
+                f"record {head.seq} is in the audit log, but its head file "
                 f"{head_path(self.home)} could not be written ({exc.strerror})"
-            ) from exc
+            )
+        self._head_slot ^= 1
+        return None
 
     def _recover(self, torn: bytes) -> None:
         """Move a torn tail aside, cut it off, and say so in a ``recovered`` record."""
-        offset = self._size
+        offset = self._disk.size
         saved = log_dir(self.home) / f"torn-{offset}-{time.time_ns()}.bin"
         fd = open_private(saved, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
         try:
@@ -347,13 +429,32 @@ class AuditLog:
                 os.close(fd)
 
 
-def _head_matches(head: Head | None, tail: _Tail) -> bool:
-    """The head is the last record, or the one before (a crash between log and head)."""
+def _head_matches(head: Head | None, tail: _Tail, fd: int) -> bool:
+    """The head names a record that is in the log: the last one, or one before it (the
+    writer crashed between a group's write and its head's, or the head slot it was writing
+    is torn and the other names the group before)."""
     if head is None:
         return tail.seq <= 1  # a crash before the first head was written
     if head.seq == tail.seq:
         return head.mac == tail.mac
-    return head.seq == tail.seq - 1 and head.mac == tail.prev
+    return head.seq < tail.seq and _mac_at(fd, tail.size, head.seq) == head.mac
+
+
+def _mac_at(fd: int, size: int, seq: int) -> str | None:
+    """The MAC of record ``seq``, searched from the end of the log back (a doubling window)."""
+    window = _SCAN_WINDOW
+    while True:
+        base = max(0, size - window)
+        data = os.pread(fd, size - base, base)
+        first = 0 if base == 0 else data.find(b"\n") + 1
+        for line in reversed(data[first:].split(b"\n")):
+            rec = _parse(line)
+            got = rec.get("seq") if rec else None
+            if isinstance(got, int) and got <= seq:
+                return str(rec.get("mac")) if rec and got == seq else None
+        if base == 0:
+            return None
+        window *= 2
 
 
 def _open_locked(path: Path, timeout: float) -> int:
@@ -442,12 +543,17 @@ def _parse_last(line: bytes, keys: Keys, path: Path) -> dict[str, Any]:
     return dict(record)
 
 
-def _is_checkpoint(line: bytes) -> bool:
+def _parse(line: bytes) -> dict[str, Any] | None:
     try:
         record = json.loads(line)
     except ValueError:
-        return False
-    return isinstance(record, dict) and record.get("action") == CHECKPOINT
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _is_checkpoint(line: bytes) -> bool:
+    record = _parse(line)
+    return record is not None and record.get("action") == CHECKPOINT
 
 
 def _fsync_dir(path: Path) -> None:
