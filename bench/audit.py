@@ -1,5 +1,6 @@
 """The audit log's cost: durable appends per second and per-append latency, from one thread,
-from several threads and from asyncio tasks (``append_async``), and the time to verify.
+from several threads and from asyncio tasks (``append_async``; concurrent appends share their
+``fdatasync``s, group commit), and the time to verify.
 
 ``python bench/audit.py [--n 2000] [--dir DIR]``: prints one JSON object. Each append is a
 typical exec record (argv digest, user, exit code, duration) written with ``fdatasync`` of
@@ -95,7 +96,8 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="audit-bench-", dir=args.dir))
     try:
         result: dict[str, object] = {"n": args.n, "one_thread": one_thread(root / "a", args.n)}
-        result["threads"] = threads(root / "b", args.n, 4)
+        result["threads_4"] = threads(root / "b", args.n, 4)
+        result["threads_16"] = threads(root / "b16", args.n, 16)
         result["asyncio"] = tasks(root / "c", args.n, 16)
         start = time.perf_counter()
         report = verify(root / "a")

@@ -3,7 +3,8 @@
 One process writes a log (an exclusive ``flock`` on it says which). Every record is chained to
 the one before by its keyed MAC (``_format.py``); :meth:`AuditLog.append` returns only once
 the record's line is on disk (``write`` + ``fdatasync``), then updates the signed head file,
-so that whole records cut from the tail are found. Every ``checkpoint_every`` records, at the
+so that whole records cut from the tail are found; concurrent appends share one write and its
+syncs (group commit). Every ``checkpoint_every`` records, at the
 first append after ``checkpoint_interval`` seconds, and on :meth:`AuditLog.close`, the log
 appends a checkpoint signed with Ed25519 that commits to the last record's seq and MAC and to
 the SHA-256 of every line since the checkpoint before.
