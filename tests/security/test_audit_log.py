@@ -293,25 +293,33 @@ def test_any_changed_byte_anywhere_is_found(home: Path, where: float, flip: int)
 # -- kill -9 ------------------------------------------------------------------------------
 
 _CHILD = """
-import sys
+import os, sys, threading
 from pathlib import Path
 from warden.audit import AuditLog
 log = AuditLog.open(Path(sys.argv[1]), checkpoint_every=7)
-print("ready", flush=True)
-i = 0
-while True:
-    rec = log.append("exec", principal="p", sandbox="s", pad="x" * (i % 5000), exit_code=i)
-    print(rec["seq"], flush=True)
-    i += 1
+os.write(1, b"ready\\n")
+
+def work(t):
+    i = 0
+    while True:
+        rec = log.append("exec", principal=f"p{t}", pad="x" * (i % 5000), exit_code=i)
+        os.write(1, b"%d\\n" % rec["seq"])  # one write: lines of threads never mix
+        i += 1
+
+for t in range(int(sys.argv[2]) - 1):
+    threading.Thread(target=work, args=(t,), daemon=True).start()
+work(-1)
 """
 
 
-@pytest.mark.parametrize("round_", range(3))
-def test_kill_9_during_appends_loses_no_returned_record(tmp_path: Path, round_: int) -> None:
+@pytest.mark.parametrize(("round_", "threads"), [(0, 1), (1, 1), (2, 4), (3, 4)])
+def test_kill_9_during_appends_loses_no_returned_record(
+    tmp_path: Path, round_: int, threads: int
+) -> None:
     rng = random.Random(round_)  # noqa: S311 (when to kill, not a secret)
     for _ in range(2):  # kill twice on the same log: recovery after recovery
         child = subprocess.Popen(
-            [sys.executable, "-c", _CHILD, str(tmp_path)],
+            [sys.executable, "-c", _CHILD, str(tmp_path), str(threads)],
             stdout=subprocess.PIPE,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
@@ -446,3 +454,32 @@ def test_a_full_disk_under_threads_fails_whole_groups_and_keeps_every_returned_r
     assert set(returned) <= set(seqs)
     report = verify(home)
     assert report.ok, report.problems
+
+
+def test_a_head_a_whole_group_behind_after_a_crash_is_not_a_cut(home: Path) -> None:
+    """Concurrent appends share one write; a crash before that group's head is written leaves
+    the head several records behind, naming a record the log still has: not a truncation."""
+    from warden.audit._format import Head, head_slot, load_keys
+
+    lines = _lines(home)
+    behind = _rec(lines[-4])
+    slot = head_slot(load_keys(home, create=False).signer, Head(behind["seq"], behind["mac"]))
+    (home / "audit" / "head").write_bytes(slot + b"\0" * len(slot))  # the other slot torn
+    with AuditLog.open(home) as log:
+        log.append("exec", principal="alice", exit_code=0)
+    actions = [_rec(x)["action"] for x in _lines(home)]
+    assert "log-truncated" not in actions
+    assert verify(home).ok
+
+
+def test_a_head_naming_a_record_the_log_does_not_have_is_recorded_as_a_cut(home: Path) -> None:
+    from warden.audit._format import Head, head_slot, load_keys
+
+    lines = _lines(home)
+    behind = _rec(lines[-4])
+    slot = head_slot(load_keys(home, create=False).signer, Head(behind["seq"], "ab" * 32))
+    (home / "audit" / "head").write_bytes(slot + slot)
+    with AuditLog.open(home) as log:
+        log.append("exec", principal="alice", exit_code=0)
+    assert [_rec(x)["action"] for x in _lines(home)].count("log-truncated") == 1
+    _found(verify(home), "truncated")
