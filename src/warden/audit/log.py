@@ -144,13 +144,16 @@ class AuditLog:
         private_dir(log_dir(home))
         keys = load_keys(home, create=not existed)
         fd = _open_locked(log_path(home), lock_timeout)
+        head_fd = -1
         try:
             head_fd = open_private(head_path(home), os.O_RDWR | os.O_CREAT)
             _fsync_dir(log_dir(home))
             _fsync_dir(home)
             tail = _scan(fd, keys, log_path(home))
         except BaseException:
-            os.close(fd)
+            for opened in (fd, head_fd):
+                if opened >= 0:
+                    os.close(opened)
             raise
         log = cls(home, keys, (fd, head_fd), tail, checkpoint_every, checkpoint_interval)
         try:
