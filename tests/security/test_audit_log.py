@@ -483,3 +483,22 @@ def test_a_head_naming_a_record_the_log_does_not_have_is_recorded_as_a_cut(home:
         log.append("exec", principal="alice", exit_code=0)
     assert [_rec(x)["action"] for x in _lines(home)].count("log-truncated") == 1
     _found(verify(home), "truncated")
+
+
+def test_a_forged_record_appended_at_the_tail_is_found_as_inserted(home: Path) -> None:
+    lines = _lines(home)
+    last = _rec(lines[-1])
+    forged: dict[str, Any] = {
+        "seq": last["seq"] + 1,
+        "time": last["time"] + 1,
+        "action": "exec",
+        "principal": "mallory",
+        "sandbox": None,
+        "outcome": "ok",
+        "prev": last["mac"],
+        "mac": "00" * 32,
+    }
+    _write(home, [*lines, canonical(forged) + b"\n"])
+    report = verify(home)
+    _found(report, "inserted", seq=last["seq"] + 1, line=len(lines) + 1)
+    assert {p.kind for p in report.problems} == {"inserted"}

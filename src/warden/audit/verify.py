@@ -234,7 +234,7 @@ class _Walk:
             if ln.rec is None:
                 self.advance(None)
             elif ln.mac_ok is False:
-                self.bad_mac(ln, self.next_record(i))
+                self.bad_mac(ln, i + 1 == len(self.lines), self.next_record(i))
             else:
                 self.good(ln, ln.rec)
         for first, last, no in self.gaps:
@@ -251,14 +251,16 @@ class _Walk:
         self.expect_seq += 1
         self.expect_prev = mac if isinstance(mac, str) else None
 
-    def bad_mac(self, ln: _Line, nxt: dict[str, Any] | None) -> None:
+    def bad_mac(self, ln: _Line, last: bool, nxt: dict[str, Any] | None) -> None:
+        """Modified (the next record, or the head at the tail, names it) or inserted (they
+        name the record before it instead)."""
         assert ln.rec is not None
         mac = ln.rec.get("mac")
+        skipped = False
         if nxt is not None:
             skipped = nxt.get("prev") != mac and nxt.get("prev") == self.expect_prev
-        else:
-            head = self.head
-            skipped = head is not None and head.mac != mac and head.mac == self.expect_prev
+        elif last and self.head is not None:
+            skipped = self.head.mac != mac and self.head.mac == self.expect_prev
         if skipped:
             self.problem("inserted", "its MAC fails and the chain skips it: a forgery", ln)
             return
