@@ -33,8 +33,11 @@ and its message says what the user can do about it::
      +-- PermissionDeniedError  the policy refuses the caller this action (HTTP 403)
      +-- AdmissionError         the host's capacity x overcommit ratio would be passed (409)
      +-- TemplateError          a template cannot be made, found or used
-          +-- TemplateNotFoundError  no template has that name (HTTP 404)
-          +-- TemplateRefusedError   its seal, image or QEMU no longer matches: rebuild it (409)
+     |    +-- TemplateNotFoundError  no template has that name (HTTP 404)
+     |    +-- TemplateRefusedError   its seal, image or QEMU no longer matches: rebuild it (409)
+     +-- AuditError             the audit log (``warden.audit``) refused or failed an operation
+          +-- AuditRecordError     a record was refused (too big, a bad field); nothing written
+          +-- AuditLogError        the log cannot be opened or written (keys, lock, disk)
 
 ``asyncio.CancelledError`` is never wrapped.
 """
@@ -203,3 +206,18 @@ class TemplateNotFoundError(TemplateError, LookupError):
 class TemplateRefusedError(TemplateError):
     """A template's seal, image, QEMU or machine no longer matches what loads it (HTTP 409).
     Nothing was started: remove it and make it again (``warden template rm`` / ``create``)."""
+
+
+class AuditError(WardenError):
+    """The tamper-evident audit log (``warden.audit``) refused or failed an operation."""
+
+
+class AuditRecordError(AuditError, ValueError):
+    """A record was refused before anything was written: it is too big, or a field has a bad
+    name or type. Put digests in a record, never raw argv, file contents or secrets."""
+
+
+class AuditLogError(AuditError):
+    """The audit log cannot be opened or appended to: its keys are missing or unsafe, another
+    process writes it, its last record is unreadable, or the disk failed. The message says
+    what to do; ``warden audit verify`` shows the state of the log."""
