@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from warden._errors import AdmissionError, WardenError
 from warden.api import errors as api_errors
+from warden.server.audit import PrincipalContext
 from warden.server.limits import BodyLimit
 from warden.server.manager import Manager
 from warden.server.metrics import Metrics
@@ -72,6 +73,7 @@ def create_app(
     app.state.pipes = dict[str, StdinPipe]()
     app.state.allow_root = allow_root
     app.add_middleware(BodyLimit)
+    app.add_middleware(PrincipalContext)  # the audit log's principal (server/audit.py)
 
     @app.exception_handler(WardenError)
     async def _warden_error(request: Request, exc: WardenError) -> JSONResponse:
