@@ -31,6 +31,7 @@ and its message says what the user can do about it::
      |    +-- StateTransitionError the VM cannot go from its state to that one (HTTP 409)
      +-- AuthenticationError    no, a wrong, an expired or a revoked credential (HTTP 401)
      +-- PermissionDeniedError  the policy refuses the caller this action (HTTP 403)
+     +-- TokenNotFoundError     no API token has that id or principal name (HTTP 404)
      +-- AdmissionError         the host's capacity x overcommit ratio would be passed (409)
      +-- TemplateError          a template cannot be made, found or used
      |    +-- TemplateNotFoundError  no template has that name (HTTP 404)
@@ -177,6 +178,11 @@ class StateTransitionError(StoreError):
 class AuthenticationError(WardenError):
     """The request carried no credential, or one that is wrong, expired or revoked (HTTP
     401). The message says which, and how to get a valid one."""
+
+
+class TokenNotFoundError(WardenError, LookupError):
+    """No API token has that id or principal name (HTTP 404); ``warden token list`` lists
+    them."""
 
 
 class PermissionDeniedError(WardenError):

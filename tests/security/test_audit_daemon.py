@@ -11,13 +11,14 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.integration.conftest import ServeProcess
+from tests.integration.conftest import WARDEN, ServeProcess
 from warden.audit import argv_digest, records, verify
 from warden.config import Paths
 
@@ -135,3 +136,63 @@ def test_the_log_is_the_daemons_alone(daemon: ServeProcess) -> None:
 
     with pytest.raises(AuditLogError):
         AuditLog.open(_home())
+
+
+def test_token_changes_are_recorded_with_a_daemon(
+    daemon: ServeProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`warden token` goes through the daemon that answers; the daemon records each change
+    (never the token's text)."""
+    monkeypatch.setenv("WARDEN_HOST", daemon.url)
+    made = subprocess.run(
+        [WARDEN, "token", "create", "auditee", "--role", "user"],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    text = made.stdout.strip()
+    token_id = text.split("_")[1]
+    subprocess.run([WARDEN, "token", "revoke", token_id], check=True, timeout=60)
+    found = [r for r in records(_home()) if r.get("token_id") == token_id]
+    assert [(r["action"], r["token_name"], r["roles"]) for r in found] == [
+        ("token-create", "auditee", "user"),
+        ("token-revoke", "auditee", "user"),
+    ]
+    log = (_home() / "audit" / "audit.log").read_text()
+    assert text not in log and text.split("_")[2] not in log
+
+
+def test_token_changes_are_recorded_without_a_daemon(tmp_path: Path) -> None:
+    """No daemon: the command records the change itself, as the local user; while a daemon
+    holds the log but cannot be reached, nothing is changed."""
+    env = {k: v for k, v in os.environ.items() if k != "WARDEN_HOST"}
+    env["WARDEN_HOME"] = str(tmp_path / "home")
+    made = subprocess.run(
+        [WARDEN, "token", "create", "offline"], env=env, capture_output=True, text=True,
+        timeout=60, check=True,
+    )  # fmt: skip
+    token_id = made.stdout.strip().split("_")[1]
+    found = [r for r in records(tmp_path / "home") if r.get("token_id") == token_id]
+    assert [(r["action"], r["principal"], r["via"]) for r in found] == [
+        ("token-create", "root", "cli")
+    ]
+    assert verify(tmp_path / "home").ok
+
+
+def test_a_token_change_the_log_cannot_record_is_not_made(
+    daemon: ServeProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon holds the log but is not on the default socket (no WARDEN_HOST): the
+    command refuses, saying what to do, and no token is made."""
+    monkeypatch.delenv("WARDEN_HOST", raising=False)
+    p = subprocess.run(
+        [WARDEN, "token", "create", "unrecorded"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert p.returncode == 125 and "WARDEN_HOST" in p.stderr, p.stderr
+    listed = subprocess.run(
+        [WARDEN, "token", "list", "--json"], capture_output=True, text=True, timeout=60,
+        env={**os.environ, "WARDEN_HOST": daemon.url}, check=True,
+    )  # fmt: skip
+    assert "unrecorded" not in listed.stdout

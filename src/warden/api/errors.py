@@ -40,6 +40,7 @@ from warden._errors import (
     StateTransitionError,
     TemplateError,
     TemplateNotFoundError,
+    TokenNotFoundError,
     VMNotFoundError,
     WardenError,
 )
@@ -48,6 +49,7 @@ STATUS: tuple[tuple[type[WardenError], int], ...] = (
     (AuthenticationError, 401),  # no, a wrong, an expired or a revoked credential
     (PermissionDeniedError, 403),  # the policy refuses the caller this action
     (VMNotFoundError, 404),
+    (TokenNotFoundError, 404),
     (ImageNotFoundError, 404),
     (NameConflictError, 409),
     (TemplateNotFoundError, 404),

@@ -25,7 +25,7 @@ from warden.server.audit import PrincipalContext
 from warden.server.limits import BodyLimit
 from warden.server.manager import Manager
 from warden.server.metrics import Metrics
-from warden.server.routes import auth, events, files, sandboxes, system, templates
+from warden.server.routes import auth, events, files, sandboxes, system, templates, tokens
 from warden.server.routes import exec as exec_routes
 from warden.server.stdin import StdinPipe
 
@@ -92,6 +92,6 @@ def create_app(
         answer = api_errors.body(api_errors.HTTP_ERROR, str(exc.detail))
         return JSONResponse(answer, status_code=exc.status_code, headers=exc.headers)
 
-    for module in (sandboxes, templates, events, system, exec_routes, files, auth):
+    for module in (sandboxes, templates, events, system, exec_routes, files, auth, tokens):
         app.include_router(module.router)
     return app
