@@ -36,6 +36,9 @@ and its message says what the user can do about it::
      +-- TemplateError          a template cannot be made, found or used
      |    +-- TemplateNotFoundError  no template has that name (HTTP 404)
      |    +-- TemplateRefusedError   its seal, image or QEMU no longer matches: rebuild it (409)
+     +-- LinkError              a VM-to-VM link was refused (a self-link, a name in use, an end
+     |    |                     that would not open) or broke; nothing was left open (HTTP 409)
+     |    +-- LinkNotFoundError    no link has that name (HTTP 404)
      +-- AuditError             the audit log (``warden.audit``) refused or failed an operation
           +-- AuditRecordError     a record was refused (too big, a bad field); nothing written
           +-- AuditLogError        the log cannot be opened or written (keys, lock, disk)
@@ -212,6 +215,14 @@ class TemplateNotFoundError(TemplateError, LookupError):
 class TemplateRefusedError(TemplateError):
     """A template's seal, image, QEMU or machine no longer matches what loads it (HTTP 409).
     Nothing was started: remove it and make it again (``warden template rm`` / ``create``)."""
+
+
+class LinkError(WardenError):
+    """A VM-to-VM link was refused or broke; nothing was left open on either end."""
+
+
+class LinkNotFoundError(LinkError, LookupError):
+    """No link has that name."""
 
 
 class AuditError(WardenError):

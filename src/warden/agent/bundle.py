@@ -35,7 +35,14 @@ main()
 WIRE_MODULES = ("frame.py", "ops.py")
 """The modules of ``warden.wire`` the guest needs."""
 
-CHANNEL_MODULES = ("errors.py", "evp.py", "noise.py", "transport.py", "window.py")
+CHANNEL_MODULES = (
+    "errors.py",
+    "evp.py",
+    "linkseal.py",
+    "noise.py",
+    "transport.py",
+    "window.py",
+)
 """The modules of ``warden.channel`` the guest needs (stdlib plus ``cryptography``, which the
 image installs as Debian's python3-cryptography)."""
 

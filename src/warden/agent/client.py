@@ -59,6 +59,7 @@ from warden._errors import (
     SpecError,
     WardenError,
 )
+from warden.agent.link import LinkEnd
 from warden.agent.secure import ChannelLayer
 from warden.agent.xferread import FOR_WRITES, READ_SLOTS, ReadSlots
 from warden.channel.window import WINDOW_KEY_SIZE, WindowAuth, reads_key
@@ -75,6 +76,7 @@ from warden.wire.frame import (
     FrameError,
     FrameType,
     decode_json,
+    decode_window,
     decode_xfer_ref,
     encode_header,
     encode_json,
@@ -123,6 +125,8 @@ PING_TIMEOUT_S = 10.0
 DEFAULT_MAX_OUTPUT = 16 << 20
 """What :meth:`AgentClient.exec` collects of each stream by default (16 MiB)."""
 GRANT_AT = INITIAL_WINDOW // 2
+MAX_SEND_CREDIT = 64 << 20
+"""The most credit an agent may grant the client (a link's end; more is a protocol error)."""
 """Consumed bytes of a stream that the client gathers before it grants them back as credit."""
 LATE_ANSWER_GRACE_S = 0.5
 """How long the client still waits for an answer after its deadline passed (see _answer_within)."""
@@ -137,6 +141,7 @@ BrokenCallback = Callable[[WardenError], object]
 _OUTPUT_CHANNELS: dict[str, tuple[Channel, ...]] = {
     Op.EXEC: (Channel.STDOUT, Channel.STDERR),
     Op.READ: (Channel.FILE,),
+    Op.LINK_OPEN: (Channel.STDOUT,),
 }
 """The streams the agent may send for each op; DATA on any other is a protocol error."""
 _HOSTNAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
@@ -216,6 +221,10 @@ class _Request:
         """What the agent may still send on each stream."""
         self._ungranted: dict[Channel, int] = dict.fromkeys(channels, 0)
         self._ended: set[Channel] = set()
+        self.send_credit = 0
+        """What the client may still send on STDIN: granted by the agent's WINDOW frames,
+        which only a link's end sends (``warden.guest.link``)."""
+        self.send_granted = asyncio.Event()
 
     # -- fed by the reader task
 
@@ -240,6 +249,16 @@ class _Request:
             self._queue.put_nowait(frame)
         return None
 
+    def grant(self, increment: int) -> str | None:
+        """A WINDOW frame from the agent (a link's end): more STDIN credit."""
+        if self.op != Op.LINK_OPEN:
+            return f"a WINDOW frame from the agent on a {self.op} request"
+        if self.send_credit + increment > MAX_SEND_CREDIT:
+            return f"the agent granted more than {MAX_SEND_CREDIT} bytes"
+        self.send_credit += increment
+        self.send_granted.set()
+        return None
+
     def put_piece(self, frame: Frame) -> None:
         """A piece of a file read in the transfer window (checked; one per lent slot)."""
         self._queue.put_nowait(frame)
@@ -248,6 +267,7 @@ class _Request:
         """The RESPONSE, or the failure of the connection."""
         self.answered = True
         self._queue.put_nowait(item)
+        self.send_granted.set()  # wakes a link's sender: nothing more will be granted
 
     # -- used by the operation
 
@@ -963,6 +983,9 @@ class AgentClient:
         if ftype == FrameType.DATA and frame.channel in (Channel.XFER, Channel.XFER_READ):
             self._window_frame(frame)
             return
+        if ftype == FrameType.WINDOW:
+            self._granted(frame)
+            return
         if ftype not in (FrameType.DATA, FrameType.EOF, FrameType.RESPONSE):
             raise FrameError(f"unexpected {ftype.name} frame from the agent")
         response = decode_json(frame) if ftype == FrameType.RESPONSE else None
@@ -976,6 +999,16 @@ class AgentClient:
             request.deliver(response)
             return
         problem = request.accept(frame)
+        if problem is not None:
+            raise FrameError(problem)
+
+    def _granted(self, frame: Frame) -> None:
+        """A WINDOW frame from the agent: credit for what the client sends a link's end."""
+        increment = decode_window(frame.payload)
+        request = self._requests.get(frame.request_id)
+        if request is None:
+            return  # a link end that already ended
+        problem = request.grant(increment) if frame.channel == Channel.STDIN else "not STDIN"
         if problem is not None:
             raise FrameError(problem)
 
@@ -1307,6 +1340,28 @@ class AgentClient:
     ) -> None:
         args = {Key.OP: Op.MKDIR, Key.PATH: path, Key.PARENTS: parents, Key.MODE: mode}
         await self._call({**args, Key.USER: _user_arg(user)})
+
+    async def open_link(self, name: str, key: bytes, role: str) -> LinkEnd:
+        """Open this VM's end of link ``name`` (a request that lasts as long as the link):
+        once the agent made the socket, or AgentError (nothing left open) if it refused."""
+        stack = contextlib.AsyncExitStack()
+        request = await stack.enter_async_context(
+            self._request(
+                {Key.OP: Op.LINK_OPEN, Key.NAME: name, Key.LINK_KEY: key.hex(), Key.ROLE: role}
+            )
+        )
+        end = LinkEnd(self, request, stack)
+        try:
+            await end.opened(self._deadlines.call)
+        except BaseException:
+            await stack.aclose()
+            raise
+        return end
+
+    async def close_link(self, name: str, reason: str) -> bool:
+        """Ask the agent to close its end of link ``name``; whether one was open."""
+        response = await self._call({Key.OP: Op.LINK_CLOSE, Key.NAME: name, Key.REASON: reason})
+        return response.get(Key.CLOSED) is True
 
     async def shutdown(self) -> None:
         """Ask the agent to power the guest off; returns once it agreed (or hung up)."""

@@ -32,6 +32,8 @@ from warden._errors import (
     HostError,
     ImageNotFoundError,
     JailUnavailableError,
+    LinkError,
+    LinkNotFoundError,
     NameConflictError,
     PausedStateError,
     PermissionDeniedError,
@@ -53,6 +55,8 @@ STATUS: tuple[tuple[type[WardenError], int], ...] = (
     (ImageNotFoundError, 404),
     (NameConflictError, 409),
     (TemplateNotFoundError, 404),
+    (LinkNotFoundError, 404),
+    (LinkError, 409),  # a self-link, a name in use, an end that would not open
     (TemplateError, 409),  # refused (its seal, image or QEMU changed), or not from a clone
     (StateTransitionError, 409),
     (PausedStateError, 409),  # a paused VM's saved state was refused (tampered, say)

@@ -291,7 +291,12 @@ class Session:
             raise Shutdown(reboot)
         elif op in _FILE_OPS:
             self.respond(rid, self._file_op(op, args))
-        elif op == Op.EXEC:
+        else:
+            self._streamed(rid, op, args)
+
+    def _streamed(self, rid: int, op: str, args: dict[str, Any]) -> None:
+        """The ops that outlive their REQUEST frame (exec, read, write, links)."""
+        if op == Op.EXEC:
             self._start(Exec(self, rid, args, users.account(args)))
         elif op == Op.READ:
             self._start(ReadFile(self, rid, args, users.account(args)))
@@ -300,8 +305,28 @@ class Session:
             if writer.start():
                 with self._lock:
                     self.requests[rid] = writer
+        elif op in (Op.LINK_OPEN, Op.LINK_CLOSE):
+            self._link(rid, op, args)
         else:
             self.respond(rid, failure(ErrorKind.INVALID, f"unknown op {op!r}"))
+
+    def _link(self, rid: int, op: str, args: dict[str, Any]) -> None:
+        """Open a link's end (a request that lasts as long as the link), or close one."""
+        from warden.guest import link  # only VMs with links pay for importing socket
+
+        if op == Op.LINK_CLOSE:
+            reason = str(args.get(Key.REASON) or "closed by the host")[:500]
+            closed = link.close_by_name(args.get(Key.NAME), reason)
+            self.respond(rid, {Key.OK: True, Key.CLOSED: closed})
+            return
+        end = link.Link(self, rid, args)
+        with self._lock:
+            self.requests[rid] = end
+        try:
+            end.start()
+        except Invalid:
+            self.forget(rid)
+            raise
 
     def _start(self, op: Exec | ReadFile) -> None:
         with self._lock:

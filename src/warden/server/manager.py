@@ -36,6 +36,7 @@ from warden.config import Paths
 from warden.image.store import load_image
 from warden.jail import features
 from warden.jail.policy import default_mode
+from warden.links import LinkManager
 from warden.policy import footprint
 from warden.policy.admission import AdmissionPolicy, Charges, HostCapacity, VMUsage, check_usage
 from warden.policy.meter import MEMORY_EVERY_S, UsageMeter
@@ -101,6 +102,8 @@ class Manager:
         """Ready clones per template (``server/pool.py``); none unless sizes are given."""
         self.audit = Auditor()
         """Records lifecycle changes (``server/audit.py``); the log opens in :meth:`start`."""
+        self.links = LinkManager(self)
+        """VM-to-VM links (``warden.links``); they die with the daemon."""
 
     # -- life of the manager -----------------------------------------------------------------
 
@@ -218,7 +221,9 @@ class Manager:
     async def close(self) -> None:
         """Let go of every VM without stopping it, and close the store. The warm pools' ready
         members are removed: they serve no one, and a stopped daemon should leave no VM it
-        made on its own (a restart refills the pools; after a kill -9 it takes them back)."""
+        made on its own (a restart refills the pools; after a kill -9 it takes them back).
+        Links are closed (both ends see an error): they die with the daemon."""
+        await self.links.close()
         await self.pool.close()
         for member in self.pool.members():
             with contextlib.suppress(WardenError):

@@ -38,6 +38,10 @@ class Op:
     REMOVE = "remove"
     MKDIR = "mkdir"
     SHUTDOWN = "shutdown"
+    LINK_OPEN = "link-open"
+    """Open this VM's end of a link: a unix socket in the guest, records relayed by the host."""
+    LINK_CLOSE = "link-close"
+    """Close this VM's end of a link (by name), giving a reason."""
 
 
 class Key:
@@ -58,6 +62,17 @@ class Key:
     MODE = "mode"
     PARENTS = "parents"
     RECURSIVE = "recursive"
+    # links (NAME too)
+    LINK_KEY = "key"
+    """link-open: the link's 32-byte key, hex (never logged)."""
+    ROLE = "role"
+    """link-open: "a" or "b" (which direction this end sends)."""
+    REASON = "reason"
+    """link-close: why; link-open's response: why the link ended."""
+    CLEAN = "clean"
+    """link-open's response: true if both directions ended normally (no error)."""
+    CLOSED = "closed"
+    """link-close's response: whether a link of that name was open."""
     # shutdown
     REBOOT = "reboot"
     # every response and error

@@ -1,0 +1,320 @@
+"""This VM's end of a link: a unix socket whose bytes the host relays, sealed, to the other VM.
+
+``link-open`` (name, key, role) makes ``/run/warden/links/NAME.sock`` (the directory 0755, the
+socket 0666: any workload user may connect) and keeps the request open for the link's life:
+
+- **One connection.** The first client to connect takes the link; the socket's path is then
+  removed and the listener closed, so a second ``connect`` fails (ENOENT, or ECONNREFUSED /
+  ECONNRESET if it raced the first). A link carries one bidirectional byte stream.
+- **Out.** What the client writes is read within the request's STDOUT credit (WINDOW frames of
+  the host, :mod:`warden.guest.flow`), sealed into records (:mod:`warden.channel.linkseal`)
+  and sent as DATA on STDOUT. The client's ``shutdown(SHUT_WR)`` (or close) becomes an
+  authenticated END record.
+- **In.** Records of the other end come as DATA on STDIN. The host may send only what this
+  agent granted (WINDOW frames *from* the agent on STDIN: :data:`RECEIVE_WINDOW` at the start,
+  which also tells the host the end is open, then each record's size once its plaintext was
+  written to the client), so the agent holds at most that much. A record beyond it, or one
+  that fails authentication, closes the link with an error. The END record shuts the
+  client's reading side down: it reads EOF.
+- **End.** Once both directions ended, the link is done: the request is answered
+  (``clean``: true). ``link-close``, a cancel, the session's end (the host went away), the
+  client's error or a bad record end it at once with an error (``clean``: false): the socket
+  is shut down both ways, so the client reads EOF (ECONNRESET if it had sent bytes the agent
+  had not read yet) and its writes fail with EPIPE; no END record is sent, so the other end
+  can tell an error from a normal end of stream.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import select
+import socket
+import threading
+import time
+from collections import deque
+
+from warden.channel.linkseal import MAX_PLAINTEXT, OVERHEAD, LinkAuthError, Opener, Sealer
+from warden.guest.args import Invalid
+from warden.guest.log import log
+from warden.guest.request import Request
+from warden.wire.frame import Channel, encode_window
+from warden.wire.ops import Key
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+    from warden.guest.session import Session
+    from warden.wire.frame import Frame
+
+LINK_DIR = "/run/warden/links"
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
+RECEIVE_WINDOW = 1 << 20
+"""The bytes of records the host may send this end before the agent grants more."""
+POLL_MS = 1000
+
+_OPEN: dict[str, Link] = {}
+_OPEN_LOCK = threading.Lock()
+
+
+def link_dir() -> str:
+    """Where the sockets are (a test agent outside a VM may set WARDEN_LINK_DIR)."""
+    return os.environ.get("WARDEN_LINK_DIR", LINK_DIR) if os.getpid() != 1 else LINK_DIR
+
+
+def _args(args: dict[str, Any]) -> tuple[str, bytes, str]:
+    name, key, role = args.get(Key.NAME), args.get(Key.LINK_KEY), args.get(Key.ROLE)
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+        raise Invalid("a link name is [a-z0-9][a-z0-9_.-]{0,62}")
+    if role not in ("a", "b"):
+        raise Invalid("a link role is 'a' or 'b'")
+    try:
+        raw = bytes.fromhex(key) if isinstance(key, str) else b""
+    except ValueError:
+        raw = b""
+    if len(raw) != 32:
+        raise Invalid("a link key is 32 bytes of hex")
+    return name, raw, str(role)
+
+
+def close_by_name(name: object, reason: str) -> bool:
+    """``link-close``: end the link ``name`` with ``reason``; whether one was open."""
+    with _OPEN_LOCK:
+        link = _OPEN.get(name) if isinstance(name, str) else None
+    if link is None:
+        return False
+    link.close(reason, clean=False)
+    return True
+
+
+class Link(Request):
+    """One end of a link: its socket, its two threads, and its records' keys."""
+
+    def __init__(self, session: Session, request_id: int, args: dict[str, Any]) -> None:
+        super().__init__(session, request_id)
+        self.name, key, role = _args(args)
+        self.path = os.path.join(link_dir(), f"{self.name}.sock")
+        self.sealer = Sealer(key, role)
+        self.opener = Opener(key, role)
+        del key
+        self.out_credit = self.new_credit(Channel.STDOUT)
+        self.allowance = RECEIVE_WINDOW
+        """Bytes of records the host may still send."""
+        self.inbox: deque[bytes] = deque()
+        self.cond = threading.Condition(threading.Lock())
+        self.conn: socket.socket | None = None
+        self.listener: socket.socket | None = None
+        self.stop_r, self.stop_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self.closed = False
+        self.sent_end = False
+        self.got_end = False
+        self._threads = 2
+
+    # -- start (main thread)
+
+    def start(self) -> None:
+        """Make the socket and start; Invalid (nothing left open) if it cannot."""
+        with _OPEN_LOCK:
+            if self.name in _OPEN:
+                raise Invalid(f"a link named {self.name!r} is already open in this VM")
+            _OPEN[self.name] = self
+        try:
+            self.listener = self._listen()
+        except OSError as exc:
+            with _OPEN_LOCK:
+                _OPEN.pop(self.name, None)
+            self._close_fds()
+            raise Invalid(f"cannot make {self.path}: {exc.strerror}") from None
+        self._grant(RECEIVE_WINDOW)  # first: it tells the host that this end is open
+        threading.Thread(target=self._outbound, name=f"link-out-{self.name}", daemon=True).start()
+        threading.Thread(target=self._inbound, name=f"link-in-{self.name}", daemon=True).start()
+
+    def _listen(self) -> socket.socket:
+        os.makedirs(link_dir(), mode=0o755, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)  # a stale socket of an earlier agent (the name is free here)
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            pending = f"{self.path}.{os.getpid()}.tmp"
+            server.bind(pending)
+            os.chmod(pending, 0o666)  # noqa: S103 - any workload user may connect, by design
+            server.listen(1)
+            os.rename(pending, self.path)
+        except OSError:
+            server.close()
+            with contextlib.suppress(OSError):
+                os.unlink(pending)
+            raise
+        return server
+
+    # -- frames (main thread; never blocks)
+
+    def on_data(self, frame: Frame) -> None:
+        if frame.channel != Channel.STDIN or self.closed:
+            return
+        size = len(frame.payload)
+        if size > self.allowance:
+            self.close("the host sent more than this end granted", clean=False)
+            return
+        self.allowance -= size
+        with self.cond:
+            self.inbox.append(frame.payload)
+            self.cond.notify()
+
+    def cancel(self) -> None:
+        self.close("cancelled by the host", clean=False)
+
+    # -- the client's bytes out (thread)
+
+    def _outbound(self) -> None:
+        try:
+            conn = self._accept()
+            if conn is not None:
+                self._pump_out(conn)
+        except OSError as exc:
+            self.close(f"the client's connection failed: {exc.strerror}", clean=False)
+        except Exception as exc:  # noqa: BLE001 - the agent logs and carries on, never dies
+            self.close(f"internal error: {type(exc).__name__}", clean=False)
+        finally:
+            self._thread_done()
+
+    def _wait(self, fd: int) -> bool:
+        """Wait until ``fd`` is readable; False once the link is closed."""
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        poller.register(self.stop_r, select.POLLIN)
+        while not self.closed:
+            if any(f == fd for f, _ in poller.poll(POLL_MS)):
+                return not self.closed
+        return False
+
+    def _accept(self) -> socket.socket | None:
+        """The one connection; the path is removed and the listener closed once it came."""
+        listener = self.listener
+        assert listener is not None
+        if not self._wait(listener.fileno()):
+            return None
+        conn, _ = listener.accept()
+        with self.cond:
+            if self.closed:
+                conn.close()
+                return None
+            self.conn = conn
+            self.cond.notify_all()
+        self._unlisten()
+        return conn
+
+    def _pump_out(self, conn: socket.socket) -> None:
+        while not self.closed:
+            credit = self.out_credit.wait(POLL_MS / 1000)
+            if credit <= OVERHEAD:
+                if credit:  # too little for a record: wait for the host's next grant
+                    time.sleep(0.005)
+                continue
+            if not self._wait(conn.fileno()):
+                return
+            data = conn.recv(min(MAX_PLAINTEXT, credit - OVERHEAD))
+            record = self.sealer.seal(data) if data else self.sealer.end()
+            if not self.send(Channel.STDOUT, self.out_credit, record):
+                return
+            if not data:
+                self._ended(sent=True)
+                return
+
+    # -- the other end's bytes in (thread)
+
+    def _inbound(self) -> None:
+        try:
+            self._pump_in()
+        except LinkAuthError as exc:
+            log(f"link {self.name}: {exc}; it is closed")
+            self.close(f"a record from the other end was refused: {exc}", clean=False)
+        except OSError as exc:
+            self.close(f"the client's connection failed: {exc.strerror}", clean=False)
+        except Exception as exc:  # noqa: BLE001 - the agent logs and carries on, never dies
+            self.close(f"internal error: {type(exc).__name__}", clean=False)
+        finally:
+            self._thread_done()
+
+    def _next_record(self) -> tuple[socket.socket, bytes] | None:
+        """The connection and the next record, once both are there; None once closed."""
+        with self.cond:
+            while not self.closed and (self.conn is None or not self.inbox):
+                self.cond.wait()
+            if self.closed or self.conn is None:
+                return None
+            return self.conn, self.inbox.popleft()
+
+    def _pump_in(self) -> None:
+        while (item := self._next_record()) is not None:
+            conn, record = item
+            plaintext = self.opener.open(record)
+            if plaintext is None:
+                conn.shutdown(socket.SHUT_WR)  # the client reads EOF
+                self._ended(sent=False)
+                return
+            conn.sendall(plaintext)
+            self.allowance += len(record)
+            self._grant(len(record))
+
+    def _grant(self, size: int) -> None:
+        self.session.writer.send(encode_window(self.request_id, Channel.STDIN, size))
+
+    # -- the end
+
+    def _ended(self, *, sent: bool) -> None:
+        with self.cond:
+            if sent:
+                self.sent_end = True
+            else:
+                self.got_end = True
+            done = self.sent_end and self.got_end
+        if done:
+            self.close("both directions ended", clean=True)
+
+    def close(self, reason: str, *, clean: bool) -> None:
+        """End the link (any thread; idempotent) and answer its request."""
+        with self.cond:
+            if self.closed:
+                return
+            self.closed = True
+            conn = self.conn
+            self.cond.notify_all()
+        with contextlib.suppress(OSError):
+            os.write(self.stop_w, b"x")
+        if conn is not None:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked in it
+        self._unlisten()
+        with _OPEN_LOCK:
+            if _OPEN.get(self.name) is self:
+                del _OPEN[self.name]
+        self.close_credits()
+        if not clean:
+            log(f"link {self.name} closed: {reason}")
+        self.finish({Key.OK: True, Key.REASON: reason, Key.CLEAN: clean})
+
+    def _unlisten(self) -> None:
+        with self.cond:
+            listener, self.listener = self.listener, None
+        if listener is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+            listener.close()
+
+    def _thread_done(self) -> None:
+        with self.cond:
+            self._threads -= 1
+            last = self._threads == 0
+        if last:
+            self._close_fds()
+
+    def _close_fds(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+        self._unlisten()
+        for fd in (self.stop_r, self.stop_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)

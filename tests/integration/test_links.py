@@ -1,0 +1,231 @@
+"""Links between two real VMs under TCG, relayed by an in-process Manager (the daemon's).
+
+Each test boots two sandboxes, links them, and runs a Python client in each guest that talks
+through ``/run/warden/links/NAME.sock``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import pytest
+
+from warden._errors import LinkError, LinkNotFoundError, SpecError, StateTransitionError
+from warden._errors import VMNotFoundError
+from warden.config import Paths
+from warden.server.manager import Manager
+from warden.vmm.machine import Machine
+from warden.vmm.spec import VMSpec
+
+pytestmark = pytest.mark.vm
+
+# A guest client: sends N bytes (a pattern from SEED) and shuts its side down, while it reads
+# all the other end sends; prints the digests and counts as JSON.
+CLIENT = r"""
+import hashlib, json, socket, sys, threading, time
+path, n, seed = sys.argv[1], int(sys.argv[2]), sys.argv[3].encode()
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+for _ in range(200):
+    try:
+        s.connect(path)
+        break
+    except OSError:
+        time.sleep(0.05)
+out = {}
+def send():
+    block = hashlib.sha256(seed).digest() * 8192
+    h, sent = hashlib.sha256(), 0
+    try:
+        while sent < n:
+            chunk = block[: min(len(block), n - sent)]
+            s.sendall(chunk)
+            h.update(chunk)
+            sent += len(chunk)
+        s.shutdown(socket.SHUT_WR)
+    except OSError as exc:
+        out["send_error"] = exc.errno
+    out["sent"], out["sent_n"] = h.hexdigest(), sent
+t = threading.Thread(target=send)
+t.start()
+h, got = hashlib.sha256(), 0
+try:
+    while True:
+        d = s.recv(1 << 18)
+        if not d:
+            break
+        h.update(d)
+        got += len(d)
+except OSError as exc:
+    out["recv_error"] = exc.errno
+t.join()
+out["got"], out["got_n"] = h.hexdigest(), got
+print(json.dumps(out))
+"""
+
+
+def pattern_digest(n: int, seed: str) -> str:
+    block = hashlib.sha256(seed.encode()).digest() * 8192
+    h, sent = hashlib.sha256(), 0
+    while sent < n:
+        chunk = block[: min(len(block), n - sent)]
+        h.update(chunk)
+        sent += len(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class Pair:
+    manager: Manager
+    a: Machine
+    b: Machine
+
+
+@pytest.fixture
+async def pair(no_leaks: None) -> AsyncIterator[Pair]:
+    manager = Manager(Paths.from_env())
+    await manager.start()
+    rows = []
+    try:
+        for _ in range(2):
+            rows.append(await manager.create(VMSpec()))
+        yield Pair(manager, await manager.machine(rows[0].id), await manager.machine(rows[1].id))
+    finally:
+        await manager.links.close()
+        for row in rows:
+            await manager.remove(row.id, force=True)
+        await manager.close()
+
+
+async def client(machine: Machine, name: str, n: int, seed: str) -> dict[str, object]:
+    argv = ["python3", "-c", CLIENT, f"/run/warden/links/{name}.sock", str(n), seed]
+    result = await machine.agent.exec(argv, timeout=300)
+    assert result.exit_code == 0, result.stderr.decode(errors="replace")
+    answer: dict[str, object] = json.loads(result.stdout)
+    return answer
+
+
+async def test_a_stream_both_ways_at_once_arrives_intact(pair: Pair) -> None:
+    n = 32 << 20
+    await pair.manager.links.create(pair.a.id, pair.b.id, "t")
+    start = time.perf_counter()
+    ra, rb = await asyncio.gather(client(pair.a, "t", n, "A"), client(pair.b, "t", n, "B"))
+    took = time.perf_counter() - start
+    print(f"{n >> 20} MiB each way at once in {took:.1f}s")
+    assert ra["got"] == pattern_digest(n, "B") and rb["got"] == pattern_digest(n, "A")
+    assert ra["got_n"] == rb["got_n"] == n
+    assert "recv_error" not in ra and "send_error" not in rb
+    for _ in range(100):  # both directions ended: the link is gone
+        if not pair.manager.links.list():
+            break
+        await asyncio.sleep(0.05)
+    assert pair.manager.links.list() == []
+
+
+async def test_eof_on_one_side_is_eof_on_the_other(pair: Pair) -> None:
+    await pair.manager.links.create(pair.a.id, pair.b.id, "eof")
+    ra, rb = await asyncio.gather(client(pair.a, "eof", 0, "A"), client(pair.b, "eof", 5000, "B"))
+    assert rb["got_n"] == 0 and rb["got"] == hashlib.sha256().hexdigest()
+    assert ra["got_n"] == 5000 and ra["got"] == pattern_digest(5000, "B")
+
+
+HOLD = r"""
+import errno, socket, sys, time
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect(sys.argv[1])
+s.sendall(b"hello")
+print("connected", flush=True)
+d = s.recv(100)
+t = time.monotonic()
+try:
+    while d:
+        d = s.recv(100)
+    for _ in range(50):
+        s.sendall(b"x" * 65536)
+    print("no-error")
+except OSError as exc:
+    print("error", errno.errorcode.get(exc.errno, exc.errno))
+"""
+
+
+async def hold(machine: Machine, name: str) -> str:
+    argv = ["python3", "-c", HOLD, f"/run/warden/links/{name}.sock"]
+    result = await machine.agent.exec(argv, timeout=120)
+    return result.stdout.decode()
+
+
+async def wait_for_socket(machine: Machine, name: str, present: bool = True) -> None:
+    for _ in range(200):
+        result = await machine.agent.exec(["test", "-S", f"/run/warden/links/{name}.sock"])
+        if (result.exit_code == 0) == present:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"the socket of {name} is {'absent' if present else 'still there'}")
+
+
+async def test_rm_stops_the_link_within_100ms_and_both_ends_see_an_error(pair: Pair) -> None:
+    await pair.manager.links.create(pair.a.id, pair.b.id, "rm")
+    ha = asyncio.create_task(hold(pair.a, "rm"))
+    hb = asyncio.create_task(hold(pair.b, "rm"))
+    for _ in range(200):  # each client got the other's hello
+        info = pair.manager.links.get("rm")
+        if info.relayed_ab and info.relayed_ba:
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.5)
+    took = await pair.manager.links.remove("rm")
+    print(f"link rm: both ends closed in {took * 1000:.1f} ms")
+    assert took < 0.1
+    out_a, out_b = await ha, await hb
+    assert "connected" in out_a and "error EPIPE" in out_a, out_a
+    assert "connected" in out_b and "error EPIPE" in out_b, out_b
+    with pytest.raises(LinkNotFoundError):
+        await pair.manager.links.remove("rm")
+
+
+async def test_a_vm_that_dies_gives_the_other_end_an_error(pair: Pair) -> None:
+    await pair.manager.links.create(pair.a.id, pair.b.id, "die")
+    hb = asyncio.create_task(hold(pair.b, "die"))
+    await wait_for_socket(pair.b, "die", present=False)  # the client took the link
+    await pair.manager.stop(pair.a.id, force=True)
+    out_b = await asyncio.wait_for(hb, 60)
+    assert "error EPIPE" in out_b, out_b
+    for _ in range(100):
+        if not pair.manager.links.list():
+            break
+        await asyncio.sleep(0.05)
+    assert pair.manager.links.list() == []
+
+
+async def test_bad_input_is_refused_and_leaves_nothing_open(pair: Pair) -> None:
+    links = pair.manager.links
+    with pytest.raises(LinkError, match="two different sandboxes"):
+        await links.create(pair.a.id, pair.a.id, "self")
+    with pytest.raises(VMNotFoundError):
+        await links.create(pair.a.id, "no-such-vm", "missing")
+    with pytest.raises(SpecError):
+        await links.create(pair.a.id, pair.b.id, "Bad/Name")
+    await links.create(pair.a.id, pair.b.id, "dup")
+    with pytest.raises(LinkError, match="exists"):
+        await links.create(pair.a.id, pair.b.id, "dup")
+    assert [i.name for i in links.list()] == ["dup"]
+    await links.remove("dup")
+    await wait_for_socket(pair.a, "dup", present=False)
+    await wait_for_socket(pair.b, "dup", present=False)
+    # The end that opened is closed again when the other refuses (its agent has the name).
+    held = await pair.b.agent.open_link("taken", bytes(32), "b")
+    with pytest.raises(LinkError, match="could not open"):
+        await links.create(pair.a.id, pair.b.id, "taken")
+    await wait_for_socket(pair.a, "taken", present=False)
+    await held.close()
+    await wait_for_socket(pair.b, "taken", present=False)
+    assert links.list() == []
+    await pair.manager.stop(pair.b.id)
+    with pytest.raises(StateTransitionError):
+        await links.create(pair.a.id, pair.b.id, "stopped")
+    result = await pair.a.agent.exec(["ls", "-A", "/run/warden/links"])
+    assert result.stdout.strip() == b"", result.stdout
