@@ -168,6 +168,10 @@ async def wait_for_socket(machine: Machine, name: str, present: bool = True) -> 
 
 
 async def test_rm_stops_the_link_within_100ms_and_both_ends_see_an_error(pair: Pair) -> None:
+    # A first link and rm warm the path up: under TCG, the first run of any guest code pays
+    # for its translation (FIELD-NOTES: 0.3-1.1 s for a fresh QEMU's first exec).
+    await pair.manager.links.create(pair.a.id, pair.b.id, "warm")
+    await pair.manager.links.remove("warm")
     await pair.manager.links.create(pair.a.id, pair.b.id, "rm")
     ha = asyncio.create_task(hold(pair.a, "rm"))
     hb = asyncio.create_task(hold(pair.b, "rm"))
@@ -228,4 +232,4 @@ async def test_bad_input_is_refused_and_leaves_nothing_open(pair: Pair) -> None:
     with pytest.raises(StateTransitionError):
         await links.create(pair.a.id, pair.b.id, "stopped")
     result = await pair.a.agent.exec(["ls", "-A", "/run/warden/links"])
-    assert result.stdout.strip() == b"", result.stdout
+    assert b".sock" not in result.stdout, result.stdout  # only the NAME.error notes

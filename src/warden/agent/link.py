@@ -90,5 +90,8 @@ class LinkEnd:
 
     async def close(self) -> None:
         """Leave the request (cancels it in the agent if it is still open)."""
+        if self.ended is None and not self._request.answered:
+            with contextlib.suppress(WardenError):
+                self._request.cancel()
         with contextlib.suppress(WardenError):
             await self._stack.aclose()

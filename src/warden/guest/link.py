@@ -20,8 +20,11 @@ socket 0666: any workload user may connect) and keeps the request open for the l
   (``clean``: true). ``link-close``, a cancel, the session's end (the host went away), the
   client's error or a bad record end it at once with an error (``clean``: false): the socket
   is shut down both ways, so the client reads EOF (ECONNRESET if it had sent bytes the agent
-  had not read yet) and its writes fail with EPIPE; no END record is sent, so the other end
-  can tell an error from a normal end of stream.
+  had not read yet) and its writes fail with EPIPE. A unix socket has no way to make a read
+  fail on purpose, so the agent also leaves ``NAME.error`` (0644) next to where the socket
+  was, with the reason: a client that read EOF tells an error from the other end's normal
+  end of stream by it. No END record is sent on an error, so the other end's client is
+  never told the stream ended normally.
 """
 
 from __future__ import annotations
@@ -79,14 +82,13 @@ def _args(args: dict[str, Any]) -> tuple[str, bytes, str]:
     return name, raw, str(role)
 
 
-def close_by_name(name: object, reason: str) -> bool:
-    """``link-close``: end the link ``name`` with ``reason``; whether one was open."""
+def stop_by_name(name: object, reason: str) -> Link | None:
+    """``link-close``: stop the link ``name`` (then answer, then :meth:`Link.wind_up`)."""
     with _OPEN_LOCK:
         link = _OPEN.get(name) if isinstance(name, str) else None
-    if link is None:
-        return False
-    link.close(reason, clean=False)
-    return True
+    if link is None or not link.stop(reason, clean=False):
+        return None
+    return link
 
 
 class Link(Request):
@@ -133,8 +135,9 @@ class Link(Request):
 
     def _listen(self) -> socket.socket:
         os.makedirs(link_dir(), mode=0o755, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)  # a stale socket of an earlier agent (the name is free here)
+        for stale in (self.path, os.path.join(link_dir(), f"{self.name}.error")):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(stale)  # of an earlier link of this name (the name is free here)
         server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             pending = f"{self.path}.{os.getpid()}.tmp"
@@ -276,25 +279,46 @@ class Link(Request):
 
     def close(self, reason: str, *, clean: bool) -> None:
         """End the link (any thread; idempotent) and answer its request."""
+        if self.stop(reason, clean=clean):
+            self.wind_up(reason, clean=clean)
+
+    def stop(self, reason: str, *, clean: bool) -> bool:
+        """Stop the traffic at once: no byte passes after this (the quick half of
+        :meth:`close`, which ``link-close`` answers after); False if it was stopped already."""
         with self.cond:
             if self.closed:
-                return
+                return False
             self.closed = True
             conn = self.conn
             self.cond.notify_all()
-        with contextlib.suppress(OSError):
-            os.write(self.stop_w, b"x")
+        if not clean:  # before the client can see EOF
+            self._note_error(reason)
         if conn is not None:
             with contextlib.suppress(OSError):
                 conn.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked in it
+        return True
+
+    def wind_up(self, reason: str, *, clean: bool) -> None:
+        """The rest of :meth:`close`: wake the threads, drop the socket, answer the request."""
+        with contextlib.suppress(OSError):
+            os.write(self.stop_w, b"x")
         self._unlisten()
         with _OPEN_LOCK:
             if _OPEN.get(self.name) is self:
                 del _OPEN[self.name]
         self.close_credits()
+        self.finish({Key.OK: True, Key.REASON: reason, Key.CLEAN: clean})
         if not clean:
             log(f"link {self.name} closed: {reason}")
-        self.finish({Key.OK: True, Key.REASON: reason, Key.CLEAN: clean})
+
+    def _note_error(self, reason: str) -> None:
+        """Leave NAME.error (0644) saying why: a client that read EOF can tell an error from
+        the other end's normal end of stream (the next link of that name removes it)."""
+        path = os.path.join(link_dir(), f"{self.name}.error")
+        with contextlib.suppress(OSError):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+            with os.fdopen(fd, "w") as f:
+                f.write(reason + "\n")
 
     def _unlisten(self) -> None:
         with self.cond:

@@ -316,8 +316,10 @@ class Session:
 
         if op == Op.LINK_CLOSE:
             reason = str(args.get(Key.REASON) or "closed by the host")[:500]
-            closed = link.close_by_name(args.get(Key.NAME), reason)
-            self.respond(rid, {Key.OK: True, Key.CLOSED: closed})
+            stopped = link.stop_by_name(args.get(Key.NAME), reason)
+            self.respond(rid, {Key.OK: True, Key.CLOSED: stopped is not None})
+            if stopped is not None:  # answered first: its traffic already stopped
+                stopped.wind_up(reason, clean=False)
             return
         end = link.Link(self, rid, args)
         with self._lock:

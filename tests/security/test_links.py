@@ -1,0 +1,196 @@
+"""Attacks on links: what the relaying host sees and can do, and who else can reach a link.
+
+Real VMs under TCG and the daemon's Manager in process. The host's relay is the attacker here:
+the tests wrap :meth:`warden.agent.link.LinkEnd.send` (what the daemon sends an end) to
+capture or alter the records it carries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from tests.integration.test_links import HOLD, Pair, client, wait_for_socket
+from warden.agent.link import LinkEnd
+from warden.config import Paths
+from warden.server.manager import Manager
+from warden.vmm.machine import Machine
+from warden.vmm.spec import VMSpec
+
+pytestmark = pytest.mark.vm
+
+MARKER = "PLAINTEXT-MARKER-0123456789"
+
+
+@pytest.fixture
+async def trio(no_leaks: None) -> AsyncIterator[tuple[Pair, str]]:
+    """Two linked-to-be sandboxes and a third one."""
+    manager = Manager(Paths.from_env())
+    await manager.start()
+    rows = []
+    try:
+        for _ in range(3):
+            rows.append(await manager.create(VMSpec()))
+        a = await manager.machine(rows[0].id)
+        b = await manager.machine(rows[1].id)
+        yield Pair(manager, a, b), rows[2].id
+    finally:
+        await manager.links.close()
+        for row in rows:
+            await manager.remove(row.id, force=True)
+        await manager.close()
+
+
+CHAT = r"""
+import errno, socket, sys, time
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect(sys.argv[1])
+try:
+    while True:
+        s.sendall(b"ping")
+        if not s.recv(100):
+            s.sendall(b"after eof")
+            time.sleep(0.2)
+            s.sendall(b"after eof")
+            print("no-error")
+            break
+        time.sleep(0.05)
+except OSError as exc:
+    print("error", errno.errorcode.get(exc.errno, exc.errno))
+"""
+
+
+async def chat(machine: Machine, name: str) -> str:
+    argv = ["python3", "-c", CHAT, f"/run/warden/links/{name}.sock"]
+    result = await machine.agent.exec(argv, timeout=120)
+    return result.stdout.decode() + result.stderr.decode()
+
+
+async def read_error(machine: Machine, name: str) -> str:
+    result = await machine.agent.exec(["cat", f"/run/warden/links/{name}.error"])
+    return result.stdout.decode()
+
+
+async def links_gone(pair: Pair) -> None:
+    for _ in range(100):
+        if not pair.manager.links.list():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"links left: {pair.manager.links.list()}")
+
+
+SEND_MARKER = (
+    r"""
+import socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect(sys.argv[1])
+s.sendall(b"%s" * 4096)
+s.shutdown(socket.SHUT_WR)
+while s.recv(65536):
+    pass
+"""
+    % MARKER
+)
+READ_ALL = r"""
+import socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect(sys.argv[1])
+s.shutdown(socket.SHUT_WR)
+data = b""
+while d := s.recv(65536):
+    data += d
+print(data.count(b"%s"))
+""" % MARKER.encode().decode()
+
+
+async def test_the_host_relays_ciphertext_only(
+    trio: tuple[Pair, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pair, _ = trio
+    relayed: list[bytes] = []
+    real_send = LinkEnd.send
+
+    async def capture(self: LinkEnd, record: bytes) -> None:
+        relayed.append(record)
+        await real_send(self, record)
+
+    monkeypatch.setattr(LinkEnd, "send", capture)
+    await pair.manager.links.create(pair.a.id, pair.b.id, "ct")
+    path = "/run/warden/links/ct.sock"
+    sender = pair.a.agent.exec(["python3", "-c", SEND_MARKER, path], timeout=120)
+    reader = pair.b.agent.exec(["python3", "-c", READ_ALL, path], timeout=120)
+    sent, got = await asyncio.gather(sender, reader)
+    assert sent.exit_code == 0, sent.stderr
+    assert got.stdout.strip() == b"4096", got.stdout + got.stderr  # it arrived whole
+    everything = b"".join(relayed)
+    assert len(everything) >= 4096 * len(MARKER)
+    assert MARKER.encode() not in everything
+    assert MARKER[:8].encode() not in everything
+
+
+async def test_a_tampered_record_closes_the_link_on_both_ends(
+    trio: tuple[Pair, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pair, _ = trio
+    real_send = LinkEnd.send
+
+    armed = False
+
+    async def tamper(self: LinkEnd, record: bytes) -> None:
+        if armed:
+            flipped = bytearray(record)
+            flipped[0] ^= 1
+            record = bytes(flipped)
+        await real_send(self, record)
+
+    monkeypatch.setattr(LinkEnd, "send", tamper)
+    await pair.manager.links.create(pair.a.id, pair.b.id, "tamper")
+    chats = [chat(pair.a, "tamper"), chat(pair.b, "tamper")]
+    tasks = [asyncio.create_task(c) for c in chats]
+    await wait_for_socket(pair.a, "tamper", present=False)  # both clients are talking
+    await wait_for_socket(pair.b, "tamper", present=False)
+    armed = True
+    out_a, out_b = await asyncio.gather(*tasks)
+    assert "error EPIPE" in out_a, out_a
+    assert "error EPIPE" in out_b, out_b
+    await links_gone(pair)
+    errors = [await read_error(m, "tamper") for m in (pair.a, pair.b)]
+    assert any("failed authentication" in e for e in errors), errors
+    assert all(errors), errors
+
+
+async def test_a_forged_end_of_stream_is_refused(
+    trio: tuple[Pair, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The relay cannot cut a direction short with an END record of its own making."""
+    pair, _ = trio
+    real_send = LinkEnd.send
+
+    async def truncate(self: LinkEnd, record: bytes) -> None:
+        await real_send(self, bytes(16))  # the size of an END record, not sealed by the end
+
+    monkeypatch.setattr(LinkEnd, "send", truncate)
+    await pair.manager.links.create(pair.a.id, pair.b.id, "cut")
+    ra, rb = await asyncio.gather(client(pair.a, "cut", 1000, "A"), client(pair.b, "cut", 0, "B"))
+    # B got no data and no authenticated end: an error (NAME.error), not an empty stream.
+    assert rb["got_n"] == 0 and ra["got_n"] == 0
+    await links_gone(pair)
+    assert "failed authentication" in await read_error(pair.b, "cut")
+    assert await read_error(pair.a, "cut")  # closed with an error too (its peer's END was forged)
+
+
+async def test_a_third_vm_has_no_socket_for_the_link(trio: tuple[Pair, str]) -> None:
+    pair, third_id = trio
+    third = await pair.manager.machine(third_id)
+    await pair.manager.links.create(pair.a.id, pair.b.id, "private")
+    await wait_for_socket(pair.a, "private")
+    await wait_for_socket(pair.b, "private")
+    result = await third.agent.exec(["ls", "-A", "/run/warden/links"])
+    assert b"private" not in result.stdout
+    probe = await third.agent.exec(
+        ["python3", "-c", HOLD, "/run/warden/links/private.sock"], timeout=60
+    )
+    assert probe.exit_code != 0 and b"FileNotFoundError" in probe.stderr
+    await pair.manager.links.remove("private")
