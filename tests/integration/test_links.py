@@ -15,8 +15,13 @@ from dataclasses import dataclass
 
 import pytest
 
-from warden._errors import LinkError, LinkNotFoundError, SpecError, StateTransitionError
-from warden._errors import VMNotFoundError
+from warden._errors import (
+    LinkError,
+    LinkNotFoundError,
+    SpecError,
+    StateTransitionError,
+    VMNotFoundError,
+)
 from warden.config import Paths
 from warden.server.manager import Manager
 from warden.vmm.machine import Machine

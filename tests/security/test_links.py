@@ -81,18 +81,15 @@ async def links_gone(pair: Pair) -> None:
     raise AssertionError(f"links left: {pair.manager.links.list()}")
 
 
-SEND_MARKER = (
-    r"""
+SEND_MARKER = r"""
 import socket, sys
 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 s.connect(sys.argv[1])
-s.sendall(b"%s" * 4096)
+s.sendall(sys.argv[2].encode() * 4096)
 s.shutdown(socket.SHUT_WR)
 while s.recv(65536):
     pass
 """
-    % MARKER
-)
 READ_ALL = r"""
 import socket, sys
 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -101,8 +98,8 @@ s.shutdown(socket.SHUT_WR)
 data = b""
 while d := s.recv(65536):
     data += d
-print(data.count(b"%s"))
-""" % MARKER.encode().decode()
+print(data.count(sys.argv[2].encode()))
+"""
 
 
 async def test_the_host_relays_ciphertext_only(
@@ -119,8 +116,8 @@ async def test_the_host_relays_ciphertext_only(
     monkeypatch.setattr(LinkEnd, "send", capture)
     await pair.manager.links.create(pair.a.id, pair.b.id, "ct")
     path = "/run/warden/links/ct.sock"
-    sender = pair.a.agent.exec(["python3", "-c", SEND_MARKER, path], timeout=120)
-    reader = pair.b.agent.exec(["python3", "-c", READ_ALL, path], timeout=120)
+    sender = pair.a.agent.exec(["python3", "-c", SEND_MARKER, path, MARKER], timeout=120)
+    reader = pair.b.agent.exec(["python3", "-c", READ_ALL, path, MARKER], timeout=120)
     sent, got = await asyncio.gather(sender, reader)
     assert sent.exit_code == 0, sent.stderr
     assert got.stdout.strip() == b"4096", got.stdout + got.stderr  # it arrived whole
