@@ -186,7 +186,7 @@ async def test_rm_stops_the_link_within_100ms_and_both_ends_see_an_error(pair: P
             break
         await asyncio.sleep(0.05)
     await asyncio.sleep(0.5)
-    took = await pair.manager.links.remove("rm")
+    _, took = await pair.manager.links.remove("rm")
     print(f"link rm: both ends closed in {took * 1000:.1f} ms")
     assert took < 0.1
     out_a, out_b = await ha, await hb

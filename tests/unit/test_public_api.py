@@ -22,6 +22,8 @@ EXPECTED_ALL = {
     "HostError",
     "ImageError",
     "LaunchError",
+    "LinkError",
+    "LinkNotFoundError",
     "PermissionDeniedError",
     "Sandbox",
     "SandboxClosedError",

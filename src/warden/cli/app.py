@@ -10,6 +10,7 @@ from warden.cli.audit import audit_app
 from warden.cli.doctor import doctor
 from warden.cli.events import events
 from warden.cli.image import image_app
+from warden.cli.link import link_app
 from warden.cli.remote import HostOption, UserOption
 from warden.cli.remote import register as register_remote
 from warden.cli.run import EXIT_TIMEOUT, EXIT_WARDEN_ERROR, RunArgs, run_command
@@ -26,6 +27,7 @@ app = typer.Typer(
 )
 app.add_typer(image_app, name="image", help="Build, list and remove guest images.")
 app.add_typer(template_app, name="template", help="Make, list and remove templates.")
+app.add_typer(link_app, name="link", help="Link two sandboxes (a stream between them).")
 app.add_typer(token_app, name="token", help="Make, list and revoke API tokens.")
 app.add_typer(audit_app, name="audit", help="Check and read the tamper-evident audit log.")
 app.command("doctor", help="Check QEMU, kernel, image and accelerator; say how to fix problems.")(

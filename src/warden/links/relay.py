@@ -214,9 +214,11 @@ class LinkManager:
 
     # -- removal
 
-    async def remove(self, name: str, reason: str = "the link was removed") -> float:
-        """Close both ends of link ``name`` (audited as ``link-rm``); the seconds it took
-        until both agents confirmed their socket closed."""
+    async def remove(
+        self, name: str, reason: str = "the link was removed"
+    ) -> tuple[LinkInfo, float]:
+        """Close both ends of link ``name`` (audited as ``link-rm``, a missing one too); the
+        link, and the seconds it took until both agents confirmed their socket closed."""
         link = self._links.get(name)
         if link is None:
             await self._machines.audit.record(
@@ -233,7 +235,7 @@ class LinkManager:
         await self._machines.audit.record(
             "link-rm", sandbox=link.info.a, link=name, peer=link.info.b, ms=round(took * 1000, 1)
         )
-        return took
+        return link.info, took
 
     async def close(self) -> None:
         """Close every link (the daemon is stopping)."""

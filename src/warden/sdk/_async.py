@@ -16,6 +16,7 @@ from warden.config import Paths
 from warden.sdk import _download
 from warden.sdk._backend import AgentBackend, MachineBackend
 from warden.sdk._create import Create, CreateOptions
+from warden.sdk._links import AsyncLinks
 from warden.sdk._types import CommandResult, EntryInfo
 from warden.vmm.machine import Machine
 from warden.vmm.spec import VMSpec
@@ -42,6 +43,8 @@ class AsyncSandbox:
         self._machine = machine
         self.commands = AsyncCommands(self)
         self.files = AsyncFiles(self)
+        self.links = AsyncLinks(self)
+        """VM-to-VM links (a daemon's sandboxes only; ``warden.sdk._links``)."""
 
     @classmethod
     async def create(cls, image: str = "default", **options: Unpack[CreateOptions]) -> AsyncSandbox:

@@ -427,6 +427,16 @@ class RemoteMachine:
             children.append(RemoteMachine(self.endpoint, http, row, spec))
         return children
 
+    async def links_call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        """A call to the daemon's ``/v1/links`` (``sbx.links``); its JSON answer."""
+        try:
+            r = await self._http.request(method, f"{API}/links{path}", json=body, timeout=60.0)
+        except httpx.TransportError as exc:
+            raise HostError(self.endpoint.unreachable(exc)) from None
+        if not r.is_success:
+            _raise(r)
+        return r.json()
+
     async def pause(self) -> None:
         """Have the daemon save the VM to disk and end its QEMU."""
         await self._lifecycle("pause")
@@ -632,6 +642,21 @@ class Client:
             "POST", f"{API}/sandboxes/{sandbox}/fork", {"n": n}, timeout=LIFECYCLE_TIMEOUT_S
         )
         return cast(builtins.list[dict[str, Any]], r.json())
+
+    def create_link(self, a: str, b: str, name: str) -> dict[str, Any]:
+        """Link running sandboxes ``a`` and ``b`` (ids or names) as ``name``: each gets
+        ``/run/warden/links/NAME.sock``. See :meth:`warden.sdk._links.AsyncLinks.create`."""
+        body = {"a": a, "b": b, "name": name}
+        return cast(dict[str, Any], self._call("POST", f"{API}/links", body, timeout=60.0).json())
+
+    def links(self) -> builtins.list[dict[str, Any]]:
+        """The daemon's open links."""
+        return cast(builtins.list[dict[str, Any]], self._call("GET", f"{API}/links").json())
+
+    def remove_link(self, name: str) -> dict[str, Any]:
+        """Close both ends of link ``name``; LinkNotFoundError if there is none."""
+        r = self._call("DELETE", f"{API}/links/{name}", timeout=60.0)
+        return cast(dict[str, Any], r.json())
 
     def create_token(
         self, name: str, *, roles: Sequence[str] = ("user",), expires: str | None = None

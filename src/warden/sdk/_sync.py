@@ -21,6 +21,7 @@ from warden.sdk._async import (
 )
 from warden.sdk._create import CreateOptions
 from warden.sdk._download import DEFAULT_MAX_DOWNLOAD
+from warden.sdk._links import Links
 from warden.sdk._types import CommandResult, EntryInfo
 from warden.vmm.spec import VMSpec
 from warden.wire.ops import DEFAULT_USER
@@ -36,6 +37,8 @@ class Sandbox:
         self._inner = inner
         self.commands = Commands(inner.commands)
         self.files = Files(inner.files)
+        self.links = Links(inner.links)
+        """VM-to-VM links (a daemon's sandboxes only)."""
 
     @classmethod
     def create(cls, image: str = "default", **options: Unpack[CreateOptions]) -> Sandbox:

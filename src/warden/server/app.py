@@ -25,7 +25,16 @@ from warden.server.audit import PrincipalContext
 from warden.server.limits import BodyLimit
 from warden.server.manager import Manager
 from warden.server.metrics import Metrics
-from warden.server.routes import auth, events, files, sandboxes, system, templates, tokens
+from warden.server.routes import (
+    auth,
+    events,
+    files,
+    links,
+    sandboxes,
+    system,
+    templates,
+    tokens,
+)
 from warden.server.routes import exec as exec_routes
 from warden.server.stdin import StdinPipe
 
@@ -92,6 +101,6 @@ def create_app(
         answer = api_errors.body(api_errors.HTTP_ERROR, str(exc.detail))
         return JSONResponse(answer, status_code=exc.status_code, headers=exc.headers)
 
-    for module in (sandboxes, templates, events, system, exec_routes, files, auth, tokens):
+    for module in (sandboxes, templates, events, system, exec_routes, files, auth, tokens, links):
         app.include_router(module.router)
     return app
