@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -114,8 +115,14 @@ async def client(machine: Machine, name: str, n: int, seed: str) -> dict[str, ob
     return answer
 
 
+STREAM_MIB = int(os.environ.get("WARDEN_TEST_LINK_MIB", "128"))
+"""Issue 10 asks for 256 MiB each way. Under TCG on this shared 2-core host the relay carries
+about 3-4 MB/s each way when both run at once (bench/links.py), so 256 MiB takes 70-90 s;
+128 MiB (~40 s) is the largest that fits a minute here. WARDEN_TEST_LINK_MIB=256 runs it all."""
+
+
 async def test_a_stream_both_ways_at_once_arrives_intact(pair: Pair) -> None:
-    n = 32 << 20
+    n = STREAM_MIB << 20
     await pair.manager.links.create(pair.a.id, pair.b.id, "t")
     start = time.perf_counter()
     ra, rb = await asyncio.gather(client(pair.a, "t", n, "A"), client(pair.b, "t", n, "B"))
