@@ -114,17 +114,18 @@ async def _run(machine: Machine, script: str, *args: str) -> dict[str, Any]:
     if result.exit_code != 0:
         raise RuntimeError(result.stderr.decode(errors="replace"))
     out = result.stdout.strip()
-    return json.loads(out) if out else {}
+    answer: dict[str, Any] = json.loads(out) if out else {}
+    return answer
 
 
 def _rate(answer: dict[str, Any]) -> float:
-    return round(answer["bytes"] / answer["seconds"] / 1e6, 1)
+    return round(float(answer["bytes"]) / float(answer["seconds"]) / 1e6, 1)
 
 
 async def _stream(manager: Manager, a: Machine, b: Machine, size: int) -> dict[str, Any]:
     await manager.links.create(a.id, b.id, "stream")
     path = "/run/warden/links/stream.sock"
-    _, got = await asyncio.gather(_run(a, SEND, path, str(size)), _run(b, RECEIVE, path))
+    got = (await asyncio.gather(_run(a, SEND, path, str(size)), _run(b, RECEIVE, path)))[1]
     return {"mib": size >> 20, "mb_per_s": _rate(got), "seconds": round(got["seconds"], 2)}
 
 
@@ -138,8 +139,8 @@ async def _both(manager: Manager, a: Machine, b: Machine, size: int) -> dict[str
 async def _trips(manager: Manager, a: Machine, b: Machine, trips: int) -> dict[str, Any]:
     await manager.links.create(a.id, b.id, "ping")
     path = "/run/warden/links/ping.sock"
-    answer, _ = await asyncio.gather(_run(a, PING, path, str(trips)), _run(b, ECHO, path))
-    return {k: round(v, 2) for k, v in answer.items()} | {"trips": trips}
+    answer = (await asyncio.gather(_run(a, PING, path, str(trips)), _run(b, ECHO, path)))[0]
+    return {k: round(float(v), 2) for k, v in answer.items()} | {"trips": trips}
 
 
 async def main(mib: int, trips: int) -> dict[str, Any]:
@@ -152,7 +153,7 @@ async def main(mib: int, trips: int) -> dict[str, Any]:
         a = await manager.machine(rows[0].id)
         b = await manager.machine(rows[1].id)
         started = time.perf_counter()
-        result = {
+        result: dict[str, Any] = {
             "path": "relay",
             "stream": await _stream(manager, a, b, mib << 20),
             "both_ways": await _both(manager, a, b, mib << 20),

@@ -251,8 +251,6 @@ class _Request:
 
     def grant(self, increment: int) -> str | None:
         """A WINDOW frame from the agent (a link's end): more STDIN credit."""
-        if self.op != Op.LINK_OPEN:
-            return f"a WINDOW frame from the agent on a {self.op} request"
         if self.send_credit + increment > MAX_SEND_CREDIT:
             return f"the agent granted more than {MAX_SEND_CREDIT} bytes"
         self.send_credit += increment
@@ -1004,11 +1002,15 @@ class AgentClient:
 
     def _granted(self, frame: Frame) -> None:
         """A WINDOW frame from the agent: credit for what the client sends a link's end."""
-        increment = decode_window(frame.payload)
         request = self._requests.get(frame.request_id)
         if request is None:
-            return  # a link end that already ended
-        problem = request.grant(increment) if frame.channel == Channel.STDIN else "not STDIN"
+            return  # a link's end that already ended (its last grants may trail its answer)
+        if request.op != Op.LINK_OPEN or frame.channel != Channel.STDIN:
+            raise FrameError(
+                f"unexpected WINDOW frame from the agent on the {frame.channel.name} stream of "
+                f"a {request.op} request"
+            )
+        problem = request.grant(decode_window(frame.payload))
         if problem is not None:
             raise FrameError(problem)
 

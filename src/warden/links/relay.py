@@ -153,12 +153,21 @@ class LinkManager:
         for role in ROLES:
             try:
                 link.ends[role] = await link.clients[role].open_link(name, key, role)
+            except asyncio.CancelledError:  # the caller went away: leave nothing open
+                await asyncio.shield(self._abandon(link))
+                raise
             except WardenError as exc:
-                await self._close_ends(link, "the other end could not be opened")
+                await self._abandon(link)
                 vm = link.info.a if role == "a" else link.info.b
                 raise LinkError(
                     f"sandbox {vm} could not open its end of link {name!r}: {exc}"
                 ) from exc
+
+    async def _abandon(self, link: _Link) -> None:
+        """Close the ends opened so far of a link that could not be made."""
+        await self._close_ends(link, "the other end could not be opened")
+        for end in link.ends.values():
+            await end.close()
 
     async def _close_ends(self, link: _Link, reason: str) -> None:
         """Ask each open end's agent to close it (both at once), and leave their requests."""
