@@ -296,13 +296,13 @@ class Link(Request):
         if conn is not None:
             with contextlib.suppress(OSError):
                 conn.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked in it
+        with contextlib.suppress(OSError):
+            os.write(self.stop_w, b"x")  # wakes a thread polling
+        self._unlisten()  # the path is gone: no client can connect any more
         return True
 
     def wind_up(self, reason: str, *, clean: bool) -> None:
-        """The rest of :meth:`close`: wake the threads, drop the socket, answer the request."""
-        with contextlib.suppress(OSError):
-            os.write(self.stop_w, b"x")
-        self._unlisten()
+        """The rest of :meth:`close`: forget the link, answer its request."""
         with _OPEN_LOCK:
             if _OPEN.get(self.name) is self:
                 del _OPEN[self.name]
