@@ -67,7 +67,7 @@ async def machines(tmp_path: Path) -> AsyncIterator[Machines]:
             procs.append((proc, parent))
             reader, writer = await asyncio.open_connection(sock=parent, limit=1 << 20)
             client = await AgentClient.from_streams(reader, writer, timeout=10)
-            found.by_id[name] = FakeMachine(name, client, links)  # type: ignore[arg-type]
+            found.by_id[name] = FakeMachine(name, client, links)
         yield found
     finally:
         for m in found.by_id.values():
@@ -166,7 +166,7 @@ async def test_a_host_sending_beyond_the_agents_credit_closes_the_link(
     """The agent holds at most what it granted: the relay cannot make it buffer more."""
     b = machines.by_id["b"]
     end = await b.agent.open_link("flood", bytes(32), "b")
-    request = end._request  # noqa: SLF001 - the test plays a hostile relay
+    request = end._request  # the test plays a hostile relay
     assert request.send_credit == INITIAL_WINDOW
     for _ in range(INITIAL_WINDOW // (64 << 10) + 1):  # no client reads: nothing is granted
         await request.send_data(Channel.STDIN, bytes(64 << 10))
