@@ -158,13 +158,14 @@ class Link(Request):
         if frame.channel != Channel.STDIN or self.closed:
             return
         size = len(frame.payload)
-        if size > self.allowance:
-            self.close("the host sent more than this end granted", clean=False)
-            return
-        self.allowance -= size
         with self.cond:
-            self.inbox.append(frame.payload)
-            self.cond.notify()
+            over = size > self.allowance
+            if not over:
+                self.allowance -= size
+                self.inbox.append(frame.payload)
+                self.cond.notify()
+        if over:
+            self.close("the host sent more than this end granted", clean=False)
 
     def cancel(self) -> None:
         self.close("cancelled by the host", clean=False)
@@ -259,7 +260,8 @@ class Link(Request):
                 self._ended(sent=False)
                 return
             conn.sendall(plaintext)
-            self.allowance += len(record)
+            with self.cond:
+                self.allowance += len(record)
             self._grant(len(record))
 
     def _grant(self, size: int) -> None:
