@@ -191,3 +191,35 @@ async def test_a_third_vm_has_no_socket_for_the_link(trio: tuple[Pair, str]) -> 
     )
     assert probe.exit_code != 0 and b"FileNotFoundError" in probe.stderr
     await pair.manager.links.remove("private")
+
+
+async def test_the_link_key_is_never_logged_nor_written(
+    trio: tuple[Pair, str], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The key goes to the two agents inside their channels only: not in the daemon's log,
+    the audit log, a console, or any file of the daemon's home."""
+    import logging
+    import secrets
+
+    pair, _ = trio
+    key = bytes.fromhex("5eed" * 16)
+    monkeypatch.setattr(secrets, "token_bytes", lambda n: key[:n])
+    caplog.set_level(logging.DEBUG)
+    await pair.manager.links.create(pair.a.id, pair.b.id, "secret")
+    ra, rb = await asyncio.gather(
+        client(pair.a, "secret", 1000, "A"), client(pair.b, "secret", 1000, "B")
+    )
+    assert ra["got_n"] == rb["got_n"] == 1000
+    await links_gone(pair)
+    needles = (key, key.hex().encode(), key.hex().upper().encode())
+    assert not any(n.decode(errors="replace") in caplog.text for n in needles)
+    assert not any(n.decode(errors="replace") in pair.a.console_tail(400) for n in needles)
+    assert not any(n.decode(errors="replace") in pair.b.console_tail(400) for n in needles)
+    home = Paths.from_env().home
+    for path in [*home.joinpath("audit").rglob("*"), *home.joinpath("vms").rglob("*")]:
+        if path.is_file() and not path.is_symlink() and path.stat().st_size < (64 << 20):
+            try:
+                data = path.read_bytes()
+            except OSError:
+                continue  # a socket, or a file QEMU holds exclusively
+            assert not any(n in data for n in needles), path
