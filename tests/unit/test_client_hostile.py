@@ -42,6 +42,7 @@ from warden.wire.frame import (
     decode_xfer_ref,
     encode,
     encode_json,
+    encode_window,
     encode_xfer_ref,
 )
 from warden.wire.ops import Key, Op
@@ -239,6 +240,28 @@ async def test_data_beyond_the_credit_ends_the_session() -> None:
         await expect_broken(s, call, ProtocolError, "beyond its flow-control credit")
         report = await s.agent.frame()  # the client told the agent why
         assert (report.type, report.request_id) == (FrameType.ERROR, 0)
+
+
+async def test_a_link_end_granting_past_the_bound_ends_the_session() -> None:
+    """A link's agent grants the host STDIN credit; more than MAX_SEND_CREDIT is refused, so
+    a guest cannot make the relay hold what the other end sends."""
+    async with session() as s:
+        call = asyncio.create_task(s.client.open_link("l", bytes(32), "a"))
+        rid, args = await s.agent.request(Op.LINK_OPEN)
+        assert args[Key.NAME] == "l" and args[Key.ROLE] == "a"
+        s.agent.writer.write(encode_window(rid, Channel.STDIN, INITIAL_WINDOW))
+        end = await call
+        assert end._request.send_credit == INITIAL_WINDOW
+        s.agent.writer.write(encode_window(rid, Channel.STDIN, client_module.MAX_SEND_CREDIT))
+        await expect_broken(s, end.receive(), ProtocolError, "granted more than")
+
+
+async def test_a_window_on_a_request_that_is_not_a_link_ends_the_session() -> None:
+    async with session() as s:
+        call = asyncio.create_task(s.client.exec(["x"]))
+        rid, _ = await s.agent.request(Op.EXEC)
+        s.agent.writer.write(encode_window(rid, Channel.STDIN, 100))
+        await expect_broken(s, call, ProtocolError, "unexpected WINDOW")
 
 
 @pytest.mark.parametrize(
