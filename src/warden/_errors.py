@@ -31,8 +31,14 @@ and its message says what the user can do about it::
      |    +-- StateTransitionError the VM cannot go from its state to that one (HTTP 409)
      +-- AdmissionError         the host's capacity x overcommit ratio would be passed (409)
      +-- TemplateError          a template cannot be made, found or used
-          +-- TemplateNotFoundError  no template has that name (HTTP 404)
-          +-- TemplateRefusedError   its seal, image or QEMU no longer matches: rebuild it (409)
+     |    +-- TemplateNotFoundError  no template has that name (HTTP 404)
+     |    +-- TemplateRefusedError   its seal, image or QEMU no longer matches: rebuild it (409)
+     +-- PolicyError            the access policy (policy.toml) is invalid: the message names
+     |                          the line or key and what to write; nothing changed (409)
+     +-- PermissionDeniedError  the policy denies the caller that action (HTTP 403); the
+          |                     message names the action and the rule (or "no rule allows")
+          +-- GuestOperationRefusedError  the sandbox's own policy refuses that guest
+                                          operation, whoever asks (HTTP 403)
 
 ``asyncio.CancelledError`` is never wrapped.
 """
@@ -191,3 +197,19 @@ class TemplateNotFoundError(TemplateError, LookupError):
 class TemplateRefusedError(TemplateError):
     """A template's seal, image, QEMU or machine no longer matches what loads it (HTTP 409).
     Nothing was started: remove it and make it again (``warden template rm`` / ``create``)."""
+
+
+class PolicyError(WardenError):
+    """The access policy (``$WARDEN_HOME/policy.toml``) cannot be used: invalid TOML, an unknown
+    key, action or role list. The message names the line or key and what to write. A daemon
+    refuses to start with it; a reload keeps the old policy (HTTP 409)."""
+
+
+class PermissionDeniedError(WardenError, PermissionError):
+    """The access policy denies the caller this action (HTTP 403). The message names the
+    action and the rule that denied it, or says that no rule allows it."""
+
+
+class GuestOperationRefusedError(PermissionDeniedError):
+    """The sandbox's own policy (``[[guest]]`` rules) refuses this guest-agent operation, for
+    every caller (HTTP 403)."""

@@ -9,6 +9,7 @@ import typer
 from warden.cli.doctor import doctor
 from warden.cli.events import events
 from warden.cli.image import image_app
+from warden.cli.policy import policy_app
 from warden.cli.remote import HostOption, UserOption
 from warden.cli.remote import register as register_remote
 from warden.cli.run import EXIT_TIMEOUT, EXIT_WARDEN_ERROR, RunArgs, run_command
@@ -24,6 +25,7 @@ app = typer.Typer(
 )
 app.add_typer(image_app, name="image", help="Build, list and remove guest images.")
 app.add_typer(template_app, name="template", help="Make, list and remove templates.")
+app.add_typer(policy_app, name="policy", help="Check and reload the access policy.")
 app.command("doctor", help="Check QEMU, kernel, image and accelerator; say how to fix problems.")(
     doctor
 )

@@ -35,9 +35,11 @@ from warden._errors import (
     AgentError,
     CommandTimeoutError,
     GuestFileError,
+    GuestOperationRefusedError,
     HostError,
     JailUnavailableError,
     NameConflictError,
+    PermissionDeniedError,
     SandboxClosedError,
     SpecError,
     StateTransitionError,
@@ -104,7 +106,14 @@ _ERRNO = re.compile(r"^\[Errno (\d+)\]")
 
 _TYPED_ERRORS: dict[str, type[WardenError]] = {
     cls.__name__: cls
-    for cls in (TemplateError, TemplateNotFoundError, TemplateRefusedError, NameConflictError)
+    for cls in (
+        TemplateError,
+        TemplateNotFoundError,
+        TemplateRefusedError,
+        NameConflictError,
+        PermissionDeniedError,
+        GuestOperationRefusedError,
+    )
 }
 """Errors a daemon names in its answer (``"error"``) and the SDK raises as they are."""
 

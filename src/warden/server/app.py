@@ -2,8 +2,9 @@
 
 The routes live in ``server/routes/``, one module per resource; the request and response
 models in ``server/models.py``. Errors are JSON ``{"detail": message}``: 404 for an unknown id
-or name, 409 for a name clash, an admission refusal or a VM in the wrong state, 422 for a bad
-body (unknown fields included). Command output and file contents are streamed, never
+or name (and for a sandbox the caller may not see), 403 for what the access policy denies,
+409 for a name clash, an admission refusal or a VM in the wrong state, 422 for a bad body
+(unknown fields included). Command output and file contents are streamed, never
 buffered whole.
 """
 
@@ -14,7 +15,7 @@ import errno
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
@@ -26,6 +27,8 @@ from warden._errors import (
     ImageNotFoundError,
     NameConflictError,
     PausedStateError,
+    PermissionDeniedError,
+    PolicyError,
     SandboxClosedError,
     SpecError,
     StateTransitionError,
@@ -34,6 +37,7 @@ from warden._errors import (
     VMNotFoundError,
     WardenError,
 )
+from warden.server.access import AccessControl, authorize
 from warden.server.limits import BodyLimit
 from warden.server.manager import Manager
 from warden.server.metrics import Metrics
@@ -49,6 +53,8 @@ def _error(status: int, exc: BaseException) -> JSONResponse:
 
 
 _STATUS: tuple[tuple[type[WardenError], int], ...] = (
+    (PermissionDeniedError, 403),  # the access policy (a guest operation refused too)
+    (PolicyError, 409),  # a reload of a bad policy.toml: the old policy stays
     (VMNotFoundError, 404),
     (ImageNotFoundError, 404),
     (NameConflictError, 409),
@@ -82,11 +88,19 @@ def _status(exc: WardenError) -> int:
 
 
 def create_app(
-    manager: Manager, *, manage_lifespan: bool = True, allow_root: bool = False
+    manager: Manager,
+    *,
+    manage_lifespan: bool = True,
+    allow_root: bool = False,
+    access: AccessControl | None = None,
 ) -> FastAPI:
     """The API over ``manager``. With ``manage_lifespan``, the app starts the manager (which
-    reattaches to live VMs) and closes it on shutdown (leaving VMs running). Without
-    ``allow_root``, a command or file operation as the guest's root gets a 403."""
+    reattaches to live VMs) and closes it on shutdown (leaving VMs running).
+
+    Every route is checked against the access policy (``access``; by default the one of
+    ``manager.paths``, read now: PolicyError if its file is bad). ``allow_root`` is the
+    deprecated ``warden serve --allow-root``: it grants exec-as-root to every caller."""
+    control = access or AccessControl.load(manager.paths, root_for_all=allow_root)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -103,7 +117,7 @@ def create_app(
     app.state.manager = manager
     app.state.metrics = metrics
     app.state.pipes = dict[str, StdinPipe]()
-    app.state.allow_root = allow_root
+    app.state.access = control
     app.add_middleware(BodyLimit)
 
     @app.exception_handler(WardenError)
@@ -117,5 +131,5 @@ def create_app(
         return JSONResponse({"detail": _problems(exc)}, status_code=422)
 
     for module in (sandboxes, templates, events, system, exec_routes, files):
-        app.include_router(module.router)
+        app.include_router(module.router, dependencies=[Depends(authorize)])
     return app

@@ -39,7 +39,15 @@ from warden.policy import footprint
 from warden.policy.admission import AdmissionPolicy, Charges, HostCapacity, VMUsage, check_usage
 from warden.policy.meter import MEMORY_EVERY_S, UsageMeter
 from warden.server.pool import POOL_LABEL, WARM_UP, WarmPool
-from warden.store.db import ACTIVE_STATES, ActiveVM, Reservations, Store, VMRow, db_path
+from warden.store.db import (
+    ACTIVE_STATES,
+    DAEMON_OWNER,
+    ActiveVM,
+    Reservations,
+    Store,
+    VMRow,
+    db_path,
+)
 from warden.vmm import ownership
 from warden.vmm import pause as pausing
 from warden.vmm.fork import check_forkable
@@ -232,12 +240,19 @@ class Manager:
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def create(
-        self, spec: VMSpec, *, require_jail: bool = False, pool_member: bool = False
+        self,
+        spec: VMSpec,
+        *,
+        require_jail: bool = False,
+        pool_member: bool = False,
+        owner: str = DAEMON_OWNER,
     ) -> VMRow:
-        """Admit, record and boot a VM. A refused create (AdmissionError, NameConflictError,
-        JailUnavailableError) leaves no trace; a failed boot leaves a ``failed`` row saying
-        why. ``require_jail`` (or the daemon's ``--require-jail``) refuses a host that lacks
-        a jail feature: checked before anything is recorded, and again by the launch."""
+        """Admit, record and boot a VM owned by ``owner`` (a principal's name; a pool member
+        is the daemon's until a create takes it). A refused create (AdmissionError,
+        NameConflictError, JailUnavailableError) leaves no trace; a failed boot leaves a
+        ``failed`` row saying why. ``require_jail`` (or the daemon's ``--require-jail``)
+        refuses a host that lacks a jail feature: checked before anything is recorded, and
+        again by the launch."""
         require_jail = require_jail or default_mode() == "require"
         # A clone has its template's memory and vCPUs: admitted as such (TemplateNotFoundError
         # and a refused seal leave no trace either).
@@ -245,13 +260,13 @@ class Manager:
         if POOL_LABEL in spec.labels and not pool_member:
             raise SpecError(f"the label {POOL_LABEL} is warden's (it marks warm pool members)")
         if not require_jail and self.pool.serves(spec):
-            row = await self._from_pool(spec)
+            row = await self._from_pool(spec, owner)
             if row is not None:
                 return row
         if require_jail:
             await asyncio.to_thread(self._check_jail, spec)
         vm_id = new_vm_id()
-        await asyncio.to_thread(self._record, vm_id, spec)
+        await asyncio.to_thread(self._record, vm_id, spec, owner)
         machine = Machine(
             spec,
             paths=self.paths,
@@ -269,7 +284,7 @@ class Manager:
             raise
         return await self._running(machine)
 
-    def _record(self, vm_id: str, spec: VMSpec) -> VMRow:
+    def _record(self, vm_id: str, spec: VMSpec, owner: str) -> VMRow:
         """Admit ``spec`` and record it as VM ``vm_id`` (creating), in one write transaction:
         AdmissionError and NameConflictError leave nothing."""
 
@@ -278,7 +293,9 @@ class Manager:
             request = VMUsage(spec.memory_mib, spec.vcpus)
             check_usage(self.policy, self.capacity, vms, request=request)
 
-        return self.store.create_vm(vm_id, spec, runtime_dir=self.paths.vms / vm_id, admit=admit)
+        return self.store.create_vm(
+            vm_id, spec, runtime_dir=self.paths.vms / vm_id, admit=admit, owner=owner
+        )
 
     async def _running(self, machine: Machine) -> VMRow:
         """Hold a launched VM and record it running (with its QEMU's pid and start time)."""
@@ -293,9 +310,10 @@ class Manager:
             row = await self.get(machine.id)
         return row
 
-    async def fork(self, id_or_name: str, n: int) -> list[VMRow]:
-        """Start ``n`` children of running VM ``id_or_name`` (``Machine.fork``), each admitted
-        and recorded like a create before the parent is paused; it keeps running. A refused
+    async def fork(self, id_or_name: str, n: int, *, owner: str = DAEMON_OWNER) -> list[VMRow]:
+        """Start ``n`` children of running VM ``id_or_name`` (``Machine.fork``), owned by
+        ``owner`` (the fork's caller), each admitted and recorded like a create before the
+        parent is paused; it keeps running. A refused
         fork (AdmissionError, a clone as parent, a bad ``n``) leaves no trace; children that
         fail to start leave ``failed`` rows saying why."""
         parent = await self.machine(id_or_name)
@@ -305,7 +323,7 @@ class Manager:
         recorded: list[str] = []
         try:
             for vm_id in ids:
-                await asyncio.to_thread(self._record, vm_id, spec)
+                await asyncio.to_thread(self._record, vm_id, spec, owner)
                 recorded.append(vm_id)
         except BaseException:
             for vm_id in recorded:
@@ -327,14 +345,15 @@ class Manager:
         if pool_member:
             self.store.delete_vm(vm_id)
 
-    async def _from_pool(self, spec: VMSpec) -> VMRow | None:
-        """Hand a ready pool member to the create of ``spec`` (None: none is ready)."""
+    async def _from_pool(self, spec: VMSpec, owner: str) -> VMRow | None:
+        """Hand a ready pool member to the create of ``spec`` by ``owner`` (None: none is
+        ready)."""
         assert spec.template is not None
         machine = self.pool.take(spec.template)
         if machine is None:
             return None
         try:
-            row = await asyncio.to_thread(self.store.hand_over, machine.id, spec)
+            row = await asyncio.to_thread(self.store.hand_over, machine.id, spec, owner=owner)
         except NameConflictError:
             self.pool.put_back(spec.template, machine)
             raise
@@ -505,10 +524,14 @@ class Manager:
             raise StateTransitionError(f"VM {row.id} is {row.state.value}, not running")
         return held.machine
 
-    async def save_template(self, id_or_name: str, name: str) -> TemplateInfo:
-        """Save running VM ``id_or_name`` as template ``name``; it keeps running."""
+    async def save_template(
+        self, id_or_name: str, name: str, *, owner: str = DAEMON_OWNER
+    ) -> TemplateInfo:
+        """Save running VM ``id_or_name`` as template ``name``; it keeps running. ``owner``
+        (who saved it) is recorded in its meta."""
         machine = await self.machine(id_or_name)
-        await machine.save_template(name, keep_running=True, extra={"source": machine.id})
+        extra = {"source": machine.id, "owner": owner}
+        await machine.save_template(name, keep_running=True, extra=extra)
         info = await asyncio.to_thread(self.templates.info, name)
         if info is None:
             raise VMError(f"template {name!r} was saved but cannot be read back")

@@ -98,8 +98,8 @@ class ExecRequest(BaseModel):
     )
     user: WorkloadUser = Field(
         default="user",
-        description='"user" (uid 1000) or "root"; a daemon refuses root (403) unless it was '
-        "started with --allow-root",
+        description='"user" (uid 1000) or "root"; root needs the policy\'s exec-as-root action '
+        "(403 without it)",
     )
 
     @model_validator(mode="after")
@@ -117,6 +117,7 @@ class Sandbox(BaseModel):
     vcpus: int
     memory_mib: int
     labels: dict[str, str]
+    owner: str = Field(description="the principal that created it (the access policy's owner)")
     created_at: float
     started_at: float | None
     stopped_at: float | None
@@ -146,6 +147,7 @@ class Sandbox(BaseModel):
             vcpus=row.vcpus,
             memory_mib=row.memory_mib,
             labels=row.labels,
+            owner=row.owner,
             created_at=row.created_at,
             started_at=row.started_at,
             stopped_at=row.stopped_at,

@@ -1,12 +1,15 @@
-"""The daemon itself: ``/v1/info`` (capacity, limits, reservations) and ``/metrics``."""
+"""The daemon itself: ``/v1/info`` (capacity, limits, reservations), ``/metrics`` and
+``/v1/policy/reload``."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, cast
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import PlainTextResponse
 
+from warden.server.access import control_of
 from warden.server.metrics import CONTENT_TYPE, gauge
 from warden.server.routes import API, ManagerDep, MetricsDep
 from warden.vmm.state import VMState
@@ -52,3 +55,11 @@ async def prometheus(manager: ManagerDep, metrics: MetricsDep) -> Response:
 @router.get(f"{API}/info")
 async def info(manager: ManagerDep) -> dict[str, Any]:
     return await manager.info()
+
+
+@router.post(f"{API}/policy/reload")
+async def reload_policy(request: Request) -> dict[str, Any]:
+    """Read ``$WARDEN_HOME/policy.toml`` again (the shipped default if it is gone). A bad file
+    is refused (409, saying which line or key) and the policy in force stays."""
+    policy = await asyncio.to_thread(control_of(request).reload)
+    return {"source": policy.source, "rules": len(policy.rules), "guest_rules": len(policy.guest)}

@@ -9,7 +9,7 @@ import dataclasses
 from fastapi import APIRouter, Response
 
 from warden.server.models import Template, TemplateRequest
-from warden.server.routes import API, ManagerDep
+from warden.server.routes import API, GrantDep, ManagerDep
 
 router = APIRouter(prefix=API)
 
@@ -27,8 +27,11 @@ async def remove_template(name: str, manager: ManagerDep) -> Response:
 
 
 @router.post("/sandboxes/{ref}/template", status_code=201)
-async def save_template(ref: str, body: TemplateRequest, manager: ManagerDep) -> Template:
+async def save_template(
+    ref: str, body: TemplateRequest, manager: ManagerDep, grant: GrantDep
+) -> Template:
     """Save the running sandbox ``ref`` as template ``name``; it keeps running (paused while
-    its state is saved; refused with 409 while it has commands in flight)."""
-    info = await manager.save_template(ref, body.name)
+    its state is saved; refused with 409 while it has commands in flight). The caller is
+    recorded as its owner in its meta.json."""
+    info = await manager.save_template(ref, body.name, owner=grant.principal.name)
     return Template(**dataclasses.asdict(info))
