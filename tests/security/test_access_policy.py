@@ -184,6 +184,19 @@ def test_the_file_in_warden_home_replaces_the_shipped_default(tmp_path: Path) ->
         load_policy(paths)
 
 
+def test_a_policy_file_others_may_write_is_refused(tmp_path: Path) -> None:
+    paths = Paths(tmp_path)
+    policy_path(paths).write_text(RULES)
+    policy_path(paths).chmod(0o666)
+    with pytest.raises(PolicyError, match="chmod go-w"):
+        load_policy(paths)
+    policy_path(paths).unlink()
+    (tmp_path / "elsewhere.toml").write_text(RULES)
+    policy_path(paths).symlink_to(tmp_path / "elsewhere.toml")
+    with pytest.raises(PolicyError, match="symlink"):
+        load_policy(paths)
+
+
 def test_a_reload_keeps_the_old_policy_when_the_new_file_is_bad(tmp_path: Path) -> None:
     paths = Paths(tmp_path)
     control = AccessControl.load(paths)
@@ -356,6 +369,13 @@ def test_policy_check_prints_the_decision_and_the_rule(tmp_path: Path) -> None:
     policy_path(Paths(tmp_path)).write_text("[[rules]\n")
     p = _check(tmp_path, "alice:user", "exec", "box")
     assert p.returncode == 125 and "line 1" in p.stderr, p.stderr
+
+
+def test_policy_default_prints_the_shipped_policy(tmp_path: Path) -> None:
+    p = subprocess.run(
+        [WARDEN, "policy", "default"], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert parse_policy(p.stdout, "printed").rules == shipped_policy().rules
 
 
 def test_a_bad_policy_refuses_the_daemon_start(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ would decide; ``reload`` asks the daemon to read its policy file again.
 from __future__ import annotations
 
 import json
+import sys
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -102,6 +103,15 @@ def _target(paths: Paths, ref: str) -> Target:
     if row is None:
         raise VMNotFoundError(f"no VM has id or name {ref!r}; `warden ps --all` lists them")
     return target_of(row)
+
+
+@policy_app.command("default")
+def default() -> None:
+    """Print the shipped default policy (what applies without $WARDEN_HOME/policy.toml), to
+    start a policy.toml from."""
+    from importlib import resources
+
+    sys.stdout.write(resources.files("warden.policy").joinpath("default.toml").read_text("utf-8"))
 
 
 @policy_app.command("reload")

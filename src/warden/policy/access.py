@@ -41,6 +41,8 @@ Without guest rules every operation is accepted.
 
 from __future__ import annotations
 
+import os
+import stat
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -240,14 +242,29 @@ class Policy:
 
 def load_policy(paths: Paths) -> Policy:
     """The policy of ``$WARDEN_HOME/policy.toml``, or the shipped default if there is none.
-    PolicyError says which line or key is wrong and what to write instead."""
+    PolicyError says which line or key is wrong and what to write instead, or that the file
+    is not the daemon's own (a symlink, another owner, writable by group or others: whoever
+    can write it can make themselves admin)."""
     path = policy_path(paths)
     try:
-        text = path.read_text(encoding="utf-8")
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
         return shipped_policy()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise PolicyError(f"cannot read the policy {path}: {exc}") from None
+    except OSError as exc:
+        raise PolicyError(f"cannot read the policy {path} (a symlink is refused): {exc}") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+            raise PolicyError(
+                f"the policy {path} must belong to the daemon's user and be writable by it "
+                f"only (it is uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):o}): "
+                f"chown {os.geteuid()} and chmod go-w it"
+            )
+        data = f.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PolicyError(f"the policy {path} is not UTF-8: {exc}") from None
     return parse_policy(text, str(path))
 
 

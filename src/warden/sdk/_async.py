@@ -237,7 +237,8 @@ class AsyncCommands:
         ``on_stdout``/``on_stderr`` get decoded output as it arrives: all of it, in constant
         memory; a slow handler slows the command's output down instead of buffering it.
         ``user`` is the guest user that runs it: ``"user"`` (uid 1000, home /home/user, the
-        default cwd) or ``"root"`` (a daemon allows root only if started with --allow-root).
+        default cwd) or ``"root"`` (a daemon allows root only to a caller its access policy
+        grants ``exec-as-root``: PermissionDeniedError otherwise).
         ``max_output`` caps the bytes of stdout and of stderr (each) kept in the result
         (default 16 MiB; 0 keeps none); ``result.truncated`` says whether output was cut.
         """
