@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -31,6 +32,7 @@ import pytest
 import uvicorn
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from tests.integration.conftest import WARDEN
 from warden import records
 from warden.auth.principal import SCOPE_KEY, Principal
 from warden.config import Paths
@@ -375,6 +377,23 @@ def test_a_reload_changes_decisions_without_a_restart(daemon: Daemon) -> None:
     finally:
         assert daemon.reload(daemon.base_policy).status_code == 200
     assert daemon.call(MALLORY, "GET", SB).status_code == 404
+
+
+def test_warden_policy_reload(daemon: Daemon) -> None:
+    def reload() -> subprocess.CompletedProcess[str]:
+        argv = [WARDEN, "policy", "reload", "--host", f"unix://{daemon.socket}"]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+
+    p = reload()
+    assert p.returncode == 0 and str(policy_path(daemon.paths)) in p.stdout, p.stderr
+    try:
+        policy_path(daemon.paths).write_text(daemon.base_policy + "\n[[rules]]\nname = 3\n")
+        p = reload()
+        said = " ".join(p.stderr.split())  # rich wraps lines
+        assert p.returncode == 125 and '[[rules]] #6 has no name: add name = "' in said, said
+        assert "HTTP 409" in said
+    finally:
+        assert daemon.reload(daemon.base_policy).status_code == 200
 
 
 # -- the routes that change or end the sandbox, last -----------------------------------------

@@ -340,6 +340,14 @@ def test_owners_are_recorded_and_old_databases_belong_to_root(tmp_path: Path) ->
         assert row is not None and row.owner == "alice" and row.template == "py"
 
 
+def test_a_pool_member_is_the_daemons_until_taken(tmp_path: Path) -> None:
+    with Store(tmp_path / "state.db") as store:
+        assert store.create_vm("m1", VMSpec(template="py")).owner == "root"
+        row = store.hand_over("m1", VMSpec(template="py", name="mine"), owner="alice")
+        assert row.owner == "alice"
+        assert store.events_since(0, vm_id="m1")[-1].detail == {"name": "mine", "owner": "alice"}
+
+
 def _check(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [WARDEN, "policy", "check", *args],
