@@ -29,16 +29,17 @@ and its message says what the user can do about it::
      |    +-- NameConflictError    the name is taken (HTTP 409)
      |    +-- VMNotFoundError      no VM has that id or name (HTTP 404)
      |    +-- StateTransitionError the VM cannot go from its state to that one (HTTP 409)
+     +-- AuthenticationError    no, a wrong, an expired or a revoked credential (HTTP 401)
+     +-- PermissionDeniedError  the policy denies the caller that action (HTTP 403); the
+     |    |                 message names the action and the rule (or "no rule allows")
+     |    +-- GuestOperationRefusedError  the sandbox's own policy refuses that guest
+     |                                    operation, whoever asks (HTTP 403)
      +-- AdmissionError         the host's capacity x overcommit ratio would be passed (409)
      +-- TemplateError          a template cannot be made, found or used
      |    +-- TemplateNotFoundError  no template has that name (HTTP 404)
      |    +-- TemplateRefusedError   its seal, image or QEMU no longer matches: rebuild it (409)
      +-- PolicyError            the access policy (policy.toml) is invalid: the message names
-     |                          the line or key and what to write; nothing changed (409)
-     +-- PermissionDeniedError  the policy denies the caller that action (HTTP 403); the
-          |                     message names the action and the rule (or "no rule allows")
-          +-- GuestOperationRefusedError  the sandbox's own policy refuses that guest
-                                          operation, whoever asks (HTTP 403)
+                                the line or key and what to write; nothing changed (409)
 
 ``asyncio.CancelledError`` is never wrapped.
 """
@@ -175,6 +176,22 @@ class StateTransitionError(StoreError):
     """A VM's state cannot change that way, e.g. ``stopped -> running`` (HTTP 409)."""
 
 
+class AuthenticationError(WardenError):
+    """The request carried no credential, or one that is wrong, expired or revoked (HTTP
+    401). The message says which, and how to get a valid one."""
+
+
+class PermissionDeniedError(WardenError, PermissionError):
+    """The access policy denies the caller this action (HTTP 403). The message names the
+    action and the rule that denied it, or says that no rule allows it (``warden policy
+    check`` shows it)."""
+
+
+class GuestOperationRefusedError(PermissionDeniedError):
+    """The sandbox's own policy (``[[guest]]`` rules) refuses this guest-agent operation, for
+    every caller (HTTP 403)."""
+
+
 class AdmissionError(WardenError):
     """A create would pass a host limit (HTTP 409). The message names the limit, the numbers
     and the option to change. Nothing was created. ``limits`` names the limits passed
@@ -203,13 +220,3 @@ class PolicyError(WardenError):
     """The access policy (``$WARDEN_HOME/policy.toml``) cannot be used: invalid TOML, an unknown
     key, action or role list. The message names the line or key and what to write. A daemon
     refuses to start with it; a reload keeps the old policy (HTTP 409)."""
-
-
-class PermissionDeniedError(WardenError, PermissionError):
-    """The access policy denies the caller this action (HTTP 403). The message names the
-    action and the rule that denied it, or says that no rule allows it."""
-
-
-class GuestOperationRefusedError(PermissionDeniedError):
-    """The sandbox's own policy (``[[guest]]`` rules) refuses this guest-agent operation, for
-    every caller (HTTP 403)."""

@@ -231,6 +231,7 @@ DAEMON_CALLS = {
 }
 """Daemon routes: (a principal denied, one allowed)."""
 FILTERED = {("GET", "/v1/sandboxes"), ("GET", "/v1/events")}
+OPEN = {("GET", "/v1/whoami")}
 OTHERS = {("POST", "/v1/sandboxes"), ("DELETE", "/v1/templates/{name}")}
 """The create (the module's fixture is alice's create; denied below) and the template removal
 (in the lifecycle test)."""
@@ -238,7 +239,7 @@ OTHERS = {("POST", "/v1/sandboxes"), ("DELETE", "/v1/templates/{name}")}
 
 def test_the_matrix_covers_every_route() -> None:
     covered = {(c.method, c.path) for c in SANDBOX_CALLS + LIFECYCLE}
-    covered |= {STDIN, *DAEMON_CALLS, *FILTERED, *OTHERS}
+    covered |= {STDIN, *DAEMON_CALLS, *FILTERED, *OPEN, *OTHERS}
     assert covered == set(ROUTES)
 
 
@@ -255,7 +256,7 @@ def _denied(d: Daemon, call: Call) -> None:
         assert r.status_code == call.ok, (call, r.text)
     else:
         assert r.status_code == 403, (call, r.text)
-        assert r.json()["error"] == "PermissionDeniedError"
+        assert r.json()["error"]["type"] == "PermissionDeniedError"
         assert f"vera may not {action}" in r.text and "no rule" in r.text
 
 
@@ -275,9 +276,15 @@ def test_daemon_routes(daemon: Daemon, key: tuple[str, str]) -> None:
     method, path = key
     denied, allowed = DAEMON_CALLS[key]
     r = daemon.call(denied, method, path)
-    assert r.status_code == 403 and r.json()["error"] == "PermissionDeniedError", r.text
+    assert r.status_code == 403 and r.json()["error"]["type"] == "PermissionDeniedError", r.text
     assert f"may not {ROUTES[key].action} the daemon" in r.text
     assert daemon.call(allowed, method, path).status_code == 200
+
+
+def test_whoami_is_open_to_every_caller(daemon: Daemon) -> None:
+    for who, name in ((NOBODY, "nobody"), (MALLORY, "mallory"), (ADMIN, "root")):
+        r = daemon.call(who, "GET", "/v1/whoami")
+        assert r.status_code == 200 and r.json()["name"] == name, r.text
 
 
 def test_create_needs_the_create_action(daemon: Daemon) -> None:
@@ -351,14 +358,14 @@ def test_a_sandbox_policy_refuses_a_guest_operation_to_everyone(daemon: Daemon) 
         for who in (ALICE, ADMIN):
             r = daemon.call(who, "PUT", f"{SB}/files", **write)
             assert r.status_code == 403, r.text
-            assert r.json()["error"] == "GuestOperationRefusedError"
+            assert r.json()["error"]["type"] == "GuestOperationRefusedError"
             assert "team-a-is-read-only" in r.text and "whoever asks" in r.text
         assert (
             daemon.call(ALICE, "GET", f"{SB}/files/list", params={"path": "/"}).status_code == 200
         )
         # A bad file is refused, saying where, and the policy in force stays.
         r = daemon.reload(daemon.base_policy + "\n[[guest]]\nname = 'x'\nblock = [\n")
-        assert r.status_code == 409 and r.json()["error"] == "PolicyError", r.text
+        assert r.status_code == 409 and r.json()["error"]["type"] == "PolicyError", r.text
         assert "line" in r.text
         assert daemon.call(ALICE, "PUT", f"{SB}/files", **write).status_code == 403
     finally:

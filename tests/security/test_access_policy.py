@@ -293,7 +293,8 @@ def test_every_api_route_declares_its_action() -> None:
     served = _route_keys(_gated_app())
     assert served - set(ROUTES) == set(), "routes without an action in server/access.ROUTES"
     assert set(ROUTES) - served == set(), "ROUTES names routes that do not exist"
-    assert {r.action for r in ROUTES.values()} <= set(ACTIONS)
+    assert {r.action for r in ROUTES.values() if r.kind != "open"} <= set(ACTIONS)
+    assert [k for k, r in ROUTES.items() if r.kind == "open"] == [("GET", "/v1/whoami")]
     assert {r.guest for r in ROUTES.values()} <= {None, *GUEST_OPS}
 
 
@@ -314,9 +315,11 @@ async def test_every_route_is_behind_the_gate(who: Principal) -> None:
                 assert r.status_code == 404 and "no VM has id or name 'a1'" in r.text, (url, r.text)
             elif needs.kind == "filtered":
                 assert r.status_code == 200 and r.json() == [], (url, r.text)
+            elif needs.kind == "open":
+                assert r.status_code == 200 and r.json()["name"] == who.name, (url, r.text)
             else:
                 assert r.status_code == 403, (url, r.text)
-                assert r.json()["error"] == "PermissionDeniedError"
+                assert r.json()["error"]["type"] == "PermissionDeniedError"
                 assert f"may not {needs.action}" in r.text
 
 

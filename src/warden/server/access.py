@@ -34,14 +34,15 @@ from warden.policy.access import Decision, Policy, Target, load_policy, target_o
 from warden.server.manager import Manager
 from warden.store.db import VMRow
 
-Kind = Literal["sandbox", "daemon", "create", "filtered"]
+Kind = Literal["sandbox", "daemon", "create", "filtered", "open"]
 
 
 @dataclass(frozen=True)
 class RouteAccess:
     """What a route needs. ``kind``: ``sandbox`` (the ``{ref}`` one, checked here),
-    ``daemon`` (checked here), ``create`` (the route checks the sandbox it would make) or
-    ``filtered`` (the route shows only what the caller may ``inspect``). ``guest``: the
+    ``daemon`` (checked here), ``create`` (the route checks the sandbox it would make),
+    ``filtered`` (the route shows only what the caller may ``inspect``) or ``open`` (no
+    action: any authenticated caller, for what only tells the caller about itself). ``guest``: the
     guest operation it asks of the agent. ``root``: where a request may ask for the guest's
     root (then it also needs ``exec-as-root``)."""
 
@@ -80,6 +81,7 @@ ROUTES: dict[tuple[str, str], RouteAccess] = {
     ("GET", "/v1/info"): RouteAccess("admin", "daemon"),
     ("GET", "/metrics"): RouteAccess("admin", "daemon"),
     ("POST", "/v1/policy/reload"): RouteAccess("admin", "daemon"),
+    ("GET", "/v1/whoami"): RouteAccess("", "open"),
 }
 """Every API route (method, path template) and what it needs: the table of record, which
 the access-matrix test walks."""
