@@ -362,6 +362,22 @@ def _check(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.parametrize(
+    ("text", "name", "roles"),
+    [
+        ("alice", "alice", set()),
+        ("alice:user", "alice", {"user"}),
+        ("alice:user,ci", "alice", {"user", "ci"}),
+        ("uid:1001", "uid:1001", set()),
+        ("uid:1001:user", "uid:1001", {"user"}),
+    ],
+)
+def test_policy_check_reads_principals(text: str, name: str, roles: set[str]) -> None:
+    from warden.cli.policy import parse_principal
+
+    assert parse_principal(text) == (name, frozenset(roles))
+
+
 def test_policy_check_prints_the_decision_and_the_rule(tmp_path: Path) -> None:
     with Store(tmp_path / "state.db") as store:
         store.create_vm("vm1", VMSpec(name="box", labels={"team": "ci"}), owner="alice")

@@ -7,6 +7,7 @@ would decide; ``reload`` asks the daemon to read its policy file again.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from typing import TYPE_CHECKING, Annotated
 
@@ -39,11 +40,12 @@ def _fail(exc: BaseException) -> typer.Exit:
 
 
 def parse_principal(text: str) -> tuple[str, frozenset[str]]:
-    """``name`` or ``name:role1,role2`` as a name and its roles."""
-    name, _, roles = text.partition(":")
-    if not name:
-        raise typer.BadParameter(f"{text!r} has no name: write NAME or NAME:ROLE,ROLE")
-    return name, frozenset(r for r in roles.split(",") if r)
+    """``name`` or ``name:role1,role2`` as a name and its roles; a unix user without a passwd
+    entry is named ``uid:N`` (``uid:1001:user``)."""
+    m = re.fullmatch(r"(uid:\d+|[^:]+)(?::([^:]*))?", text)
+    if m is None:
+        raise typer.BadParameter(f"{text!r} is not NAME or NAME:ROLE,ROLE")
+    return m.group(1), frozenset(r for r in (m.group(2) or "").split(",") if r)
 
 
 @policy_app.command("check")
