@@ -34,12 +34,16 @@ and its message says what the user can do about it::
      |    |                 message names the action and the rule (or "no rule allows")
      |    +-- GuestOperationRefusedError  the sandbox's own policy refuses that guest
      |                                    operation, whoever asks (HTTP 403)
+     +-- TokenNotFoundError     no API token has that id or principal name (HTTP 404)
      +-- AdmissionError         the host's capacity x overcommit ratio would be passed (409)
      +-- TemplateError          a template cannot be made, found or used
      |    +-- TemplateNotFoundError  no template has that name (HTTP 404)
      |    +-- TemplateRefusedError   its seal, image or QEMU no longer matches: rebuild it (409)
      +-- PolicyError            the access policy (policy.toml) is invalid: the message names
-                                the line or key and what to write; nothing changed (409)
+     |                          the line or key and what to write; nothing changed (409)
+     +-- AuditError             the audit log (``warden.audit``) refused or failed an operation
+          +-- AuditRecordError     a record was refused (too big, a bad field); nothing written
+          +-- AuditLogError        the log cannot be opened or written (keys, lock, disk)
 
 ``asyncio.CancelledError`` is never wrapped.
 """
@@ -181,6 +185,11 @@ class AuthenticationError(WardenError):
     401). The message says which, and how to get a valid one."""
 
 
+class TokenNotFoundError(WardenError, LookupError):
+    """No API token has that id or principal name (HTTP 404); ``warden token list`` lists
+    them."""
+
+
 class PermissionDeniedError(WardenError, PermissionError):
     """The access policy denies the caller this action (HTTP 403). The message names the
     action and the rule that denied it, or says that no rule allows it (``warden policy
@@ -220,3 +229,18 @@ class PolicyError(WardenError):
     """The access policy (``$WARDEN_HOME/policy.toml``) cannot be used: invalid TOML, an unknown
     key, action or role list. The message names the line or key and what to write. A daemon
     refuses to start with it; a reload keeps the old policy (HTTP 409)."""
+
+
+class AuditError(WardenError):
+    """The tamper-evident audit log (``warden.audit``) refused or failed an operation."""
+
+
+class AuditRecordError(AuditError, ValueError):
+    """A record was refused before anything was written: it is too big, or a field has a bad
+    name or type. Put digests in a record, never raw argv, file contents or secrets."""
+
+
+class AuditLogError(AuditError):
+    """The audit log cannot be opened or appended to: its keys are missing or unsafe, another
+    process writes it, its last record is unreadable, or the disk failed. The message says
+    what to do; ``warden audit verify`` shows the state of the log."""

@@ -228,13 +228,19 @@ DAEMON_CALLS = {
     ("GET", "/v1/info"): (ALICE, ADMIN),
     ("GET", "/metrics"): (ALICE, ADMIN),
     ("POST", "/v1/policy/reload"): (ALICE, ADMIN),
+    ("GET", "/v1/tokens"): (ALICE, ADMIN),
 }
 """Daemon routes: (a principal denied, one allowed)."""
 FILTERED = {("GET", "/v1/sandboxes"), ("GET", "/v1/events")}
 OPEN = {("GET", "/v1/whoami")}
-OTHERS = {("POST", "/v1/sandboxes"), ("DELETE", "/v1/templates/{name}")}
-"""The create (the module's fixture is alice's create; denied below) and the template removal
-(in the lifecycle test)."""
+OTHERS = {
+    ("POST", "/v1/sandboxes"),
+    ("DELETE", "/v1/templates/{name}"),
+    ("POST", "/v1/tokens"),
+    ("DELETE", "/v1/tokens/{which}"),
+}
+"""The create (the module's fixture is alice's create; denied below), the template removal
+(in the lifecycle test) and the token changes (test_token_changes_are_admin_only)."""
 
 
 def test_the_matrix_covers_every_route() -> None:
@@ -285,6 +291,16 @@ def test_whoami_is_open_to_every_caller(daemon: Daemon) -> None:
     for who, name in ((NOBODY, "nobody"), (MALLORY, "mallory"), (ADMIN, "root")):
         r = daemon.call(who, "GET", "/v1/whoami")
         assert r.status_code == 200 and r.json()["name"] == name, r.text
+
+
+def test_token_changes_are_admin_only(daemon: Daemon) -> None:
+    r = daemon.call(ALICE, "POST", "/v1/tokens", json={"name": "alice", "roles": ["admin"]})
+    assert r.status_code == 403 and "alice may not admin the daemon" in r.text, r.text
+    r = daemon.call(ALICE, "DELETE", "/v1/tokens/alice")
+    assert r.status_code == 403, r.text
+    r = daemon.call(ADMIN, "POST", "/v1/tokens", json={"name": "pol-t", "roles": ["user"]})
+    assert r.status_code == 201, r.text
+    assert daemon.call(ADMIN, "DELETE", "/v1/tokens/pol-t").status_code == 200
 
 
 def test_create_needs_the_create_action(daemon: Daemon) -> None:

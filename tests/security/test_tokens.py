@@ -58,9 +58,17 @@ class Daemon(ServeProcess):
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     d = Daemon(tmp_path_factory.mktemp("tokens"))
     d.start()
+    # `warden token` goes through the daemon that answers (it records the change in the
+    # audit log, whose one writer it is): this one, on its own socket.
+    before = os.environ.get("WARDEN_HOST")
+    os.environ["WARDEN_HOST"] = d.url
     try:
         yield d
     finally:
+        if before is None:
+            os.environ.pop("WARDEN_HOST", None)
+        else:
+            os.environ["WARDEN_HOST"] = before
         d.stop()
 
 

@@ -41,6 +41,7 @@ from warden._errors import (
     StateTransitionError,
     TemplateError,
     TemplateNotFoundError,
+    TokenNotFoundError,
     VMNotFoundError,
     WardenError,
 )
@@ -50,6 +51,7 @@ STATUS: tuple[tuple[type[WardenError], int], ...] = (
     (PermissionDeniedError, 403),  # the policy refuses the caller this action (or the guest op)
     (PolicyError, 409),  # a reload of a bad policy.toml: the old policy stays
     (VMNotFoundError, 404),
+    (TokenNotFoundError, 404),
     (ImageNotFoundError, 404),
     (NameConflictError, 409),
     (TemplateNotFoundError, 404),

@@ -38,7 +38,7 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Literal
 
-from warden._errors import AuthenticationError, SpecError, WardenError
+from warden._errors import AuthenticationError, SpecError, TokenNotFoundError, WardenError
 from warden.config import PRIVATE_FILE, Paths, open_private, private_dir
 
 TOKENS_DB = "tokens.db"
@@ -257,7 +257,9 @@ class TokenStore:
                 "UPDATE tokens SET revoked = ? WHERE id = ?", [(now, t.id) for t in targets]
             )
         if not found:
-            raise WardenError(f"no token has the id or principal name {id_or_name!r}")
+            raise TokenNotFoundError(
+                f"no token has the id or principal name {id_or_name!r} (`warden token list`)"
+            )
         return targets
 
     def authenticate(self, text: str | None, now: float | None = None) -> TokenInfo:

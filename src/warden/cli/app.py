@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+from warden.cli.audit import audit_app
 from warden.cli.doctor import doctor
 from warden.cli.events import events
 from warden.cli.image import image_app
@@ -28,6 +29,7 @@ app.add_typer(image_app, name="image", help="Build, list and remove guest images
 app.add_typer(template_app, name="template", help="Make, list and remove templates.")
 app.add_typer(policy_app, name="policy", help="Check and reload the access policy.")
 app.add_typer(token_app, name="token", help="Make, list and revoke API tokens.")
+app.add_typer(audit_app, name="audit", help="Check and read the tamper-evident audit log.")
 app.command("doctor", help="Check QEMU, kernel, image and accelerator; say how to fix problems.")(
     doctor
 )

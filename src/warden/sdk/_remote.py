@@ -22,7 +22,7 @@ import contextlib
 import inspect
 import os
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Coroutine, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from types import TracebackType
 from typing import Any, NoReturn, Unpack, cast
 
@@ -631,6 +631,24 @@ class Client:
         r = self._call(
             "POST", f"{API}/sandboxes/{sandbox}/fork", {"n": n}, timeout=LIFECYCLE_TIMEOUT_S
         )
+        return cast(builtins.list[dict[str, Any]], r.json())
+
+    def create_token(
+        self, name: str, *, roles: Sequence[str] = ("user",), expires: str | None = None
+    ) -> dict[str, Any]:
+        """Make an API token of principal ``name`` (an admin action); its ``text`` is in the
+        result only. ``expires``: ``30d``, ``12h``, ``90m``, ``2w`` or a date (UTC)."""
+        body = {"name": name, "roles": list(roles), "expires": expires}
+        return cast(dict[str, Any], self._call("POST", f"{API}/tokens", body).json())
+
+    def tokens(self) -> builtins.list[dict[str, Any]]:
+        """The daemon's API tokens (never their secrets)."""
+        return cast(builtins.list[dict[str, Any]], self._call("GET", f"{API}/tokens").json())
+
+    def revoke_token(self, which: str) -> builtins.list[dict[str, Any]]:
+        """Revoke token ``which`` (an id), or every active token of principal ``which``;
+        the tokens revoked now. ``TokenNotFoundError`` if there is none."""
+        r = self._call("DELETE", f"{API}/tokens/{which}")
         return cast(builtins.list[dict[str, Any]], r.json())
 
     def _call(

@@ -82,6 +82,9 @@ ROUTES: dict[tuple[str, str], RouteAccess] = {
     ("GET", "/metrics"): RouteAccess("admin", "daemon"),
     ("POST", "/v1/policy/reload"): RouteAccess("admin", "daemon"),
     ("GET", "/v1/whoami"): RouteAccess("", "open"),
+    ("POST", "/v1/tokens"): RouteAccess("admin", "daemon"),
+    ("GET", "/v1/tokens"): RouteAccess("admin", "daemon"),
+    ("DELETE", "/v1/tokens/{which}"): RouteAccess("admin", "daemon"),
 }
 """Every API route (method, path template) and what it needs: the table of record, which
 the access-matrix test walks."""

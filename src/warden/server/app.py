@@ -23,10 +23,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from warden._errors import AdmissionError, WardenError
 from warden.api import errors as api_errors
 from warden.server.access import AccessControl, authorize
+from warden.server.audit import PrincipalContext
 from warden.server.limits import BodyLimit
 from warden.server.manager import Manager
 from warden.server.metrics import Metrics
-from warden.server.routes import auth, events, files, sandboxes, system, templates
+from warden.server.routes import auth, events, files, sandboxes, system, templates, tokens
 from warden.server.routes import exec as exec_routes
 from warden.server.stdin import StdinPipe
 
@@ -82,6 +83,7 @@ def create_app(
     app.state.pipes = dict[str, StdinPipe]()
     app.state.access = control
     app.add_middleware(BodyLimit)
+    app.add_middleware(PrincipalContext)  # the audit log's principal (server/audit.py)
 
     @app.exception_handler(WardenError)
     async def _warden_error(request: Request, exc: WardenError) -> JSONResponse:
@@ -100,6 +102,6 @@ def create_app(
         answer = api_errors.body(api_errors.HTTP_ERROR, str(exc.detail))
         return JSONResponse(answer, status_code=exc.status_code, headers=exc.headers)
 
-    for module in (sandboxes, templates, events, system, exec_routes, files, auth):
+    for module in (sandboxes, templates, events, system, exec_routes, files, auth, tokens):
         app.include_router(module.router, dependencies=[Depends(authorize)])
     return app
