@@ -303,6 +303,23 @@ def test_token_changes_are_admin_only(daemon: Daemon) -> None:
     assert daemon.call(ADMIN, "DELETE", "/v1/tokens/pol-t").status_code == 200
 
 
+def test_every_denial_is_in_the_audit_log(daemon: Daemon) -> None:
+    """A denied request is answered once its record (outcome denied, the rule) is on disk."""
+    from warden import audit
+
+    assert daemon.call(VERA, "POST", f"{SB}/stop").status_code == 403
+    assert daemon.call(MALLORY, "GET", SB).status_code == 404  # concealed, still recorded
+    r = daemon.call(ALICE, "POST", f"{SB}/exec", json={"cmd": ["id"], "user": "root"})
+    assert r.status_code == 403
+    denied = [rec for rec in audit.records(daemon.paths.home) if rec["outcome"] == "denied"]
+    last = {(rec["principal"], rec["action"]): rec for rec in denied}
+    assert last[("vera", "stop")]["sandbox"] == daemon.vm
+    assert "no rule" in last[("vera", "stop")]["rule"]
+    assert last[("mallory", "inspect")]["sandbox"] == daemon.vm
+    assert last[("alice", "exec-as-root")]["roles"] == "user"
+    assert audit.verify(daemon.paths.home).ok
+
+
 def test_create_needs_the_create_action(daemon: Daemon) -> None:
     r = daemon.call(NOBODY, "POST", "/v1/sandboxes", json={"memory_mib": MEMORY})
     assert r.status_code == 403 and "nobody may not create" in r.text, r.text

@@ -29,6 +29,7 @@ from warden.policy.access import (
 )
 from warden.server.access import ROUTES, AccessControl, Denial
 from warden.server.app import create_app
+from warden.server.audit import Auditor
 from warden.server.manager import Manager
 from warden.store.db import MIGRATIONS, EventRow, Store, VMRow
 from warden.vmm.spec import VMSpec
@@ -210,12 +211,16 @@ def test_a_reload_keeps_the_old_policy_when_the_new_file_is_bad(tmp_path: Path) 
     assert control.may(BOB, "inspect", ALICES)  # the old one stays
 
 
-def test_every_denial_goes_through_the_hook(tmp_path: Path) -> None:
+async def test_every_denial_goes_through_the_hook(tmp_path: Path) -> None:
     control = AccessControl.load(Paths(tmp_path))
     seen: list[Denial] = []
-    control.on_denied = seen.append
+
+    async def hook(denial: Denial) -> None:
+        seen.append(denial)
+
+    control.on_denied = hook
     with pytest.raises(PermissionDeniedError, match="alice may not exec-as-root") as denied:
-        control.require(ALICE, "exec-as-root", ALICES)
+        await control.require(ALICE, "exec-as-root", ALICES)
     assert "no rule" in str(denied.value)
     assert [(d.principal, d.action, d.target) for d in seen] == [(ALICE, "exec-as-root", ALICES)]
 
@@ -245,6 +250,7 @@ class _FakeManager:
             runtime_dir=None, exit_code=None, error=None, owner="alice",
         )  # fmt: skip
         self.store = self
+        self.audit = Auditor()  # records nothing: the matrix test reads a real log
 
     async def get(self, ref: str) -> VMRow:
         if ref in ("a1", "box"):

@@ -14,14 +14,15 @@ but not do the action gets a 403 naming the action and the rule (or "no rule all
 operation the sandbox's ``[[guest]]`` rules refuse is a 403 for everyone
 (:class:`~warden._errors.GuestOperationRefusedError`).
 
-Every denial goes through :meth:`AccessControl.deny`, which calls ``on_denied`` (the audit
-log's hook; None until it is set) before it raises.
+Every denial goes through :meth:`AccessControl.deny`, which awaits ``on_denied`` before it
+raises: ``create_app`` sets it to record the denial in the daemon's audit log (outcome
+``denied``, with the rule), so a denied request is answered only once it is recorded.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal, NoReturn, cast
 
@@ -111,8 +112,8 @@ class AccessControl:
         self.paths = paths
         self.root_for_all = root_for_all
         self.policy = policy
-        self.on_denied: Callable[[Denial], None] | None = None
-        """Called with every denial before it is answered (the audit log sets it)."""
+        self.on_denied: Callable[[Denial], Awaitable[None]] | None = None
+        """Awaited with every denial before it is answered (the audit log's record)."""
         self._lock = threading.Lock()
 
     @classmethod
@@ -138,7 +139,7 @@ class AccessControl:
             return Decision(True, ROOT_ALIAS_RULE)
         return decision
 
-    def deny(
+    async def deny(
         self,
         principal: Principal,
         action: str,
@@ -152,7 +153,7 @@ class AccessControl:
         ``conceal`` (its existence is not told), GuestOperationRefusedError for a guest
         operation, else PermissionDeniedError naming the action and the rule."""
         if self.on_denied is not None:
-            self.on_denied(Denial(principal, action, target, decision, guest))
+            await self.on_denied(Denial(principal, action, target, decision, guest))
         if conceal is not None:
             raise VMNotFoundError(f"no VM has id or name {conceal!r}; `warden ps --all` lists them")
         what = target.describe() if target is not None else "this route"
@@ -167,16 +168,38 @@ class AccessControl:
             "grant it in policy.toml"
         )
 
-    def require(self, principal: Principal, action: str, target: Target) -> Decision:
+    async def require(self, principal: Principal, action: str, target: Target) -> Decision:
         """The allowing decision, or a denial."""
         decision = self.decide(principal, action, target)
         if not decision.allowed:
-            self.deny(principal, action, target, decision)
+            await self.deny(principal, action, target, decision)
         return decision
 
     def may(self, principal: Principal, action: str, target: Target) -> bool:
         """A quiet check, for filtering what a listing shows (not a denial)."""
         return self.decide(principal, action, target).allowed
+
+
+def audit_denials(manager: Manager) -> Callable[[Denial], Awaitable[None]]:
+    """The ``on_denied`` hook that records a denial in ``manager``'s audit log (outcome
+    ``denied``): the action, the sandbox, the caller's roles and how it came, the rule, and
+    whether it was the sandbox's guest policy. A record that cannot be written fails the
+    request (a 500), as every audit record does."""
+
+    async def record(denial: Denial) -> None:
+        target = denial.target
+        await manager.audit.record(
+            denial.action,
+            sandbox=target.id if target is not None else None,
+            outcome="denied",
+            principal=denial.principal.name,
+            roles=",".join(sorted(denial.principal.roles)),
+            via=denial.principal.via,
+            rule=denial.decision.rule,
+            guest=denial.guest,
+        )
+
+    return record
 
 
 @dataclass(frozen=True)
@@ -193,16 +216,16 @@ class Grant:
     def target(self) -> Target:
         return target_of(self.row) if self.row is not None else Target.daemon()
 
-    def require_root(self, user: str, target: Target | None = None) -> None:
+    async def require_root(self, user: str, target: Target | None = None) -> None:
         """A request for the guest's root also needs ``exec-as-root``."""
         if user == "root":
-            self.control.require(self.principal, "exec-as-root", target or self.target)
+            await self.control.require(self.principal, "exec-as-root", target or self.target)
 
     def may(self, action: str, target: Target) -> bool:
         return self.control.may(self.principal, action, target)
 
-    def require(self, action: str, target: Target) -> Decision:
-        return self.control.require(self.principal, action, target)
+    async def require(self, action: str, target: Target) -> Decision:
+        return await self.control.require(self.principal, action, target)
 
     def sees_everything(self) -> bool:
         """Whether the caller may ``admin`` the daemon (then listings are not filtered)."""
@@ -223,9 +246,9 @@ async def authorize(request: Request) -> Grant:
     needs = ROUTES.get((request.method, path))
     if needs is None:
         refused = Decision(False, f"{request.method} {path} declares no action in ROUTES")
-        control.deny(principal, "undeclared", None, refused)
+        await control.deny(principal, "undeclared", None, refused)
     if needs.kind == "daemon":
-        control.require(principal, needs.action, Target.daemon())
+        await control.require(principal, needs.action, Target.daemon())
     if needs.kind != "sandbox":
         return Grant(principal, control, needs)
     manager = cast(Manager, request.app.state.manager)
@@ -236,9 +259,9 @@ async def authorize(request: Request) -> Grant:
     if not decision.allowed:
         hidden = needs.action != "inspect" and not control.may(principal, "inspect", target)
         concealed = ref if hidden or needs.action == "inspect" else None
-        control.deny(principal, needs.action, target, decision, conceal=concealed)
+        await control.deny(principal, needs.action, target, decision, conceal=concealed)
     if needs.guest is not None:
         accepted = control.policy.guest_allows(needs.guest, target)
         if not accepted.allowed:
-            control.deny(principal, needs.guest, target, accepted, guest=True)
+            await control.deny(principal, needs.guest, target, accepted, guest=True)
     return Grant(principal, control, needs, row)

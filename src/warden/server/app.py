@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from warden._errors import AdmissionError, WardenError
 from warden.api import errors as api_errors
-from warden.server.access import AccessControl, authorize
+from warden.server.access import AccessControl, audit_denials, authorize
 from warden.server.audit import PrincipalContext
 from warden.server.limits import BodyLimit
 from warden.server.manager import Manager
@@ -65,6 +65,8 @@ def create_app(
     ``manager.paths``, read now: PolicyError if its file is bad). ``allow_root`` is the
     deprecated ``warden serve --allow-root``: it grants exec-as-root to every caller."""
     control = access or AccessControl.load(manager.paths, root_for_all=allow_root)
+    if manager is not None and control.on_denied is None:  # None: the OpenAPI spec's build
+        control.on_denied = audit_denials(manager)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

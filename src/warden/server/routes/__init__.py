@@ -47,10 +47,10 @@ _USER_DOC = (
 )
 
 
-def _user(
+async def _user(
     grant: GrantDep, user: Annotated[WorkloadUser, Query(description=_USER_DOC)] = "user"
 ) -> WorkloadUser:
-    grant.require_root(user)
+    await grant.require_root(user)
     return user
 
 

@@ -46,7 +46,7 @@ async def exec_(
     pipes: PipesDep,
     grant: GrantDep,
 ) -> RecordStream:
-    grant.require_root(body.user)
+    await grant.require_root(body.user)
     machine = await manager.machine(ref)
     agent = machine.agent
     stdin: bytes | AsyncIterator[bytes] | None = None

@@ -27,7 +27,7 @@ async def create(
     """Create a sandbox owned by the caller (the policy's ``create`` on a sandbox of that
     owner, labels and template)."""
     owner = grant.principal.name
-    grant.require("create", Target(owner=owner, labels=body.labels, template=body.template))
+    await grant.require("create", Target(owner=owner, labels=body.labels, template=body.template))
     spec = VMSpec.parse(**body.model_dump(exclude={"require_jail"}))
     started = time.monotonic()
     outcome = "error"
