@@ -320,6 +320,16 @@ def test_every_denial_is_in_the_audit_log(daemon: Daemon) -> None:
     assert audit.verify(daemon.paths.home).ok
 
 
+def test_reloads_are_in_the_audit_log(daemon: Daemon) -> None:
+    from warden import audit
+
+    assert daemon.reload(daemon.base_policy + "\n[[rules]]\n").status_code == 409
+    assert daemon.reload(daemon.base_policy).status_code == 200
+    done = [r for r in audit.records(daemon.paths.home, action="policy-reload")][-2:]
+    assert [(r["outcome"], r["principal"]) for r in done] == [("error", "root"), ("ok", "root")]
+    assert "has no name" in done[0]["error"] and done[1]["rules"] == 5
+
+
 def test_create_needs_the_create_action(daemon: Daemon) -> None:
     r = daemon.call(NOBODY, "POST", "/v1/sandboxes", json={"memory_mib": MEMORY})
     assert r.status_code == 403 and "nobody may not create" in r.text, r.text

@@ -9,6 +9,7 @@ from typing import Any, cast
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import PlainTextResponse
 
+from warden._errors import PolicyError
 from warden.server.access import control_of
 from warden.server.metrics import CONTENT_TYPE, gauge
 from warden.server.routes import API, ManagerDep, MetricsDep
@@ -58,8 +59,17 @@ async def info(manager: ManagerDep) -> dict[str, Any]:
 
 
 @router.post(f"{API}/policy/reload")
-async def reload_policy(request: Request) -> dict[str, Any]:
+async def reload_policy(request: Request, manager: ManagerDep) -> dict[str, str | int]:
     """Read ``$WARDEN_HOME/policy.toml`` again (the shipped default if it is gone). A bad file
-    is refused (409, saying which line or key) and the policy in force stays."""
-    policy = await asyncio.to_thread(control_of(request).reload)
-    return {"source": policy.source, "rules": len(policy.rules), "guest_rules": len(policy.guest)}
+    is refused (409, saying which line or key) and the policy in force stays. Either way the
+    reload is in the audit log."""
+    try:
+        policy = await asyncio.to_thread(control_of(request).reload)
+    except PolicyError as exc:
+        await manager.audit.record("policy-reload", outcome="error", error=str(exc)[:500])
+        raise
+    rules, guest = len(policy.rules), len(policy.guest)
+    await manager.audit.record(
+        "policy-reload", source=policy.source, rules=rules, guest_rules=guest
+    )
+    return {"source": policy.source, "rules": rules, "guest_rules": guest}
