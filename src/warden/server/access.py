@@ -253,7 +253,14 @@ async def authorize(request: Request) -> Grant:
         return Grant(principal, control, needs)
     manager = cast(Manager, request.app.state.manager)
     ref = str(request.path_params["ref"])
-    row = await manager.get(ref)
+    try:
+        row = await manager.get(ref)
+    except VMNotFoundError as exc:
+        if needs.action != "inspect":  # a refused change or run is audited, as the manager's
+            await manager.audit.record(
+                needs.action, sandbox=ref, outcome="error", error=type(exc).__name__
+            )
+        raise
     target = target_of(row)
     decision = control.decide(principal, needs.action, target)
     if not decision.allowed:
