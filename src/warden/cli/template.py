@@ -106,8 +106,10 @@ def _from_image(
 ) -> None:
     import warden
 
+    # Booted cold: a VM that is not a clone saves its RAM out of the device state, so the
+    # template's clones share all of it (a clone's private RAM would be in the state).
     factory: Any = client.Sandbox if client is not None else warden.Sandbox
-    with factory.create(image, memory_mib=memory, vcpus=cpus) as sbx:
+    with factory.create(image, memory_mib=memory, vcpus=cpus, boot="cold") as sbx:
         if run is not None:
             result = sbx.commands.run(run, user=user, timeout=None)
             if result.exit_code != 0:

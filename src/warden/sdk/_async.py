@@ -60,8 +60,8 @@ class AsyncSandbox:
     ) -> AsyncSandbox:
         """Boot a sandbox and wait until its agent answers (at most ``timeout`` seconds).
 
-        ``boot="snapshot"`` (the default) restores a saved just-booted state of the same
-        configuration when there is one, and saves one after a cold boot; ``"cold"`` always
+        ``boot="snapshot"`` (the default) clones the automatic template of this shape (image,
+        memory, vCPUs) when there is one, and saves it after a cold boot; ``"cold"`` always
         boots from scratch.
 
         ``template="NAME"`` clones that template (:meth:`save_template`, ``warden template
@@ -126,9 +126,10 @@ class AsyncSandbox:
         The sandbox is paused while its device state and memory are saved (about a second
         for 256 MiB here); it is refused (``StateTransitionError``) while commands or file
         transfers are in flight. ``create(template=name)`` then makes clones of it.
-        ``NameConflictError`` if the name is taken; ``TemplateError`` if this sandbox is
-        itself a clone (its memory is private: make templates from sandboxes booted from an
-        image).
+        ``NameConflictError`` if the name is taken. A sandbox that is itself a clone (the
+        default: of its shape's automatic template) saves its RAM into the template's device
+        state too (QEMU migrates private RAM), so that template's clones share less memory:
+        for the densest clones, save a sandbox made with ``boot="cold"``.
         """
         self._agent()  # a closed or dead sandbox says so
         await self._machine.save_template(name, keep_running=True, extra={"source": self.id})
@@ -139,9 +140,9 @@ class AsyncSandbox:
 
         It is paused while its memory is copied (about 0.2 s for 256 MiB here); commands in
         flight refuse the fork (``StateTransitionError``). Each child is a new sandbox (its
-        own id, hostname, keys and RNG seed); kill each when done. ``TemplateError`` if this
-        sandbox is a clone or a fork child itself (its memory is private: fork sandboxes
-        booted from an image). On a daemon, each child is admitted like a create
+        own id, hostname, keys and RNG seed); kill each when done. A clone (the default
+        sandbox) is forked too, but slower, and its children share less: QEMU migrates its
+        private RAM with the device state. On a daemon, each child is admitted like a create
         (``AdmissionError``: none starts).
         """
         self._agent()  # a closed or dead sandbox says so

@@ -539,15 +539,15 @@ class _AsyncFactory:
     ) -> AsyncSandbox:
         """Create a sandbox on the daemon; the same parameters as ``AsyncSandbox.create``.
 
-        ``accel`` and ``boot`` are the daemon's to choose: only their defaults are accepted.
+        ``accel`` is the daemon's to choose: only its default is accepted.
         ``require_jail=True`` has the daemon refuse (``JailUnavailableError``, HTTP 409,
         nothing recorded) unless its host gives the VM every jail feature.
         The sandbox is removed from the daemon by ``kill()``/``close()``/leaving ``with``.
         """
-        if accel != "auto" or boot != "snapshot":
+        if accel != "auto":
             raise SpecError(
-                "the warden daemon chooses the accelerator and the boot mode itself; leave "
-                "accel and boot at their defaults, or use embedded mode (warden.Sandbox)"
+                "the warden daemon chooses the accelerator itself; leave accel at its "
+                "default, or use embedded mode (warden.Sandbox)"
             )
         fields: dict[str, Any] = {
             "image": image,
@@ -559,12 +559,14 @@ class _AsyncFactory:
             "template": template,
         }
         # The same checks as embedded mode, before asking; the host's are the daemon's.
-        spec = VMSpec.parse(check_host=False, **fields, agent_timeout_s=timeout)
+        spec = VMSpec.parse(check_host=False, **fields, agent_timeout_s=timeout, boot=boot)
         for unset in ("name", "template"):
             if fields[unset] is None:
                 del fields[unset]
         if require_jail:  # only when asked: a daemon that predates it refuses the field
             fields["require_jail"] = True
+        if boot != "snapshot":  # likewise
+            fields["boot"] = boot
         http = self._endpoint.async_client(httpx.Timeout(60.0, read=None))
         try:
             r = await http.post(f"{API}/sandboxes", json=fields, timeout=timeout + 60.0)

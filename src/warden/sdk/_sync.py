@@ -54,8 +54,8 @@ class Sandbox:
     ) -> Sandbox:
         """Boot a sandbox and wait until its agent answers (at most ``timeout`` seconds).
 
-        ``boot="snapshot"`` (the default) restores a saved just-booted state of the same
-        configuration when there is one, and saves one after a cold boot; ``"cold"`` always
+        ``boot="snapshot"`` (the default) clones the automatic template of this shape (image,
+        memory, vCPUs) when there is one, and saves it after a cold boot; ``"cold"`` always
         boots from scratch. ``require_jail`` and ``template``: see
         :meth:`AsyncSandbox.create`.
         """

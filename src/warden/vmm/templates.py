@@ -39,6 +39,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import stat
 import threading
@@ -70,12 +71,30 @@ META_FILE = "meta.json"
 SEAL_PURPOSE = "template/1"
 NAME_RE = TEMPLATE_RE
 NAME_RULE = "1-63 characters of a-z, 0-9, '_' and '-', starting with a letter or digit"
+BOOT_PREFIX = "_boot-"
+BOOT_RE = re.compile(r"^_boot-[a-z0-9][a-z0-9_.-]{0,62}-[0-9]+m-[0-9]+c$")
+"""An automatic boot template's name: no user template can have it (a leading '_')."""
 
 
 def check_name(name: str) -> str:
     if not NAME_RE.match(name):
         raise SpecError(f"template name {name!r} is not valid: use {NAME_RULE}")
     return name
+
+
+def _stored_name(name: str) -> str:
+    """``name`` if it is a user template's or an automatic one's (SpecError otherwise)."""
+    return name if BOOT_RE.match(name) else check_name(name)
+
+
+def boot_template_name(spec: VMSpec) -> str:
+    """The automatic template of ``spec``'s shape (image, memory, vCPUs): the first create of
+    that shape boots cold and saves it, and later creates clone it."""
+    return f"{BOOT_PREFIX}{spec.image}-{spec.memory_mib}m-{spec.vcpus}c"
+
+
+def is_automatic(name: str) -> bool:
+    return BOOT_RE.match(name) is not None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +129,8 @@ class TemplateInfo:
     disk_bytes: int
     problem: str | None
     """Why it would be refused (its seal does not verify), or None."""
+    automatic: bool = False
+    """The automatic boot template of a VM shape (``warden template list --all``)."""
 
 
 @dataclasses.dataclass
@@ -140,18 +161,24 @@ class Templates:
         self.keys = ChannelKeys(paths)
 
     def path(self, name: str) -> Path:
-        return self.root / check_name(name)
+        return self.root / _stored_name(name)
 
-    def names(self) -> list[str]:
+    def names(self, *, automatic: bool = False) -> list[str]:
+        """The user's templates (and with ``automatic``, the automatic boot templates)."""
         if not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir() if NAME_RE.match(p.name) and p.is_dir())
+        return sorted(
+            p.name
+            for p in self.root.iterdir()
+            if (NAME_RE.match(p.name) or (automatic and BOOT_RE.match(p.name))) and p.is_dir()
+        )
 
     def exists(self, name: str) -> bool:
         return (self.path(name) / META_FILE).is_file()
 
-    def list(self) -> list[TemplateInfo]:
-        return [info for name in self.names() if (info := self.info(name)) is not None]
+    def list(self, *, automatic: bool = False) -> list[TemplateInfo]:
+        names = self.names(automatic=automatic)
+        return [info for name in names if (info := self.info(name)) is not None]
 
     def info(self, name: str) -> TemplateInfo | None:
         """What ``list`` shows of ``name``; None if it has no ``meta.json``."""
@@ -175,6 +202,7 @@ class Templates:
             source=_str_or_none(meta.get("source")),
             disk_bytes=disk,
             problem=problem,
+            automatic=is_automatic(name),
         )
 
     def sealed_config(self, name: str) -> TemplateConfig:
@@ -360,24 +388,19 @@ def check_config(name: str, sealed: TemplateConfig, wanted: TemplateConfig) -> N
 
 def _copy_ram(qemu_pid: int, size: int, path: Path) -> str:
     """Copy the guest RAM of QEMU ``qemu_pid`` into a new sparse file at ``path``."""
+    dst = open_private(path, os.O_RDWR | os.O_CREAT | os.O_EXCL)
     try:
-        src = memfd.open_qemu_ram(qemu_pid, size)
-    except OSError as exc:
-        raise TemplateError(
-            f"the VM's guest RAM cannot be copied ({exc.strerror or exc}): a clone of a "
-            "template maps its RAM privately; make the template from the template itself, or "
-            "from a VM booted from an image"
-        ) from None
-    try:
-        dst = open_private(path, os.O_RDWR | os.O_CREAT | os.O_EXCL)
+        os.ftruncate(dst, size)
         try:
-            os.ftruncate(dst, size)
-            digest = memfd.copy_sparse(src, dst, size)
-            os.fsync(dst)
-        finally:
-            os.close(dst)
+            digest = memfd.copy_qemu_ram(qemu_pid, size, dst)
+        except OSError as exc:
+            raise TemplateError(
+                f"the VM's guest RAM cannot be copied ({exc.strerror or exc}): make the "
+                "template from a VM whose RAM is a memfd (memory_backend 'ram', the default)"
+            ) from None
+        os.fsync(dst)
     finally:
-        os.close(src)
+        os.close(dst)
     return digest
 
 
