@@ -697,9 +697,11 @@ class Client:
             template=template,
         )
 
-    def templates(self) -> list[dict[str, Any]]:
-        """The daemon's templates (as ``GET /v1/templates`` lists them)."""
-        return cast(list[dict[str, Any]], self._call("GET", f"{API}/templates").json())
+    def templates(self, *, all: bool = False) -> list[dict[str, Any]]:
+        """The daemon's templates (as ``GET /v1/templates`` lists them); with ``all``, the
+        automatic boot templates too."""
+        path = f"{API}/templates?all=true" if all else f"{API}/templates"
+        return cast(list[dict[str, Any]], self._call("GET", path).json())
 
     def remove_template(self, name: str) -> None:
         """Delete template ``name`` on the daemon (its clones keep running)."""

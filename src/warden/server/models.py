@@ -220,6 +220,10 @@ class Template(BaseModel):
     source: str | None = Field(description="the id of the sandbox it was saved from")
     disk_bytes: int = Field(description="what its RAM and device state take on disk")
     problem: str | None = Field(description="why a clone of it would be refused, if it would")
+    automatic: bool = Field(
+        default=False,
+        description="the automatic boot template of a VM shape (listed with all=true only)",
+    )
 
 
 class ForkRequest(BaseModel):
