@@ -2,10 +2,11 @@
 
 The daemon's app runs in this process (uvicorn on 127.0.0.1, in a thread with its own event
 loop) over a Manager with a private $WARDEN_HOME, which shares the built images of the real
-one (not its templates: another seal key), and a small host capacity, so fuzzed creates boot at most a few
-small VMs. One VM is made first and most fuzzed requests name it, so the fuzzed values reach
-its guest agent (safe: without --allow-root they run as the guest's unprivileged user); the
-requests that would stop or remove it keep their fuzzed ref. Every VM is removed at the end.
+one (not its templates: another seal key), and a small host capacity, so fuzzed creates boot
+at most a few small VMs. One VM is made first and most fuzzed requests name it, so the fuzzed
+values reach its guest agent (safe: without --allow-root they run as the guest's unprivileged
+user); the requests that would stop or remove it keep their fuzzed ref. Every VM is removed at
+the end.
 """
 
 from __future__ import annotations
