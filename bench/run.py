@@ -616,8 +616,8 @@ def cli() -> None:
         "channel: warden with and without the channel's crypto layer; cli: `warden run -- "
         "true` as a new process, and its part in warden's own code outside the VM; reads: a "
         "read out of the guest against a write into it; templates: a clone and a default "
-        "create against a cold boot (and the historical boot-snapshot restore), and a fork; pause: auto-pause's idle CPU and first exec, "
-        "pause to disk and resume",
+        "create against a cold boot (and the historical boot-snapshot restore), and a fork; "
+        "pause: auto-pause's idle CPU and first exec, pause to disk and resume",
     )
     args = parser.parse_args()
     report = asyncio.run(main(args))
