@@ -821,9 +821,9 @@ class Machine:
     ) -> AgentClient:
         """Connect to the agent (through the encrypted channel, unless plaintext).
 
-        ``held``: the secret the guest holds when it is not the VM's own (a restored
-        snapshot's; this VM's own when a snapshot of it was just taken; the one before an
-        unfinished re-key): that session hands the guest ``new`` (a fresh one if None),
+        ``held``: the secret the guest holds when it is not the VM's own (a clone's template's;
+        this VM's own when a template, fork or pause file of it was just taken; the one
+        before an unfinished re-key): that session hands the guest ``new`` (a fresh one if None),
         stored first (``vmm/channel_keys.py``)."""
         secret, rekey = self._secret, None
         if held is not None:
@@ -870,10 +870,10 @@ class Machine:
     ) -> None:
         """Connect QMP and the agent, racing both against QEMU's exit and the deadline.
 
-        A restored VM is resumed once its state has loaded: the snapshot was taken paused.
-        Its guest holds the snapshot's channel secret, ``held``, until the first session
-        hands it this VM's own. ``incoming``: a clone's deferred migration (its template's
-        device state, RAM left out), started here.
+        A restored VM (a clone, a resumed one) is continued once its state has loaded: the
+        state was saved paused. Its guest holds the saved channel secret, ``held``, until the
+        first session hands it this VM's own. ``incoming``: a clone's deferred migration (its
+        template's device state, RAM left out), started here.
         """
         assert self._proc is not None
         deadline = time.monotonic() + self.spec.agent_timeout_s

@@ -23,7 +23,13 @@ sealed memfd, and the digest checked on the copy itself; the kernel then refuses
 to it, so it stays verified while clones map it ``share=off`` (copy-on-write: a clone's write
 goes to a private page of its own). The memfd is kept for this process and reused by every
 later clone of the same sealed template. ``state.bin`` is checked on the open file that QEMU
-then loads (``-incoming fd:N``), as boot snapshots are.
+then loads (``-incoming fd:N``), as a paused VM's file is.
+
+**Boot templates.** ``_boot-<image>-<mem>m-<cpus>c`` is the automatic template of a VM shape:
+the first default create of that shape boots cold and saves it, later ones clone it
+(``Machine._load_boot_template``). Its name is no user template's (a leading '_'), ``list``
+hides it unless asked, and a refused one is deleted and made again instead of failing the
+create.
 
 A clone is a new machine: the host's first session with it is authenticated by the template's
 secret and hands it one of its own; its HELLO brings a fresh RNG seed, the time and its own
