@@ -296,7 +296,7 @@ class Manager:
     async def fork(self, id_or_name: str, n: int) -> list[VMRow]:
         """Start ``n`` children of running VM ``id_or_name`` (``Machine.fork``), each admitted
         and recorded like a create before the parent is paused; it keeps running. A refused
-        fork (AdmissionError, a clone as parent, a bad ``n``) leaves no trace; children that
+        fork (AdmissionError, RAM in a file, a bad ``n``) leaves no trace; children that
         fail to start leave ``failed`` rows saying why."""
         parent = await self.machine(id_or_name)
         check_forkable(parent, n)

@@ -765,8 +765,9 @@ class Machine:
         processes included) and share its memory copy-on-write (``vmm/fork.py``); this VM
         keeps running, with a new channel secret. The caller owns the children.
 
-        SpecError for a bad ``n``; TemplateError if this VM is a clone (its RAM is private and
-        cannot be copied). A fork that fails leaves nothing behind.
+        SpecError for a bad ``n``; TemplateError if this VM's RAM is a file. A clone forks too
+        (its device state then carries its private RAM: slower). A fork that fails leaves
+        nothing behind.
         """
         return await fork_machine(self, n, vm_ids)
 
