@@ -4,6 +4,9 @@ tests/integration/test_boot_template.py and tests/security/test_sealed_boot_temp
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -95,3 +98,20 @@ def test_an_automatic_templates_secret_has_a_key_name_of_its_own(tmp_path: Path)
 def _key_files(paths: Paths) -> list[Path]:
     root = KeyStore(paths).root
     return [p for p in root.rglob("*.key") if p.parent != root]  # not the host's seal.key
+
+
+def test_the_cli_lists_automatic_templates_with_all_only(tmp_path: Path) -> None:
+    """`warden template list` (embedded: no daemon socket in this home) hides them."""
+    store = Templates(Paths(tmp_path))
+    for name in ("mine", "_boot-default-256m-1c"):
+        store.path(name).mkdir(parents=True)
+        (store.path(name) / META_FILE).write_text('{"seal": {"alg": "HMAC-SHA256", "tag": ""}}')
+    env = {**os.environ, "WARDEN_HOME": str(tmp_path), "WARDEN_HOST": "", "COLUMNS": "200"}
+    argv = [sys.executable, "-c", "from warden.cli.main import main; main()", "template", "list"]
+    plain = subprocess.run(argv, env=env, capture_output=True, text=True, check=True).stdout
+    everything = subprocess.run(
+        [*argv, "--all"], env=env, capture_output=True, text=True, check=True
+    ).stdout
+    assert "mine" in plain and "_boot-default" not in plain
+    assert "mine" in everything and "_boot-default-256m-1c" in everything
+    assert "automatic" in everything
