@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -129,3 +131,36 @@ def test_cold_boot_on_request_neither_uses_nor_makes_it(fresh: None) -> None:
         assert (_machine(sbx).booted_from, _machine(sbx).boot_template) == ("cold", None)
         assert sbx.commands.run(["true"]).exit_code == 0
     assert not _store().exists(NAME)
+
+
+def _private_mib(pid: int) -> float:
+    """The private (anonymous) part of a QEMU's PSS: what it does not share with others."""
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss_Anon:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no Pss_Anon in smaps_rollup")
+
+
+def test_a_template_saved_from_a_default_vm_shares_its_ram(no_leaks: None) -> None:
+    """A default VM is a clone (of its boot template), whose RAM QEMU would migrate with the
+    device state: saved through a helper VM (vmm/rehome.py), its template's clones map its RAM
+    copy-on-write instead of loading it into memory of their own (private PSS 44 MiB against
+    125 without the helper, like a plain clone's 48, here)."""
+    name = f"from-default-{os.getpid()}"
+    if not _store().exists(NAME):
+        with Sandbox.create(memory_mib=MEMORY):  # makes the boot template
+            pass
+    with Sandbox.create(memory_mib=MEMORY) as plain:
+        assert _machine(plain).booted_from == "template"
+        plain.files.write("/home/user/mark", "saved")
+        plain.save_template(name)
+        assert plain.commands.run("cat /home/user/mark").stdout == "saved"  # it goes on
+        try:
+            with Sandbox.create(template=name) as clone:
+                assert clone.files.read("/home/user/mark") == "saved"
+                assert clone.commands.run("hostname").stdout.strip() == clone.id
+                time.sleep(3)
+                derived, baseline = (_private_mib(_machine(s).pid or 0) for s in (clone, plain))
+        finally:
+            _store().remove(name)
+    assert derived < baseline + 30, (derived, baseline)

@@ -44,7 +44,7 @@ from warden.jail.features import JailPlan
 from warden.jail.files import qemu_files
 from warden.jail.policy import JailMode, default_mode
 from warden.policy.admission import TCG_VM_OVERHEAD_MIB
-from warden.vmm import cgroups, console, idle, ownership
+from warden.vmm import cgroups, console, idle, ownership, rehome
 from warden.vmm import pause as pausing
 from warden.vmm.accel import AccelChoice, qemu_version, resolve_accel
 from warden.vmm.argv import (
@@ -99,6 +99,9 @@ class Machine:
     """The id of the VM this one is a fork child of (its ``booted_from`` is ``template``)."""
     error: str | None = None
     """Why the VM is unhealthy (its agent connection broke), or None."""
+    restore_from: tuple[io.FileIO, bytes] | None = None
+    """A whole saved state to start from instead of booting (open at offset 0), and the
+    channel secret its guest holds: a helper VM of ``vmm/rehome.py``."""
 
     def __init__(
         self,
@@ -134,8 +137,8 @@ class Machine:
         self._watch: asyncio.Task[None] | None = None
         self._exit_code: int | None = None
         self.booted_from: str | None = None
-        """``cold`` or ``template`` (a clone: of a template, of the automatic boot template of
-        its shape, or a fork child), once launched."""
+        """``cold``, ``template`` (a clone: of a template, of the automatic boot template of
+        its shape, or a fork child) or ``restore`` (``restore_from``), once launched."""
         self.boot_template: str | None = None
         """The automatic boot template this VM clones, or makes once it booted cold (with
         ``boot="snapshot"``, the default); None for a cold boot or a clone of a named one."""
@@ -553,6 +556,14 @@ class Machine:
     async def _boot(self, boot: BootFiles) -> None:
         """Clone the template (named, or the automatic one of this shape), else boot cold and,
         with ``boot="snapshot"``, save the automatic template of this shape."""
+        if self.restore_from is not None:
+            state, held = self.restore_from
+            self.restore_from = None  # QEMU's (and closed) from here on
+            self._set_argv(boot)
+            await self._spawn(restore=state)
+            await self._connect(restored=True, held=held)
+            self.booted_from = "restore"
+            return
         if self._template is not None:
             try:
                 await self._boot_clone(boot, self._template)
@@ -753,7 +764,10 @@ class Machine:
             self._agent = None
         await self._qmp.execute("stop")
         try:
-            await store.capture(self._qmp, self._qemu_pid(), name, config, self._secret, extra)
+            if self.booted_from == "template" and store.rehomes_clones:
+                await rehome.save_clone(self, store, name, extra, self._secret)
+            else:
+                await store.capture(self._qmp, self._qemu_pid(), name, config, self._secret, extra)
         finally:
             if keep_running:
                 await self._qmp.execute("cont")

@@ -160,6 +160,10 @@ _ram_lock = threading.Lock()
 class Templates:
     """The template store of ``paths``."""
 
+    rehomes_clones = True
+    """Save a clone through a helper VM, so that the template's clones share all its RAM
+    (``vmm/rehome.py``); a fork's transient store does not (speed over sharing)."""
+
     def __init__(self, paths: Paths) -> None:
         self.root = paths.home / "templates"
         self.sealer = Sealer(paths, SEAL_PURPOSE)
