@@ -127,9 +127,8 @@ class AsyncSandbox:
         for 256 MiB here); it is refused (``StateTransitionError``) while commands or file
         transfers are in flight. ``create(template=name)`` then makes clones of it.
         ``NameConflictError`` if the name is taken. A sandbox that is itself a clone (the
-        default: of its shape's automatic template) saves its RAM into the template's device
-        state too (QEMU migrates private RAM), so that template's clones share less memory:
-        for the densest clones, save a sandbox made with ``boot="cold"``.
+        default: of its shape's boot template) is saved through a short-lived helper VM, so
+        that the template's clones still share its memory (about a second more).
         """
         self._agent()  # a closed or dead sandbox says so
         await self._machine.save_template(name, keep_running=True, extra={"source": self.id})
