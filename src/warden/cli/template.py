@@ -106,10 +106,10 @@ def _from_image(
 ) -> None:
     import warden
 
-    # Booted cold: a VM that is not a clone saves its RAM out of the device state, so the
-    # template's clones share all of it (a clone's private RAM would be in the state).
+    # A clone of the boot template of this shape (the first one boots cold and makes it):
+    # saving it goes through a helper VM (vmm/rehome.py), still faster than a cold boot.
     factory: Any = client.Sandbox if client is not None else warden.Sandbox
-    with factory.create(image, memory_mib=memory, vcpus=cpus, boot="cold") as sbx:
+    with factory.create(image, memory_mib=memory, vcpus=cpus) as sbx:
         if run is not None:
             result = sbx.commands.run(run, user=user, timeout=None)
             if result.exit_code != 0:
