@@ -5,6 +5,7 @@ tests/security/test_sealed_boot_templates.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -164,3 +165,25 @@ def test_a_template_saved_from_a_default_vm_shares_its_ram(no_leaks: None) -> No
         finally:
             _store().remove(name)
     assert derived < baseline + 30, (derived, baseline)
+
+
+def test_two_first_creates_at_once_make_one_template(fresh: None) -> None:
+    """Both boot cold and try to save it: one wins, the other goes on without an error, and
+    the template and its key are the winner's (the next create clones it)."""
+
+    async def both() -> list[str | None]:
+        machines = [Machine(VMSpec(memory_mib=MEMORY)) for _ in range(2)]
+        try:
+            await asyncio.gather(*(m.launch() for m in machines))
+            for m in machines:
+                assert (await m.agent.exec(["echo", "ok"])).stdout == b"ok\n"
+            return [m.booted_from for m in machines]
+        finally:
+            await asyncio.gather(*(m.shutdown() for m in machines))
+
+    assert asyncio.run(both()) == ["cold", "cold"]
+    assert _store().exists(NAME) and _store().keys.template(NAME) is not None
+    assert not list(_store().root.glob(f".{NAME}.*.tmp")), "a work dir was left"
+    with Sandbox.create(memory_mib=MEMORY) as sbx:
+        assert _machine(sbx).booted_from == "template"
+        assert sbx.commands.run("echo ok").stdout == "ok\n"

@@ -41,15 +41,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import fcntl
 import io
 import json
 import logging
 import os
 import re
+import secrets
 import shutil
 import stat
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -249,8 +252,9 @@ class Templates:
         if not directory.is_dir():
             raise TemplateNotFoundError(_not_found(name))
         _forget_ram(directory)
-        self.keys.forget_template(name)
-        shutil.rmtree(directory)
+        with self._name_lock(name):
+            self.keys.forget_template(name)
+            shutil.rmtree(directory)
 
     # -- loading ------------------------------------------------------------------------------
 
@@ -338,21 +342,35 @@ class Templates:
         if target.exists():
             raise NameConflictError(_exists(name))
         private_dir(self.root)
-        work = self.root / f".{name}.{os.getpid()}.tmp"
-        shutil.rmtree(work, ignore_errors=True)
+        # Its own work dir: two VMs of one process may save the same boot template at once.
+        work = self.root / f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
         private_dir(work)
         try:
             record = await self._save_files(qmp, qemu_pid, work, config)
             record.update(extra, created=time.time(), name=name, **config.fields())
             write_private(work / META_FILE, _dump(self.sealer.seal(record)))
-            self.keys.save_template(name, secret)
-            try:
-                work.rename(target)
-            except OSError as exc:
-                self.keys.forget_template(name)
-                raise NameConflictError(_exists(name)) from exc
+            with self._name_lock(name):  # the loser of a race touches neither key nor files
+                if target.exists():
+                    raise NameConflictError(_exists(name))
+                self.keys.save_template(name, secret)
+                try:
+                    work.rename(target)
+                except OSError as exc:
+                    self.keys.forget_template(name)
+                    raise NameConflictError(_exists(name)) from exc
         finally:
             shutil.rmtree(work, ignore_errors=True)
+
+    @contextlib.contextmanager
+    def _name_lock(self, name: str) -> Iterator[None]:
+        """Hold the lock of template ``name`` (between processes: flock) while its key and
+        its dir are put in place or removed."""
+        fd = open_private(self.root / f".{_stored_name(name)}.lock", os.O_RDWR | os.O_CREAT)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
 
     async def _save_files(
         self, qmp: QMPClient, qemu_pid: int, work: Path, config: TemplateConfig
