@@ -16,7 +16,7 @@ from warden.config import Paths
 from warden.seal import KeyStore
 from warden.vmm.argv import BootFiles, RuntimeFiles, build_argv
 from warden.vmm.channel_keys import ChannelKeys
-from warden.vmm.snapshot import machine_key
+from warden.vmm.snapshot import machine_key, remove_boot_snapshots
 from warden.vmm.spec import VMSpec
 from warden.vmm.templates import (
     META_FILE,
@@ -115,3 +115,16 @@ def test_the_cli_lists_automatic_templates_with_all_only(tmp_path: Path) -> None
     assert "mine" in plain and "_boot-default" not in plain
     assert "mine" in everything and "_boot-default-256m-1c" in everything
     assert "automatic" in everything
+
+
+def test_what_boot_snapshots_left_is_removed(tmp_path: Path) -> None:
+    (tmp_path / "snapshots" / "abc").mkdir(parents=True)
+    (tmp_path / "snapshots" / "abc" / "state.bin").write_bytes(b"x")
+    (tmp_path / "keys" / "snapshot").mkdir(parents=True)
+    (tmp_path / "keys" / "snapshot" / "abc.key").write_bytes(bytes(32))
+    (tmp_path / "keys" / "template").mkdir()
+    remove_boot_snapshots(tmp_path)
+    assert not (tmp_path / "snapshots").exists()
+    assert not (tmp_path / "keys" / "snapshot").exists()
+    assert (tmp_path / "keys" / "template").is_dir()
+    remove_boot_snapshots(tmp_path)  # nothing left: nothing to do

@@ -60,7 +60,7 @@ from warden.vmm.channel_keys import ChannelKeys
 from warden.vmm.fork import fork as fork_machine
 from warden.vmm.idle import IdleGate
 from warden.vmm.ownership import Ownership, recorded_uid
-from warden.vmm.snapshot import machine_key, set_ignore_shared
+from warden.vmm.snapshot import machine_key, remove_boot_snapshots, set_ignore_shared
 from warden.vmm.spec import VMSpec
 from warden.vmm.state import LIVE_STATES, VMState, check_transition
 from warden.vmm.templates import (
@@ -707,6 +707,7 @@ class Machine:
             config = self._template_config(boot)
             extra = {"automatic": True}
             await self._capture(self.templates, name, config, extra, keep_running=True)
+            await asyncio.to_thread(remove_boot_snapshots, self.paths.home)
         except NameConflictError:
             return  # another VM of this shape saved it first
         except (TemplateError, OSError, QMPError) as exc:

@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -48,6 +49,14 @@ class SnapshotConfig:
 
     def fields(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def remove_boot_snapshots(home: Path) -> None:
+    """Delete what an older warden's boot snapshots left (``snapshots/``, their secrets in
+    ``keys/snapshot/``): nothing reads them any more, and each held ~70 MB."""
+    for old in (home / "snapshots", home / "keys" / "snapshot"):
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def machine_key(argv: list[str], vm_id: str, rundir: Path, qemu_version: str) -> str:
