@@ -8,12 +8,14 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from warden._errors import SpecError
 from warden.config import Paths
-from warden.seal import KeyStore
+from warden.seal import KeyStore, digests
+from warden.vmm import memfd, templates
 from warden.vmm.argv import BootFiles, RuntimeFiles, build_argv
 from warden.vmm.channel_keys import ChannelKeys
 from warden.vmm.snapshot import machine_key, remove_boot_snapshots
@@ -128,3 +130,41 @@ def test_what_boot_snapshots_left_is_removed(tmp_path: Path) -> None:
     assert not (tmp_path / "keys" / "snapshot").exists()
     assert (tmp_path / "keys" / "template").is_dir()
     remove_boot_snapshots(tmp_path)  # nothing left: nothing to do
+
+
+def test_a_remembered_ram_digest_spares_the_hash_until_the_file_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every new process copies a template's RAM into a sealed memfd; its digest is computed
+    on that copy, unless remembered for the file's unchanged stat (seal/digests.py)."""
+    monkeypatch.setattr(templates, "RACY_NS", 0)
+    monkeypatch.setattr(digests, "_memo", {})
+    store = Templates(Paths(tmp_path / "home"))
+    ram = tmp_path / "memory.ram"
+    ram.write_bytes(b"\1" * (3 << 20) + bytes(1 << 20))
+    size = ram.stat().st_size
+    hashed: list[bool] = []
+    real = memfd.sealed_copy
+
+    def counting(src: int, n: int, name: str, **kw: bool) -> Any:
+        hashed.append(kw.get("hashed", True))
+        return real(src, n, name, **kw)
+
+    monkeypatch.setattr(memfd, "sealed_copy", counting)
+
+    def load(meta: dict[str, Any]) -> str:
+        fd = os.open(ram, os.O_RDONLY)
+        try:
+            copy, digest = store._copy_ram(ram, fd, size, meta)
+            os.close(copy)
+            return digest
+        finally:
+            os.close(fd)
+
+    sealed = load({})  # a first look: hashed (and not remembered: no sealed digest matched)
+    meta = {"memory_digest": sealed}
+    assert load(meta) == sealed and load(meta) == sealed
+    assert hashed == [True, True, False], "the second load should have been remembered"
+    with open(ram, "r+b") as f:  # one byte changed: a new ctime, hashed again
+        f.write(b"\2")
+    assert load(meta) != sealed and hashed[-1] is True

@@ -67,6 +67,7 @@ from warden._errors import (
 )
 from warden.config import PRIVATE_FILE, Paths, open_private, private_dir, write_private
 from warden.seal import DigestRecord, KeyStoreError, Sealer, SealRefused, sha256_fd
+from warden.seal.digests import RACY_NS, stat_key
 from warden.vmm import memfd, snapshot
 from warden.vmm.channel_keys import ChannelKeys
 from warden.vmm.snapshot import set_ignore_shared, wait_migration
@@ -296,7 +297,7 @@ class Templates:
                         directory.name,
                         f"{RAM_FILE} has {size} bytes, its seal says {meta.get('memory_size')}",
                     )
-                ram, digest = memfd.sealed_copy(fd, size, f"warden-template-{directory.name}")
+                ram, digest = self._copy_ram(directory / RAM_FILE, fd, size, meta)
             finally:
                 os.close(fd)
             if digest != meta.get("memory_digest"):
@@ -305,6 +306,27 @@ class Templates:
             _drop_cached(directory)  # an older version of it (its seal changed)
             _ram_cache[key] = ram
             return ram
+
+    def _copy_ram(self, path: Path, fd: int, size: int, meta: dict[str, Any]) -> tuple[int, str]:
+        """``memory.ram`` (open at ``fd``) in a sealed memfd, and its RAM digest. Hashed as it
+        is copied, unless the sealed digest is remembered for the file's stat (as
+        ``seal/digests.py`` remembers a SHA-256, and for the same reasons): then it is copied
+        without hashing (0.08 s less per 110 MB of data, in every new process) and accepted
+        if its stat is still the same after the copy (a change meanwhile would show in its
+        ctime); else hashed after all."""
+        name = f"warden-template-{path.parent.name}"
+        before = stat_key(path, os.fstat(fd))
+        sealed = meta.get("memory_digest")
+        if isinstance(sealed, str) and self.digests.lookup(before) == sealed:
+            ram, _ = memfd.sealed_copy(fd, size, name, hashed=False)
+            if stat_key(path, os.fstat(fd)) == before:
+                return ram, sealed
+            os.close(ram)
+        began = time.time_ns()
+        ram, digest = memfd.sealed_copy(fd, size, name)
+        if digest == sealed and began - before[-1] >= RACY_NS:
+            self.digests.remember(before, digest)
+        return ram, digest
 
     def _open_state(self, directory: Path, meta: dict[str, Any]) -> io.FileIO:
         path = directory / STATE_FILE
