@@ -160,8 +160,10 @@ piece as AD, empty plaintext: what the window costs now), best of 2 each."""
 
 async def _sandbox(*, plaintext: bool, memory_mib: int = 512) -> AsyncSandbox:
     """A sandbox built as ``AsyncSandbox.create`` builds one, with or without the channel's
-    crypto layer (``plaintext_channel`` is a Machine option only the benchmark uses)."""
-    spec = VMSpec.parse(memory_mib=memory_mib)
+    crypto layer (``plaintext_channel`` is a Machine option only the benchmark uses). Both
+    boot cold: a plaintext VM cannot clone the boot template (its guest holds a channel secret
+    to re-key), and the two must be the same machine, RAM included."""
+    spec = VMSpec.parse(memory_mib=memory_mib, boot="cold")
     machine = Machine(spec, paths=Paths.from_env(), plaintext_channel=plaintext)
     await machine.launch()
     return AsyncSandbox(machine)
