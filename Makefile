@@ -5,7 +5,6 @@ VENV := .venv
 PY := $(VENV)/bin/python
 WARDEN := $(VENV)/bin/warden
 APT_PACKAGES := qemu-system-x86 busybox-static mmdebstrap squashfs-tools cpio kmod lz4
-STAMP := $(VENV)/.installed
 
 .PHONY: help setup host-packages venv image demo test test-unit test-vm bench lint clean
 
@@ -25,14 +24,10 @@ host-packages:
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
 	fi
 
-$(STAMP): requirements.lock pyproject.toml
-	@command -v uv >/dev/null || python3 -m pip install -q uv
-	uv venv --allow-existing --python python3 $(VENV)
-	uv pip install --python $(PY) --require-hashes -r requirements.lock
-	uv pip install --python $(PY) --no-deps -e .
-	touch $(STAMP)
-
-venv: $(STAMP)
+# On an interpreter every user can execute (scripts/base-python.sh), so that members of the
+# daemon's group can run the CLI; a venv on another one is rebuilt (scripts/venv.sh).
+venv:
+	@scripts/venv.sh $(VENV)
 
 image: venv host-packages
 	$(WARDEN) image build default

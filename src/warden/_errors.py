@@ -29,10 +29,16 @@ and its message says what the user can do about it::
      |    +-- NameConflictError    the name is taken (HTTP 409)
      |    +-- VMNotFoundError      no VM has that id or name (HTTP 404)
      |    +-- StateTransitionError the VM cannot go from its state to that one (HTTP 409)
+     +-- AuthenticationError    no, a wrong, an expired or a revoked credential (HTTP 401)
+     +-- PermissionDeniedError  the policy refuses the caller this action (HTTP 403)
+     +-- TokenNotFoundError     no API token has that id or principal name (HTTP 404)
      +-- AdmissionError         the host's capacity x overcommit ratio would be passed (409)
      +-- TemplateError          a template cannot be made, found or used
-          +-- TemplateNotFoundError  no template has that name (HTTP 404)
-          +-- TemplateRefusedError   its seal, image or QEMU no longer matches: rebuild it (409)
+     |    +-- TemplateNotFoundError  no template has that name (HTTP 404)
+     |    +-- TemplateRefusedError   its seal, image or QEMU no longer matches: rebuild it (409)
+     +-- AuditError             the audit log (``warden.audit``) refused or failed an operation
+          +-- AuditRecordError     a record was refused (too big, a bad field); nothing written
+          +-- AuditLogError        the log cannot be opened or written (keys, lock, disk)
 
 ``asyncio.CancelledError`` is never wrapped.
 """
@@ -169,6 +175,21 @@ class StateTransitionError(StoreError):
     """A VM's state cannot change that way, e.g. ``stopped -> running`` (HTTP 409)."""
 
 
+class AuthenticationError(WardenError):
+    """The request carried no credential, or one that is wrong, expired or revoked (HTTP
+    401). The message says which, and how to get a valid one."""
+
+
+class TokenNotFoundError(WardenError, LookupError):
+    """No API token has that id or principal name (HTTP 404); ``warden token list`` lists
+    them."""
+
+
+class PermissionDeniedError(WardenError):
+    """The policy refuses the caller this action on this sandbox (HTTP 403). The message
+    names the action and the rule that decided (``warden policy check`` shows it)."""
+
+
 class AdmissionError(WardenError):
     """A create would pass a host limit (HTTP 409). The message names the limit, the numbers
     and the option to change. Nothing was created. ``limits`` names the limits passed
@@ -191,3 +212,18 @@ class TemplateNotFoundError(TemplateError, LookupError):
 class TemplateRefusedError(TemplateError):
     """A template's seal, image, QEMU or machine no longer matches what loads it (HTTP 409).
     Nothing was started: remove it and make it again (``warden template rm`` / ``create``)."""
+
+
+class AuditError(WardenError):
+    """The tamper-evident audit log (``warden.audit``) refused or failed an operation."""
+
+
+class AuditRecordError(AuditError, ValueError):
+    """A record was refused before anything was written: it is too big, or a field has a bad
+    name or type. Put digests in a record, never raw argv, file contents or secrets."""
+
+
+class AuditLogError(AuditError):
+    """The audit log cannot be opened or appended to: its keys are missing or unsafe, another
+    process writes it, its last record is unreadable, or the disk failed. The message says
+    what to do; ``warden audit verify`` shows the state of the log."""

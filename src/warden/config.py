@@ -3,7 +3,9 @@
 Everything warden makes under ``$WARDEN_HOME`` is for root only: dirs 0700 (PRIVATE_DIR),
 files 0600 (PRIVATE_FILE). QEMU runs as root for now, so it reads them all. Make dirs with
 :func:`private_dir` and files with :func:`write_private` / :func:`open_private`, or restrict a
-finished build output with :func:`restrict`.
+finished build output with :func:`restrict`. The one exception is the daemon's socket: when
+a ``warden`` group exists, ``$WARDEN_HOME`` is 0710 and ``api/`` 0750, both group ``warden``,
+and the socket 0660 (``auth/unix.py``).
 """
 
 from __future__ import annotations
@@ -17,13 +19,18 @@ DEFAULT_HOME = Path("/var/lib/warden")
 
 PRIVATE_DIR = 0o700
 PRIVATE_FILE = 0o600
+GROUP_PASS_DIR = 0o710
+"""``$WARDEN_HOME`` when a group may use the daemon's socket: its members pass, never list."""
+SOCKET_NAME = "warden.sock"
 
 
 def private_dir(path: Path) -> Path:
     """Make ``path`` and its missing parents with mode 0700; tighten ``path`` if it exists.
 
     Only ``path`` itself is tightened, never an existing parent (``$WARDEN_HOME`` may be a
-    dir the admin made, or even a shared one).
+    dir the admin made, or even a shared one). An existing dir keeps a group-x bit (0710): that
+    is how ``warden serve`` lets the daemon's group through ``$WARDEN_HOME`` to its socket
+    (``auth/unix.py``), without letting it list or read anything there.
     """
     missing: list[Path] = []
     current = path
@@ -36,7 +43,7 @@ def private_dir(path: Path) -> Path:
         with contextlib.suppress(FileExistsError):  # another process made it first
             d.mkdir(mode=PRIVATE_DIR)
         os.chmod(d, PRIVATE_DIR)  # mkdir's mode passes the umask; say it exactly
-    if not missing and (path.stat().st_mode & 0o777) != PRIVATE_DIR:
+    if not missing and (path.stat().st_mode & 0o777) not in (PRIVATE_DIR, GROUP_PASS_DIR):
         os.chmod(path, PRIVATE_DIR)
     return path
 
@@ -93,6 +100,17 @@ class Paths:
     def images(self) -> Path:
         """Image manifests: ``images/<name>.json``."""
         return self.home / "images"
+
+    @property
+    def api(self) -> Path:
+        """The daemon's socket dir: only the socket is there, so that it alone may be opened
+        to the daemon's group (``auth/unix.py``)."""
+        return self.home / "api"
+
+    @property
+    def socket(self) -> Path:
+        """The daemon's default unix socket, ``api/warden.sock``."""
+        return self.api / SOCKET_NAME
 
     @property
     def run(self) -> Path:

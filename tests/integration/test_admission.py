@@ -93,7 +93,7 @@ def test_parallel_creates_at_the_limit_admit_exactly_n(tmp_path: Path, no_leaks:
             admitted = {r.json()["id"] for r in answers if r.status_code == 201}
             refused = [i for i, r in enumerate(answers) if r.status_code == 409]
             for i in refused:
-                assert "memory:" in answers[i].json()["detail"]
+                assert "memory:" in answers[i].json()["error"]["message"]
                 assert c.get(f"/v1/sandboxes/par-{tag}-{i}").status_code == 404
             listed = {v["id"] for v in c.get("/v1/sandboxes", params={"all": "true"}).json()}
             assert listed == admitted
@@ -138,7 +138,7 @@ def test_a_host_whose_vms_keep_the_cpus_busy_refuses_creates(
             dirs, pids = runtime_dirs(), qemu_pids()
             refused = c.post("/v1/sandboxes", json={"memory_mib": MEMORY, "name": "busy"})
             assert refused.status_code == 409, refused.text
-            assert "cpu_busy_limit" in refused.json()["detail"]
+            assert "cpu_busy_limit" in refused.json()["error"]["message"]
             assert c.get("/v1/sandboxes/busy").status_code == 404
             assert runtime_dirs() == dirs and qemu_pids() == pids
             metrics = c.get("/metrics").text

@@ -131,9 +131,9 @@ def test_api_contract(daemon: Daemon) -> None:
         assert r.status_code == 404
 
         r = c.post("/v1/sandboxes", json={"name": name, "memory_mib": MEMORY})
-        assert r.status_code == 409 and name in r.json()["detail"]
+        assert r.status_code == 409 and name in r.json()["error"]["message"]
         r = c.get("/v1/sandboxes/no-such-vm")
-        assert r.status_code == 404 and "no-such-vm" in r.json()["detail"]
+        assert r.status_code == 404 and "no-such-vm" in r.json()["error"]["message"]
         r = c.post("/v1/sandboxes/no-such-vm/exec", json={"cmd": ["true"]})
         assert r.status_code == 404
         r = c.post("/v1/sandboxes", json={"memory_mib": MEMORY, "bogus": 1})
@@ -389,7 +389,7 @@ def _assert_refused_without_trace(c: httpx.Client, vm_id: str, memory_limit: int
 
     r = c.post("/v1/sandboxes", json={"memory_mib": MEMORY, "name": "refused"})
     assert r.status_code == 409, r.text
-    detail = r.json()["detail"]
+    detail = r.json()["error"]["message"]
     assert "memory:" in detail and "memory_overcommit" in detail
     assert "vcpus:" in detail and "vcpu_overcommit" in detail
     assert f"limit is {memory_limit} MiB" in detail
@@ -641,7 +641,7 @@ def test_exec_with_streamed_stdin(daemon: Daemon) -> None:
         both = {"cmd": ["true"], "stdin": "", "stdin_stream": True}
         assert c.post(f"/v1/sandboxes/{vm_id}/exec", json=both).status_code == 422
         r = c.put(f"/v1/sandboxes/{vm_id}/execs/nope/stdin", content=b"x")
-        assert r.status_code == 404 and "exec_id" in r.json()["detail"]
+        assert r.status_code == 404 and "exec_id" in r.json()["error"]["message"]
 
         sent: list[httpx.Response] = []
         lines: list[dict[str, Any]] = []

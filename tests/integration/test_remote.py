@@ -76,7 +76,7 @@ def test_a_remote_sandbox_lives_on_the_daemon_until_killed(warden_daemon: ServeP
 
 async def test_a_daemon_without_an_endpoint_gives_a_clear_error() -> None:
     def handler(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(404, json={"detail": "Not Found"})
+        return httpx.Response(404, json={"error": {"type": "HTTPError", "message": "Not Found"}})
 
     async with httpx.AsyncClient(
         transport=httpx.MockTransport(handler), base_url="http://warden"

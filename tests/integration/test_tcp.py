@@ -77,12 +77,12 @@ def test_the_token_and_key_are_private_and_the_cert_names_the_host(daemon: TcpDa
 def test_every_request_needs_the_token(daemon: TcpDaemon) -> None:
     with daemon.https_client(None) as c:
         r = c.get("/v1/info")
-        assert r.status_code == 401 and "api-token" in r.json()["detail"]
+        assert r.status_code == 401 and "no API token" in r.json()["error"]["message"]
         assert c.get("/v1/sandboxes").status_code == 401
         assert c.post("/v1/sandboxes", json={}).status_code == 401  # nothing is created
     with daemon.https_client("not-the-token") as c:
         r = c.get("/v1/info")
-        assert r.status_code == 401 and "wrong" in r.json()["detail"]
+        assert r.status_code == 401 and "invalid" in r.json()["error"]["message"]
     with daemon.https_client(daemon.token) as c:
         assert c.get("/v1/info").status_code == 200
     with daemon.client() as c:  # the unix socket: its file mode is the guard

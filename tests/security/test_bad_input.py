@@ -302,7 +302,7 @@ def _send(d: Daemon, case: Case) -> httpx.Response:
 
 
 def _detail(response: httpx.Response) -> str:
-    return json.dumps(response.json()["detail"])
+    return json.dumps(response.json()["error"])
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])

@@ -85,7 +85,7 @@ def test_a_frozen_agent_marks_the_vm_unhealthy_and_rm_still_works(daemon: ServeP
             r = http.post(f"/v1/sandboxes/{sbx.id}/exec", json={"cmd": "true"})
             assert time.monotonic() - started < FAIL_FAST_S
             assert r.status_code == 409, r.text
-            assert "unhealthy" in r.json()["detail"]
+            assert "unhealthy" in r.json()["error"]["message"]
             started = time.monotonic()
             r = http.delete(f"/v1/sandboxes/{sbx.id}", params={"force": "true"})
             assert r.status_code == 204, r.text

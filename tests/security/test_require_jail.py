@@ -178,7 +178,7 @@ def test_daemon_require_jail_refuses_a_partial_jail_and_records_nothing(
     with _http(url) as c:
         r = c.post("/v1/sandboxes", json={"memory_mib": MEMORY, "require_jail": True})
     assert r.status_code == 409, r.text
-    detail = r.json()["detail"]
+    detail = r.json()["error"]["message"]
     assert detail.startswith("the jail is required") and f"pid ns: {FAKED}" in detail
     client = warden.connect(url)
     with pytest.raises(JailUnavailableError) as sync_error:
@@ -219,5 +219,5 @@ def test_a_daemon_with_require_jail_refuses_every_create_the_same_way(
     monkeypatch.setattr(policy, "_default", "require")  # what `warden serve --require-jail` sets
     with _http(url) as c:
         r = c.post("/v1/sandboxes", json={"memory_mib": MEMORY})
-    assert r.status_code == 409 and f"pid ns: {FAKED}" in r.json()["detail"], r.text
+    assert r.status_code == 409 and f"pid ns: {FAKED}" in r.json()["error"]["message"], r.text
     _nothing_recorded(url, paths, before)

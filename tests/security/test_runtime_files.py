@@ -76,7 +76,13 @@ def test_every_runtime_file_is_root_only(daemon: ServeProcess) -> None:
             rundirs = {p.name for p in (home / "run" / "vms").iterdir()}
             assert {daemon_vm, embedded.id} <= rundirs
             # What the walk must see, so that it cannot pass by looking at nothing:
-            for must in ("run/manager.lock", "state.db", "api-token", "tls/server.key"):
+            for must in (
+                "run/manager.lock",
+                "state.db",
+                "tokens.db",
+                "api-token",
+                "tls/server.key",
+            ):
                 assert (home / must).exists(), must
             for must in ("agent.sock", "qmp.sock", "console.sock", "owner.json", "xfer.img"):
                 assert (home / "run" / "vms" / embedded.id / must).exists(), must

@@ -66,3 +66,17 @@ def test_restrict_leaves_a_guest_tree_alone(tmp_path: Path) -> None:
     assert _mode(out / "artifact") == 0o600
     assert _mode(out / "root") == 0o755  # the guest's own modes: copied into the squashfs
     assert _mode(out / "root" / "etc" / "passwd") == 0o644
+
+
+def test_private_dir_keeps_only_a_group_pass_bit(tmp_path: Path) -> None:
+    """$WARDEN_HOME opened to the daemon's group (0710: pass, not list) stays so; anything
+    looser is tightened to 0700."""
+    home = tmp_path / "home"
+    home.mkdir()
+    os.chmod(home, 0o710)  # noqa: S103 - what warden serve makes of it for its group
+    private_dir(home)
+    assert stat.S_IMODE(home.stat().st_mode) == 0o710
+    for loose in (0o750, 0o711, 0o770):
+        os.chmod(home, loose)
+        private_dir(home)
+        assert stat.S_IMODE(home.stat().st_mode) == 0o700, oct(loose)

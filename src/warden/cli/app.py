@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+from warden.cli.audit import audit_app
 from warden.cli.doctor import doctor
 from warden.cli.events import events
 from warden.cli.image import image_app
@@ -14,6 +15,7 @@ from warden.cli.remote import register as register_remote
 from warden.cli.run import EXIT_TIMEOUT, EXIT_WARDEN_ERROR, RunArgs, run_command
 from warden.cli.serve import serve
 from warden.cli.template import template_app
+from warden.cli.token import token_app
 
 app = typer.Typer(
     name="warden",
@@ -24,6 +26,8 @@ app = typer.Typer(
 )
 app.add_typer(image_app, name="image", help="Build, list and remove guest images.")
 app.add_typer(template_app, name="template", help="Make, list and remove templates.")
+app.add_typer(token_app, name="token", help="Make, list and revoke API tokens.")
+app.add_typer(audit_app, name="audit", help="Check and read the tamper-evident audit log.")
 app.command("doctor", help="Check QEMU, kernel, image and accelerator; say how to fix problems.")(
     doctor
 )

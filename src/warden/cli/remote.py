@@ -2,7 +2,7 @@
 stop, rm, logs, info.
 
 The daemon is found by ``--host`` or ``$WARDEN_HOST``: a unix socket path (``unix:///path`` or
-``/path``) or an ``http://host:port`` URL; by default ``$WARDEN_HOME/run/warden.sock``.
+``/path``) or an ``http://host:port`` URL; by default ``$WARDEN_HOME/api/warden.sock``.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
     from warden.agent.client import ExecResult
     from warden.sdk._endpoint import Endpoint
+    from warden.sdk._remote import Client
 
 # httpx, rich and the SDK's remote client load in the commands that contact a daemon: every
 # other command (``warden run`` above all) must not pay ~0.3 s for them (issue 8).
@@ -91,6 +92,18 @@ def _client(host: str | None) -> Iterator[httpx.Client]:
         _fail(endpoint.unreachable(exc))
 
 
+@contextmanager
+def _sdk(host: str | None) -> Iterator[Client]:
+    """The SDK's client of the daemon at ``host``; an error it raises ends the command with
+    its message (the class tells the SDK's callers apart; the CLI prints it)."""
+    from warden.sdk._remote import Client
+
+    try:
+        yield Client(_endpoint(host))
+    except WardenError as exc:
+        _fail(str(exc))
+
+
 def _check(response: httpx.Response) -> Any:
     if response.is_success:
         if response.status_code == 204 or not response.content:
@@ -98,15 +111,9 @@ def _check(response: httpx.Response) -> Any:
         if response.headers.get("content-type", "").startswith("application/json"):
             return response.json()
         return response.text
-    try:
-        detail = response.json().get("detail", response.text)
-    except ValueError:
-        detail = response.text
-    if isinstance(detail, list):  # a 422 from validation: one line per problem
-        detail = "; ".join(
-            f"{'.'.join(str(p) for p in d.get('loc', []))}: {d.get('msg')}" for d in detail
-        )
-    _fail(f"{detail} (HTTP {response.status_code})")
+    from warden.api import errors as api_errors
+
+    _fail(api_errors.parse(response.status_code, response.content).text())
 
 
 def _labels(pairs: list[str]) -> dict[str, str]:
@@ -139,23 +146,18 @@ def create(
     require_jail: RequireJailOption = False,
 ) -> None:
     """Create a sandbox that outlives this command; print its id."""
-    body: dict[str, Any] = {
-        "image": image,
-        "memory_mib": memory,
-        "vcpus": cpus,
-        "labels": _labels(label or []),
-    }
-    if name is not None:
-        body["name"] = name
-    if template is not None:
-        body["template"] = template
-    if require_jail:  # only when asked: a daemon that predates it refuses the field
-        body["require_jail"] = True
-    import httpx
-
-    with _client(host) as c:
-        vm = _check(c.post("/v1/sandboxes", json=body, timeout=httpx.Timeout(300.0)))
-    print(vm["id"])
+    labels = _labels(label or [])
+    with _sdk(host) as client:
+        sbx = client.Sandbox.create(
+            image,
+            memory_mib=memory,
+            vcpus=cpus,
+            name=name,
+            labels=labels,
+            template=template,
+            require_jail=require_jail,
+        )
+    print(sbx.id)  # the sandbox outlives this command: it is not closed
 
 
 def _uptime(seconds: float | None) -> str:
@@ -175,8 +177,8 @@ def ps(
     host: HostOption = None,
 ) -> None:
     """List sandboxes."""
-    with _client(host) as c:
-        vms = _check(c.get("/v1/sandboxes", params={"all": str(all).lower()}))
+    with _sdk(host) as client:
+        vms = client.list(all=all)
     if format == "json":
         print(json.dumps(vms, indent=2))
         return
@@ -205,8 +207,8 @@ def inspect(
     host: HostOption = None,
 ) -> None:
     """Show everything known about one sandbox, as JSON."""
-    with _client(host) as c:
-        vm = _check(c.get(f"/v1/sandboxes/{ref}"))
+    with _sdk(host) as client:
+        vm = client.inspect(ref)
     print(json.dumps(vm, indent=2))
 
 
@@ -500,12 +502,8 @@ def fork(
 ) -> None:
     """Start N children of a running sandbox that carry on from its state (files and
     processes) and share its memory; print their ids. The sandbox keeps running."""
-    import httpx
-
-    with _client(host) as c:
-        children = _check(
-            c.post(f"/v1/sandboxes/{ref}/fork", json={"n": n}, timeout=httpx.Timeout(300.0))
-        )
+    with _sdk(host) as client:
+        children = client.fork(ref, n)
     for child in children:
         print(child["id"])
 
@@ -515,10 +513,8 @@ def stop(
     host: HostOption = None,
 ) -> None:
     """Stop a sandbox (it stays listed with --all until rm)."""
-    import httpx
-
-    with _client(host) as c:
-        vm = _check(c.post(f"/v1/sandboxes/{ref}/stop", timeout=httpx.Timeout(60.0)))
+    with _sdk(host) as client:
+        vm = client.stop(ref)
     print(vm["id"])
 
 
@@ -528,8 +524,8 @@ def pause(
 ) -> None:
     """Pause a running sandbox: its memory and files are saved to disk and its QEMU ends
     (its RAM is freed); `warden resume` starts it again where it was."""
-    with _client(host) as c:
-        vm = _check(c.post(f"/v1/sandboxes/{ref}/pause", timeout=300.0))
+    with _sdk(host) as client:
+        vm = client.pause(ref)
     print(vm["id"])
 
 
@@ -538,8 +534,8 @@ def resume(
     host: HostOption = None,
 ) -> None:
     """Resume a paused sandbox from its saved state (refused if that state was altered)."""
-    with _client(host) as c:
-        vm = _check(c.post(f"/v1/sandboxes/{ref}/resume", timeout=300.0))
+    with _sdk(host) as client:
+        vm = client.resume(ref)
     print(vm["id"])
 
 
@@ -549,8 +545,8 @@ def rm(
     host: HostOption = None,
 ) -> None:
     """Remove a sandbox; a running one only with -f."""
-    with _client(host) as c:
-        _check(c.delete(f"/v1/sandboxes/{ref}", params={"force": str(force).lower()}))
+    with _sdk(host) as client:
+        client.remove(ref, force=force)
     print(ref)
 
 
@@ -560,16 +556,16 @@ def logs(
     host: HostOption = None,
 ) -> None:
     """Print the tail of a sandbox's console."""
-    with _client(host) as c:
-        text = _check(c.get(f"/v1/sandboxes/{ref}/logs", params={"lines": lines}))
+    with _sdk(host) as client:
+        text = client.logs(ref, lines=lines)
     if text:
         sys.stdout.write(text if text.endswith("\n") else text + "\n")
 
 
 def info(host: HostOption = None) -> None:
     """Show the host's capacity, the overcommit ratios and the reservations."""
-    with _client(host) as c:
-        data = _check(c.get("/v1/info"))
+    with _sdk(host) as client:
+        data = client.info()
     print(json.dumps(data, indent=2))
 
 

@@ -1,5 +1,10 @@
-"""``warden serve``: run the manager daemon on a unix socket (mode 0600), and optionally on TCP
-(TLS and a bearer token: ``server/run.py``).
+"""``warden serve``: run the manager daemon on a unix socket, and optionally on TCP (TLS and a
+bearer token: ``server/run.py``).
+
+The socket is ``$WARDEN_HOME/api/warden.sock``. When the host has the daemon's group (``--group``,
+default ``warden``), it is ``0660 root:<group>``, ``api/`` ``0750`` and ``$WARDEN_HOME`` ``0710``
+(pass, not list), both of that group, so that its members reach it and nothing else
+(``auth/unix.py``); without the group, the socket is 0600 and both dirs 0700.
 
 SIGTERM or SIGINT stop it gracefully: it stops accepting connections, lets in-flight requests
 finish (up to a grace period), and exits leaving every VM running for the next daemon.
@@ -21,6 +26,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from warden._errors import HostError, SpecError, WardenError
+from warden.auth.unix import DEFAULT_GROUP, group_id, open_socket_dir
 from warden.cli._console import err
 from warden.config import Paths, private_dir
 from warden.policy.admission import AdmissionPolicy
@@ -33,13 +39,23 @@ LOCK_NAME = "manager.lock"
 
 
 def default_socket(paths: Paths | None = None) -> Path:
-    return (paths or Paths.from_env()).run / "warden.sock"
+    return (paths or Paths.from_env()).socket
 
 
 SocketOption = Annotated[
     Path | None,
     typer.Option(
-        "--socket", help="Unix socket to listen on [default: $WARDEN_HOME/run/warden.sock]."
+        "--socket",
+        help="Unix socket to listen on [default: $WARDEN_HOME/api/warden.sock]. With --group, "
+        "the dirs on another path are yours to open to the group.",
+    ),
+]
+GroupOption = Annotated[
+    str,
+    typer.Option(
+        "--group",
+        help="If the host has this group, its members may use the socket (0660 root:GROUP), "
+        "as the role 'user': what the policy grants, never root's powers. '' keeps it 0600.",
     ),
 ]
 LogLevelOption = Annotated[str, typer.Option("--log-level", help="debug, info, warning.")]
@@ -166,6 +182,7 @@ def serve(
     require_jail: RequireJailOption = False,
     pool: PoolOption = None,
     auto_pause: AutoPauseOption = 0.0,
+    group: GroupOption = DEFAULT_GROUP,
 ) -> None:
     """Run the manager daemon: it holds the VMs and serves the REST API on a unix socket.
 
@@ -194,7 +211,8 @@ def serve(
         _require_jail(paths)
     policy = _calibrated(paths, policy)
     path = socket_path or default_socket(paths)
-    lock, sock, listener = _listen(paths, path, tcp)
+    gid = group_id(group) if group else None
+    lock, sock, listener = _listen(paths, path, tcp, gid)
     from warden.server import run
 
     try:
@@ -205,6 +223,7 @@ def serve(
         daemon = run.serve(
             paths, sock, log_level, policy, listener,
             allow_root=allow_root, pools=pools, auto_pause_s=auto_pause or None,
+            group=group or None,
         )  # fmt: skip
         asyncio.run(daemon)
     finally:
@@ -287,9 +306,10 @@ def _policy(**options: Any) -> AdmissionPolicy:
 
 
 def _listen(
-    paths: Paths, path: Path, tcp: str | None
+    paths: Paths, path: Path, tcp: str | None, gid: int | None
 ) -> tuple[int, socket.socket, TcpListener | None]:
-    """Take the daemon's lock, bind the unix socket ``path``, and listen on ``tcp`` if given.
+    """Take the daemon's lock, bind the unix socket ``path`` (for group ``gid``, if any), and
+    listen on ``tcp`` if given.
 
     On failure: say why, undo what was done, and exit 1."""
     try:
@@ -300,7 +320,9 @@ def _listen(
     from warden.server import run
 
     try:
-        sock = _bind(path)
+        if path == paths.socket:
+            _open_socket_dir(paths, gid)
+        sock = _bind(path, gid)
     except WardenError as exc:
         _print_error(exc)
         os.close(lock)
@@ -334,8 +356,19 @@ def _lock(paths: Paths) -> int:
     return fd
 
 
-def _bind(path: Path) -> socket.socket:
-    """Bind the unix socket with mode 0600, replacing a stale one (nobody answering)."""
+def _open_socket_dir(paths: Paths, gid: int | None) -> None:
+    try:
+        open_socket_dir(paths.api, gid)
+    except OSError as exc:
+        raise WardenError(
+            f"cannot open {paths.api} to group {gid}: {exc.strerror or exc} (run the daemon "
+            "as root, or --group '')"
+        ) from None
+
+
+def _bind(path: Path, gid: int | None = None) -> socket.socket:
+    """Bind the unix socket with mode 0600 (0660 and group ``gid`` with one), replacing a
+    stale one (nobody answering)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists() or path.is_symlink():
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -353,7 +386,14 @@ def _bind(path: Path) -> socket.socket:
         sock.bind(str(path))
     finally:
         os.umask(old)
-    os.chmod(path, 0o600)
+    try:
+        if gid is not None:
+            os.chown(path, -1, gid)
+        os.chmod(path, 0o600 if gid is None else 0o660)
+    except OSError as exc:
+        sock.close()
+        path.unlink(missing_ok=True)
+        raise WardenError(f"cannot give {path} to group {gid}: {exc.strerror or exc}") from None
     sock.listen(128)
     sock.set_inheritable(False)
     return sock

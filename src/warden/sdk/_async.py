@@ -8,13 +8,14 @@ import inspect
 import os
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
 from types import TracebackType
-from typing import IO, Any, Literal, overload
+from typing import IO, Any, Literal, Unpack, overload
 
 from warden._errors import GuestFileError, SandboxClosedError, SpecError, VMNotFoundError
 from warden.agent.client import DEFAULT_MAX_OUTPUT
 from warden.config import Paths
 from warden.sdk import _download
 from warden.sdk._backend import AgentBackend, MachineBackend
+from warden.sdk._create import Create, CreateOptions
 from warden.sdk._types import CommandResult, EntryInfo
 from warden.vmm.machine import Machine
 from warden.vmm.spec import VMSpec
@@ -43,51 +44,21 @@ class AsyncSandbox:
         self.files = AsyncFiles(self)
 
     @classmethod
-    async def create(
-        cls,
-        image: str = "default",
-        *,
-        memory_mib: int = 256,
-        vcpus: int = 1,
-        name: str | None = None,
-        env: dict[str, str] | None = None,
-        labels: dict[str, str] | None = None,
-        accel: str = "auto",
-        timeout: float = 60.0,
-        boot: str = "snapshot",
-        require_jail: bool = False,
-        template: str | None = None,
-    ) -> AsyncSandbox:
+    async def create(cls, image: str = "default", **options: Unpack[CreateOptions]) -> AsyncSandbox:
         """Boot a sandbox and wait until its agent answers (at most ``timeout`` seconds).
 
-        ``boot="snapshot"`` (the default) clones the automatic template of this shape (image,
-        memory, vCPUs) when there is one, and saves it after a cold boot; ``"cold"`` always
-        boots from scratch.
-
-        ``template="NAME"`` clones that template (:meth:`save_template`, ``warden template
-        create``): the clone starts from the template's state, shares its memory
-        copy-on-write, and has the template's image, memory and vCPUs (leave those at their
-        defaults). ``TemplateNotFoundError`` if there is none, ``TemplateRefusedError`` if its
-        seal or its machine no longer matches (make it again).
-
-        ``require_jail=True`` refuses to boot (``JailUnavailableError``, a ``HostError``,
-        naming what is missing) unless this VM's QEMU gets every jail feature of the host
-        (``warden doctor`` lists them); nothing is started then. Without it a missing feature
-        is a logged downgrade (unless ``jail.policy.set_default_mode("require")``).
+        The options (:class:`~warden.sdk._create.CreateOptions`): ``memory_mib``, ``vcpus``,
+        ``name``, ``env``, ``labels``, ``accel``, ``timeout``, ``boot`` (``"snapshot"``: a clone
+        of its shape's boot template, or ``"cold"`` to boot from scratch), ``require_jail``
+        (refuse to start, raising ``JailUnavailableError``, unless QEMU gets every jail feature
+        of the host) and ``template`` (clone that template: it shares the template's memory
+        copy-on-write and has its image, memory and vCPUs; ``TemplateNotFoundError``, or
+        ``TemplateRefusedError`` if its seal or machine no longer matches).
         """
-        spec = VMSpec.parse(
-            image=image,
-            memory_mib=memory_mib,
-            vcpus=vcpus,
-            name=name,
-            env=env or {},
-            labels=labels or {},
-            accel=accel,
-            agent_timeout_s=timeout,
-            boot=boot,
-            template=template,
+        call = Create.of(image, options)
+        machine = Machine(
+            call.spec(), paths=Paths.from_env(), jail="require" if call.require_jail else None
         )
-        machine = Machine(spec, paths=Paths.from_env(), jail="require" if require_jail else None)
         await machine.launch()
         return cls(machine)
 

@@ -29,8 +29,8 @@ ENV_CA_CERT = "WARDEN_CA_CERT"
 
 
 def default_url() -> str:
-    """``$WARDEN_HOST``, else the local daemon's socket ``$WARDEN_HOME/run/warden.sock``."""
-    return os.environ.get(ENV_HOST) or f"unix://{Paths.from_env().run / 'warden.sock'}"
+    """``$WARDEN_HOST``, else the local daemon's socket ``$WARDEN_HOME/api/warden.sock``."""
+    return os.environ.get(ENV_HOST) or f"unix://{Paths.from_env().socket}"
 
 
 def normalize(url: str) -> str:

@@ -17,38 +17,33 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import builtins
 import contextlib
-import errno as errno_mod
 import inspect
 import os
-import re
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Coroutine, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from types import TracebackType
-from typing import Any, NoReturn, cast
+from typing import Any, NoReturn, Unpack, cast
 
 import httpx
 
 from warden._errors import (
-    JAIL_REFUSED,
-    AdmissionError,
     AgentError,
     CommandTimeoutError,
-    GuestFileError,
     HostError,
-    JailUnavailableError,
-    NameConflictError,
+    PausedStateError,
     SandboxClosedError,
     SpecError,
     StateTransitionError,
-    TemplateError,
-    TemplateNotFoundError,
-    TemplateRefusedError,
+    VMNotFoundError,
     WardenError,
 )
 from warden.agent.client import DEFAULT_MAX_OUTPUT, EntryInfo, ExecResult, OutputCallback
+from warden.api import errors as api_errors
 from warden.records import Kind
 from warden.sdk._async import AsyncSandbox
+from warden.sdk._create import Create, CreateOptions
 from warden.sdk._endpoint import Endpoint
 from warden.sdk._lines import RecordPool
 from warden.sdk._sync import Sandbox
@@ -58,6 +53,8 @@ from warden.wire.ops import DEFAULT_USER
 
 API = "/v1"
 CONNECT_TIMEOUT_S = 10.0
+LIFECYCLE_TIMEOUT_S = 300.0
+"""A stop, pause, resume or fork may save or load a VM's memory: minutes under load."""
 PROBE_TIMEOUT_S = 2.0
 
 
@@ -78,67 +75,19 @@ def daemon_answers(url: str | None = None, *, timeout: float = PROBE_TIMEOUT_S) 
         return False
 
 
-def _detail(response: httpx.Response) -> str:
-    try:
-        detail = response.json().get("detail", response.text)
-    except (ValueError, AttributeError):
-        detail = response.text
-    if isinstance(detail, list):  # a 422 from validation: one line per problem
-        detail = "; ".join(
-            f"{'.'.join(str(p) for p in d.get('loc', []))}: {d.get('msg')}" for d in detail
-        )
-    return f"{detail} (HTTP {response.status_code})"
+def _raise(response: httpx.Response, *, vm_id: str | None = None) -> NoReturn:
+    """Raise the error a daemon's answer names (``api/errors.py``), as embedded mode would.
 
-
-def _error_type(response: httpx.Response) -> str:
-    """The error class a daemon names in its answer (``"error"``), or ""."""
-    try:
-        kind = response.json().get("error", "")
-    except (ValueError, AttributeError):
-        return ""
-    return kind if isinstance(kind, str) else ""
-
-
-_ERRNO = re.compile(r"^\[Errno (\d+)\]")
-
-
-_TYPED_ERRORS: dict[str, type[WardenError]] = {
-    cls.__name__: cls
-    for cls in (TemplateError, TemplateNotFoundError, TemplateRefusedError, NameConflictError)
-}
-"""Errors a daemon names in its answer (``"error"``) and the SDK raises as they are."""
-
-
-def _raise_busy(response: httpx.Response) -> None:
-    """Raise StateTransitionError, as embedded mode does, if the daemon refused an operation
-    on a sandbox because of its state (commands in flight, paused...)."""
-    if _error_type(response) == StateTransitionError.__name__:
-        raise StateTransitionError(_detail(response))
-
-
-def _raise(response: httpx.Response, *, vm_id: str | None = None, files: bool = False) -> NoReturn:
-    """Turn an error response into the exception embedded mode would raise."""
-    detail, status = _detail(response), response.status_code
-    typed = _TYPED_ERRORS.get(_error_type(response))
-    if typed is not None:
-        raise typed(detail)
-    gone = vm_id is not None and "no VM has id" in detail
-    if files and not gone and status in (400, 404):
-        m = _ERRNO.match(detail)
-        code = int(m.group(1)) if m else (errno_mod.ENOENT if status == 404 else None)
-        raise GuestFileError(code, detail)
-    if gone:
-        raise SandboxClosedError(f"sandbox {vm_id} no longer exists on the daemon: {detail}")
-    if status == 409 and vm_id is not None:
-        raise SandboxClosedError(f"sandbox {vm_id} cannot be used: {detail}")
-    if status == 409 and detail.startswith(JAIL_REFUSED):
-        raise JailUnavailableError(f"the warden daemon refused the create: {detail}")
-    if status == 409:
-        cls = NameConflictError if "exists already" in detail else AdmissionError
-        raise cls(detail)
-    if status == 422:
-        raise SpecError(detail)
-    raise HostError(f"the warden daemon refused the request: {detail}")
+    For an operation on sandbox ``vm_id``, a sandbox that is gone (404) or cannot be used
+    (stopped, paused, unhealthy: 409) is a :class:`SandboxClosedError`, as it is embedded.
+    """
+    answer = api_errors.parse(response.status_code, response.content)
+    exc = api_errors.to_exception(answer)
+    if vm_id is not None and isinstance(exc, VMNotFoundError):
+        raise SandboxClosedError(f"sandbox {vm_id} no longer exists on the daemon: {exc}")
+    if vm_id is not None and isinstance(exc, StateTransitionError | PausedStateError):
+        raise SandboxClosedError(f"sandbox {vm_id} cannot be used: {exc}")
+    raise exc
 
 
 READ_CHUNK = 256 * 1024
@@ -278,7 +227,7 @@ class RemoteAgent:
         params = {"path": path, "mode": str(mode), "user": user}
         r = await self._http.put(f"{self._base}/files", params=params, content=data)
         if not r.is_success:
-            _raise(r, vm_id=self._id, files=True)
+            _raise(r, vm_id=self._id)
         return int(r.json()["size"])
 
     async def read_file(self, path: str, *, user: str = DEFAULT_USER) -> AsyncIterator[bytes]:
@@ -287,7 +236,7 @@ class RemoteAgent:
         params = {"path": path, "user": user}
         async with self._http.stream("GET", f"{self._base}/files", params=params) as r:
             if not r.is_success:
-                _raise(await _read_bounded(r), vm_id=self._id, files=True)
+                _raise(await _read_bounded(r), vm_id=self._id)
             async for chunk in r.aiter_raw(READ_CHUNK):
                 yield chunk
 
@@ -324,7 +273,7 @@ class RemoteAgent:
         if r.status_code == 405 or (r.status_code == 404 and _is_no_route(r)):
             self._unsupported(what)
         if not r.is_success:
-            _raise(r, vm_id=self._id, files=True)
+            _raise(r, vm_id=self._id)
         return r.json() if r.status_code != 204 and r.content else None
 
     async def list_dir(self, path: str, *, user: str = DEFAULT_USER) -> list[EntryInfo]:
@@ -364,10 +313,8 @@ async def _read_bounded(response: httpx.Response) -> httpx.Response:
 
 def _is_no_route(response: httpx.Response) -> bool:
     """A 404 of the router itself (no such endpoint), not of a VM or a file."""
-    try:
-        return bool(response.json() == {"detail": "Not Found"})
-    except ValueError:
-        return False
+    answer = api_errors.parse(response.status_code, response.content)
+    return answer.type == api_errors.HTTP_ERROR and answer.message == "Not Found"
 
 
 async def _call(callback: OutputCallback | None, chunk: bytes) -> None:
@@ -466,14 +413,12 @@ class RemoteMachine:
             f"{API}/sandboxes/{self.id}/template", json={"name": name}, timeout=300.0
         )
         if not r.is_success:
-            _raise_busy(r)
             _raise(r)
 
     async def fork(self, n: int = 1) -> list[RemoteMachine]:
         """Have the daemon start ``n`` children of this VM; each gets a client of its own."""
         r = await self._http.post(f"{API}/sandboxes/{self.id}/fork", json={"n": n}, timeout=300.0)
         if not r.is_success:
-            _raise_busy(r)
             _raise(r)
         children = []
         for row in r.json():
@@ -523,50 +468,37 @@ class _AsyncFactory:
         self._endpoint = endpoint
 
     async def create(
-        self,
-        image: str = "default",
-        *,
-        memory_mib: int = 256,
-        vcpus: int = 1,
-        name: str | None = None,
-        env: dict[str, str] | None = None,
-        labels: dict[str, str] | None = None,
-        accel: str = "auto",
-        timeout: float = 60.0,
-        boot: str = "snapshot",
-        require_jail: bool = False,
-        template: str | None = None,
+        self, image: str = "default", **options: Unpack[CreateOptions]
     ) -> AsyncSandbox:
-        """Create a sandbox on the daemon; the same parameters as ``AsyncSandbox.create``.
+        """Create a sandbox on the daemon; the options of ``AsyncSandbox.create``
+        (:class:`~warden.sdk._create.CreateOptions`).
 
         ``accel`` is the daemon's to choose: only its default is accepted.
         ``require_jail=True`` has the daemon refuse (``JailUnavailableError``, HTTP 409,
         nothing recorded) unless its host gives the VM every jail feature.
         The sandbox is removed from the daemon by ``kill()``/``close()``/leaving ``with``.
         """
-        if accel != "auto":
+        call = Create.of(image, options)
+        if call.accel != Create.accel:
             raise SpecError(
                 "the warden daemon chooses the accelerator itself; leave accel at its "
                 "default, or use embedded mode (warden.Sandbox)"
             )
-        fields: dict[str, Any] = {
-            "image": image,
-            "memory_mib": memory_mib,
-            "vcpus": vcpus,
-            "name": name,
-            "env": env or {},
-            "labels": labels or {},
-            "template": template,
-        }
         # The same checks as embedded mode, before asking; the host's are the daemon's.
-        spec = VMSpec.parse(check_host=False, **fields, agent_timeout_s=timeout, boot=boot)
-        for unset in ("name", "template"):
-            if fields[unset] is None:
-                del fields[unset]
-        if require_jail:  # only when asked: a daemon that predates it refuses the field
+        spec = call.spec(check_host=False)
+        fields: dict[str, Any] = {
+            "image": call.image,
+            "memory_mib": call.memory_mib,
+            "vcpus": call.vcpus,
+            "env": call.env,
+            "labels": call.labels,
+        }
+        fields.update({k: v for k, v in (("name", call.name), ("template", call.template)) if v})
+        if call.require_jail:  # only when asked: a daemon that predates it refuses the field
             fields["require_jail"] = True
-        if boot != "snapshot":  # likewise
-            fields["boot"] = boot
+        if call.boot != Create.boot:  # likewise
+            fields["boot"] = call.boot
+        timeout = call.timeout
         http = self._endpoint.async_client(httpx.Timeout(60.0, read=None))
         try:
             r = await http.post(f"{API}/sandboxes", json=fields, timeout=timeout + 60.0)
@@ -622,41 +554,11 @@ class _SyncFactory:
 
         return Sandbox(_portal.call(self._async.resume(sandbox_id)))
 
-    def create(
-        self,
-        image: str = "default",
-        *,
-        memory_mib: int = 256,
-        vcpus: int = 1,
-        name: str | None = None,
-        env: dict[str, str] | None = None,
-        labels: dict[str, str] | None = None,
-        accel: str = "auto",
-        timeout: float = 60.0,
-        boot: str = "snapshot",
-        require_jail: bool = False,
-        template: str | None = None,
-    ) -> Sandbox:
+    def create(self, image: str = "default", **options: Unpack[CreateOptions]) -> Sandbox:
         """See :meth:`_AsyncFactory.create`."""
         from warden.sdk import _portal
 
-        return Sandbox(
-            _portal.call(
-                self._async.create(
-                    image,
-                    memory_mib=memory_mib,
-                    vcpus=vcpus,
-                    name=name,
-                    env=env,
-                    labels=labels,
-                    accel=accel,
-                    timeout=timeout,
-                    boot=boot,
-                    require_jail=require_jail,
-                    template=template,
-                )
-            )
-        )
+        return Sandbox(_portal.call(self._async.create(image, **options)))
 
 
 class Client:
@@ -673,29 +575,9 @@ class Client:
     def __repr__(self) -> str:
         return f"warden.Client({self.url!r})"
 
-    def create(
-        self,
-        image: str = "default",
-        *,
-        memory_mib: int = 256,
-        vcpus: int = 1,
-        name: str | None = None,
-        env: dict[str, str] | None = None,
-        labels: dict[str, str] | None = None,
-        timeout: float = 60.0,
-        template: str | None = None,
-    ) -> Sandbox:
+    def create(self, image: str = "default", **options: Unpack[CreateOptions]) -> Sandbox:
         """Shorthand for ``client.Sandbox.create(...)``."""
-        return self.Sandbox.create(
-            image,
-            memory_mib=memory_mib,
-            vcpus=vcpus,
-            name=name,
-            env=env,
-            labels=labels,
-            timeout=timeout,
-            template=template,
-        )
+        return self.Sandbox.create(image, **options)
 
     def templates(self, *, all: bool = False) -> list[dict[str, Any]]:
         """The daemon's templates (as ``GET /v1/templates`` lists them); with ``all``, the
@@ -710,19 +592,81 @@ class Client:
     def save_template(self, sandbox: str, name: str) -> dict[str, Any]:
         """Save the daemon's running sandbox ``sandbox`` (id or name) as template ``name``;
         it keeps running. Returns the template as ``templates()`` lists it."""
-        r = self._call("POST", f"{API}/sandboxes/{sandbox}/template", {"name": name}, 300.0)
+        r = self._call("POST", f"{API}/sandboxes/{sandbox}/template", {"name": name}, timeout=300.0)
         return cast(dict[str, Any], r.json())
+
+    def list(self, *, all: bool = False) -> list[dict[str, Any]]:
+        """The daemon's sandboxes (``all``: stopped, failed and pool members too), as
+        ``GET /v1/sandboxes`` lists them: only those the caller may see."""
+        r = self._call("GET", f"{API}/sandboxes", params={"all": str(all).lower()})
+        return cast(builtins.list[dict[str, Any]], r.json())
+
+    def inspect(self, sandbox: str) -> dict[str, Any]:
+        """Everything the daemon knows of sandbox ``sandbox`` (id or name)."""
+        return cast(dict[str, Any], self._call("GET", f"{API}/sandboxes/{sandbox}").json())
+
+    def stop(self, sandbox: str) -> dict[str, Any]:
+        """Stop sandbox ``sandbox``; it stays listed (``list(all=True)``) until removed."""
+        r = self._call("POST", f"{API}/sandboxes/{sandbox}/stop", timeout=LIFECYCLE_TIMEOUT_S)
+        return cast(dict[str, Any], r.json())
+
+    def remove(self, sandbox: str, *, force: bool = False) -> None:
+        """Remove sandbox ``sandbox``; a running one only with ``force`` (it is killed)."""
+        params = {"force": str(force).lower()}
+        self._call("DELETE", f"{API}/sandboxes/{sandbox}", params=params, timeout=120.0)
+
+    def logs(self, sandbox: str, *, lines: int = 100) -> str:
+        """The last ``lines`` lines of sandbox ``sandbox``'s console."""
+        r = self._call("GET", f"{API}/sandboxes/{sandbox}/logs", params={"lines": str(lines)})
+        return r.text
+
+    def pause(self, sandbox: str) -> dict[str, Any]:
+        """Save sandbox ``sandbox`` to disk and end its QEMU (``resume`` starts it again)."""
+        r = self._call("POST", f"{API}/sandboxes/{sandbox}/pause", timeout=LIFECYCLE_TIMEOUT_S)
+        return cast(dict[str, Any], r.json())
+
+    def resume(self, sandbox: str) -> dict[str, Any]:
+        """Start paused sandbox ``sandbox`` again from its sealed saved state."""
+        r = self._call("POST", f"{API}/sandboxes/{sandbox}/resume", timeout=LIFECYCLE_TIMEOUT_S)
+        return cast(dict[str, Any], r.json())
+
+    def fork(self, sandbox: str, n: int = 1) -> builtins.list[dict[str, Any]]:
+        """Start ``n`` children of running sandbox ``sandbox``; they carry on from its state."""
+        r = self._call(
+            "POST", f"{API}/sandboxes/{sandbox}/fork", {"n": n}, timeout=LIFECYCLE_TIMEOUT_S
+        )
+        return cast(builtins.list[dict[str, Any]], r.json())
+
+    def create_token(
+        self, name: str, *, roles: Sequence[str] = ("user",), expires: str | None = None
+    ) -> dict[str, Any]:
+        """Make an API token of principal ``name`` (an admin action); its ``text`` is in the
+        result only. ``expires``: ``30d``, ``12h``, ``90m``, ``2w`` or a date (UTC)."""
+        body = {"name": name, "roles": list(roles), "expires": expires}
+        return cast(dict[str, Any], self._call("POST", f"{API}/tokens", body).json())
+
+    def tokens(self) -> builtins.list[dict[str, Any]]:
+        """The daemon's API tokens (never their secrets)."""
+        return cast(builtins.list[dict[str, Any]], self._call("GET", f"{API}/tokens").json())
+
+    def revoke_token(self, which: str) -> builtins.list[dict[str, Any]]:
+        """Revoke token ``which`` (an id), or every active token of principal ``which``;
+        the tokens revoked now. ``TokenNotFoundError`` if there is none."""
+        r = self._call("DELETE", f"{API}/tokens/{which}")
+        return cast(builtins.list[dict[str, Any]], r.json())
 
     def _call(
         self,
         method: str,
         url: str,
         body: dict[str, Any] | None = None,
+        *,
+        params: dict[str, str] | None = None,
         timeout: float = CONNECT_TIMEOUT_S,
     ) -> httpx.Response:
         try:
             with self.endpoint.sync_client(timeout) as c:
-                r = c.request(method, url, json=body)
+                r = c.request(method, url, json=body, params=params)
         except httpx.TransportError as exc:
             raise HostError(self.endpoint.unreachable(exc)) from None
         if not r.is_success:
@@ -759,7 +703,7 @@ def connect(
 
     ``url`` is ``unix:///path/to.sock`` (or just the path), or ``https://host:port`` for a
     daemon's TCP listener; by default ``$WARDEN_HOST``, else the local daemon's socket
-    ``$WARDEN_HOME/run/warden.sock``. Over TCP, ``token`` (default ``$WARDEN_TOKEN``) is the
+    ``$WARDEN_HOME/api/warden.sock``. Over TCP, ``token`` (default ``$WARDEN_TOKEN``) is the
     daemon's API token and ``ca_cert`` (default ``$WARDEN_CA_CERT``) a copy of its certificate.
     """
     client = Client(Endpoint.resolve(url, token=token, ca_cert=ca_cert))

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
-from typing import Literal, overload
+from typing import Literal, Unpack, overload
 
 from warden.agent.client import DEFAULT_MAX_OUTPUT
 from warden.sdk import _portal
@@ -19,6 +19,7 @@ from warden.sdk._async import (
     AsyncSandbox,
     FileData,
 )
+from warden.sdk._create import CreateOptions
 from warden.sdk._download import DEFAULT_MAX_DOWNLOAD
 from warden.sdk._types import CommandResult, EntryInfo
 from warden.vmm.spec import VMSpec
@@ -37,45 +38,11 @@ class Sandbox:
         self.files = Files(inner.files)
 
     @classmethod
-    def create(
-        cls,
-        image: str = "default",
-        *,
-        memory_mib: int = 256,
-        vcpus: int = 1,
-        name: str | None = None,
-        env: dict[str, str] | None = None,
-        labels: dict[str, str] | None = None,
-        accel: str = "auto",
-        timeout: float = 60.0,
-        boot: str = "snapshot",
-        require_jail: bool = False,
-        template: str | None = None,
-    ) -> Sandbox:
-        """Boot a sandbox and wait until its agent answers (at most ``timeout`` seconds).
-
-        ``boot="snapshot"`` (the default) clones the automatic template of this shape (image,
-        memory, vCPUs) when there is one, and saves it after a cold boot; ``"cold"`` always
-        boots from scratch. ``require_jail`` and ``template``: see
-        :meth:`AsyncSandbox.create`.
-        """
-        return cls(
-            _portal.call(
-                AsyncSandbox.create(
-                    image,
-                    memory_mib=memory_mib,
-                    vcpus=vcpus,
-                    name=name,
-                    env=env,
-                    labels=labels,
-                    accel=accel,
-                    timeout=timeout,
-                    boot=boot,
-                    require_jail=require_jail,
-                    template=template,
-                )
-            )
-        )
+    def create(cls, image: str = "default", **options: Unpack[CreateOptions]) -> Sandbox:
+        """Boot a sandbox and wait until its agent answers (at most ``timeout`` seconds);
+        the options are :meth:`AsyncSandbox.create`'s
+        (:class:`~warden.sdk._create.CreateOptions`)."""
+        return cls(_portal.call(AsyncSandbox.create(image, **options)))
 
     @property
     def id(self) -> str:

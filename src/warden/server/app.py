@@ -1,69 +1,39 @@
 """The REST API of the manager (FastAPI). ``create_app(manager)`` builds it.
 
 The routes live in ``server/routes/``, one module per resource; the request and response
-models in ``server/models.py``. Errors are JSON ``{"detail": message}``: 404 for an unknown id
-or name, 409 for a name clash, an admission refusal or a VM in the wrong state, 422 for a bad
-body (unknown fields included). Command output and file contents are streamed, never
+models in ``server/models.py``. Errors are JSON ``{"error": {"type": class, "message": ...}}``
+(``api/errors.py`` has the table of statuses): 404 for an unknown id or name, 409 for a name
+clash, an admission refusal or a VM in the wrong state, 422 for a bad body (unknown fields
+included). Command output and file contents are streamed, never
 buffered whole.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from warden._errors import (
-    AdmissionError,
-    AgentError,
-    AgentTimeoutError,
-    GuestFileError,
-    ImageNotFoundError,
-    NameConflictError,
-    PausedStateError,
-    SandboxClosedError,
-    SpecError,
-    StateTransitionError,
-    TemplateError,
-    TemplateNotFoundError,
-    VMNotFoundError,
-    WardenError,
-)
+from warden._errors import AdmissionError, WardenError
+from warden.api import errors as api_errors
+from warden.server.audit import PrincipalContext
 from warden.server.limits import BodyLimit
 from warden.server.manager import Manager
 from warden.server.metrics import Metrics
-from warden.server.routes import events, files, sandboxes, system, templates
+from warden.server.routes import auth, events, files, sandboxes, system, templates, tokens
 from warden.server.routes import exec as exec_routes
 from warden.server.stdin import StdinPipe
 
 
-def _error(status: int, exc: BaseException) -> JSONResponse:
-    """``{"detail": message, "error": class name}``: clients tell errors apart by the class,
-    never by the message (the SDK raises the same class as embedded mode)."""
-    return JSONResponse({"detail": str(exc), "error": type(exc).__name__}, status_code=status)
-
-
-_STATUS: tuple[tuple[type[WardenError], int], ...] = (
-    (VMNotFoundError, 404),
-    (ImageNotFoundError, 404),
-    (NameConflictError, 409),
-    (TemplateNotFoundError, 404),
-    (TemplateError, 409),  # refused (its seal, image or QEMU changed), or not from a clone
-    (StateTransitionError, 409),
-    (PausedStateError, 409),  # a paused VM's saved state was refused (tampered, say)
-    (AdmissionError, 409),
-    (SpecError, 422),
-    (SandboxClosedError, 409),  # the VM was stopped or died under the request
-    (AgentTimeoutError, 504),  # the guest's agent did not answer in time
-    (AgentError, 502),  # the guest's agent failed or broke the protocol
-)
-"""The HTTP status of each error the API expects, first match wins; any other WardenError is
-a 500 (the daemon's own fault). Bad input never gets that far: the models refuse it (422)."""
+def _error(exc: WardenError) -> JSONResponse:
+    """The answer to ``exc``: ``{"error": {"type": class name, "message": ...}}`` with the
+    status of ``api/errors.py``'s table. Clients raise the class, never read the message."""
+    return JSONResponse(api_errors.body_of(exc), status_code=api_errors.status_of(exc))
 
 
 def _problems(exc: RequestValidationError) -> list[dict[str, Any]]:
@@ -75,10 +45,8 @@ def _problems(exc: RequestValidationError) -> list[dict[str, Any]]:
     ]
 
 
-def _status(exc: WardenError) -> int:
-    if isinstance(exc, GuestFileError):
-        return 404 if exc.errno == errno.ENOENT else 400
-    return next((status for cls, status in _STATUS if isinstance(exc, cls)), 500)
+def _invalid_message(problems: list[dict[str, Any]]) -> str:
+    return "; ".join(f"{'.'.join(p['loc'])}: {p['msg']}" for p in problems)
 
 
 def create_app(
@@ -105,17 +73,25 @@ def create_app(
     app.state.pipes = dict[str, StdinPipe]()
     app.state.allow_root = allow_root
     app.add_middleware(BodyLimit)
+    app.add_middleware(PrincipalContext)  # the audit log's principal (server/audit.py)
 
     @app.exception_handler(WardenError)
     async def _warden_error(request: Request, exc: WardenError) -> JSONResponse:
         if isinstance(exc, AdmissionError):
             metrics.refused(exc.limits)
-        return _error(_status(exc), exc)
+        return _error(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse({"detail": _problems(exc)}, status_code=422)
+        problems = _problems(exc)
+        answer = api_errors.body("SpecError", _invalid_message(problems), problems=problems)
+        return JSONResponse(answer, status_code=422)
 
-    for module in (sandboxes, templates, events, system, exec_routes, files):
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        answer = api_errors.body(api_errors.HTTP_ERROR, str(exc.detail))
+        return JSONResponse(answer, status_code=exc.status_code, headers=exc.headers)
+
+    for module in (sandboxes, templates, events, system, exec_routes, files, auth, tokens):
         app.include_router(module.router)
     return app

@@ -12,11 +12,12 @@ import base64
 import binascii
 import json
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import AfterValidator, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from warden.api import errors as api_errors
 from warden.vmm.spec import ENV_KEY_RE
 
 MAX_JSON_BODY = 1 << 20
@@ -129,12 +130,12 @@ class BodyLimit:
         await self.app(scope, _replay(bytes(body), receive), send)
 
     async def _refuse(self, send: Send) -> None:
-        detail: dict[str, Any] = {
-            "detail": f"the request body is larger than the limit of {self.limit} bytes "
+        message = (
+            f"the request body is larger than the limit of {self.limit} bytes "
             f"({self.limit // 1024} KiB) for JSON requests; send less (file contents go as the "
             "streamed body of PUT .../files, large stdin with stdin_stream)"
-        }
-        payload = json.dumps(detail).encode()
+        )
+        payload = json.dumps(api_errors.body(api_errors.HTTP_ERROR, message)).encode()
         headers = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(payload)).encode()),

@@ -136,9 +136,12 @@ async def run_exec(
     stdin: bytes | AsyncIterator[bytes] | None,
     metrics: Metrics,
     queue: RecordQueue,
+    on_done: Callable[[dict[str, Any], float], Awaitable[None]] | None = None,
 ) -> None:
     """Run the command with ``args`` (cmd, env, cwd, timeout, user); queue its output as it
-    comes, then its final status, then the end of the body."""
+    comes, then its final status, then the end of the body. ``on_done(final, seconds)`` (the
+    audit record) runs before the final status goes out; if it fails, the client gets its
+    error instead of the status."""
     started = time.monotonic()
 
     async def out(chunk: bytes) -> None:
@@ -159,7 +162,19 @@ async def run_exec(
     except WardenError as exc:
         final = {"error": str(exc)}
         outcome = "error"
-    metrics.exec_seconds.observe(time.monotonic() - started, outcome=outcome)
+    except asyncio.CancelledError:  # the client went away: the command was killed
+        if on_done is not None:
+            with contextlib.suppress(WardenError):
+                gone = {"error": "cancelled: the client went away, the command was killed"}
+                await asyncio.shield(on_done(gone, time.monotonic() - started))
+        raise
+    elapsed = time.monotonic() - started
+    metrics.exec_seconds.observe(elapsed, outcome=outcome)
+    if on_done is not None:
+        try:
+            await on_done(final, elapsed)
+        except WardenError as exc:
+            final = {"error": f"the command ran, but its audit record failed: {exc}"}
     queue.put_nowait(records.encode_control(final))
     queue.end()
 

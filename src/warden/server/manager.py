@@ -31,6 +31,7 @@ from warden._errors import (
     VMNotFoundError,
     WardenError,
 )
+from warden.audit import AuditLog
 from warden.config import Paths
 from warden.image.store import load_image
 from warden.jail import features
@@ -38,6 +39,7 @@ from warden.jail.policy import default_mode
 from warden.policy import footprint
 from warden.policy.admission import AdmissionPolicy, Charges, HostCapacity, VMUsage, check_usage
 from warden.policy.meter import MEMORY_EVERY_S, UsageMeter
+from warden.server.audit import Auditor, audited
 from warden.server.pool import POOL_LABEL, WARM_UP, WarmPool
 from warden.store.db import ACTIVE_STATES, ActiveVM, Reservations, Store, VMRow, db_path
 from warden.vmm import ownership
@@ -97,11 +99,16 @@ class Manager:
         self.templates = Templates(paths)
         self.pool = WarmPool(pools or {}, self._pool_member)
         """Ready clones per template (``server/pool.py``); none unless sizes are given."""
+        self.audit = Auditor()
+        """Records lifecycle changes (``server/audit.py``); the log opens in :meth:`start`."""
 
     # -- life of the manager -----------------------------------------------------------------
 
     async def start(self) -> None:
-        """Reattach to every live VM of the store; mark dead ones failed and free their files."""
+        """Open the audit log; reattach to every live VM of the store; mark dead ones failed
+        and free their files."""
+        if self.audit.log is None:
+            self.audit = Auditor(await asyncio.to_thread(AuditLog.open, self.paths.home))
         rows = await asyncio.to_thread(self.store.list_vms)
         for row in rows:
             if row.state not in ACTIVE_STATES:
@@ -228,9 +235,11 @@ class Manager:
             await held.machine.detach()
         self.vms.clear()
         self.store.close()
+        await asyncio.to_thread(self.audit.close)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
+    @audited("create", lambda a, k, row: {"image": row.image, "template": a[0].template})
     async def create(
         self, spec: VMSpec, *, require_jail: bool = False, pool_member: bool = False
     ) -> VMRow:
@@ -293,6 +302,7 @@ class Manager:
             row = await self.get(machine.id)
         return row
 
+    @audited("fork", lambda a, k, rows: {"n": a[1], "children": ",".join(r.id for r in rows)})
     async def fork(self, id_or_name: str, n: int) -> list[VMRow]:
         """Start ``n`` children of running VM ``id_or_name`` (``Machine.fork``), each admitted
         and recorded like a create before the parent is paused; it keeps running. A refused
@@ -405,6 +415,7 @@ class Manager:
             )
         self.vms.pop(machine.id, None)
 
+    @audited("stop")
     async def stop(self, vm_id: str, *, force: bool = False) -> VMRow:
         """Stop a running or unhealthy VM (QMP quit, then SIGKILL; at once with ``force``)."""
         row = await self.get(vm_id)
@@ -443,6 +454,7 @@ class Manager:
                 )
         return row
 
+    @audited("rm", lambda a, k, _: {"force": bool(k.get("force"))})
     async def remove(self, vm_id: str, *, force: bool = False) -> None:
         """Remove a VM's row; a running VM only with ``force`` (it is killed first)."""
         row = await self.get(vm_id)
@@ -505,6 +517,7 @@ class Manager:
             raise StateTransitionError(f"VM {row.id} is {row.state.value}, not running")
         return held.machine
 
+    @audited("template", lambda a, k, _: {"template": a[1]})
     async def save_template(self, id_or_name: str, name: str) -> TemplateInfo:
         """Save running VM ``id_or_name`` as template ``name``; it keeps running."""
         machine = await self.machine(id_or_name)
@@ -514,6 +527,11 @@ class Manager:
             raise VMError(f"template {name!r} was saved but cannot be read back")
         return info
 
+    @audited("template-rm", lambda a, k, _: {"template": a[0]}, sandbox=False)
+    async def remove_template(self, name: str) -> None:
+        """Delete template ``name`` (its clones keep running)."""
+        await asyncio.to_thread(self.templates.remove, name)
+
     def idle_paused(self, vm_id: str) -> bool:
         """Whether the idle timer has stopped this VM's vCPUs (it stays ``running``)."""
         held = self.vms.get(vm_id)
@@ -521,6 +539,7 @@ class Manager:
 
     # -- pause and resume --------------------------------------------------------------------
 
+    @audited("pause")
     async def pause(self, vm_id: str) -> VMRow:
         """Save a running VM to its sealed file and end its QEMU (``vmm/pause.py``); 409 if
         it is not running (or has requests in flight)."""
@@ -546,6 +565,7 @@ class Manager:
             await asyncio.to_thread(self.store.set_pid, row.id, None, None)
             return await asyncio.to_thread(self.store.update_state, row.id, VMState.PAUSED)
 
+    @audited("resume")
     async def resume(self, vm_id: str) -> VMRow:
         """Start a paused VM again from its verified saved state; 409 if it is not paused or
         its saved state is refused."""

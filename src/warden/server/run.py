@@ -1,8 +1,10 @@
 """Run the manager's API: on its unix socket, and optionally on TCP with TLS and a token.
 
-Both listeners serve the same app and the same :class:`~warden.server.Manager`; the TCP one
-wraps it in :class:`~warden.server.auth.BearerAuth`. ``warden serve`` (``cli/serve.py``) binds
-the sockets first, so a bad address fails before anything starts.
+Both listeners serve the same app and the same :class:`~warden.server.Manager`, each wrapped in
+:class:`~warden.server.auth.Authenticate`: the unix one names the caller by its peer
+credentials (:class:`~warden.server.auth.PeerCredProtocol`), the TCP one by its token.
+``warden serve`` (``cli/serve.py``) binds the sockets first, so a bad address fails before
+anything starts.
 """
 
 from __future__ import annotations
@@ -17,10 +19,17 @@ from typing import Any
 import uvicorn
 
 from warden._errors import WardenError
+from warden.auth.tokens import TokenStore
+from warden.auth.unix import DEFAULT_GROUP, UnixRoles
 from warden.config import Paths
 from warden.policy.admission import AdmissionPolicy
 from warden.server.app import create_app
-from warden.server.auth import BearerAuth, load_or_create_token
+from warden.server.auth import (
+    Authenticate,
+    PeerCredProtocol,
+    import_token_file,
+    load_or_create_token,
+)
 from warden.server.manager import Manager
 from warden.server.tls import ensure_cert
 
@@ -84,22 +93,42 @@ async def serve(
     allow_root: bool = False,
     pools: dict[str, int] | None = None,
     auto_pause_s: float | None = None,
+    group: str | None = DEFAULT_GROUP,
 ) -> None:
     manager = Manager(paths, policy=policy, pools=pools, auto_pause_s=auto_pause_s)
     app = create_app(manager, allow_root=allow_root)
+    tokens = TokenStore.open(paths)
+    try:
+        import_token_file(paths.home, tokens)
+        await _serve(app, tokens, sock, listener, log_level, UnixRoles.default(group))
+    finally:
+        tokens.close()
+
+
+async def _serve(
+    app: Any,
+    tokens: TokenStore,
+    sock: socket.socket,
+    listener: TcpListener | None,
+    log_level: str,
+    unix_roles: UnixRoles,
+) -> None:
     common: dict[str, Any] = {
         "log_level": log_level.lower(),
         "log_config": None,  # uvicorn's loggers propagate to ours (logs.setup): one format
         "timeout_graceful_shutdown": GRACEFUL_SHUTDOWN_S,
     }
     group: list[_Server] = []
-    local = _Server(uvicorn.Config(app, lifespan="on", **common), group)
+    local_app = Authenticate(app, tokens, listener="unix", unix_roles=unix_roles)
+    local = _Server(
+        uvicorn.Config(local_app, lifespan="on", http=PeerCredProtocol, **common), group
+    )
     if listener is None:
         await local.serve(sockets=[sock])
         return
     remote = _Server(
         uvicorn.Config(
-            BearerAuth(app, listener.token),
+            Authenticate(app, tokens, listener="tcp"),
             lifespan="off",  # the manager is started and stopped by the local server's
             ssl_certfile=str(listener.cert),
             ssl_keyfile=str(listener.key),

@@ -13,6 +13,7 @@ from starlette.requests import ClientDisconnect
 
 from warden import records
 from warden._errors import SpecError
+from warden.audit import argv_digest
 from warden.server.lines import RecordQueue, RecordStream, run_exec
 from warden.server.models import ExecRequest
 from warden.server.routes import (
@@ -26,6 +27,9 @@ from warden.server.routes import (
 from warden.server.stdin import StdinPipe
 
 router = APIRouter(prefix=f"{API}/sandboxes")
+
+MAX_ERROR_CHARS = 512
+"""Characters of a failed command's error kept in its audit record."""
 
 
 @router.post(
@@ -75,7 +79,23 @@ async def exec_(
         "timeout": body.timeout,
         "user": body.user,
     }
-    run = asyncio.create_task(run_exec(agent.exec, args, stdin, metrics, queue))
+    argv = ["/bin/sh", "-c", body.cmd] if isinstance(body.cmd, str) else list(body.cmd)
+
+    async def audit(final: dict[str, Any], seconds: float) -> None:
+        await manager.audit.record(
+            "exec",
+            sandbox=machine.id,
+            outcome="error" if "error" in final else "ok",
+            argv_sha256=argv_digest(argv),
+            user=body.user,
+            exit_code=final.get("exit_code"),
+            signal=final.get("signal"),
+            timed_out=final.get("timed_out"),
+            error=str(final["error"])[:MAX_ERROR_CHARS] if "error" in final else None,
+            duration_s=round(seconds, 4),
+        )
+
+    run = asyncio.create_task(run_exec(agent.exec, args, stdin, metrics, queue, audit))
 
     def closed() -> None:
         if pipe is not None:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Annotated, Any, cast
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
+from warden._errors import WardenError
 from warden.server.limits import MAX_MODE, GuestPath
+from warden.server.manager import Manager
 from warden.server.models import Entry
 from warden.server.routes import API, ManagerDep, MetricsDep, UserDep
 
@@ -28,9 +32,38 @@ async def put_file(
     mode: int = Query(0o644, ge=0, le=MAX_MODE, description="permission bits, e.g. 420 (0o644)"),
 ) -> dict[str, Any]:
     machine = await manager.machine(ref)
-    size = await machine.agent.write_file(path, request.stream(), mode=mode, user=user)
+    digest = hashlib.sha256()
+
+    async def chunks() -> AsyncIterator[bytes]:
+        async for chunk in request.stream():
+            digest.update(chunk)
+            yield chunk
+
+    try:
+        size = await machine.agent.write_file(path, chunks(), mode=mode, user=user)
+    except (WardenError, asyncio.CancelledError) as exc:
+        await asyncio.shield(_record(manager, "files-write", machine.id, path, user, error=exc))
+        raise
     metrics.bytes.inc(size, direction="files_in")
+    await manager.audit.record(
+        "files-write",
+        sandbox=machine.id,
+        path=path,
+        user=user,
+        size=size,
+        sha256=digest.hexdigest(),
+        direction="in",
+    )
     return {"path": path, "size": size}
+
+
+async def _record(
+    manager: Manager, action: str, vm_id: str, path: str, user: str, *, error: BaseException
+) -> None:
+    """The audit record of a file operation that failed (or whose client went away)."""
+    await manager.audit.record(
+        action, sandbox=vm_id, outcome="error", path=path, user=user, error=type(error).__name__
+    )
 
 
 @router.get("/{ref}/files")
@@ -44,17 +77,39 @@ async def get_file(
         first = await anext(chunks)
     except StopAsyncIteration:
         first = b""
+    except (WardenError, asyncio.CancelledError) as exc:
+        await asyncio.shield(_record(manager, "files-read", machine.id, path, user, error=exc))
+        raise
+
+    digest = hashlib.sha256(first)
+    size = len(first)
 
     async def body() -> AsyncIterator[bytes]:
+        nonlocal size
         try:
             if first:
                 metrics.bytes.inc(len(first), direction="files_out")
                 yield first
             async for chunk in chunks:
                 metrics.bytes.inc(len(chunk), direction="files_out")
+                digest.update(chunk)
+                size += len(chunk)
                 yield chunk
+        except (WardenError, asyncio.CancelledError, GeneratorExit) as exc:
+            await asyncio.shield(_record(manager, "files-read", machine.id, path, user, error=exc))
+            raise
         finally:
             await chunks.aclose()
+        # Recorded before the body's end goes out: an answered read is a recorded one.
+        await manager.audit.record(
+            "files-read",
+            sandbox=machine.id,
+            path=path,
+            user=user,
+            size=size,
+            sha256=digest.hexdigest(),
+            direction="out",
+        )
 
     return StreamingResponse(body(), media_type="application/octet-stream")
 

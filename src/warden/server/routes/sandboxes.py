@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from fastapi import APIRouter, HTTPException, Query, Response
+from fastapi import APIRouter, Query, Response
 from fastapi.responses import PlainTextResponse
 
 from warden._errors import AdmissionError, JailUnavailableError, NameConflictError
@@ -27,12 +27,9 @@ async def create(body: CreateRequest, manager: ManagerDep, metrics: MetricsDep) 
     try:
         row = await manager.create(spec, require_jail=body.require_jail)
         outcome = "ok"
-    except (AdmissionError, NameConflictError):
+    except (AdmissionError, NameConflictError, JailUnavailableError):
         outcome = "refused"
         raise
-    except JailUnavailableError as exc:
-        outcome = "refused"
-        raise HTTPException(409, str(exc)) from None
     finally:
         metrics.create_seconds.observe(time.monotonic() - started, outcome=outcome)
     return Sandbox.from_row(row)

@@ -23,7 +23,7 @@ async def list_templates(manager: ManagerDep, all: bool = False) -> list[Templat
 
 @router.delete("/templates/{name}", status_code=204)
 async def remove_template(name: str, manager: ManagerDep) -> Response:
-    await asyncio.to_thread(manager.templates.remove, name)
+    await manager.remove_template(name)
     return Response(status_code=204)
 
 
