@@ -56,9 +56,12 @@ def test_connect_defaults_to_warden_host(
 
 def test_a_remote_sandbox_lives_on_the_daemon_until_killed(warden_daemon: ServeProcess) -> None:
     client = warden.connect(warden_daemon.url)
+    with pytest.raises(warden.SpecError, match="accelerator"):
+        client.Sandbox.create(accel="tcg")
     with pytest.raises(warden.SpecError, match="boot"):
-        client.Sandbox.create(boot="cold")
-    sbx = client.create(memory_mib=128, labels={"t": "remote"})
+        client.Sandbox.create(boot="warm")
+    # boot="cold" is the daemon's too: neither a clone of its boot template nor making one.
+    sbx = client.Sandbox.create(memory_mib=128, labels={"t": "remote"}, boot="cold")
     assert isinstance(sbx, warden.Sandbox) and sbx.is_running
     with warden_daemon.client() as c:
         assert sbx.id in [v["id"] for v in c.get("/v1/sandboxes").json()]

@@ -121,7 +121,7 @@ def _private_home(tmp: Path) -> Paths:
     real = Paths.from_env()
     home = tmp / "home"
     home.mkdir()
-    for name in ("cache", "images", "snapshots"):
+    for name in ("cache", "images"):
         (real.home / name).mkdir(mode=0o700, parents=True, exist_ok=True)
         (home / name).symlink_to(real.home / name)
     return Paths(home)

@@ -89,7 +89,7 @@ def setup() -> Iterator[Setup]:
     real = Paths.from_env().home
     home = base / "home"
     home.mkdir()
-    for name in ("cache", "images", "snapshots"):
+    for name in ("cache", "images"):
         (real / name).mkdir(mode=0o700, parents=True, exist_ok=True)
         (home / name).symlink_to(real / name)
     try:

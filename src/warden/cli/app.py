@@ -80,7 +80,8 @@ def run(
         bool, typer.Option("--shell", help="Run CMD as one /bin/sh -c string.")
     ] = False,
     cold: Annotated[
-        bool, typer.Option("--cold", help="Boot from scratch, not from the boot snapshot.")
+        bool,
+        typer.Option("--cold", help="Boot from scratch, not as a clone of the boot template."),
     ] = False,
     template: Annotated[
         str | None,

@@ -324,7 +324,7 @@ class Manager:
         """Start ``n`` children of running VM ``id_or_name`` (``Machine.fork``), owned by
         ``owner`` (the fork's caller), each admitted and recorded like a create before the
         parent is paused; it keeps running. A refused
-        fork (AdmissionError, a clone as parent, a bad ``n``) leaves no trace; children that
+        fork (AdmissionError, RAM in a file, a bad ``n``) leaves no trace; children that
         fail to start leave ``failed`` rows saying why."""
         parent = await self.machine(id_or_name)
         check_forkable(parent, n)

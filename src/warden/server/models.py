@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -52,6 +52,12 @@ class CreateRequest(BaseModel):
         max_length=63,
         description="clone this template (`warden template list`): its image, memory and vCPUs "
         "are the clone's; leave those unset",
+    )
+    boot: Literal["snapshot", "cold"] = Field(
+        default="snapshot",
+        description="'snapshot' clones the automatic boot template of this shape (made by the "
+        "first such create); 'cold' boots from scratch (a VM to save as a template whose "
+        "clones share all its memory)",
     )
     require_jail: bool = Field(
         default=False,
@@ -216,6 +222,10 @@ class Template(BaseModel):
     source: str | None = Field(description="the id of the sandbox it was saved from")
     disk_bytes: int = Field(description="what its RAM and device state take on disk")
     problem: str | None = Field(description="why a clone of it would be refused, if it would")
+    automatic: bool = Field(
+        default=False,
+        description="the automatic boot template of a VM shape (listed with all=true only)",
+    )
 
 
 class ForkRequest(BaseModel):

@@ -15,8 +15,9 @@ router = APIRouter(prefix=API)
 
 
 @router.get("/templates")
-async def list_templates(manager: ManagerDep) -> list[Template]:
-    infos = await asyncio.to_thread(manager.templates.list)
+async def list_templates(manager: ManagerDep, all: bool = False) -> list[Template]:
+    """The templates; with ``all``, the automatic boot templates of VM shapes too."""
+    infos = await asyncio.to_thread(manager.templates.list, automatic=all)
     return [Template(**dataclasses.asdict(info)) for info in infos]
 
 
