@@ -91,8 +91,11 @@ class Manager:
         capacity: HostCapacity | None = None,
         pools: dict[str, int] | None = None,
         auto_pause_s: float | None = None,
+        audit: bool = True,
     ) -> None:
         self.paths = paths
+        self._audit_on = audit
+        """Open the audit log at :meth:`start` (off only for a benchmark's baseline)."""
         self.auto_pause_s = auto_pause_s
         """Stop a VM's vCPUs after this long without a request (None: never; ``vmm/idle.py``)."""
         self.store = store or Store(db_path(paths))
@@ -115,7 +118,7 @@ class Manager:
     async def start(self) -> None:
         """Open the audit log; reattach to every live VM of the store; mark dead ones failed
         and free their files."""
-        if self.audit.log is None:
+        if self._audit_on and self.audit.log is None:
             self.audit = Auditor(await asyncio.to_thread(AuditLog.open, self.paths.home))
         rows = await asyncio.to_thread(self.store.list_vms)
         for row in rows:
