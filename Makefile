@@ -50,6 +50,7 @@ bench: setup
 	$(PY) -m bench.run
 	$(PY) -m bench.daemon
 	$(PY) -m bench.density
+	$(PY) -m bench.authz
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,17 +1,20 @@
-"""Issue 7, parts 3 and 4: what checking the image and the boot snapshot costs a new process.
+"""Issue 7, parts 3 and 4: what checking the image and the boot template costs a new process.
 
-``warden run -- true`` (embedded, restored from the boot snapshot), alternating in one run
+``warden run -- true`` (embedded, a clone of the boot template), alternating in one run
 between three ways of remembering verified files:
 
 * ``record``: as shipped: a file's SHA-256 is remembered in ``cache/verified.json`` by its
   stat, so a new process hashes nothing that did not change;
 * ``images per process``: the image files are hashed again by every process (what warden did
-  before: a memo per process); the snapshot's digest is still remembered;
-* ``nothing remembered``: the image files and the snapshot's ``state.bin`` are hashed by every
-  process (what sealing would cost every restore without the record).
+  before: a memo per process); the template's ``state.bin`` digest is still remembered;
+* ``nothing remembered``: the image files and the template's ``state.bin`` are hashed by every
+  process (its RAM is hashed by every process anyway, as it is copied into a sealed memfd).
 
-And, in this process: the time to hash each file, and ``BootSnapshots.open_sealed`` (open, check
-the seal, the configuration and the digest) with the digest remembered and without.
+And, in this process: the time to hash each file, and ``Templates.load`` of the 256 MiB boot
+template (check the seal, copy its RAM into a sealed memfd checking its digest, check the
+device state's digest) with the device state's digest remembered and without. Boot snapshots
+(a full ``state.bin`` restored) are gone; their ``open_sealed`` took 0.3 ms remembered and
+about 50 ms hashing 70 MB (docs/benchmarks.md).
 
 Run with ``python -m bench.verify``; results go to ``bench/results/verify-<utc time>.json``.
 """
@@ -32,7 +35,9 @@ from bench.run import RESULTS, pct
 from warden.config import Paths
 from warden.image.store import KINDS, load_image
 from warden.seal import digests, sha256_fd
-from warden.vmm.snapshot import META_FILE, STATE_FILE, BootSnapshots, SnapshotConfig
+from warden.vmm import templates
+from warden.vmm.spec import VMSpec
+from warden.vmm.templates import STATE_FILE, Templates, boot_template_name
 
 ROUNDS = 10
 MODES = ("record", "images per process", "nothing remembered")
@@ -72,19 +77,21 @@ def hash_ms(path: Path) -> float:
     return best * 1000
 
 
-def open_sealed_ms(store: BootSnapshots, config: SnapshotConfig, remembered: bool) -> float:
+def load_ms(store: Templates, name: str, remembered: bool) -> float:
+    """``Templates.load`` of ``name`` as a new process does it (no verified RAM in memory)."""
     times: list[float] = []
     for _ in range(5):
         digests._memo.clear()
+        templates._forget_ram(store.path(name))
         record = store.digests
         if not remembered:
             store.digests = digests.DigestRecord(None)  # nothing read from the record
         start = time.perf_counter()
-        f = store.open_sealed(config)
+        loaded = store.load(name)
         times.append(time.perf_counter() - start)
         store.digests = record
-        assert f is not None, "the snapshot was refused"
-        f.close()
+        loaded.state.close()
+    templates._forget_ram(store.path(name))
     return statistics.median(times) * 1000
 
 
@@ -94,25 +101,20 @@ def in_process(paths: Paths) -> dict[str, Any]:
         f"hash_{kind}_ms": round(hash_ms(getattr(image, kind).path), 1) for kind in KINDS
     }
     out["image_mb"] = round(sum(getattr(image, k).size for k in KINDS) / 1e6, 1)
-    store = BootSnapshots(paths)
-    for d in sorted(store.root.iterdir()):
-        meta_path = d / META_FILE
-        if not meta_path.is_file():
-            continue
-        meta = json.loads(meta_path.read_text())
-        if meta.get("memory_mib") != 256 or "seal" not in meta:
-            continue
-        config = SnapshotConfig(**{f: meta[f] for f in SnapshotConfig.__dataclass_fields__})
-        out["state_mb"] = round(meta["state_size"] / 1e6, 1)
-        out["hash_state_ms"] = round(hash_ms(d / STATE_FILE), 1)
-        out["open_sealed_remembered_ms"] = round(open_sealed_ms(store, config, True), 2)
-        out["open_sealed_hashing_ms"] = round(open_sealed_ms(store, config, False), 1)
+    store = Templates(paths)
+    name = boot_template_name(VMSpec())
+    if store.exists(name):
+        info = store.info(name)
+        out["template_disk_mb"] = round(info.disk_bytes / 1e6, 1) if info else None
+        out["hash_state_ms"] = round(hash_ms(store.path(name) / STATE_FILE), 1)
+        out["load_remembered_ms"] = round(load_ms(store, name, True), 1)
+        out["load_hashing_ms"] = round(load_ms(store, name, False), 1)
     return out
 
 
 def main() -> None:
     paths = Paths.from_env()
-    for mode in MODES:  # warm up: the snapshot exists, the record is filled, caches are hot
+    for mode in MODES:  # warm up: the template exists, the record is filled, caches are hot
         run_true(mode)
     times: dict[str, list[float]] = {m: [] for m in MODES}
     for _ in range(ROUNDS):

@@ -30,7 +30,10 @@ and its message says what the user can do about it::
      |    +-- VMNotFoundError      no VM has that id or name (HTTP 404)
      |    +-- StateTransitionError the VM cannot go from its state to that one (HTTP 409)
      +-- AuthenticationError    no, a wrong, an expired or a revoked credential (HTTP 401)
-     +-- PermissionDeniedError  the policy refuses the caller this action (HTTP 403)
+     +-- PermissionDeniedError  the policy denies the caller that action (HTTP 403); the
+     |    |                 message names the action and the rule (or "no rule allows")
+     |    +-- GuestOperationRefusedError  the sandbox's own policy refuses that guest
+     |                                    operation, whoever asks (HTTP 403)
      +-- TokenNotFoundError     no API token has that id or principal name (HTTP 404)
      +-- AdmissionError         the host's capacity x overcommit ratio would be passed (409)
      +-- TemplateError          a template cannot be made, found or used
@@ -39,6 +42,8 @@ and its message says what the user can do about it::
      +-- LinkError              a VM-to-VM link was refused (a self-link, a name in use, an end
      |    |                     that would not open) or broke; nothing was left open (HTTP 409)
      |    +-- LinkNotFoundError    no link has that name (HTTP 404)
+     +-- PolicyError            the access policy (policy.toml) is invalid: the message names
+     |                          the line or key and what to write; nothing changed (409)
      +-- AuditError             the audit log (``warden.audit``) refused or failed an operation
           +-- AuditRecordError     a record was refused (too big, a bad field); nothing written
           +-- AuditLogError        the log cannot be opened or written (keys, lock, disk)
@@ -188,9 +193,15 @@ class TokenNotFoundError(WardenError, LookupError):
     them."""
 
 
-class PermissionDeniedError(WardenError):
-    """The policy refuses the caller this action on this sandbox (HTTP 403). The message
-    names the action and the rule that decided (``warden policy check`` shows it)."""
+class PermissionDeniedError(WardenError, PermissionError):
+    """The access policy denies the caller this action (HTTP 403). The message names the
+    action and the rule that denied it, or says that no rule allows it (``warden policy
+    check`` shows it)."""
+
+
+class GuestOperationRefusedError(PermissionDeniedError):
+    """The sandbox's own policy (``[[guest]]`` rules) refuses this guest-agent operation, for
+    every caller (HTTP 403)."""
 
 
 class AdmissionError(WardenError):
@@ -223,6 +234,12 @@ class LinkError(WardenError):
 
 class LinkNotFoundError(LinkError, LookupError):
     """No link has that name."""
+
+
+class PolicyError(WardenError):
+    """The access policy (``$WARDEN_HOME/policy.toml``) cannot be used: invalid TOML, an unknown
+    key, action or role list. The message names the line or key and what to write. A daemon
+    refuses to start with it; a reload keeps the old policy (HTTP 409)."""
 
 
 class AuditError(WardenError):

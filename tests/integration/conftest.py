@@ -2,7 +2,7 @@
 
 A test module asks for ``sdk``: either the ``warden`` module itself (embedded) or a
 ``warden.Client`` connected to a daemon that this module starts (its own socket in a tmp dir,
-the shared $WARDEN_HOME, so the built image and boot snapshots are found). Both have
+the shared $WARDEN_HOME, so the built image and boot templates are found). Both have
 ``Sandbox.create`` and ``AsyncSandbox.create`` making the same classes.
 
 The daemon is module-scoped: one manager may hold $WARDEN_HOME at a time, so it must be gone

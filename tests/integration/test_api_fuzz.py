@@ -1,11 +1,12 @@
 """A bounded schemathesis run against the served OpenAPI spec: no request gets a 5xx.
 
 The daemon's app runs in this process (uvicorn on 127.0.0.1, in a thread with its own event
-loop) over a Manager with a private $WARDEN_HOME, which shares the built images and boot
-snapshots of the real one, and a small host capacity, so fuzzed creates boot at most a few
-small VMs. One VM is made first and most fuzzed requests name it, so the fuzzed values reach
-its guest agent (safe: without --allow-root they run as the guest's unprivileged user); the
-requests that would stop or remove it keep their fuzzed ref. Every VM is removed at the end.
+loop) over a Manager with a private $WARDEN_HOME, which shares the built images of the real
+one (not its templates: another seal key), and a small host capacity, so fuzzed creates boot
+at most a few small VMs. One VM is made first and most fuzzed requests name it, so the fuzzed
+values reach its guest agent (safe: the private home's policy.toml denies exec-as-root to
+everyone, so they run as the guest's unprivileged user or get a 403); the requests that would
+stop or remove it keep their fuzzed ref. Every VM is removed at the end.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis.core.result import Ok
 
 from warden.config import Paths
+from warden.policy.access import policy_path
 from warden.policy.admission import AdmissionPolicy, HostCapacity
 from warden.server import Manager, create_app
 from warden.vmm.spec import MIN_MEMORY_MIB
@@ -33,6 +35,19 @@ pytestmark = pytest.mark.vm
 
 MAX_EXAMPLES = 8
 MEMORY = max(128, MIN_MEMORY_MIB)
+NO_ROOT = """
+[[rules]]
+name = "admin"
+roles = ["admin"]
+actions = ["*"]
+on = ["sandboxes", "daemon"]
+
+[[rules]]
+name = "no-root-in-fuzzed-guests"
+effect = "deny"
+roles = ["*"]
+actions = ["exec-as-root"]
+"""
 KEEP_REF = {("DELETE", "/v1/sandboxes/{ref}"), ("POST", "/v1/sandboxes/{ref}/stop")}
 """The operations whose fuzzed ref is kept: with the VM's id they would end it."""
 
@@ -41,7 +56,7 @@ def _private_home(tmp: Path) -> Paths:
     real = Paths.from_env()
     home = tmp / "home"
     home.mkdir()
-    for name in ("cache", "images", "snapshots"):
+    for name in ("cache", "images"):
         (real.home / name).mkdir(mode=0o700, parents=True, exist_ok=True)  # never dangle
         (home / name).symlink_to(real.home / name)
     return Paths(home)
@@ -54,6 +69,7 @@ def api_schema(
     import uvicorn
 
     paths = _private_home(tmp_path_factory.mktemp("fuzz"))
+    policy_path(paths).write_text(NO_ROOT)
     manager = Manager(
         paths,
         policy=AdmissionPolicy(reserved_host_memory_mib=0),

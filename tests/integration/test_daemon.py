@@ -1,7 +1,7 @@
 """The manager daemon (`warden serve`) through its REST API on a unix socket, and the CLI.
 
 The daemon runs as a subprocess with its socket in tmp_path and the same $WARDEN_HOME as the
-other tests (so the built image and boot snapshots are found).
+other tests (so the built image and boot templates are found).
 """
 
 from __future__ import annotations

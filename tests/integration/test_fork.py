@@ -14,7 +14,7 @@ import pytest
 from tests.conftest import qemu_pids, runtime_dirs
 from tests.integration.test_templates import MARK, prepare_source, pss_mib, sh
 from warden import Sandbox
-from warden._errors import HostError, SpecError, TemplateError
+from warden._errors import HostError, SpecError
 from warden.config import Paths
 from warden.vmm import fork as fork_module
 from warden.vmm.fork import ForkStore
@@ -110,15 +110,6 @@ async def test_a_failed_fork_leaves_no_trace(
         assert [c.state.value for c in made] == ["stopped", "failed"]
         monkeypatch.undo()
         assert qemu_pids() == pids and runtime_dirs() == dirs and not _fork_leftovers()
-        # A clone cannot be forked: its RAM is private. Refused before it is paused.
-        [child] = await parent.fork(1)
-        try:
-            with pytest.raises(TemplateError, match="it cannot be forked"):
-                await child.fork(1)
-            assert await sh(child, "cat /home/user/kept") == "kept\n"
-        finally:
-            await child.shutdown()
-        assert qemu_pids() == pids and runtime_dirs() == dirs and not _fork_leftovers()
         assert await sh(parent, "cat /home/user/kept") == "kept\n"
 
 
@@ -155,16 +146,26 @@ async def test_a_cancelled_fork_leaves_no_trace(
         assert await sh(parent, "echo on") == "on\n"
 
 
-async def test_a_clone_cannot_be_captured_and_says_why(no_leaks: None) -> None:
-    """The same limit through save_template itself (no early check): the capture fails with
-    a clear TemplateError, the clone runs on and no template is left."""
+async def test_a_clone_can_be_forked_and_saved(no_leaks: None) -> None:
+    """A clone's RAM is private copy-on-write memory over its template's: it is copied as the
+    template's with the clone's own pages on top (``memfd.copy_qemu_ram``). A fork child (a
+    clone) writes a file, and its own fork child sees it; it can be saved as a template
+    (tests/integration/test_templates.py clones templates saved from clones)."""
     async with running(VMSpec(memory_mib=256)) as parent:
         [child] = await parent.fork(1)
         try:
+            assert child.booted_from == "template"
+            await sh(child, "echo from-the-child > /home/user/c")
+            [grandchild] = await child.fork(1)
+            try:
+                assert await sh(grandchild, "cat /home/user/c") == "from-the-child\n"
+            finally:
+                await grandchild.shutdown()
             store = ForkStore(Paths.from_env())
-            with pytest.raises(TemplateError, match="a clone's RAM is private"):
-                await child.save_template("from-a-clone", keep_running=True, store=store)
-            assert not store.exists("from-a-clone") and not _fork_leftovers()
+            await child.save_template("from-a-clone", keep_running=True, store=store)
+            assert store.exists("from-a-clone")
+            store.remove("from-a-clone")
+            assert not _fork_leftovers()
             assert await sh(child, "echo on") == "on\n"
         finally:
             await child.shutdown()
@@ -181,8 +182,11 @@ def test_sandbox_fork(no_leaks: None) -> None:
             children[0].files.write("/home/user/note", "changed")
             assert children[1].files.read("/home/user/note") == "from the parent"
             assert sbx.files.read("/home/user/note") == "from the parent"
-            with pytest.raises(TemplateError, match="it cannot be forked"):
-                children[0].fork()
+            [grandchild] = children[0].fork()  # a clone forks too
+            try:
+                assert grandchild.files.read("/home/user/note") == "changed"
+            finally:
+                grandchild.kill()
         finally:
             for child in children:
                 child.kill()

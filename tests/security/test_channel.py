@@ -8,11 +8,11 @@ earlier record, swaps two, truncates one, cuts the stream inside one, or injects
 from another session). Each time, the attacked session must fail (the guest ends it with an
 abort notice that the client reports as ChannelAuthError), the request in the attacked record
 must not have run (its marker file does not exist), and a new session straight to the socket
-must work. A wrong secret and a plaintext client are refused. Clones restored from one boot
-snapshot get secrets of their own, and the snapshot's secret opens neither.
+must work. A wrong secret and a plaintext client are refused. Clones of one boot template
+get secrets of their own, and the template's secret opens neither.
 
-One VM serves the module (its own memory size, so that the boot snapshot of that
-configuration is this module's); the clone test boots two more from that snapshot.
+One VM serves the module (its own memory size, so that the boot template of that shape is
+this module's); the clone test makes two clones of that template.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from warden.wire.ops import Key, Op
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(240)]
 
 MEMORY = 232
-"""A memory size no other test uses: the boot snapshot of this configuration is ours."""
+"""A memory size no other test uses: the boot template of this shape is ours."""
 CONNECT_S = 30.0
 """How long a session may take to set up (a loaded 2-core host, TCG)."""
 SILENCE_S = 5.0
@@ -404,7 +404,7 @@ async def test_plaintext_frames_get_no_answer(vm: Machine, secret: bytes) -> Non
     await _assert_usable(vm, secret, marker)
 
 
-# -- clones of one boot snapshot -----------------------------------------------------------
+# -- clones of one boot template -----------------------------------------------------------
 
 
 async def _inject_across(a: Machine, secret_a: bytes, b: Machine, secret_b: bytes) -> None:
@@ -436,11 +436,11 @@ async def _inject_across(a: Machine, secret_a: bytes, b: Machine, secret_b: byte
     await _assert_usable(b, secret_b, marker)
 
 
-async def _clone_checks(a: Machine, b: Machine, snapshot_secret: bytes) -> None:
+async def _clone_checks(a: Machine, b: Machine, template_secret: bytes) -> None:
     secret_a, secret_b = _secret(a), _secret(b)
     for machine in (a, b):
         with pytest.raises(ChannelAuthError, match="different secrets"):
-            await _connect(machine, snapshot_secret)
+            await _connect(machine, template_secret)
     with pytest.raises(ChannelAuthError, match="different secrets"):
         await _connect(b, secret_a)
     with pytest.raises(ChannelAuthError, match="different secrets"):
@@ -448,23 +448,23 @@ async def _clone_checks(a: Machine, b: Machine, snapshot_secret: bytes) -> None:
     await _inject_across(a, secret_a, b, secret_b)
 
 
-def test_clones_of_a_snapshot_get_their_own_secrets(vm: Machine, no_leaks: None) -> None:
-    """Clones: two VMs restored from one boot snapshot start with the snapshot's secret in
-    their memory. Each must be handed one of its own: the three differ, the snapshot's opens
+def test_clones_of_a_boot_template_get_their_own_secrets(vm: Machine, no_leaks: None) -> None:
+    """Clones: two VMs cloned from one boot template start with the template's secret in
+    their memory. Each must be handed one of its own: the three differ, the template's opens
     neither clone, A's does not open B (nor B's A), and a record of a session with A is
     refused by B."""
-    assert vm.snapshot_key is not None
+    assert vm.boot_template is not None
     with (
         warden.Sandbox.create(memory_mib=MEMORY, timeout=180) as sbx_a,
         warden.Sandbox.create(memory_mib=MEMORY, timeout=180) as sbx_b,
     ):
         a, b = _machine(sbx_a), _machine(sbx_b)
-        assert (a.booted_from, b.booted_from) == ("snapshot", "snapshot")
-        assert a.snapshot_key == b.snapshot_key == vm.snapshot_key
-        snapshot_secret = ChannelKeys(Paths.from_env()).snapshot(vm.snapshot_key)
-        assert snapshot_secret is not None
-        secrets = {snapshot_secret, _secret(a), _secret(b)}
-        assert len(secrets) == 3, "two of the snapshot's and its clones' secrets are equal"
+        assert (a.booted_from, b.booted_from) == ("template", "template")
+        assert a.boot_template == b.boot_template == vm.boot_template
+        template_secret = ChannelKeys(Paths.from_env()).template(vm.boot_template)
+        assert template_secret is not None
+        secrets = {template_secret, _secret(a), _secret(b)}
+        assert len(secrets) == 3, "two of the template's and its clones' secrets are equal"
         _release_agent(a)
         _release_agent(b)
-        asyncio.run(_clone_checks(a, b, snapshot_secret))
+        asyncio.run(_clone_checks(a, b, template_secret))

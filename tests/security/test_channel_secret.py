@@ -5,8 +5,8 @@
   not hold it either.
 * In the guest only root can read it; the workload (``user``) cannot.
 * The host keeps it 0600 under ``keys/vm/`` while the VM lives, and forgets it with the VM.
-* A boot snapshot whose kept secret does not open its guest's channel is not used: the VM
-  boots cold, and a new snapshot (with the right secret) replaces it. Nothing is left behind.
+* A boot template whose kept secret does not open its guest's channel is not used: the VM
+  boots cold, and a new template (with the right secret) replaces it. Nothing is left behind.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from warden.vmm.machine import Machine
 pytestmark = pytest.mark.vm
 
 MEMORY = 224
-"""A memory size no other test uses: these tests own the boot snapshot of this configuration."""
+"""A memory size no other test uses: these tests own the boot template of this shape."""
 FW_CFG_BLOB = "/sys/firmware/qemu_fw_cfg/by_name/opt/warden/key/raw"
 
 
@@ -59,20 +59,22 @@ def test_the_secret_is_in_no_command_line_environment_or_file_but_the_keys(
     assert not run_dir.exists()
 
 
-def test_a_snapshot_whose_secret_fails_boots_cold_and_is_replaced(no_leaks: None) -> None:
+def test_a_boot_template_whose_secret_fails_boots_cold_and_is_made_again(
+    no_leaks: None,
+) -> None:
     keys = ChannelKeys(Paths.from_env())
-    with Sandbox.create(memory_mib=MEMORY) as sbx:  # makes the snapshot if there is none
-        snapshot_key = _machine(sbx).snapshot_key
-    assert snapshot_key is not None
+    with Sandbox.create(memory_mib=MEMORY) as sbx:  # makes the template if there is none
+        name = _machine(sbx).boot_template
+    assert name is not None
     with Sandbox.create(memory_mib=MEMORY) as sbx:
-        assert _machine(sbx).booted_from == "snapshot"
-    keys.save_snapshot(snapshot_key, bytes(32))  # not the secret inside the snapshot's guest
+        assert _machine(sbx).booted_from == "template"
+    keys.save_template(name, bytes(32))  # not the secret inside the template's guest
     with Sandbox.create(memory_mib=MEMORY) as sbx:
         machine = _machine(sbx)
         assert machine.booted_from == "cold"
         assert sbx.commands.run("echo ok").stdout == "ok\n"
-    fresh = keys.snapshot(snapshot_key)
-    assert fresh is not None and fresh != bytes(32), "no new snapshot with its own secret"
+    fresh = keys.template(name)
+    assert fresh is not None and fresh != bytes(32), "no new template with its own secret"
     with Sandbox.create(memory_mib=MEMORY) as sbx:
-        assert _machine(sbx).booted_from == "snapshot"
+        assert _machine(sbx).booted_from == "template"
         assert sbx.commands.run("echo ok").stdout == "ok\n"

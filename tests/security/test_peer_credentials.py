@@ -14,7 +14,7 @@ the standard library only, so it runs whatever interpreter the venv has.
 - without the group the socket stays 0600 and its dirs 0700;
 - every other file of ``$WARDEN_HOME`` stays private.
 
-Left to the policy tests: that such a user sees and acts on only their own sandboxes.
+That such a user sees and acts on only their own sandboxes: test_peer_policy.py.
 """
 
 from __future__ import annotations

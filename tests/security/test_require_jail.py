@@ -117,11 +117,11 @@ def test_embedded_require_jail_refuses_a_partial_jail_and_leaves_nothing(
 
 def _private_home(tmp: Path) -> Paths:
     """A $WARDEN_HOME of its own (its store, runtime dirs and uid claims), sharing the real
-    one's built images, boot snapshots and caches."""
+    one's built images and caches (not its templates: another seal key)."""
     real = Paths.from_env()
     home = tmp / "home"
     home.mkdir()
-    for name in ("cache", "images", "snapshots"):
+    for name in ("cache", "images"):
         (real.home / name).mkdir(mode=0o700, parents=True, exist_ok=True)
         (home / name).symlink_to(real.home / name)
     return Paths(home)

@@ -1,8 +1,9 @@
 """Who the daemon's workloads run as: the guest's unprivileged user by default, root only on a
-request that asks for it (``"user": "root"``) to a daemon started with ``--allow-root``.
+request that asks for it (``"user": "root"``) from a principal the access policy grants
+``exec-as-root`` (here the daemon's admin, under the shipped default policy).
 
-The default daemon's 403 for root is in test_bad_input.py; this module runs its own daemon with
---allow-root (one daemon per $WARDEN_HOME, so not beside that module's), with one real VM.
+The 403 for a principal without exec-as-root is in test_access_matrix.py; this module runs its
+own daemon (one daemon per $WARDEN_HOME, so not beside another module's), with one real VM.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ pytestmark = pytest.mark.vm
 
 @pytest.fixture(scope="module")
 def vm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[httpx.Client, str]]:
-    tmp = tmp_path_factory.mktemp("allow-root")
-    with serving(tmp, "--allow-root") as serve, serve.client() as http:
+    tmp = tmp_path_factory.mktemp("root-access")
+    with serving(tmp) as serve, serve.client() as http:
         r = http.post("/v1/sandboxes", json={"memory_mib": 256})
         assert r.status_code == 201, r.text
         yield http, f"/v1/sandboxes/{r.json()['id']}"

@@ -98,7 +98,10 @@ def test_a_valid_token_works_and_names_its_principal(daemon: Daemon) -> None:
             "name": "alice", "roles": ["ci", "user"], "via": "token", "uid": None,
             "token_id": token_id,
         }  # fmt: skip
-        assert c.get("/v1/info").status_code == 200
+        assert c.get("/v1/sandboxes").status_code == 200
+        # /v1/info is the daemon's (the policy's admin action), and alice is a user
+        r = c.get("/v1/info")
+        assert r.status_code == 403 and r.json()["error"]["type"] == "PermissionDeniedError"
 
 
 def test_missing_and_invalid_tokens_get_401(daemon: Daemon) -> None:

@@ -33,13 +33,13 @@ def test_a_rekey_keeps_the_held_secret_until_it_ends(tmp_path: Path) -> None:
     assert keys.begin_rekey("vm1", new, chosen) == chosen == keys.current("vm1")
 
 
-def test_snapshot_secrets_and_forgetting_by_path(tmp_path: Path) -> None:
+def test_template_secrets_and_forgetting_by_path(tmp_path: Path) -> None:
     paths = Paths(tmp_path)
     keys = ChannelKeys(paths)
-    keys.save_snapshot("0123abcd", bytes(range(32)))
-    assert keys.snapshot("0123abcd") == bytes(range(32))
-    keys.forget_snapshot("0123abcd")
-    assert keys.snapshot("0123abcd") is None
+    keys.save_template("_boot-default-256m-1c", bytes(range(32)))
+    assert keys.template("_boot-default-256m-1c") == bytes(range(32))
+    keys.forget_template("_boot-default-256m-1c")
+    assert keys.template("_boot-default-256m-1c") is None
     keys.create("vm2")
     forget_vm(paths, "vm2")
     assert keys.current("vm2") is None

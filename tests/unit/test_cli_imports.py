@@ -62,6 +62,16 @@ def test_warden_run_loads_no_server_typer_pydantic_nor_httpx(tmp_path: Path) -> 
     assert [m for m in loaded if m != "rich"] == [], loaded
 
 
+def test_warden_policy_check_loads_no_server(tmp_path: Path) -> None:
+    """It answers offline, from policy.toml and state.db, without FastAPI or uvicorn."""
+    code = (
+        "sys.argv = ['warden', 'policy', 'check', 'alice:user', 'admin']\n"
+        "from warden.cli.main import main\n"
+        "main()\n"
+    )
+    assert _loaded(code, SERVER, {"WARDEN_HOME": str(tmp_path)}) == []
+
+
 def test_the_server_package_still_offers_its_names() -> None:
     import warden.server
 

@@ -19,6 +19,7 @@ EXPECTED_ALL = {
     "CommandTimeoutError",
     "EntryInfo",
     "GuestFileError",
+    "GuestOperationRefusedError",
     "HostError",
     "ImageError",
     "LaunchError",
@@ -110,7 +111,7 @@ def test_create_options_and_their_defaults_agree() -> None:
 
 def test_the_daemons_create_body_has_only_options_of_create() -> None:
     """What ``POST /v1/sandboxes`` accepts is a subset of the SDK's options (the daemon
-    chooses accel and boot itself; the agent timeout is the client's)."""
+    chooses accel itself; the agent timeout is the client's; boot, "cold" or not, is asked)."""
     import dataclasses
 
     from warden.sdk._create import Create
@@ -118,7 +119,7 @@ def test_the_daemons_create_body_has_only_options_of_create() -> None:
 
     options = {f.name for f in dataclasses.fields(Create)}
     assert set(CreateRequest.model_fields) <= options
-    assert options - set(CreateRequest.model_fields) == {"accel", "boot", "timeout"}
+    assert options - set(CreateRequest.model_fields) == {"accel", "timeout"}
 
 
 def test_an_unknown_create_option_is_a_type_error_naming_it() -> None:

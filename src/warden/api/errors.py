@@ -37,6 +37,7 @@ from warden._errors import (
     NameConflictError,
     PausedStateError,
     PermissionDeniedError,
+    PolicyError,
     SandboxClosedError,
     SpecError,
     StateTransitionError,
@@ -49,7 +50,8 @@ from warden._errors import (
 
 STATUS: tuple[tuple[type[WardenError], int], ...] = (
     (AuthenticationError, 401),  # no, a wrong, an expired or a revoked credential
-    (PermissionDeniedError, 403),  # the policy refuses the caller this action
+    (PermissionDeniedError, 403),  # the policy refuses the caller this action (or the guest op)
+    (PolicyError, 409),  # a reload of a bad policy.toml: the old policy stays
     (VMNotFoundError, 404),
     (TokenNotFoundError, 404),
     (ImageNotFoundError, 404),

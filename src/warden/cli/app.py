@@ -11,6 +11,7 @@ from warden.cli.doctor import doctor
 from warden.cli.events import events
 from warden.cli.image import image_app
 from warden.cli.link import link_app
+from warden.cli.policy import policy_app
 from warden.cli.remote import HostOption, UserOption
 from warden.cli.remote import register as register_remote
 from warden.cli.run import EXIT_TIMEOUT, EXIT_WARDEN_ERROR, RunArgs, run_command
@@ -28,6 +29,7 @@ app = typer.Typer(
 app.add_typer(image_app, name="image", help="Build, list and remove guest images.")
 app.add_typer(template_app, name="template", help="Make, list and remove templates.")
 app.add_typer(link_app, name="link", help="Link two sandboxes (a stream between them).")
+app.add_typer(policy_app, name="policy", help="Check and reload the access policy.")
 app.add_typer(token_app, name="token", help="Make, list and revoke API tokens.")
 app.add_typer(audit_app, name="audit", help="Check and read the tamper-evident audit log.")
 app.command("doctor", help="Check QEMU, kernel, image and accelerator; say how to fix problems.")(
@@ -80,7 +82,8 @@ def run(
         bool, typer.Option("--shell", help="Run CMD as one /bin/sh -c string.")
     ] = False,
     cold: Annotated[
-        bool, typer.Option("--cold", help="Boot from scratch, not from the boot snapshot.")
+        bool,
+        typer.Option("--cold", help="Boot from scratch, not as a clone of the boot template."),
     ] = False,
     template: Annotated[
         str | None,

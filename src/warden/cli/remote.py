@@ -67,7 +67,9 @@ RequireJailOption = Annotated[
 
 
 def _fail(message: str) -> NoReturn:
-    err().print(f"[red]warden:[/red] {message}", highlight=False)
+    from rich.markup import escape  # a message may quote TOML ([[rules]]), not markup
+
+    err().print(f"[red]warden:[/red] {escape(message)}", highlight=False)
     raise typer.Exit(EXIT_WARDEN_ERROR)
 
 
@@ -185,13 +187,14 @@ def ps(
     from rich.table import Table
 
     table = Table(box=None)
-    for col in ("ID", "NAME", "STATE", "UPTIME", "MEMORY", "CPUS", "CPU%", "IMAGE"):
+    for col in ("ID", "NAME", "OWNER", "STATE", "UPTIME", "MEMORY", "CPUS", "CPU%", "IMAGE"):
         table.add_column(col, justify="right" if col == "CPU%" else "left")
     for vm in vms:
         cpu = vm.get("cpu_percent")
         table.add_row(
             vm["id"],
             vm["name"] or "-",
+            vm.get("owner") or "-",
             "running (idle-paused)" if vm.get("idle_paused") else vm["state"],
             _uptime(vm["uptime_s"]),
             f"{vm['memory_mib']} MiB",

@@ -159,9 +159,9 @@ AllowRootOption = Annotated[
     bool,
     typer.Option(
         "--allow-root",
-        help="Let API clients run commands and file operations as the guest's root "
-        '("user": "root"); without it they get HTTP 403 and run as the unprivileged '
-        "user (uid 1000).",
+        help="Deprecated: grant the access policy's exec-as-root action to every caller "
+        '(a request with "user": "root" still needs exec or files-*, and a deny rule still '
+        "wins). Grant exec-as-root in $WARDEN_HOME/policy.toml instead.",
     ),
 ]
 
@@ -189,7 +189,9 @@ def serve(
     Admission control refuses a create (HTTP 409) that would pass the memory or vcpu limit,
     or while the VMs keep the host's CPUs busy; `warden info` shows the capacity, the limits
     and what the VMs are charged. Workloads run as
-    the guest's unprivileged user unless --allow-root lets a request ask for root.
+    the guest's unprivileged user unless a request asks for root and the access policy
+    ($WARDEN_HOME/policy.toml, or the shipped default) grants it exec-as-root. A bad policy
+    file refuses the start, saying which line or key to fix.
     """
     if log_format not in logs.FORMATS:
         raise typer.BadParameter(
@@ -207,6 +209,7 @@ def serve(
         cpu_busy_limit=cpu_busy_limit,
     )
     paths = Paths.from_env()
+    _check_policy(paths)
     if require_jail:
         _require_jail(paths)
     policy = _calibrated(paths, policy)
@@ -243,6 +246,19 @@ def _pools(pairs: list[str]) -> dict[str, int]:
         return parse_sizes(pairs)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="'--pool'") from None
+
+
+def _check_policy(paths: Paths) -> None:
+    """Refuse to start (exit 1, saying what to fix) if $WARDEN_HOME/policy.toml is bad."""
+    from warden.policy.access import load_policy
+
+    try:
+        load_policy(paths)
+    except WardenError as exc:
+        from rich.text import Text  # the message quotes TOML: [[rules]] is not markup
+
+        err().print(Text("warden: ", style="red") + Text(str(exc)))
+        raise typer.Exit(1) from None
 
 
 def _require_jail(paths: Paths) -> None:

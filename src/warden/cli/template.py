@@ -106,6 +106,8 @@ def _from_image(
 ) -> None:
     import warden
 
+    # A clone of the boot template of this shape (the first one boots cold and makes it):
+    # saving it goes through a helper VM (vmm/rehome.py), still faster than a cold boot.
     factory: Any = client.Sandbox if client is not None else warden.Sandbox
     with factory.create(image, memory_mib=memory, vcpus=cpus) as sbx:
         if run is not None:
@@ -120,14 +122,20 @@ def _from_image(
 
 
 @template_app.command("list")
-def list_(host: HostOption = None) -> None:
+def list_(
+    host: HostOption = None,
+    show_all: Annotated[
+        bool,
+        typer.Option("--all", help="Also the automatic boot templates (_boot-IMAGE-MEMm-CPUSc)."),
+    ] = False,
+) -> None:
     """List the templates: name, image, memory, vCPUs, size on disk, age, and whether a clone
     of it would be refused (its seal, image or QEMU changed)."""
     from rich.table import Table
 
     try:
         client = _daemon(host)
-        rows = client.templates() if client is not None else _local_templates()
+        rows = client.templates(all=show_all) if client is not None else _local_templates(show_all)
     except WardenError as exc:
         raise _fail(exc) from None
     table = Table(box=None)
@@ -142,19 +150,20 @@ def list_(host: HostOption = None) -> None:
             str(t["vcpus"]),
             f"{t['disk_bytes'] / (1 << 20):.0f}M",
             f"{max(0, now - t['created']) / 60:.0f}m",
-            t.get("source") or "-",
+            t.get("source") or ("automatic" if t.get("automatic") else "-"),
             "ok" if not t.get("problem") else f"refused: {t['problem']}",
         )
     out().print(table)
 
 
-def _local_templates() -> list[dict[str, Any]]:
+def _local_templates(show_all: bool) -> list[dict[str, Any]]:
     import dataclasses
 
     from warden.config import Paths
     from warden.vmm.templates import Templates
 
-    return [dataclasses.asdict(info) for info in Templates(Paths.from_env()).list()]
+    infos = Templates(Paths.from_env()).list(automatic=show_all)
+    return [dataclasses.asdict(info) for info in infos]
 
 
 @template_app.command("rm")

@@ -1,9 +1,10 @@
 """The host side of a jailed launch.
 
-The manager makes what the jailed QEMU may not make itself: the QMP, agent and console
-sockets, bound by root in the root-only runtime dir; a boot snapshot being restored is passed
-as an fd too. QEMU gets them at the numbers of :class:`warden.vmm.argv.PassedFd`. The files
-it reads and writes (the transfer window; guest RAM if file-backed) are bound into its root.
+The manager makes what the jailed QEMU may not make itself: the QMP, agent and console sockets,
+bound by root in the root-only runtime dir; a saved state being loaded (a template's device
+state, a pause file) is passed as an fd too. QEMU gets them at the numbers of
+:class:`warden.vmm.argv.PassedFd`. The files it reads and writes (the transfer window; guest RAM
+if file-backed) are bound into its root.
 
 The process chain::
 
@@ -129,7 +130,7 @@ def passed_fds(
     run: RuntimeFiles, restore: int | None, template_ram: int | None = None
 ) -> Iterator[dict[int, int]]:
     """Make the sockets a jailed QEMU gets; yield {our fd: QEMU's fd}. ``restore`` is the fd
-    of a boot snapshot (or a template's device state) to load, ``template_ram`` a clone's
+    of a saved state (a template's device state, a pause file) to load, ``template_ram`` a clone's
     template RAM (the caller's: they stay open).
 
     Our copies are closed when the block ends (QEMU holds its own by then). The sockets are

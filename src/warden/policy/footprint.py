@@ -1,13 +1,14 @@
 """The calibrated footprint of an idle VM: the PSS that admission charges (plus headroom) to a
 VM it has not measured yet (``charge="measured"``, see ``policy/admission.py``).
 
-Measured by booting a VM as ``warden run`` does (the default image, 256 MiB, 1 vCPU, from the
-boot snapshot), running ``true`` twice, waiting ``IDLE_S`` and reading its QEMU's PSS. Kept in
-``$WARDEN_HOME/footprint.json`` (root's, 0600) for the same image, QEMU and VM size. ``warden
-serve`` calibrates at start-up, before it listens, unless ``--vm-footprint`` gives one or one
-is saved; ``warden doctor`` prints it (and measures it if none is saved). A ``Manager`` only
-loads a saved one: it never boots a VM by itself. Under TCG here: about 175 MiB for a VM
-restored from the boot snapshot, against its limit of 256 + 320 MiB.
+Measured by booting a VM as ``warden run`` does (the default image, 256 MiB, 1 vCPU: a clone of
+its boot template, or the cold boot that makes it), running ``true`` twice, waiting ``IDLE_S``
+and reading its QEMU's PSS. Kept in ``$WARDEN_HOME/footprint.json`` (root's, 0600) for the same
+image, QEMU and VM size. ``warden serve`` calibrates at start-up, before it listens, unless
+``--vm-footprint`` gives one or one is saved; ``warden doctor`` prints it (and measures it if
+none is saved). A ``Manager`` only loads a saved one: it never boots a VM by itself. Under TCG
+here: about 175 MiB for a VM restored from a boot snapshot (before boot templates), against its
+limit of 256 + 320 MiB.
 """
 
 from __future__ import annotations

@@ -51,11 +51,11 @@ class AsyncSandbox:
         """Boot a sandbox and wait until its agent answers (at most ``timeout`` seconds).
 
         The options (:class:`~warden.sdk._create.CreateOptions`): ``memory_mib``, ``vcpus``,
-        ``name``, ``env``, ``labels``, ``accel``, ``timeout``, ``boot`` (``"snapshot"``, or
-        ``"cold"`` to boot from scratch), ``require_jail`` (refuse to start, raising
-        ``JailUnavailableError``, unless QEMU gets every jail feature of the host) and
-        ``template`` (clone that template: it shares the template's memory copy-on-write and
-        has its image, memory and vCPUs; ``TemplateNotFoundError``, or
+        ``name``, ``env``, ``labels``, ``accel``, ``timeout``, ``boot`` (``"snapshot"``: a clone
+        of its shape's boot template, or ``"cold"`` to boot from scratch), ``require_jail``
+        (refuse to start, raising ``JailUnavailableError``, unless QEMU gets every jail feature
+        of the host) and ``template`` (clone that template: it shares the template's memory
+        copy-on-write and has its image, memory and vCPUs; ``TemplateNotFoundError``, or
         ``TemplateRefusedError`` if its seal or machine no longer matches).
         """
         call = Create.of(image, options)
@@ -100,9 +100,9 @@ class AsyncSandbox:
         The sandbox is paused while its device state and memory are saved (about a second
         for 256 MiB here); it is refused (``StateTransitionError``) while commands or file
         transfers are in flight. ``create(template=name)`` then makes clones of it.
-        ``NameConflictError`` if the name is taken; ``TemplateError`` if this sandbox is
-        itself a clone (its memory is private: make templates from sandboxes booted from an
-        image).
+        ``NameConflictError`` if the name is taken. A sandbox that is itself a clone (the
+        default: of its shape's boot template) is saved through a short-lived helper VM, so
+        that the template's clones still share its memory (about a second more).
         """
         self._agent()  # a closed or dead sandbox says so
         await self._machine.save_template(name, keep_running=True, extra={"source": self.id})
@@ -113,9 +113,9 @@ class AsyncSandbox:
 
         It is paused while its memory is copied (about 0.2 s for 256 MiB here); commands in
         flight refuse the fork (``StateTransitionError``). Each child is a new sandbox (its
-        own id, hostname, keys and RNG seed); kill each when done. ``TemplateError`` if this
-        sandbox is a clone or a fork child itself (its memory is private: fork sandboxes
-        booted from an image). On a daemon, each child is admitted like a create
+        own id, hostname, keys and RNG seed); kill each when done. A clone (the default
+        sandbox) is forked too, but slower, and its children share less: QEMU migrates its
+        private RAM with the device state. On a daemon, each child is admitted like a create
         (``AdmissionError``: none starts).
         """
         self._agent()  # a closed or dead sandbox says so
@@ -211,7 +211,8 @@ class AsyncCommands:
         ``on_stdout``/``on_stderr`` get decoded output as it arrives: all of it, in constant
         memory; a slow handler slows the command's output down instead of buffering it.
         ``user`` is the guest user that runs it: ``"user"`` (uid 1000, home /home/user, the
-        default cwd) or ``"root"`` (a daemon allows root only if started with --allow-root).
+        default cwd) or ``"root"`` (a daemon allows root only to a caller its access policy
+        grants ``exec-as-root``: PermissionDeniedError otherwise).
         ``max_output`` caps the bytes of stdout and of stderr (each) kept in the result
         (default 16 MiB; 0 keeps none); ``result.truncated`` says whether output was cut.
         """

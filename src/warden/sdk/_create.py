@@ -26,8 +26,9 @@ class CreateOptions(TypedDict, total=False):
     - ``env``: environment of every command; ``labels``: free-form ``k=v`` metadata.
     - ``accel`` (``"auto"``): ``kvm`` where a probe boot proves it works, else ``tcg``.
     - ``timeout`` (60.0): seconds to wait for the guest's agent to answer.
-    - ``boot`` (``"snapshot"``): start from the saved just-booted state of the same shape
-      when there is one, and save one after a cold boot; ``"cold"`` always boots from scratch.
+    - ``boot`` (``"snapshot"``): clone the automatic template of this shape (image, memory,
+      vCPUs) when there is one, and save it after a cold boot; ``"cold"`` always boots from
+      scratch (and makes none).
     - ``require_jail`` (False): refuse to start (``JailUnavailableError``, nothing started)
       unless QEMU gets every jail feature of the host (``warden doctor`` lists them).
     - ``template``: clone this template (``save_template``, ``warden template create``): the
@@ -35,8 +36,7 @@ class CreateOptions(TypedDict, total=False):
       and vCPUs (leave those unset). ``TemplateNotFoundError`` if there is none,
       ``TemplateRefusedError`` if its seal or machine no longer matches (make it again).
 
-    A daemon chooses ``accel`` and ``boot`` itself: through a client, only their defaults are
-    accepted.
+    A daemon chooses ``accel`` itself: through a client, only its default is accepted.
     """
 
     memory_mib: int

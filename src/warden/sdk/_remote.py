@@ -483,16 +483,16 @@ class _AsyncFactory:
         """Create a sandbox on the daemon; the options of ``AsyncSandbox.create``
         (:class:`~warden.sdk._create.CreateOptions`).
 
-        ``accel`` and ``boot`` are the daemon's to choose: only their defaults are accepted.
+        ``accel`` is the daemon's to choose: only its default is accepted.
         ``require_jail=True`` has the daemon refuse (``JailUnavailableError``, HTTP 409,
         nothing recorded) unless its host gives the VM every jail feature.
         The sandbox is removed from the daemon by ``kill()``/``close()``/leaving ``with``.
         """
         call = Create.of(image, options)
-        if (call.accel, call.boot) != (Create.accel, Create.boot):
+        if call.accel != Create.accel:
             raise SpecError(
-                "the warden daemon chooses the accelerator and the boot mode itself; leave "
-                "accel and boot at their defaults, or use embedded mode (warden.Sandbox)"
+                "the warden daemon chooses the accelerator itself; leave accel at its "
+                "default, or use embedded mode (warden.Sandbox)"
             )
         # The same checks as embedded mode, before asking; the host's are the daemon's.
         spec = call.spec(check_host=False)
@@ -506,6 +506,8 @@ class _AsyncFactory:
         fields.update({k: v for k, v in (("name", call.name), ("template", call.template)) if v})
         if call.require_jail:  # only when asked: a daemon that predates it refuses the field
             fields["require_jail"] = True
+        if call.boot != Create.boot:  # likewise
+            fields["boot"] = call.boot
         timeout = call.timeout
         http = self._endpoint.async_client(httpx.Timeout(60.0, read=None))
         try:
@@ -587,9 +589,11 @@ class Client:
         """Shorthand for ``client.Sandbox.create(...)``."""
         return self.Sandbox.create(image, **options)
 
-    def templates(self) -> list[dict[str, Any]]:
-        """The daemon's templates (as ``GET /v1/templates`` lists them)."""
-        return cast(list[dict[str, Any]], self._call("GET", f"{API}/templates").json())
+    def templates(self, *, all: bool = False) -> list[dict[str, Any]]:
+        """The daemon's templates (as ``GET /v1/templates`` lists them); with ``all``, the
+        automatic boot templates too."""
+        path = f"{API}/templates?all=true" if all else f"{API}/templates"
+        return cast(list[dict[str, Any]], self._call("GET", path).json())
 
     def remove_template(self, name: str) -> None:
         """Delete template ``name`` on the daemon (its clones keep running)."""

@@ -1,9 +1,10 @@
 """SHA-256 of files, hashed once and remembered: ``$WARDEN_HOME/cache/verified.json``.
 
 Every new process used to hash the image files again (about 104 MB, 0.1 s of each ``warden
-run``), and a boot snapshot would add 70 MB more. A file's digest is remembered, in the process
-and in a root-only record (0600, written atomically), under the file's path and its
-(st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns); any change to one of those hashes it again.
+run``), and a template's device state or a pause file adds more. A file's digest is remembered,
+in the process and in a root-only record (0600, written atomically), under the file's path and
+its (st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns); any change to one of those hashes it
+again.
 
 Why an unchanged stat means unchanged bytes:
 

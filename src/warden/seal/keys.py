@@ -14,7 +14,7 @@ reader never sees a half-written key, and a key that exists is never made again.
 
 A key file that is not a regular file of ours, is readable or writable by anyone but its
 owner, or has the wrong length is refused: it may have leaked or been planted. Delete it and
-warden makes a new one (for the sealing key: every boot snapshot is then rebuilt once).
+warden makes a new one (for the sealing key: every boot template is then made again once).
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
 A sealed record is a JSON object of plain values (str, int, float, bool, lists, objects)
 plus one ``"seal"`` entry: ``{"alg": "HMAC-SHA256", "version": 1, "key": "seal",
 "tag": <hex>}``. The tag covers every other entry, under a purpose string that keeps one kind
-of sealed record from passing for another (a template's record cannot be replayed as a boot
-snapshot's)::
+of sealed record from passing for another (a template's record cannot be replayed as a
+paused VM's)::
 
     tag = HMAC-SHA256(key, b"warden-seal/1\\0" + purpose + b"\\0" + canonical_json(record))
 

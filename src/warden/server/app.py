@@ -2,10 +2,11 @@
 
 The routes live in ``server/routes/``, one module per resource; the request and response
 models in ``server/models.py``. Errors are JSON ``{"error": {"type": class, "message": ...}}``
-(``api/errors.py`` has the table of statuses): 404 for an unknown id or name, 409 for a name
-clash, an admission refusal or a VM in the wrong state, 422 for a bad body (unknown fields
-included). Command output and file contents are streamed, never
-buffered whole.
+(``api/errors.py`` has the table of statuses): 404 for an unknown id or name (and for a
+sandbox the caller may not see), 403 for what the access policy denies (``server/access.py``
+checks every route), 409 for a name clash, an admission refusal or a VM in the wrong state,
+422 for a bad body (unknown fields included). Command output and file contents are streamed,
+never buffered whole.
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from warden._errors import AdmissionError, WardenError
 from warden.api import errors as api_errors
+from warden.server.access import AccessControl, audit_denials, authorize
 from warden.server.audit import PrincipalContext
 from warden.server.limits import BodyLimit
 from warden.server.manager import Manager
@@ -59,11 +61,21 @@ def _invalid_message(problems: list[dict[str, Any]]) -> str:
 
 
 def create_app(
-    manager: Manager, *, manage_lifespan: bool = True, allow_root: bool = False
+    manager: Manager,
+    *,
+    manage_lifespan: bool = True,
+    allow_root: bool = False,
+    access: AccessControl | None = None,
 ) -> FastAPI:
     """The API over ``manager``. With ``manage_lifespan``, the app starts the manager (which
-    reattaches to live VMs) and closes it on shutdown (leaving VMs running). Without
-    ``allow_root``, a command or file operation as the guest's root gets a 403."""
+    reattaches to live VMs) and closes it on shutdown (leaving VMs running).
+
+    Every route is checked against the access policy (``access``; by default the one of
+    ``manager.paths``, read now: PolicyError if its file is bad). ``allow_root`` is the
+    deprecated ``warden serve --allow-root``: it grants exec-as-root to every caller."""
+    control = access or AccessControl.load(manager.paths, root_for_all=allow_root)
+    if manager is not None and control.on_denied is None:  # None: the OpenAPI spec's build
+        control.on_denied = audit_denials(manager)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -80,7 +92,7 @@ def create_app(
     app.state.manager = manager
     app.state.metrics = metrics
     app.state.pipes = dict[str, StdinPipe]()
-    app.state.allow_root = allow_root
+    app.state.access = control
     app.add_middleware(BodyLimit)
     app.add_middleware(PrincipalContext)  # the audit log's principal (server/audit.py)
 
@@ -102,5 +114,5 @@ def create_app(
         return JSONResponse(answer, status_code=exc.status_code, headers=exc.headers)
 
     for module in (sandboxes, templates, events, system, exec_routes, files, auth, tokens, links):
-        app.include_router(module.router)
+        app.include_router(module.router, dependencies=[Depends(authorize)])
     return app

@@ -49,8 +49,8 @@ MAX_EVENT_ID = 2**63 - 1
 
 WorkloadUser = Literal["user", "root"]
 """Who a command or file operation runs as in the guest: the unprivileged ``user`` (uid 1000)
-or ``root`` (only on a daemon started with ``--allow-root``). The names of
-:data:`warden.wire.ops.USERS`."""
+or ``root`` (on a daemon, only for a caller the access policy grants ``exec-as-root``). The
+names of :data:`warden.wire.ops.USERS`."""
 
 
 def no_nul(value: str) -> str:

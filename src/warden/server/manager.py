@@ -42,7 +42,15 @@ from warden.policy.admission import AdmissionPolicy, Charges, HostCapacity, VMUs
 from warden.policy.meter import MEMORY_EVERY_S, UsageMeter
 from warden.server.audit import Auditor, audited
 from warden.server.pool import POOL_LABEL, WARM_UP, WarmPool
-from warden.store.db import ACTIVE_STATES, ActiveVM, Reservations, Store, VMRow, db_path
+from warden.store.db import (
+    ACTIVE_STATES,
+    DAEMON_OWNER,
+    ActiveVM,
+    Reservations,
+    Store,
+    VMRow,
+    db_path,
+)
 from warden.vmm import ownership
 from warden.vmm import pause as pausing
 from warden.vmm.fork import check_forkable
@@ -84,8 +92,11 @@ class Manager:
         capacity: HostCapacity | None = None,
         pools: dict[str, int] | None = None,
         auto_pause_s: float | None = None,
+        audit: bool = True,
     ) -> None:
         self.paths = paths
+        self._audit_on = audit
+        """Open the audit log at :meth:`start` (off only for a benchmark's baseline)."""
         self.auto_pause_s = auto_pause_s
         """Stop a VM's vCPUs after this long without a request (None: never; ``vmm/idle.py``)."""
         self.store = store or Store(db_path(paths))
@@ -110,7 +121,7 @@ class Manager:
     async def start(self) -> None:
         """Open the audit log; reattach to every live VM of the store; mark dead ones failed
         and free their files."""
-        if self.audit.log is None:
+        if self._audit_on and self.audit.log is None:
             self.audit = Auditor(await asyncio.to_thread(AuditLog.open, self.paths.home))
         rows = await asyncio.to_thread(self.store.list_vms)
         for row in rows:
@@ -246,12 +257,19 @@ class Manager:
 
     @audited("create", lambda a, k, row: {"image": row.image, "template": a[0].template})
     async def create(
-        self, spec: VMSpec, *, require_jail: bool = False, pool_member: bool = False
+        self,
+        spec: VMSpec,
+        *,
+        require_jail: bool = False,
+        pool_member: bool = False,
+        owner: str = DAEMON_OWNER,
     ) -> VMRow:
-        """Admit, record and boot a VM. A refused create (AdmissionError, NameConflictError,
-        JailUnavailableError) leaves no trace; a failed boot leaves a ``failed`` row saying
-        why. ``require_jail`` (or the daemon's ``--require-jail``) refuses a host that lacks
-        a jail feature: checked before anything is recorded, and again by the launch."""
+        """Admit, record and boot a VM owned by ``owner`` (a principal's name; a pool member
+        is the daemon's until a create takes it). A refused create (AdmissionError,
+        NameConflictError, JailUnavailableError) leaves no trace; a failed boot leaves a
+        ``failed`` row saying why. ``require_jail`` (or the daemon's ``--require-jail``)
+        refuses a host that lacks a jail feature: checked before anything is recorded, and
+        again by the launch."""
         require_jail = require_jail or default_mode() == "require"
         # A clone has its template's memory and vCPUs: admitted as such (TemplateNotFoundError
         # and a refused seal leave no trace either).
@@ -259,13 +277,13 @@ class Manager:
         if POOL_LABEL in spec.labels and not pool_member:
             raise SpecError(f"the label {POOL_LABEL} is warden's (it marks warm pool members)")
         if not require_jail and self.pool.serves(spec):
-            row = await self._from_pool(spec)
+            row = await self._from_pool(spec, owner)
             if row is not None:
                 return row
         if require_jail:
             await asyncio.to_thread(self._check_jail, spec)
         vm_id = new_vm_id()
-        await asyncio.to_thread(self._record, vm_id, spec)
+        await asyncio.to_thread(self._record, vm_id, spec, owner)
         machine = Machine(
             spec,
             paths=self.paths,
@@ -283,7 +301,7 @@ class Manager:
             raise
         return await self._running(machine)
 
-    def _record(self, vm_id: str, spec: VMSpec) -> VMRow:
+    def _record(self, vm_id: str, spec: VMSpec, owner: str) -> VMRow:
         """Admit ``spec`` and record it as VM ``vm_id`` (creating), in one write transaction:
         AdmissionError and NameConflictError leave nothing."""
 
@@ -292,7 +310,9 @@ class Manager:
             request = VMUsage(spec.memory_mib, spec.vcpus)
             check_usage(self.policy, self.capacity, vms, request=request)
 
-        return self.store.create_vm(vm_id, spec, runtime_dir=self.paths.vms / vm_id, admit=admit)
+        return self.store.create_vm(
+            vm_id, spec, runtime_dir=self.paths.vms / vm_id, admit=admit, owner=owner
+        )
 
     async def _running(self, machine: Machine) -> VMRow:
         """Hold a launched VM and record it running (with its QEMU's pid and start time)."""
@@ -308,10 +328,11 @@ class Manager:
         return row
 
     @audited("fork", lambda a, k, rows: {"n": a[1], "children": ",".join(r.id for r in rows)})
-    async def fork(self, id_or_name: str, n: int) -> list[VMRow]:
-        """Start ``n`` children of running VM ``id_or_name`` (``Machine.fork``), each admitted
-        and recorded like a create before the parent is paused; it keeps running. A refused
-        fork (AdmissionError, a clone as parent, a bad ``n``) leaves no trace; children that
+    async def fork(self, id_or_name: str, n: int, *, owner: str = DAEMON_OWNER) -> list[VMRow]:
+        """Start ``n`` children of running VM ``id_or_name`` (``Machine.fork``), owned by
+        ``owner`` (the fork's caller), each admitted and recorded like a create before the
+        parent is paused; it keeps running. A refused
+        fork (AdmissionError, RAM in a file, a bad ``n``) leaves no trace; children that
         fail to start leave ``failed`` rows saying why."""
         parent = await self.machine(id_or_name)
         check_forkable(parent, n)
@@ -320,7 +341,7 @@ class Manager:
         recorded: list[str] = []
         try:
             for vm_id in ids:
-                await asyncio.to_thread(self._record, vm_id, spec)
+                await asyncio.to_thread(self._record, vm_id, spec, owner)
                 recorded.append(vm_id)
         except BaseException:
             for vm_id in recorded:
@@ -342,14 +363,15 @@ class Manager:
         if pool_member:
             self.store.delete_vm(vm_id)
 
-    async def _from_pool(self, spec: VMSpec) -> VMRow | None:
-        """Hand a ready pool member to the create of ``spec`` (None: none is ready)."""
+    async def _from_pool(self, spec: VMSpec, owner: str) -> VMRow | None:
+        """Hand a ready pool member to the create of ``spec`` by ``owner`` (None: none is
+        ready)."""
         assert spec.template is not None
         machine = self.pool.take(spec.template)
         if machine is None:
             return None
         try:
-            row = await asyncio.to_thread(self.store.hand_over, machine.id, spec)
+            row = await asyncio.to_thread(self.store.hand_over, machine.id, spec, owner=owner)
         except NameConflictError:
             self.pool.put_back(spec.template, machine)
             raise
@@ -523,10 +545,14 @@ class Manager:
         return held.machine
 
     @audited("template", lambda a, k, _: {"template": a[1]})
-    async def save_template(self, id_or_name: str, name: str) -> TemplateInfo:
-        """Save running VM ``id_or_name`` as template ``name``; it keeps running."""
+    async def save_template(
+        self, id_or_name: str, name: str, *, owner: str = DAEMON_OWNER
+    ) -> TemplateInfo:
+        """Save running VM ``id_or_name`` as template ``name``; it keeps running. ``owner``
+        (who saved it) is recorded in its meta."""
         machine = await self.machine(id_or_name)
-        await machine.save_template(name, keep_running=True, extra={"source": machine.id})
+        extra = {"source": machine.id, "owner": owner}
+        await machine.save_template(name, keep_running=True, extra=extra)
         info = await asyncio.to_thread(self.templates.info, name)
         if info is None:
             raise VMError(f"template {name!r} was saved but cannot be read back")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -53,6 +53,12 @@ class CreateRequest(BaseModel):
         description="clone this template (`warden template list`): its image, memory and vCPUs "
         "are the clone's; leave those unset",
     )
+    boot: Literal["snapshot", "cold"] = Field(
+        default="snapshot",
+        description="'snapshot' clones the automatic boot template of this shape (made by the "
+        "first such create); 'cold' boots from scratch (a VM to save as a template whose "
+        "clones share all its memory)",
+    )
     require_jail: bool = Field(
         default=False,
         description="refuse the create (409, nothing recorded) unless QEMU gets every jail "
@@ -98,8 +104,8 @@ class ExecRequest(BaseModel):
     )
     user: WorkloadUser = Field(
         default="user",
-        description='"user" (uid 1000) or "root"; a daemon refuses root (403) unless it was '
-        "started with --allow-root",
+        description='"user" (uid 1000) or "root"; root needs the policy\'s exec-as-root action '
+        "(403 without it)",
     )
 
     @model_validator(mode="after")
@@ -117,6 +123,7 @@ class Sandbox(BaseModel):
     vcpus: int
     memory_mib: int
     labels: dict[str, str]
+    owner: str = Field(description="the principal that created it (the access policy's owner)")
     created_at: float
     started_at: float | None
     stopped_at: float | None
@@ -146,6 +153,7 @@ class Sandbox(BaseModel):
             vcpus=row.vcpus,
             memory_mib=row.memory_mib,
             labels=row.labels,
+            owner=row.owner,
             created_at=row.created_at,
             started_at=row.started_at,
             stopped_at=row.stopped_at,
@@ -214,6 +222,10 @@ class Template(BaseModel):
     source: str | None = Field(description="the id of the sandbox it was saved from")
     disk_bytes: int = Field(description="what its RAM and device state take on disk")
     problem: str | None = Field(description="why a clone of it would be refused, if it would")
+    automatic: bool = Field(
+        default=False,
+        description="the automatic boot template of a VM shape (listed with all=true only)",
+    )
 
 
 class ForkRequest(BaseModel):

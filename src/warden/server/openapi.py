@@ -13,6 +13,9 @@ import sys
 from pathlib import Path
 from typing import Any, cast
 
+from warden.config import Paths
+from warden.policy.access import shipped_policy
+from warden.server.access import AccessControl
 from warden.server.app import create_app
 from warden.server.manager import Manager
 
@@ -22,7 +25,8 @@ SPEC_FILE = Path(__file__).resolve().parents[3] / "docs" / "openapi.json"
 def spec() -> dict[str, Any]:
     """The spec the daemon serves at ``/openapi.json``. Building it needs no manager: the app
     touches its manager only to answer requests."""
-    app = create_app(cast(Manager, None), manage_lifespan=False)
+    unused = AccessControl(Paths(Path("/nonexistent")), shipped_policy())
+    app = create_app(cast(Manager, None), manage_lifespan=False, access=unused)
     return app.openapi()
 
 

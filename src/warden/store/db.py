@@ -50,6 +50,9 @@ from warden.vmm.spec import VMSpec
 from warden.vmm.state import VMState, check_transition
 
 DB_NAME = "state.db"
+DAEMON_OWNER = "root"
+"""The owner of VMs no principal asked for (warm pool members until taken) and of VMs recorded
+before owners were: the daemon's own user (the name of ``auth.principal.LOCAL_ADMIN``)."""
 BUSY_TIMEOUT_MS = 5000
 
 ACTIVE_STATES: frozenset[VMState] = frozenset(
@@ -94,6 +97,9 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         """,
         "CREATE INDEX events_vm ON events (vm_id, id)",
     ),
+    # 2: who owns each VM (the principal that created it; policy/access.py). VMs recorded
+    # before belong to the daemon's own user, root, whom the default policy makes an admin.
+    ("ALTER TABLE vms ADD COLUMN owner TEXT NOT NULL DEFAULT 'root'",),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -103,7 +109,7 @@ _WHERE_ACTIVE = f" WHERE state IN ({', '.join('?' * len(_ACTIVE_PARAMS))})"
 
 _VM_COLUMNS = (
     "id, name, state, spec_json, image, vcpus, memory_mib, labels_json, created_at, started_at,"
-    " stopped_at, qemu_pid, qemu_start, runtime_dir, exit_code, error"
+    " stopped_at, qemu_pid, qemu_start, runtime_dir, exit_code, error, owner"
 )
 
 
@@ -134,9 +140,17 @@ class VMRow:
     runtime_dir: Path | None
     exit_code: int | None
     error: str | None
+    owner: str = DAEMON_OWNER
+    """The name of the principal that created it (policy/access.py selects by it)."""
 
     def spec(self) -> VMSpec:
         return VMSpec.model_validate_json(self.spec_json)
+
+    @property
+    def template(self) -> str | None:
+        """The template it was cloned from, if any (without parsing the whole spec)."""
+        value = json.loads(self.spec_json).get("template")
+        return value if isinstance(value, str) else None
 
 
 @dataclass(frozen=True)
@@ -264,8 +278,10 @@ class Store:
         *,
         runtime_dir: Path | None = None,
         admit: Callable[[Reservations], None] | None = None,
+        owner: str = DAEMON_OWNER,
     ) -> VMRow:
-        """Insert a VM in state ``creating`` and its ``created`` event, atomically.
+        """Insert a VM in state ``creating``, owned by ``owner``, and its ``created`` event,
+        atomically.
 
         ``admit`` is called inside the write transaction with the current reservations, after
         the name check and before the insert; if it raises (AdmissionError), nothing is
@@ -283,7 +299,7 @@ class Store:
             try:
                 conn.execute(
                     f"INSERT INTO vms ({_VM_COLUMNS})"  # noqa: S608 (a constant column list)
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, NULL, NULL, ?, NULL, NULL)",
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, NULL, NULL, ?, NULL, NULL, ?)",
                     (
                         vm_id,
                         spec.name,
@@ -295,6 +311,7 @@ class Store:
                         json.dumps(spec.labels, sort_keys=True),
                         now,
                         str(runtime_dir) if runtime_dir is not None else None,
+                        owner,
                     ),
                 )
             except sqlite3.IntegrityError as exc:
@@ -311,24 +328,27 @@ class Store:
                     "image": spec.image,
                     "vcpus": spec.vcpus,
                     "memory_mib": spec.memory_mib,
+                    "owner": owner,
                 },
             )
             return _get(conn, vm_id)
 
-    def hand_over(self, vm_id: str, spec: VMSpec) -> VMRow:
-        """Give the running VM ``vm_id`` (a warm pool's) the name, labels and spec of the
-        create it now serves, with a ``taken`` event. Raises NameConflictError if the name
+    def hand_over(self, vm_id: str, spec: VMSpec, *, owner: str = DAEMON_OWNER) -> VMRow:
+        """Give the running VM ``vm_id`` (a warm pool's) the name, labels, spec and owner of
+        the create it now serves, with a ``taken`` event. Raises NameConflictError if the name
         is taken, VMNotFoundError if the VM is gone; then nothing changes."""
+        labels = json.dumps(spec.labels, sort_keys=True)
         with self._write() as conn:
             if spec.name is not None and _name_taken(conn, spec.name):
                 raise _name_conflict(spec.name)
             changed = conn.execute(
-                "UPDATE vms SET name = ?, spec_json = ?, labels_json = ? WHERE id = ?",
-                (spec.name, spec.model_dump_json(), json.dumps(spec.labels, sort_keys=True), vm_id),
+                "UPDATE vms SET name = ?, spec_json = ?, labels_json = ?, owner = ? WHERE id = ?",
+                (spec.name, spec.model_dump_json(), labels, owner, vm_id),
             ).rowcount
             if not changed:
                 raise VMNotFoundError(f"no VM has id {vm_id!r}")
-            _insert_event(conn, vm_id, self._clock(), "taken", {"name": spec.name})
+            detail = {"name": spec.name, "owner": owner}
+            _insert_event(conn, vm_id, self._clock(), "taken", detail)
             return _get(conn, vm_id)
 
     def get_vm(self, vm_id: str) -> VMRow | None:
@@ -544,6 +564,7 @@ def _vm_row(r: sqlite3.Row) -> VMRow:
         runtime_dir=Path(r["runtime_dir"]) if r["runtime_dir"] is not None else None,
         exit_code=r["exit_code"],
         error=r["error"],
+        owner=r["owner"],
     )
 
 

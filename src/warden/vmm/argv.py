@@ -33,7 +33,7 @@ class PassedFd:
     AGENT = 4
     CONSOLE = 5
     INCOMING = 6
-    """A boot snapshot being restored (``-incoming fd:6``)."""
+    """A saved state being loaded (``-incoming fd:6``): a template's device state, a pause file."""
     TEMPLATE_RAM = 7
     """A clone's template RAM (a sealed memfd): QEMU maps ``/proc/self/fd/7``."""
 

@@ -1,23 +1,25 @@
-"""Each VM's channel secret: made at launch, kept for reattaching, replaced after a snapshot.
+"""Each VM's channel secret: made at launch, kept for reattaching, replaced after a capture.
 
 The secrets live in the key store (``warden.seal.keys``: 0600 files, root only)::
 
     keys/vm/<id>.key        the VM's current secret: a new manager reattaches with it
     keys/vm/<id>-prev.key   during a re-key only: the secret the guest may still hold
-    keys/snapshot/<key>.key the secret inside a boot snapshot's guest memory
     keys/template/<name>.key the secret inside a template's guest memory
+    keys/boot-template/<h>.key the same for an automatic boot template (h: its name's hash)
 
 A VM gets a fresh secret at launch. QEMU passes it to the guest through fw_cfg, from a 0600
 file in the VM's runtime dir (``RuntimeFiles.channel_key``) that is removed once the guest has
-read it. A VM restored from a snapshot starts with the snapshot's secret in its memory, as
-does every sibling restored from it, so the host's first session with it (authenticated by
-that secret) hands it its own (:meth:`ChannelKeys.begin_rekey`); so does the VM a snapshot was
-just taken of. The new secret is stored before it is sent and the old one kept as ``-prev``
-until the guest took it, so a manager killed in between still finds the one that works.
+read it. A clone starts with its template's secret in its memory, as does every sibling
+cloned from it, so the host's first session with it (authenticated by that secret) hands it
+its own (:meth:`ChannelKeys.begin_rekey`); so does the VM a template (or a fork, or a pause)
+was just taken of. The new secret is stored before it is sent and the old one kept as
+``-prev`` until the guest took it, so a manager killed in between still finds the one that
+works.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 from warden.config import Paths
@@ -27,7 +29,7 @@ __all__ = ["ChannelKeys"]
 
 
 class ChannelKeys:
-    """The channel secrets of VMs and boot snapshots, in the key store of ``paths``."""
+    """The channel secrets of VMs and templates, in the key store of ``paths``."""
 
     def __init__(self, paths: Paths) -> None:
         self.store = KeyStore(paths)
@@ -63,24 +65,23 @@ class ChannelKeys:
         self.store.delete(f"vm/{vm_id}-prev")
         self.store.delete(f"vm/{vm_id}")
 
-    def save_snapshot(self, key: str, secret: bytes) -> None:
-        self.store.put(f"snapshot/{key}", secret)
-
-    def snapshot(self, key: str) -> bytes | None:
-        return self.store.get(f"snapshot/{key}")
-
-    def forget_snapshot(self, key: str) -> None:
-        self.store.delete(f"snapshot/{key}")
-
     def save_template(self, name: str, secret: bytes) -> None:
-        self.store.put(f"template/{name}", secret)
+        self.store.put(_template_key(name), secret)
 
     def template(self, name: str) -> bytes | None:
         """The secret inside template ``name``'s guest memory (each clone is re-keyed)."""
-        return self.store.get(f"template/{name}")
+        return self.store.get(_template_key(name))
 
     def forget_template(self, name: str) -> None:
-        self.store.delete(f"template/{name}")
+        self.store.delete(_template_key(name))
+
+
+def _template_key(name: str) -> str:
+    """The key-store name of template ``name``'s secret. An automatic boot template's name
+    (``_boot-<image>-...``: a leading '_', maybe dots) is no key name: it is hashed."""
+    if name.startswith("_"):
+        return f"boot-template/{hashlib.sha256(name.encode()).hexdigest()[:32]}"
+    return f"template/{name}"
 
 
 def forget_vm(paths: Paths, vm_id: str) -> None:

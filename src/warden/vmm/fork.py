@@ -15,9 +15,10 @@ paused for the capture (about 0.2-0.4 s for 256 MiB), then resumes with a new ch
 The transient template is dropped as soon as the children run (their mappings stay); if one
 child fails to start, the others are stopped too, and nothing is left.
 
-**Limitation.** A clone's own RAM is private (``share=off``: copy-on-write over its template's),
-so the host cannot copy it: a clone, a fork child included, cannot be forked nor made a
-template. Only a VM booted from an image (cold, or from its boot snapshot) can.
+A clone's own RAM is private (``share=off``: copy-on-write over its template's). Its RAM is
+copied as its template's memfd with the pages it wrote on top (``memfd.copy_qemu_ram``), so a
+clone (every VM made from the automatic boot template, a fork child too) can be forked and
+made a template like a VM booted from an image.
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ class ForkStore(Templates):
     disk, so there is nothing to seal or check against tampering, and no name to collide
     with a template of the user's; ``warden template list`` never sees them."""
 
+    rehomes_clones = False
+
     def __init__(self, paths: Paths) -> None:
         super().__init__(paths)
         self._held: dict[str, _Held] = {}
@@ -68,7 +71,7 @@ class ForkStore(Templates):
     def exists(self, name: str) -> bool:
         return name in self._held
 
-    def names(self) -> list[str]:
+    def names(self, *, automatic: bool = False) -> list[str]:
         return sorted(self._held)
 
     def sealed_config(self, name: str) -> TemplateConfig:
@@ -135,17 +138,13 @@ async def _save_state(qmp: QMPClient, name: str) -> int:
 
 def _seal_ram(qemu_pid: int, size: int, name: str) -> tuple[int, str]:
     try:
-        src = memfd.open_qemu_ram(qemu_pid, size)
+        # Not hashed: the copy never leaves this process, so there is nothing to verify.
+        return memfd.sealed_qemu_ram(qemu_pid, size, f"warden-fork-{name}", hashed=False)
     except OSError as exc:
         raise TemplateError(
-            f"the VM's guest RAM cannot be copied ({exc.strerror or exc}): a clone's RAM is "
-            "private, so a clone cannot be forked; fork a VM booted from an image"
+            f"the VM's guest RAM cannot be copied ({exc.strerror or exc}): only a VM whose "
+            "RAM is a memfd (memory_backend 'ram', the default) can be forked"
         ) from None
-    try:
-        # Not hashed: the copy never leaves this process, so there is nothing to verify.
-        return memfd.sealed_copy(src, size, f"warden-fork-{name}", hashed=False)
-    finally:
-        os.close(src)
 
 
 def check_forkable(parent: Machine, n: int) -> None:
@@ -156,12 +155,6 @@ def check_forkable(parent: Machine, n: int) -> None:
         raise TemplateError(
             f"VM {parent.id} keeps its RAM in a file (memory_backend='file'): only a VM with "
             "the default RAM (a memfd) can be forked"
-        )
-    if parent.booted_from == "template":
-        raise TemplateError(
-            f"VM {parent.id} is a clone (of a template, or a fork child): its RAM is private "
-            "copy-on-write memory that cannot be copied, so it cannot be forked nor made a "
-            "template; fork the VM it came from, or a VM booted from an image"
         )
 
 

@@ -31,6 +31,8 @@ from warden._errors import (
     NameConflictError,
     StateTransitionError,
     TemplateError,
+    TemplateNotFoundError,
+    TemplateRefusedError,
     VMError,
     WardenError,
 )
@@ -42,7 +44,7 @@ from warden.jail.features import JailPlan
 from warden.jail.files import qemu_files
 from warden.jail.policy import JailMode, default_mode
 from warden.policy.admission import TCG_VM_OVERHEAD_MIB
-from warden.vmm import cgroups, console, idle, ownership
+from warden.vmm import cgroups, console, idle, ownership, rehome
 from warden.vmm import pause as pausing
 from warden.vmm.accel import AccelChoice, qemu_version, resolve_accel
 from warden.vmm.argv import (
@@ -58,10 +60,16 @@ from warden.vmm.channel_keys import ChannelKeys
 from warden.vmm.fork import fork as fork_machine
 from warden.vmm.idle import IdleGate
 from warden.vmm.ownership import Ownership, recorded_uid
-from warden.vmm.snapshot import BootSnapshots, SnapshotConfig, set_ignore_shared
+from warden.vmm.snapshot import machine_key, remove_boot_snapshots, set_ignore_shared
 from warden.vmm.spec import VMSpec
 from warden.vmm.state import LIVE_STATES, VMState, check_transition
-from warden.vmm.templates import LoadedTemplate, TemplateConfig, Templates, check_config
+from warden.vmm.templates import (
+    LoadedTemplate,
+    TemplateConfig,
+    Templates,
+    boot_template_name,
+    check_config,
+)
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -91,6 +99,9 @@ class Machine:
     """The id of the VM this one is a fork child of (its ``booted_from`` is ``template``)."""
     error: str | None = None
     """Why the VM is unhealthy (its agent connection broke), or None."""
+    restore_from: tuple[io.FileIO, bytes] | None = None
+    """A whole saved state to start from instead of booting (open at offset 0), and the
+    channel secret its guest holds: a helper VM of ``vmm/rehome.py``."""
 
     def __init__(
         self,
@@ -125,10 +136,12 @@ class Machine:
         self._agent: AgentClient | None = None
         self._watch: asyncio.Task[None] | None = None
         self._exit_code: int | None = None
-        self.snapshots = BootSnapshots(self.paths)
         self.booted_from: str | None = None
-        """``snapshot``, ``cold`` or ``template`` (a clone, or a fork child), once launched."""
-        self.snapshot_key: str | None = None
+        """``cold``, ``template`` (a clone: of a template, of the automatic boot template of
+        its shape, or a fork child) or ``restore`` (``restore_from``), once launched."""
+        self.boot_template: str | None = None
+        """The automatic boot template this VM clones, or makes once it booted cold (with
+        ``boot="snapshot"``, the default); None for a cold boot or a clone of a named one."""
         self._final_console: str | None = None
         self.use_cgroups = use_cgroups
         self.cgroup: cgroups.VMCgroup | None = None
@@ -382,6 +395,8 @@ class Machine:
         )
         if self._template is not None:
             check_config(self._template.name, self._template.config, self._template_config(boot))
+        elif self._wants_boot_template():
+            self._template = self._load_boot_template(boot)
         self.jail = self._plan_jail(boot)  # before anything is made: a refusal leaves nothing
         private_dir(self.run.dir.parent.parent)  # run/
         private_dir(self.run.dir.parent)  # run/vms/: its names are VM ids
@@ -406,6 +421,38 @@ class Machine:
         self.spec = self.templates.resolve(self.spec)
         self._template = self.templates.load(name)
 
+    def _wants_boot_template(self) -> bool:
+        """Whether this VM starts from (or makes) the automatic template of its shape: with
+        ``boot="snapshot"``, RAM a memfd it can copy, and a channel secret to re-key."""
+        return (
+            self.spec.boot == "snapshot"
+            and self.spec.memory_backend == "ram"
+            and not self.plaintext_channel
+        )
+
+    def _load_boot_template(self, boot: BootFiles) -> LoadedTemplate | None:
+        """The verified automatic template of this VM's shape, to clone; None if there is
+        none yet or it was refused (its seal, a file, the image or QEMU no longer match): the
+        refused one is deleted, and either way the VM boots cold and makes it again."""
+        name = self.boot_template = boot_template_name(self.spec)
+        loaded: LoadedTemplate | None = None
+        try:
+            loaded = self.templates.load(name)
+            check_config(name, loaded.config, self._template_config(boot))
+            return loaded
+        except TemplateNotFoundError:
+            return None
+        except TemplateRefusedError as exc:
+            if loaded is not None:
+                loaded.state.close()
+            log.warning("VM %s: %s; booting cold and making it again", self.id, exc)
+            self._discard_boot_template(name)
+            return None
+
+    def _discard_boot_template(self, name: str) -> None:
+        with contextlib.suppress(TemplateNotFoundError, OSError):
+            self.templates.remove(name)
+
     def _template_config(self, boot: BootFiles) -> TemplateConfig:
         """The machine a template of this VM, or a clone made like it, is (sealed for): the
         argv without per-VM names, jail fds or seccomp, which the guest never sees."""
@@ -417,7 +464,7 @@ class Machine:
         )  # fmt: skip
         return TemplateConfig(
             image=self.spec.image,
-            machine_key=BootSnapshots.key(shape, self.id, self.run.dir, version),
+            machine_key=machine_key(shape, self.id, self.run.dir, version),
             qemu_version=version,
             kernel_sha256=self.image.kernel.sha256,
             initrd_sha256=self.image.initrd.sha256,
@@ -507,74 +554,44 @@ class Machine:
         self.booted_from = "template"
 
     async def _boot(self, boot: BootFiles) -> None:
-        """Clone the template, or restore the boot snapshot of this configuration if there is
-        one, else boot cold."""
-        if self._template is not None:
-            await self._boot_clone(boot, self._template)
+        """Clone the template (named, or the automatic one of this shape), else boot cold and,
+        with ``boot="snapshot"``, save the automatic template of this shape."""
+        if self.restore_from is not None:
+            state, held = self.restore_from
+            self.restore_from = None  # QEMU's (and closed) from here on
+            self._set_argv(boot)
+            await self._spawn(restore=state)
+            await self._connect(restored=True, held=held)
+            self.booted_from = "restore"
             return
-        qemu_argv = self._set_argv(boot)
-        config: SnapshotConfig | None = None
-        if self.spec.boot == "snapshot":
-            config = self._snapshot_config(qemu_argv)
-            # Verified on the open file that QEMU then reads (a refused one is deleted).
-            state = await asyncio.to_thread(self.snapshots.open_sealed, config)
-            state, held = self._snapshot_secret(config.key, state)
-            if state is not None:
-                try:
-                    await self._spawn(restore=state)
-                    await self._connect(restored=True, held=held)
-                    self.booted_from = "snapshot"
-                    return
-                except LaunchError as exc:
-                    log.warning(
-                        "VM %s: boot snapshot did not restore (%s); booting cold",
-                        self.id,
-                        exc.reason,
-                    )
-                    self.snapshots.discard(config.key)
-                    await self._stop_process()
+        if self._template is not None:
+            try:
+                await self._boot_clone(boot, self._template)
+                return
+            except LaunchError as exc:
+                if self.boot_template is None:
+                    raise
+                log.warning(
+                    "VM %s: boot template %s did not start (%s); booting cold and making it again",
+                    self.id,
+                    self.boot_template,
+                    exc.reason,
+                )
+                self._discard_boot_template(self.boot_template)
+                await self._stop_process()
+        self._set_argv(boot)
         await self._spawn()
         await self._connect()
         self.booted_from = "cold"
-        if config is not None:
-            await self._save_snapshot(config)
-
-    def _snapshot_secret(
-        self, key: str, state: io.FileIO | None
-    ) -> tuple[io.FileIO | None, bytes | None]:
-        """The snapshot (``state``) and the channel secret inside its guest (None on a
-        plaintext channel). Without a secret the snapshot cannot be used: it is closed and
-        deleted (the VM boots cold), and (None, None) returned."""
-        if state is None or self.plaintext_channel:
-            return state, None
-        held = self.snapshots.channel_secret(key)
-        if held is None:
-            log.warning("boot snapshot %s has no channel secret; booting cold", key)
-            state.close()
-            self.snapshots.discard(key)
-            return None, None
-        return state, held
-
-    def _snapshot_config(self, qemu_argv: list[str]) -> SnapshotConfig:
-        """What a boot snapshot of this VM is sealed for (and must match to be restored)."""
-        assert self.image is not None
-        version = qemu_version(self.qemu)
-        self.snapshot_key = BootSnapshots.key(qemu_argv, self.id, self.run.dir, version)
-        return SnapshotConfig(
-            key=self.snapshot_key,
-            qemu_version=version,
-            kernel_sha256=self.image.kernel.sha256,
-            initrd_sha256=self.image.initrd.sha256,
-            rootfs_sha256=self.image.rootfs.sha256,
-            memory_mib=self.spec.memory_mib,
-            vcpus=self.spec.vcpus,
-        )
+        if self.boot_template is not None:
+            await self._save_boot_template(boot, self.boot_template)
 
     async def _spawn(
         self, *, restore: io.FileIO | None = None, template_ram: int | None = None
     ) -> None:
-        """Start QEMU; ``restore``, a verified snapshot open at offset 0, is loaded from its fd
-        (and closed here); ``template_ram`` is a clone's template RAM (a sealed memfd)."""
+        """Start QEMU; ``restore``, a verified saved state open at offset 0 (a paused VM's, or
+        a template's device state), is loaded from its fd (and closed here); ``template_ram``
+        is a clone's template RAM (a sealed memfd)."""
         if self.jail is not None:
             await self._spawn_jailed(self.jail, restore, template_ram)
             return
@@ -679,38 +696,22 @@ class Machine:
             pdeathsig=plan.pid or self.ownership is Ownership.EMBEDDED,
         )
 
-    async def _save_snapshot(self, config: SnapshotConfig) -> None:
-        """Save this just-booted VM as the sealed boot snapshot of its configuration, then
-        resume. Best effort: a failure is logged and the VM goes on; only one process writes
-        a key.
-        """
-        assert self._qmp is not None and self._agent is not None
-        with self.snapshots.writer_lock(config.key) as mine:
-            if not mine or self.snapshots.lookup(config.key) is not None:
-                return
-            await self._agent.close()  # the snapshot must hold no host session
-            self._agent = None
-            if self._secret is not None:  # every VM restored from it starts with this one
-                self.channel_keys.save_snapshot(config.key, self._secret)
-            try:
-                self.snapshots.prune()
-                assert self.image is not None
-                meta = {
-                    "boot_files": [
-                        str(a.path)
-                        for a in (self.image.kernel, self.image.initrd, self.image.rootfs)
-                    ],
-                    "image": self.spec.image,
-                    "argv": self.argv,
-                }
-                await self.snapshots.capture(self._qmp, config, meta)
-            except (WardenError, OSError, QMPError) as exc:
-                log.warning("VM %s: could not save a boot snapshot: %s", self.id, exc)
-                self.snapshots.discard(config.key)
-            finally:
-                await self._qmp.execute("cont")
-        # The snapshot holds this VM's secret now: it gets a new one of its own.
-        self._agent = await self._open_agent(self.spec.agent_timeout_s, held=self._secret)
+    async def _save_boot_template(self, boot: BootFiles, name: str) -> None:
+        """Save this just-booted VM, before any request reached it, as the automatic template
+        ``name`` of its shape, then resume it with a new channel secret (the template holds
+        its old one). Best effort: a failure is logged and the VM goes on; when two VMs race,
+        the first one saved wins."""
+        if self.templates.exists(name):
+            return
+        try:
+            config = self._template_config(boot)
+            extra = {"automatic": True}
+            await self._capture(self.templates, name, config, extra, keep_running=True)
+            await asyncio.to_thread(remove_boot_snapshots, self.paths.home)
+        except NameConflictError:
+            return  # another VM of this shape saved it first
+        except (TemplateError, OSError, QMPError) as exc:
+            log.warning("VM %s: could not save boot template %s: %s", self.id, name, exc)
 
     async def save_template(
         self,
@@ -764,7 +765,10 @@ class Machine:
             self._agent = None
         await self._qmp.execute("stop")
         try:
-            await store.capture(self._qmp, self._qemu_pid(), name, config, self._secret, extra)
+            if self.booted_from == "template" and store.rehomes_clones:
+                await rehome.save_clone(self, store, name, extra, self._secret)
+            else:
+                await store.capture(self._qmp, self._qemu_pid(), name, config, self._secret, extra)
         finally:
             if keep_running:
                 await self._qmp.execute("cont")
@@ -776,8 +780,9 @@ class Machine:
         processes included) and share its memory copy-on-write (``vmm/fork.py``); this VM
         keeps running, with a new channel secret. The caller owns the children.
 
-        SpecError for a bad ``n``; TemplateError if this VM is a clone (its RAM is private and
-        cannot be copied). A fork that fails leaves nothing behind.
+        SpecError for a bad ``n``; TemplateError if this VM's RAM is a file. A clone forks too
+        (its device state then carries its private RAM: slower). A fork that fails leaves
+        nothing behind.
         """
         return await fork_machine(self, n, vm_ids)
 
@@ -832,9 +837,9 @@ class Machine:
     ) -> AgentClient:
         """Connect to the agent (through the encrypted channel, unless plaintext).
 
-        ``held``: the secret the guest holds when it is not the VM's own (a restored
-        snapshot's; this VM's own when a snapshot of it was just taken; the one before an
-        unfinished re-key): that session hands the guest ``new`` (a fresh one if None),
+        ``held``: the secret the guest holds when it is not the VM's own (a clone's template's;
+        this VM's own when a template, fork or pause file of it was just taken; the one
+        before an unfinished re-key): that session hands the guest ``new`` (a fresh one if None),
         stored first (``vmm/channel_keys.py``)."""
         secret, rekey = self._secret, None
         if held is not None:
@@ -881,10 +886,10 @@ class Machine:
     ) -> None:
         """Connect QMP and the agent, racing both against QEMU's exit and the deadline.
 
-        A restored VM is resumed once its state has loaded: the snapshot was taken paused.
-        Its guest holds the snapshot's channel secret, ``held``, until the first session
-        hands it this VM's own. ``incoming``: a clone's deferred migration (its template's
-        device state, RAM left out), started here.
+        A restored VM (a clone, a resumed one) is continued once its state has loaded: the
+        state was saved paused. Its guest holds the saved channel secret, ``held``, until the
+        first session hands it this VM's own. ``incoming``: a clone's deferred migration (its
+        template's device state, RAM left out), started here.
         """
         assert self._proc is not None
         deadline = time.monotonic() + self.spec.agent_timeout_s

@@ -4,7 +4,7 @@
 stopped and its state streamed by a QMP migration into a pipe that the host copies to
 ``$WARDEN_HOME/paused/<id>/state.bin`` while hashing it and bounding its size (QEMU gets no
 writable fd of the file). ``meta.json`` is then sealed with the host key, as a
-boot snapshot's is (``vmm/snapshot.py``), binding the VM id, the snapshot key of its QEMU argv
+template's is (``vmm/templates.py``), binding the VM id, the machine key of its QEMU argv
 (image files, memory, vCPUs, devices, kernel command line, accelerator), QEMU's version, the
 image digests and the file's size and SHA-256. QEMU then quits: the VM's RAM is freed. Its
 runtime dir, uid, channel secret and guest filesystem (a tmpfs in guest RAM, so in the file)
@@ -49,8 +49,8 @@ from warden.vmm.snapshot import (
     META_FILE,
     MIGRATE_TIMEOUT_S,
     STATE_FILE,
-    BootSnapshots,
     SnapshotConfig,
+    machine_key,
     read_meta,
     set_ignore_shared,
     wait_migration,
@@ -63,7 +63,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SEAL_PURPOSE = "paused-vm/1"
-"""Keeps a paused VM's record from passing for a boot snapshot's, and the other way round."""
+"""Keeps a paused VM's record from passing for a template's, and the other way round."""
 PIPE_CHUNK = 1 << 20
 STREAM_MARGIN = 32 << 20
 """Beyond the guest's RAM, what a migration stream may add (page headers, device state): a
@@ -242,7 +242,7 @@ def _config(machine: Machine, qemu_argv: list[str]) -> SnapshotConfig:
     assert machine.image is not None
     version = qemu_version(machine.qemu)
     return SnapshotConfig(
-        key=BootSnapshots.key(qemu_argv, machine.id, machine.run.dir, version),
+        key=machine_key(qemu_argv, machine.id, machine.run.dir, version),
         qemu_version=version,
         kernel_sha256=machine.image.kernel.sha256,
         initrd_sha256=machine.image.initrd.sha256,

@@ -62,7 +62,8 @@ class VMSpec:
     """'file' backs guest RAM with a shareable file (for clones)"""
     agent_timeout_s: float = 60.0
     boot: BootMode = "snapshot"
-    """'snapshot' restores a saved just-booted state when one exists; 'cold' boots"""
+    """'snapshot' clones the automatic template of this shape (made by the first such boot);
+    'cold' boots"""
     template: str | None = None
     """clone this template: its image, memory and vCPUs are the clone's"""
 

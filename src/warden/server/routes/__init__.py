@@ -2,14 +2,16 @@
 
 Each module has a ``router``; route functions reach the daemon's state through the typed
 dependencies below, which read what :func:`warden.server.app.create_app` put on ``app.state``.
+Every route is in ``server/access.py``'s ``ROUTES`` table (its policy action).
 """
 
 from __future__ import annotations
 
 from typing import Annotated, cast
 
-from fastapi import Depends, HTTPException, Query, Request
+from fastapi import Depends, Query, Request
 
+from warden.server.access import Grant, authorize
 from warden.server.limits import WorkloadUser
 from warden.server.manager import Manager
 from warden.server.metrics import Metrics
@@ -36,34 +38,21 @@ PipesDep = Annotated[dict[str, StdinPipe], Depends(_pipes)]
 """The streamed-stdin pipes of running commands, by exec_id."""
 
 
-def require_user(user: WorkloadUser, allow_root: bool) -> None:
-    """Refuse (403) root in the guest on a daemon that was not started with --allow-root."""
-    if user == "root" and not allow_root:
-        raise HTTPException(
-            403,
-            'this daemon does not run anything as the guest\'s root; use "user": "user", or '
-            "start the daemon with `warden serve --allow-root`",
-        )
-
-
-def _allow_root(request: Request) -> bool:
-    return bool(request.app.state.allow_root)
-
+GrantDep = Annotated[Grant, Depends(authorize)]
+"""Who asks and what the policy allowed them (``server/access.py``); every router is included
+with :func:`authorize` as a dependency, so this is the same, cached, object."""
 
 _USER_DOC = (
-    '"user" (uid 1000) or "root"; a daemon refuses root (403) unless it was started with '
-    "--allow-root"
+    '"user" (uid 1000) or "root"; root needs the policy\'s exec-as-root action (403 without it)'
 )
 
 
-def _user(
-    request: Request, user: Annotated[WorkloadUser, Query(description=_USER_DOC)] = "user"
+async def _user(
+    grant: GrantDep, user: Annotated[WorkloadUser, Query(description=_USER_DOC)] = "user"
 ) -> WorkloadUser:
-    require_user(user, _allow_root(request))
+    await grant.require_root(user)
     return user
 
 
-AllowRootDep = Annotated[bool, Depends(_allow_root)]
-"""Whether the daemon was started with --allow-root."""
 UserDep = Annotated[WorkloadUser, Depends(_user)]
-"""The ``user`` query parameter, root refused where it is not allowed."""
+"""The ``user`` query parameter, root refused (403) unless the policy grants exec-as-root."""

@@ -16,14 +16,7 @@ from warden._errors import SpecError
 from warden.audit import argv_digest
 from warden.server.lines import RecordQueue, RecordStream, run_exec
 from warden.server.models import ExecRequest
-from warden.server.routes import (
-    API,
-    AllowRootDep,
-    ManagerDep,
-    MetricsDep,
-    PipesDep,
-    require_user,
-)
+from warden.server.routes import API, GrantDep, ManagerDep, MetricsDep, PipesDep
 from warden.server.stdin import StdinPipe
 
 router = APIRouter(prefix=f"{API}/sandboxes")
@@ -51,9 +44,9 @@ async def exec_(
     manager: ManagerDep,
     metrics: MetricsDep,
     pipes: PipesDep,
-    allow_root: AllowRootDep,
+    grant: GrantDep,
 ) -> RecordStream:
-    require_user(body.user, allow_root)
+    await grant.require_root(body.user)
     machine = await manager.machine(ref)
     agent = machine.agent
     stdin: bytes | AsyncIterator[bytes] | None = None

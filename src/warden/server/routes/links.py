@@ -1,8 +1,10 @@
 """``/v1/links``: VM-to-VM links (``warden.links``): create, list, remove.
 
-Each route acts on two sandboxes: the access policy (``policy/access.py``) maps them to the
-``link`` action, which the caller needs on *both* sandboxes of the link. Every create and
-remove is audited (``link-create``, ``link-rm``) by the manager's LinkManager.
+Each route acts on two sandboxes: it needs the ``link`` action of the access policy on *both*
+sandboxes of the link (``server/access.py``: kind ``link``, checked here with
+``Grant.require_sandbox``; a listing shows the links whose two ends the caller may link).
+Every create and remove is audited (``link-create``, ``link-rm``) by the manager's
+LinkManager, and every denial by the access control.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
 
 from warden.links import LinkInfo
-from warden.server.routes import API, ManagerDep
+from warden.policy.access import target_of
+from warden.server.routes import API, GrantDep, ManagerDep
 
 router = APIRouter(prefix=f"{API}/links")
 
@@ -47,23 +50,37 @@ def _link(info: LinkInfo) -> Link:
 
 
 @router.post("", status_code=201)
-async def create_link(body: LinkRequest, manager: ManagerDep) -> Link:
+async def create_link(body: LinkRequest, manager: ManagerDep, grant: GrantDep) -> Link:
     """Link running sandboxes ``a`` and ``b`` as ``name`` (needs ``link`` on both): each gets
     ``/run/warden/links/NAME.sock``. 404 if either is missing, 409 if either is not running,
     they are the same, the name is taken or an end could not be opened (nothing left open)."""
-    return _link(await manager.links.create(body.a, body.b, body.name))
+    row_a = await grant.require_sandbox(manager, body.a)
+    row_b = await grant.require_sandbox(manager, body.b)
+    return _link(await manager.links.create(row_a.id, row_b.id, body.name))
 
 
 @router.get("")
-async def list_links(manager: ManagerDep) -> list[Link]:
-    """The open links (needs ``link`` on both sandboxes of each)."""
-    return [_link(info) for info in manager.links.list()]
+async def list_links(manager: ManagerDep, grant: GrantDep) -> list[Link]:
+    """The open links whose two sandboxes the caller may ``link``."""
+    infos = manager.links.list()
+    if grant.sees_everything():
+        return [_link(info) for info in infos]
+    rows = {r.id: r for r in await manager.list(all=True)}
+    return [
+        _link(info)
+        for info in infos
+        if all(r in rows and grant.may("link", target_of(rows[r])) for r in (info.a, info.b))
+    ]
 
 
 @router.delete("/{name}")
-async def remove_link(name: str, manager: ManagerDep) -> dict[str, Any]:
+async def remove_link(name: str, manager: ManagerDep, grant: GrantDep) -> dict[str, Any]:
     """Close both ends of link ``name`` (needs ``link`` on both sandboxes): each client sees
     its connection end with an error. The answer says how long until both agents confirmed
     (``closed_ms``). 404 if no link has that name."""
-    info, took = await manager.links.remove(name)
+    if name in {i.name for i in manager.links.list()}:
+        ends = manager.links.get(name)
+        for ref in (ends.a, ends.b):
+            await grant.require_sandbox(manager, ref)
+    info, took = await manager.links.remove(name)  # LinkNotFoundError, audited, if none
     return {"name": info.name, "a": info.a, "b": info.b, "closed_ms": round(took * 1000, 1)}

@@ -10,9 +10,10 @@ from fastapi import APIRouter, Query, Response
 from fastapi.responses import PlainTextResponse
 
 from warden._errors import AdmissionError, JailUnavailableError, NameConflictError
+from warden.policy.access import Target, target_of
 from warden.server.manager import Manager
 from warden.server.models import CreateRequest, ForkRequest, Sandbox
-from warden.server.routes import API, ManagerDep, MetricsDep
+from warden.server.routes import API, GrantDep, ManagerDep, MetricsDep
 from warden.store.db import VMRow
 from warden.vmm.spec import VMSpec
 
@@ -20,12 +21,18 @@ router = APIRouter(prefix=f"{API}/sandboxes")
 
 
 @router.post("", status_code=201)
-async def create(body: CreateRequest, manager: ManagerDep, metrics: MetricsDep) -> Sandbox:
+async def create(
+    body: CreateRequest, manager: ManagerDep, metrics: MetricsDep, grant: GrantDep
+) -> Sandbox:
+    """Create a sandbox owned by the caller (the policy's ``create`` on a sandbox of that
+    owner, labels and template)."""
+    owner = grant.principal.name
+    await grant.require("create", Target(owner=owner, labels=body.labels, template=body.template))
     spec = VMSpec.parse(**body.model_dump(exclude={"require_jail"}))
     started = time.monotonic()
     outcome = "error"
     try:
-        row = await manager.create(spec, require_jail=body.require_jail)
+        row = await manager.create(spec, require_jail=body.require_jail, owner=owner)
         outcome = "ok"
     except (AdmissionError, NameConflictError, JailUnavailableError):
         outcome = "refused"
@@ -36,12 +43,13 @@ async def create(body: CreateRequest, manager: ManagerDep, metrics: MetricsDep) 
 
 
 @router.post("/{ref}/fork", status_code=201)
-async def fork(ref: str, body: ForkRequest, manager: ManagerDep) -> list[Sandbox]:
+async def fork(ref: str, body: ForkRequest, manager: ManagerDep, grant: GrantDep) -> list[Sandbox]:
     """Start ``n`` children of the running sandbox ``ref`` that carry on from its state (files
     and processes) and share its memory copy-on-write; it keeps running (paused while its
     memory is copied; refused with 409 while it has commands in flight). Each child is
-    admitted like a create."""
-    return [Sandbox.from_row(row) for row in await manager.fork(ref, body.n)]
+    admitted like a create, and owned by the caller."""
+    children = await manager.fork(ref, body.n, owner=grant.principal.name)
+    return [Sandbox.from_row(row) for row in children]
 
 
 def _sandbox(manager: Manager, row: VMRow) -> Sandbox:
@@ -49,8 +57,10 @@ def _sandbox(manager: Manager, row: VMRow) -> Sandbox:
 
 
 @router.get("")
-async def list_sandboxes(manager: ManagerDep, all: bool = False) -> list[Sandbox]:
-    return [_sandbox(manager, r) for r in await manager.list(all=all)]
+async def list_sandboxes(manager: ManagerDep, grant: GrantDep, all: bool = False) -> list[Sandbox]:
+    """The sandboxes the caller may ``inspect``: a listing shows nothing else."""
+    rows = await manager.list(all=all)
+    return [_sandbox(manager, r) for r in rows if grant.may("inspect", target_of(r))]
 
 
 @router.get("/{ref}")

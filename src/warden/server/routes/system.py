@@ -1,12 +1,16 @@
-"""The daemon itself: ``/v1/info`` (capacity, limits, reservations) and ``/metrics``."""
+"""The daemon itself: ``/v1/info`` (capacity, limits, reservations), ``/metrics`` and
+``/v1/policy/reload``."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, cast
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import PlainTextResponse
 
+from warden._errors import PolicyError
+from warden.server.access import control_of
 from warden.server.metrics import CONTENT_TYPE, gauge
 from warden.server.routes import API, ManagerDep, MetricsDep
 from warden.vmm.state import VMState
@@ -52,3 +56,20 @@ async def prometheus(manager: ManagerDep, metrics: MetricsDep) -> Response:
 @router.get(f"{API}/info")
 async def info(manager: ManagerDep) -> dict[str, Any]:
     return await manager.info()
+
+
+@router.post(f"{API}/policy/reload")
+async def reload_policy(request: Request, manager: ManagerDep) -> dict[str, str | int]:
+    """Read ``$WARDEN_HOME/policy.toml`` again (the shipped default if it is gone). A bad file
+    is refused (409, saying which line or key) and the policy in force stays. Either way the
+    reload is in the audit log."""
+    try:
+        policy = await asyncio.to_thread(control_of(request).reload)
+    except PolicyError as exc:
+        await manager.audit.record("policy-reload", outcome="error", error=str(exc)[:500])
+        raise
+    rules, guest = len(policy.rules), len(policy.guest)
+    await manager.audit.record(
+        "policy-reload", source=policy.source, rules=rules, guest_rules=guest
+    )
+    return {"source": policy.source, "rules": rules, "guest_rules": guest}

@@ -9,14 +9,15 @@ import dataclasses
 from fastapi import APIRouter, Response
 
 from warden.server.models import Template, TemplateRequest
-from warden.server.routes import API, ManagerDep
+from warden.server.routes import API, GrantDep, ManagerDep
 
 router = APIRouter(prefix=API)
 
 
 @router.get("/templates")
-async def list_templates(manager: ManagerDep) -> list[Template]:
-    infos = await asyncio.to_thread(manager.templates.list)
+async def list_templates(manager: ManagerDep, all: bool = False) -> list[Template]:
+    """The templates; with ``all``, the automatic boot templates of VM shapes too."""
+    infos = await asyncio.to_thread(manager.templates.list, automatic=all)
     return [Template(**dataclasses.asdict(info)) for info in infos]
 
 
@@ -27,8 +28,11 @@ async def remove_template(name: str, manager: ManagerDep) -> Response:
 
 
 @router.post("/sandboxes/{ref}/template", status_code=201)
-async def save_template(ref: str, body: TemplateRequest, manager: ManagerDep) -> Template:
+async def save_template(
+    ref: str, body: TemplateRequest, manager: ManagerDep, grant: GrantDep
+) -> Template:
     """Save the running sandbox ``ref`` as template ``name``; it keeps running (paused while
-    its state is saved; refused with 409 while it has commands in flight)."""
-    info = await manager.save_template(ref, body.name)
+    its state is saved; refused with 409 while it has commands in flight). The caller is
+    recorded as its owner in its meta.json."""
+    info = await manager.save_template(ref, body.name, owner=grant.principal.name)
     return Template(**dataclasses.asdict(info))
