@@ -18,6 +18,7 @@ from tests.integration.conftest import WARDEN
 from warden._errors import PermissionDeniedError, PolicyError, VMNotFoundError
 from warden.auth.principal import LOCAL_ADMIN, SCOPE_KEY, Principal
 from warden.config import Paths
+from warden.links import LinkManager
 from warden.policy.access import (
     ACTIONS,
     GUEST_OPS,
@@ -32,6 +33,7 @@ from warden.server.app import create_app
 from warden.server.audit import Auditor
 from warden.server.manager import Manager
 from warden.store.db import MIGRATIONS, EventRow, Store, VMRow
+from warden.vmm.machine import Machine
 from warden.vmm.spec import VMSpec
 from warden.vmm.state import VMState
 
@@ -251,6 +253,10 @@ class _FakeManager:
         )  # fmt: skip
         self.store = self
         self.audit = Auditor()  # records nothing: the matrix test reads a real log
+        self.links = LinkManager(self)  # none: a removal past the gate finds nothing
+
+    async def machine(self, ref: str) -> Machine:
+        raise AssertionError(f"a route went past the gate to sandbox {ref}'s machine")
 
     async def get(self, ref: str) -> VMRow:
         if ref in ("a1", "box"):
@@ -315,9 +321,14 @@ async def test_every_route_is_behind_the_gate(who: Principal) -> None:
             if who is BOB and needs.kind in ("daemon", "create") and needs.action != "admin":
                 continue  # users may list templates and create: past the gate, by design
             url = path.replace("{ref}", "a1").replace("{exec_id}", "e").replace("{name}", "t")
-            body = {"cmd": ["true"]} if url.endswith("/exec") else {}
+            body: dict[str, object] = {"cmd": ["true"]} if url.endswith("/exec") else {}
+            if url == "/v1/links":
+                body = {"a": "a1", "b": "a1", "name": "t"}
             r = await http.request(method, url, params={"path": "/tmp/x"}, json=body)
-            if needs.kind == "sandbox":
+            if needs.kind == "link":  # alice's sandbox concealed; no link named t to remove
+                assert r.status_code == 404, (url, r.text)
+                assert "'a1'" in r.text or "no link is named 't'" in r.text, (url, r.text)
+            elif needs.kind == "sandbox":
                 assert r.status_code == 404 and "no VM has id or name 'a1'" in r.text, (url, r.text)
             elif needs.kind == "filtered":
                 assert r.status_code == 200 and r.json() == [], (url, r.text)
