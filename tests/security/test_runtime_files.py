@@ -56,6 +56,8 @@ def _bad_modes(home: Path) -> list[str]:
             mode = stat.S_IMODE(st.st_mode)
             if stat.S_ISDIR(st.st_mode):
                 ok = mode == 0o700
+            elif path == home / "keys" / "audit-sign.pub":  # a public key, for verifiers
+                ok = mode == 0o644
             elif stat.S_ISREG(st.st_mode):
                 ok = mode == 0o600
             else:  # sockets: QEMU's (0700 under its umask) and the daemon's (0600)

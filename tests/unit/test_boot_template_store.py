@@ -168,3 +168,22 @@ def test_a_remembered_ram_digest_spares_the_hash_until_the_file_changes(
     with open(ram, "r+b") as f:  # one byte changed: a new ctime, hashed again
         f.write(b"\2")
     assert load(meta) != sealed and hashed[-1] is True
+
+
+def test_automatic_templates_are_pruned_least_recently_used_first(tmp_path: Path) -> None:
+    """Each shape of VM makes a boot template (~110 MiB of disk): past the limit, the least
+    recently used go when a new one is saved; user templates and the new one never do."""
+    store = Templates(Paths(home=tmp_path))
+    names = [boot_template_name(VMSpec(memory_mib=m)) for m in (128, 160, 192, 224)]
+    for age, name in enumerate(names):
+        directory = store.path(name)
+        directory.mkdir(parents=True)
+        (directory / META_FILE).write_text("{}")
+        os.utime(directory, (1000.0 + age, 1000.0 + age))
+    user = store.path("mine")
+    user.mkdir()
+    (user / META_FILE).write_text("{}")
+    os.utime(store.path(names[0]), (5000.0, 5000.0))  # the oldest was used last
+    assert store.prune_automatic(keep=names[3], limit=3) == [names[1]]  # 3 kept, new included
+    assert sorted(store.names(automatic=True)) == sorted([names[0], names[2], names[3], "mine"])
+    assert store.prune_automatic(keep=names[3], limit=3) == []

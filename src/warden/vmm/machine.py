@@ -708,6 +708,7 @@ class Machine:
             extra = {"automatic": True}
             await self._capture(self.templates, name, config, extra, keep_running=True)
             await asyncio.to_thread(remove_boot_snapshots, self.paths.home)
+            await asyncio.to_thread(self.templates.prune_automatic, name)
         except NameConflictError:
             return  # another VM of this shape saved it first
         except (TemplateError, OSError, QMPError) as exc:

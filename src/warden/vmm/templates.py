@@ -39,6 +39,7 @@ hostname (``guest/pid1.py:freshen``), all before any request runs.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import dataclasses
 import fcntl
@@ -82,6 +83,9 @@ SEAL_PURPOSE = "template/1"
 NAME_RE = TEMPLATE_RE
 NAME_RULE = "1-63 characters of a-z, 0-9, '_' and '-', starting with a letter or digit"
 BOOT_PREFIX = "_boot-"
+MAX_AUTOMATIC = 8
+"""Automatic boot templates kept per host (~110 MiB of disk each for 256 MiB): when a new
+shape's is saved, the least recently used beyond this are deleted (re-made if needed)."""
 BOOT_RE = re.compile(r"^_boot-[a-z0-9][a-z0-9_.-]{0,62}-[0-9]+m-[0-9]+c$")
 """An automatic boot template's name: no user template can have it (a leading '_')."""
 
@@ -257,6 +261,26 @@ class Templates:
             self.keys.forget_template(name)
             shutil.rmtree(directory)
 
+    def prune_automatic(self, keep: str, limit: int = MAX_AUTOMATIC) -> builtins.list[str]:
+        """Delete the least recently used automatic boot templates beyond ``limit`` (never
+        ``keep``, the one just saved): each shape of VM makes one, and disk is finite. The
+        names deleted."""
+        automatic = [n for n in self.names(automatic=True) if is_automatic(n) and n != keep]
+        if len(automatic) < limit:
+            return []
+
+        def last_use(name: str) -> float:
+            try:
+                return self.path(name).stat().st_mtime
+            except OSError:
+                return 0.0
+
+        pruned = sorted(automatic, key=last_use)[: len(automatic) - (limit - 1)]
+        for name in pruned:
+            with contextlib.suppress(TemplateNotFoundError, OSError):
+                self.remove(name)
+        return pruned
+
     # -- loading ------------------------------------------------------------------------------
 
     def load(self, name: str) -> LoadedTemplate:
@@ -280,6 +304,8 @@ class Templates:
             raise _refused(name, "its channel secret is missing from the key store")
         ram_fd = self._sealed_ram(directory, meta, raw["seal"]["tag"])
         state = self._open_state(directory, meta)
+        with contextlib.suppress(OSError):
+            os.utime(directory)  # its last use, for prune_automatic
         return LoadedTemplate(name, config, ram_fd, state, secret)
 
     def _sealed_ram(self, directory: Path, meta: dict[str, Any], tag: str) -> int:
