@@ -23,6 +23,7 @@ from warden._errors import AuditRecordError
 from warden.audit import (
     MAX_RECORD_BYTES,
     AuditLog,
+    _format,
     argv_digest,
     follow,
     parse_since,
@@ -448,3 +449,23 @@ def test_verify_while_the_writer_appends_reports_nothing(tmp_path: Path) -> None
             th.join()
     assert len(reports) > 3
     assert all(r.ok for r in reports), next(r.problems for r in reports if not r.ok)
+
+
+def test_a_head_of_the_older_format_is_still_read(tmp_path: Path) -> None:
+    """A head written before it held the tail's digest (two 256-byte slots) still names the
+    last record, so a host's log verifies across the upgrade."""
+    from warden.audit._format import head_path, read_head
+    from warden.audit.log import AuditLog
+
+    with AuditLog.open(tmp_path) as log:
+        log.append("exec", principal="old")
+    keys = _format.load_keys(tmp_path, create=False)
+    last = read_head(head_path(tmp_path), keys.public)
+    assert last is not None and last.span is not None
+    body = {"mac": last.mac, "seq": last.seq}
+    sig = keys.signer.sign(_format.HEAD_DOMAIN + canonical(body)).hex()
+    slot = canonical({**body, "sig": sig}).ljust(255, b" ") + b"\n"
+    head_path(tmp_path).write_bytes(slot + b" " * 256)
+    old = read_head(head_path(tmp_path), keys.public)
+    assert old is not None and (old.seq, old.mac, old.span) == (last.seq, last.mac, None)
+    assert verify(tmp_path).ok

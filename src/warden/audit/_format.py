@@ -5,7 +5,7 @@ and the keys. Shared by the writer (``log.py``), the verifier and the readers.
 
     $WARDEN_HOME/audit/            0700
     $WARDEN_HOME/audit/audit.log   0600  one canonical JSON record a line
-    $WARDEN_HOME/audit/head        0600  two 256-byte slots: the last (seq, mac), signed
+    $WARDEN_HOME/audit/head        0600  two 512-byte slots: the last (seq, mac, tail span), signed
     $WARDEN_HOME/audit/torn-*.bin  0600  a torn tail cut off after a crash, kept for forensics
     $WARDEN_HOME/keys/audit.key        0600  32 random bytes: the HMAC-SHA256 chain key
     $WARDEN_HOME/keys/audit-sign.key   0600  32 random bytes: the Ed25519 seed (RFC 8032 5.1.5)
@@ -51,7 +51,9 @@ MAC_KEY_NAME = "audit"
 SIGN_KEY_NAME = "audit-sign"
 PUBLIC_KEY_FILE = "audit-sign.pub"
 
-HEAD_SLOT_BYTES = 256
+HEAD_SLOT_BYTES = 512
+OLD_HEAD_SLOT_BYTES = 256
+"""The slots of a head written before it held the tail's digest (read, never written)."""
 OUTCOMES = frozenset({"ok", "denied", "error"})
 RESERVED = frozenset({"seq", "time", "action", "principal", "sandbox", "outcome", "prev", "mac"})
 FIELD_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
@@ -166,10 +168,20 @@ def check_signature(public: Ed25519PublicKey, sig_hex: object, message: bytes) -
 class Head:
     seq: int
     mac: str
+    span: str | None = None
+    """SHA-256 of the lines after the last checkpoint, through record ``seq``: so that a
+    verifier with only the public key checks those too (None in a head of an older writer)."""
+
+
+def _head_body(seq: int, mac: str, span: str | None) -> dict[str, Any]:
+    body: dict[str, Any] = {"mac": mac, "seq": seq}
+    if span is not None:
+        body["span"] = span
+    return body
 
 
 def head_slot(signer: Ed25519PrivateKey, head: Head) -> bytes:
-    body = {"mac": head.mac, "seq": head.seq}
+    body = _head_body(head.seq, head.mac, head.span)
     sig = signer.sign(HEAD_DOMAIN + canonical(body)).hex()
     data = canonical({**body, "sig": sig})
     return data.ljust(HEAD_SLOT_BYTES - 1, b" ") + b"\n"
@@ -182,10 +194,13 @@ def read_head(path: Path, public: Ed25519PublicKey) -> Head | None:
     except FileNotFoundError:
         return None
     best: Head | None = None
-    for start in range(0, len(data), HEAD_SLOT_BYTES):
-        head = _parse_slot(data[start : start + HEAD_SLOT_BYTES], public)
-        if head is not None and (best is None or head.seq > best.seq):
-            best = head
+    for size in (HEAD_SLOT_BYTES, OLD_HEAD_SLOT_BYTES):  # a head of an older writer: 256
+        for start in range(0, len(data), size):
+            head = _parse_slot(data[start : start + size], public)
+            if head is not None and (best is None or head.seq > best.seq):
+                best = head
+        if best is not None:
+            return best
     return best
 
 
@@ -197,12 +212,13 @@ def _parse_slot(raw: bytes, public: Ed25519PublicKey) -> Head | None:
     if not isinstance(obj, dict):
         return None
     seq, mac = obj.get("seq"), obj.get("mac")
-    if not isinstance(seq, int) or not isinstance(mac, str):
+    span = obj.get("span")
+    if not isinstance(seq, int) or not isinstance(mac, str) or not isinstance(span, str | None):
         return None
-    body = canonical({"mac": mac, "seq": seq})
+    body = canonical(_head_body(seq, mac, span))
     if not check_signature(public, obj.get("sig"), HEAD_DOMAIN + body):
         return None
-    return Head(seq, mac)
+    return Head(seq, mac, span)
 
 
 # -- keys ---------------------------------------------------------------------------------

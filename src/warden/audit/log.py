@@ -327,7 +327,7 @@ class AuditLog:
         try:
             self._write(batch, start)
             error = None
-            head_error = self._write_head(Head(end.seq, end.mac))
+            head_error = self._write_head(Head(end.seq, end.mac, end.span.hexdigest()))
         except AuditLogError as exc:
             error = exc
         finally:

@@ -136,8 +136,10 @@ def verify(
                 str(ln.rec.get("mac")), record_mac(key, ln.rec)
             )
     _Walk(lines, head, report).run()
-    _check_checkpoints(lines, data, public, report)
+    after = _check_checkpoints(lines, data, public, report)
     _check_head(head, lines, report)
+    if report.mode == "public":
+        _check_head_span(head, lines, data, after, report)
     report.problems.sort(key=lambda p: (p.line or 1 << 62, p.kind))
     return report
 
@@ -297,8 +299,11 @@ class _Walk:
 
 def _check_checkpoints(
     lines: list[_Line], data: bytes, public: Ed25519PublicKey, report: VerifyReport
-) -> None:
+) -> int:
+    """Check every checkpoint and the span it signed; the byte offset after the last one
+    that holds (0 if none)."""
     span_start, span_line = 0, 0  # byte offset and index of the first line of the span
+    after = 0
     report.unverified_after = 0
     key_id = public_key_id(public)
     for i, ln in enumerate(lines):
@@ -318,8 +323,34 @@ def _check_checkpoints(
         else:
             _check_span(lines[span_line:i], data[span_start : ln.start], ln, report)
             report.unverified_after = seq
+            after = ln.start + len(ln.raw) + 1
         span_start, span_line = ln.start + len(ln.raw) + 1, i + 1
     if report.mode == "mac" or report.unverified_after == report.last_seq:
+        report.unverified_after = None
+    return after
+
+
+def _check_head_span(
+    head: Head | None, lines: list[_Line], data: bytes, after: int, report: VerifyReport
+) -> None:
+    """With only the public key: the lines after the last good checkpoint, through the one
+    the signed head names, must be those whose digest it signed (the writer's span)."""
+    if head is None or head.span is None or report.unverified_after is None:
+        return
+    end = next((ln for ln in lines if ln.rec is not None and ln.rec.get("seq") == head.seq), None)
+    if end is None or end.start < after:
+        return  # a cut tail (_check_head says so), or a head older than the checkpoint
+    if hashlib.sha256(data[after : end.start + len(end.raw) + 1]).hexdigest() != head.span:
+        report.problems.append(
+            Problem(
+                "modified",
+                "the records after the last checkpoint are not the ones the signed head "
+                f"covers (through seq {head.seq})",
+                head.seq,
+                end.no,
+            )
+        )
+    elif head.seq == report.last_seq:
         report.unverified_after = None
 
 
