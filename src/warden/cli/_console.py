@@ -7,7 +7,11 @@ import functools
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    import typer
     from rich.console import Console
+
+EXIT_WARDEN_ERROR = 125
+"""The exit status of a command that warden itself failed (a WardenError), as docker's 125."""
 
 
 @functools.cache
@@ -24,3 +28,12 @@ def err() -> Console:
     from rich.console import Console
 
     return Console(stderr=True)
+
+
+def warden_exit(exc: BaseException) -> typer.Exit:
+    """Print ``warden: <exc>`` on stderr; the ``typer.Exit`` to raise (status 125)."""
+    import typer
+    from rich.text import Text
+
+    err().print(Text("warden: ", style="red") + Text(str(exc)))
+    return typer.Exit(EXIT_WARDEN_ERROR)

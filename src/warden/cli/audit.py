@@ -16,7 +16,7 @@ from typing import Annotated, Any
 import typer
 
 from warden._errors import WardenError
-from warden.cli._console import err
+from warden.cli._console import warden_exit
 
 audit_app = typer.Typer(
     help="Check and read the tamper-evident audit log of this host ($WARDEN_HOME/audit/).",
@@ -26,7 +26,6 @@ audit_app = typer.Typer(
 )
 
 EXIT_PROBLEMS = 1
-EXIT_WARDEN_ERROR = 125
 _CORE = ("seq", "time", "action", "principal", "sandbox", "outcome", "prev", "mac", "sig")
 
 JsonOption = Annotated[bool, typer.Option("--json", help="One JSON record a line.")]
@@ -43,13 +42,6 @@ def _home() -> Path:
     from warden.config import Paths
 
     return Paths.from_env().home
-
-
-def _fail(exc: BaseException) -> typer.Exit:
-    from rich.text import Text
-
-    err().print(Text("warden: ", style="red") + Text(str(exc)))
-    return typer.Exit(EXIT_WARDEN_ERROR)
 
 
 @audit_app.command("verify")
@@ -82,7 +74,7 @@ def verify_command(
     try:
         report = verify(_home(), public_only=public_only, public_key=public_key, log=log)
     except WardenError as exc:
-        raise _fail(exc) from None
+        raise warden_exit(exc) from None
     if as_json:
         body = {
             "ok": report.ok,
@@ -141,7 +133,7 @@ def tail(
             )
         _show(found, as_json)
     except WardenError as exc:
-        raise _fail(exc) from None
+        raise warden_exit(exc) from None
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
 
@@ -167,7 +159,7 @@ def search(
             as_json,
         )
     except WardenError as exc:
-        raise _fail(exc) from None
+        raise warden_exit(exc) from None
 
 
 def _show(found: Iterable[dict[str, Any]], as_json: bool) -> None:

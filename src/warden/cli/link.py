@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from warden._errors import LinkError, WardenError
-from warden.cli._console import err, out
+from warden.cli._console import out, warden_exit
 from warden.cli.remote import HostOption
 
 if TYPE_CHECKING:
@@ -26,15 +26,7 @@ link_app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-EXIT_WARDEN_ERROR = 125
 NO_DAEMON = "links need the daemon, which relays them: start one with `warden serve`"
-
-
-def _fail(exc: BaseException) -> typer.Exit:
-    from rich.text import Text
-
-    err().print(Text("warden: ", style="red") + Text(str(exc)))
-    return typer.Exit(EXIT_WARDEN_ERROR)
 
 
 def _daemon(host: str | None) -> Client:
@@ -60,7 +52,7 @@ def create(
     try:
         link = _daemon(host).create_link(a, b, name)
     except WardenError as exc:
-        raise _fail(exc) from None
+        raise warden_exit(exc) from None
     out().print(f"link {link['name']}: {link['a']} <-> {link['b']}")
 
 
@@ -73,7 +65,7 @@ def ls(
     try:
         links = _daemon(host).links()
     except WardenError as exc:
-        raise _fail(exc) from None
+        raise warden_exit(exc) from None
     if as_json:
         out().print_json(json.dumps(links))
         return
@@ -101,5 +93,5 @@ def rm(
     try:
         answer = _daemon(host).remove_link(name)
     except WardenError as exc:
-        raise _fail(exc) from None
+        raise warden_exit(exc) from None
     out().print(f"link {name} removed (both ends closed in {answer['closed_ms']} ms)")

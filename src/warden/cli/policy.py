@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from warden._errors import WardenError
-from warden.cli._console import err
+from warden.cli._console import warden_exit
 from warden.cli.remote import HostOption
 
 if TYPE_CHECKING:
@@ -29,14 +29,6 @@ policy_app = typer.Typer(
 )
 
 EXIT_DENIED = 1
-EXIT_WARDEN_ERROR = 125
-
-
-def _fail(exc: BaseException) -> typer.Exit:
-    from rich.text import Text
-
-    err().print(Text("warden: ", style="red") + Text(str(exc)))
-    return typer.Exit(EXIT_WARDEN_ERROR)
 
 
 def parse_principal(text: str) -> tuple[str, frozenset[str]]:
@@ -78,7 +70,7 @@ def check(
         policy = load_policy(paths)
         target = _target(paths, sandbox) if sandbox else Target.daemon()
     except WardenError as exc:
-        raise _fail(exc) from None
+        raise warden_exit(exc) from None
     who = Principal(name, roles, via="local")
     decision = policy.decide(who, action, target)
     print(f"{'allow' if decision.allowed else 'deny'}\t{decision.rule}")

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from warden._errors import WardenError
-from warden.cli._console import err, out
+from warden.cli._console import out, warden_exit
 from warden.cli.remote import HostOption, UserOption
 
 if TYPE_CHECKING:
@@ -26,15 +26,6 @@ template_app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-
-EXIT_WARDEN_ERROR = 125
-
-
-def _fail(exc: BaseException) -> typer.Exit:
-    from rich.text import Text
-
-    err().print(Text("warden: ", style="red") + Text(str(exc)))
-    return typer.Exit(EXIT_WARDEN_ERROR)
 
 
 def _daemon(host: str | None) -> Client | None:
@@ -73,7 +64,7 @@ def create(
         else:
             _from_image(client, name, image, memory, cpus, run, user)
     except WardenError as exc:
-        raise _fail(exc) from None
+        raise warden_exit(exc) from None
     out().print(f"template {name} saved in {time.monotonic() - started:.1f}s")
 
 
@@ -137,7 +128,7 @@ def list_(
         client = _daemon(host)
         rows = client.templates(all=show_all) if client is not None else _local_templates(show_all)
     except WardenError as exc:
-        raise _fail(exc) from None
+        raise warden_exit(exc) from None
     table = Table(box=None)
     for column in ("NAME", "IMAGE", "MEMORY", "CPUS", "DISK", "AGE", "SOURCE", "STATUS"):
         table.add_column(column)
@@ -182,4 +173,4 @@ def rm(
 
             Templates(Paths.from_env()).remove(name)
     except WardenError as exc:
-        raise _fail(exc) from None
+        raise warden_exit(exc) from None

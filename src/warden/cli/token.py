@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from warden._errors import WardenError
-from warden.cli._console import err, out
+from warden.cli._console import err, out, warden_exit
 
 if TYPE_CHECKING:
     from warden.auth.tokens import TokenInfo
@@ -36,16 +36,8 @@ token_app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-EXIT_WARDEN_ERROR = 125
 LOCK_WAIT_S = 5.0
 """How long a local change waits for the audit log (a daemon that just stopped)."""
-
-
-def _fail(exc: BaseException) -> typer.Exit:
-    from rich.text import Text
-
-    err().print(Text("warden: ", style="red") + Text(str(exc)))
-    return typer.Exit(EXIT_WARDEN_ERROR)
 
 
 def _daemon() -> Client | None:
@@ -121,7 +113,7 @@ def create(
         else:
             info, text = _create_locally(name, roles, expires)
     except WardenError as exc:
-        raise _fail(exc) from None
+        raise warden_exit(exc) from None
     err().print(
         f"token {info.id} for {info.name} (roles: {', '.join(sorted(info.roles))}; expires "
         f"{_when(info.expires) if info.expires else 'never'}). It is shown only now:",
@@ -172,7 +164,7 @@ def list_(
             with TokenStore.open() as store:
                 tokens = store.all()
     except WardenError as exc:
-        raise _fail(exc) from None
+        raise warden_exit(exc) from None
     now = time.time()
     if as_json:
         rows = [
@@ -225,7 +217,7 @@ def revoke(
                 for info in revoked:
                     record("token-revoke", info)
     except WardenError as exc:
-        raise _fail(exc) from None
+        raise warden_exit(exc) from None
     if not revoked:
         err().print(f"{which}: already revoked", highlight=False)
     for t in revoked:
