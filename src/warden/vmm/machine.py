@@ -125,6 +125,15 @@ class Machine:
         self.id = vm_id or new_vm_id()
         self.run = RuntimeFiles(self.paths.vms / self.id)
         self.state = VMState.CREATING
+        self._init_launch_state()
+        self._init_isolation(jail, use_cgroups)
+        self._init_channel(plaintext_channel)
+        # Every agent request passes the gate; with ``auto_pause_s`` it stops the VM (QMP
+        # ``stop``) after that long without one, and the next request continues it.
+        self.idle = IdleGate(self.id, auto_pause_s)
+
+    def _init_launch_state(self) -> None:
+        """What ``launch`` fills in: the QEMU process and its connections, how it booted."""
         self.accel: AccelChoice | None = None
         self.image: Image | None = None
         self.argv: list[str] = []
@@ -143,15 +152,18 @@ class Machine:
         """The automatic boot template this VM clones, or makes once it booted cold (with
         ``boot="snapshot"``, the default); None for a cold boot or a clone of a named one."""
         self._final_console: str | None = None
-        self.use_cgroups = use_cgroups
-        self.cgroup: cgroups.VMCgroup | None = None
-        """The VM's cgroups (memory incl. QEMU's overhead, CPU, tasks), where the host has them."""
         self.console_log = console.ConsoleLog(self.run.console)
         self._console_task: asyncio.Task[None] | None = None
         self._renewal: asyncio.Task[None] | None = None
         """A new agent session after the channel refused a record (see _on_agent_broken)."""
         self._renewals = 0
         self.on_unhealthy: UnhealthyCallback | None = None
+
+    def _init_isolation(self, jail: JailMode | None, use_cgroups: bool) -> None:
+        """The jail, uid and cgroups the VM's QEMU will run in (set up by ``launch``)."""
+        self.use_cgroups = use_cgroups
+        self.cgroup: cgroups.VMCgroup | None = None
+        """The VM's cgroups (memory incl. QEMU's overhead, CPU, tasks), where the host has them."""
         self.jail_mode: JailMode = jail or default_mode()
         """off, on (what the host has; a missing feature is logged) or require."""
         self.jail: JailPlan | None = None
@@ -162,6 +174,9 @@ class Machine:
         self.qemu_reads: list[Path] = []
         """More root-only files that QEMU opens by path (a ``-fw_cfg`` file, say): bound
         read-only into its jail, where they are the VM uid's (idmapped)."""
+
+    def _init_channel(self, plaintext_channel: bool) -> None:
+        """The agent channel's keys, and the templates a clone's memory and secret come from."""
         self.plaintext_channel = plaintext_channel
         """Serve the agent channel without its crypto layer: only the benchmark does, to
         measure that layer's cost (``warden.channel=plain`` on the guest's command line)."""
@@ -171,9 +186,6 @@ class Machine:
         self.templates = Templates(self.paths)
         self._template: LoadedTemplate | None = None
         """The template this VM is cloned from, verified, while it launches."""
-        # Every agent request passes the gate; with ``auto_pause_s`` it stops the VM (QMP
-        # ``stop``) after that long without one, and the next request continues it.
-        self.idle = IdleGate(self.id, auto_pause_s)
 
     # -- public surface ------------------------------------------------------------------
 
