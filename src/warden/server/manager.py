@@ -20,6 +20,7 @@ import dataclasses
 import logging
 import shutil
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -574,15 +575,7 @@ class Manager:
     async def pause(self, vm_id: str) -> VMRow:
         """Save a running VM to its sealed file and end its QEMU (``vmm/pause.py``); 409 if
         it is not running (or has requests in flight)."""
-        row = await self.get(vm_id)
-        held = self.vms.get(row.id)
-        if row.state is not VMState.RUNNING or held is None:
-            raise StateTransitionError(
-                f"VM {row.id} is {row.state.value}; only a running VM can be paused"
-            )
-        async with held.lock:
-            if self.vms.get(row.id) is not held or held.stopping:
-                raise StateTransitionError(f"VM {row.id} is being stopped")
+        async with self._locked_in(vm_id, VMState.RUNNING, "paused") as (row, held):
             monitor, held.monitor = held.monitor, None
             if monitor is not None:  # QEMU is about to quit on purpose
                 monitor.cancel()
@@ -600,15 +593,7 @@ class Manager:
     async def resume(self, vm_id: str) -> VMRow:
         """Start a paused VM again from its verified saved state; 409 if it is not paused or
         its saved state is refused."""
-        row = await self.get(vm_id)
-        held = self.vms.get(row.id)
-        if row.state is not VMState.PAUSED or held is None:
-            raise StateTransitionError(
-                f"VM {row.id} is {row.state.value}; only a paused VM can be resumed"
-            )
-        async with held.lock:
-            if self.vms.get(row.id) is not held or held.stopping:
-                raise StateTransitionError(f"VM {row.id} is being stopped")
+        async with self._locked_in(vm_id, VMState.PAUSED, "resumed") as (row, held):
             machine = held.machine
             if machine.state is VMState.PAUSED:  # else a concurrent resume did it
                 await machine.resume()
@@ -617,6 +602,23 @@ class Manager:
                 await asyncio.to_thread(self.store.set_pid, row.id, pid, start)
                 held.monitor = self._watch(held)
             return await asyncio.to_thread(self.store.update_state, row.id, VMState.RUNNING)
+
+    @contextlib.asynccontextmanager
+    async def _locked_in(
+        self, vm_id: str, state: VMState, done: str
+    ) -> AsyncIterator[tuple[VMRow, _Held]]:
+        """The VM ``vm_id``'s row and holding, under its lock, if it is in ``state`` and not
+        being stopped; else StateTransitionError (only a VM in ``state`` can be ``done``)."""
+        row = await self.get(vm_id)
+        held = self.vms.get(row.id)
+        if row.state is not state or held is None:
+            raise StateTransitionError(
+                f"VM {row.id} is {row.state.value}; only a {state.value} VM can be {done}"
+            )
+        async with held.lock:
+            if self.vms.get(row.id) is not held or held.stopping:
+                raise StateTransitionError(f"VM {row.id} is being stopped")
+            yield row, held
 
     def _watch(self, held: _Held) -> asyncio.Task[None]:
         return asyncio.create_task(self._monitor(held), name=f"warden-monitor-{held.machine.id}")

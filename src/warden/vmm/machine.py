@@ -379,6 +379,10 @@ class Machine:
 
     async def _detach_connections(self) -> None:
         await self._stop_console()
+        await self._close_connections()
+
+    async def _close_connections(self) -> None:
+        """Close the agent session and QMP (errors ignored: QEMU may be gone already)."""
         if self._agent is not None:
             with contextlib.suppress(Exception):
                 await self._agent.close()
@@ -1029,13 +1033,7 @@ class Machine:
 
     async def _stop_process(self) -> None:
         """SIGKILL QEMU and drop its connections, keeping the runtime dir (for a retry)."""
-        if self._agent is not None:
-            with contextlib.suppress(Exception):
-                await self._agent.close()
-        if self._qmp is not None:
-            with contextlib.suppress(Exception):
-                await self._qmp.disconnect()
-            self._qmp = None
+        await self._close_connections()
         if self._proc is not None and self._proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 self._proc.send_signal(signal.SIGKILL)
