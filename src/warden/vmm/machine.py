@@ -84,6 +84,9 @@ CONSOLE_DRAIN_S = 1.0
 ArgvWrapper = Callable[[list[str]], list[str]]
 """A launch step that wraps QEMU's argv (inside the jail, if any: its program must be there)."""
 
+HelperCharge = Callable[[VMSpec], contextlib.AbstractAsyncContextManager[None]]
+"""Charges a helper VM of the spec with admission while it is held (``Machine.save_template``)."""
+
 UnhealthyCallback = Callable[["Machine", str], object]
 """Called once (on the event loop) when a running VM turns unhealthy, with the reason."""
 
@@ -737,6 +740,7 @@ class Machine:
         keep_running: bool,
         extra: dict[str, Any] | None = None,
         store: Templates | None = None,
+        charge_helper: HelperCharge | None = None,
     ) -> None:
         """Save this running VM as template ``name`` (``vmm/templates.py``).
 
@@ -746,6 +750,8 @@ class Machine:
         the old one); else the caller ends it. NameConflictError if the name is taken,
         TemplateError if this VM's RAM cannot be copied (a clone's is private). ``store``:
         another template store than ``self.templates`` (a fork's transient one).
+        ``charge_helper``: held around the save when it needs a helper VM (a clone's:
+        ``vmm/rehome.py``), so that admission charges it (the daemon's).
         """
         store = store or self.templates
         if self.state is not VMState.RUNNING or self._qmp is None or self.image is None:
@@ -759,11 +765,15 @@ class Machine:
             )
         boot = BootFiles(self.image.kernel.path, self.image.initrd.path, self.image.rootfs.path)
         config = self._template_config(boot)
-        # The idle gate holds off auto-pause and new requests meanwhile (it refuses while
-        # requests are in flight), and continues a VM that auto-pause had stopped.
-        await self.idle.wake()
-        async with self.idle.exclusive(f"VM {self.id} is being saved", what="save it"):
-            await self._capture(store, name, config, extra or {}, keep_running=keep_running)
+        charged: contextlib.AbstractAsyncContextManager[None] = contextlib.nullcontext()
+        if charge_helper is not None and self._needs_helper(store):
+            charged = charge_helper(self.spec)
+        async with charged:
+            # The idle gate holds off auto-pause and new requests meanwhile (it refuses while
+            # requests are in flight), and continues a VM that auto-pause had stopped.
+            await self.idle.wake()
+            async with self.idle.exclusive(f"VM {self.id} is being saved", what="save it"):
+                await self._capture(store, name, config, extra or {}, keep_running=keep_running)
         if keep_running:
             self.idle.reopen()
 
@@ -782,7 +792,7 @@ class Machine:
             self._agent = None
         await self._qmp.execute("stop")
         try:
-            if self.booted_from == "template" and store.rehomes_clones:
+            if self._needs_helper(store):
                 await rehome.save_clone(self, store, name, extra, self._secret)
             else:
                 await store.capture(self._qmp, self._qemu_pid(), name, config, self._secret, extra)
@@ -791,6 +801,10 @@ class Machine:
                 await self._qmp.execute("cont")
                 # The template holds this VM's secret now: it gets a new one of its own.
                 self._agent = await self._open_agent(self.spec.agent_timeout_s, held=self._secret)
+
+    def _needs_helper(self, store: Templates) -> bool:
+        """Whether saving this VM into ``store`` boots a helper VM (``vmm/rehome.py``)."""
+        return self.booted_from == "template" and store.rehomes_clones
 
     async def fork(self, n: int = 1, *, vm_ids: list[str] | None = None) -> list[Machine]:
         """Start ``n`` children of this running VM that carry on from its state (files and
