@@ -453,7 +453,8 @@ class Machine:
         """The verified automatic template of this VM's shape, to clone; None if there is
         none yet or it was refused (its seal, a file, the image or QEMU no longer match): the
         refused one is deleted, and either way the VM boots cold and makes it again."""
-        name = self.boot_template = boot_template_name(self.spec)
+        assert self.accel is not None
+        name = self.boot_template = boot_template_name(self.spec, accel=self.accel.name)
         loaded: LoadedTemplate | None = None
         try:
             loaded = self.templates.load(name)
