@@ -245,3 +245,16 @@ async def test_bad_input_is_refused_and_leaves_nothing_open(pair: Pair) -> None:
         await links.create(pair.a.id, pair.b.id, "stopped")
     result = await pair.a.agent.exec(["ls", "-A", "/run/warden/links"])
     assert b".sock" not in result.stdout, result.stdout  # only the NAME.error notes
+
+
+async def test_an_open_link_holds_off_pause_and_template_saying_so(pair: Pair) -> None:
+    """An open link is a request in flight on each end: a pause or a template save of either
+    is refused, and the message names links (and how to close one), not only commands."""
+    await pair.manager.links.create(pair.a.id, pair.b.id, "busy")
+    with pytest.raises(StateTransitionError, match=r"open link.*link rm"):
+        await pair.manager.pause(pair.a.id)
+    with pytest.raises(StateTransitionError, match=r"open link.*link rm"):
+        await pair.manager.save_template(pair.b.id, "never-saved")
+    assert not pair.manager.templates.exists("never-saved")
+    await pair.manager.links.remove("busy")
+    assert (await pair.manager.pause(pair.a.id)).state.value == "paused"  # now it may
