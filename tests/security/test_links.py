@@ -15,7 +15,7 @@ import httpx
 import pytest
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from tests.integration.test_links import HOLD, Pair, client, wait_for_socket
+from tests.integration.test_links import HOLD, Pair, client, two_sandboxes, wait_for_socket
 from warden import audit
 from warden.agent.link import LinkEnd
 from warden.auth.principal import SCOPE_KEY, Principal
@@ -247,18 +247,8 @@ class As:
 @pytest.fixture
 async def owned(no_leaks: None) -> AsyncIterator[Pair]:
     """Alice's sandbox and Bob's (the shipped policy: a user may link only their own)."""
-    manager = Manager(Paths.from_env())
-    await manager.start()
-    rows = []
-    try:
-        for owner in ("alice", "bob"):
-            rows.append(await manager.create(VMSpec(), owner=owner))
-        yield Pair(manager, await manager.machine(rows[0].id), await manager.machine(rows[1].id))
-    finally:
-        await manager.links.close()
-        for row in rows:
-            await manager.remove(row.id, force=True)
-        await manager.close()
+    async with two_sandboxes(("alice", "bob")) as pair:
+        yield pair
 
 
 async def test_removing_a_link_needs_link_on_both_sandboxes(owned: Pair) -> None:

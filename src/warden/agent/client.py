@@ -1347,15 +1347,15 @@ class AgentClient:
         args = {Key.OP: Op.MKDIR, Key.PATH: path, Key.PARENTS: parents, Key.MODE: mode}
         await self._call({**args, Key.USER: _user_arg(user)})
 
-    async def open_link(self, name: str, key: bytes, role: str) -> LinkEnd:
+    async def open_link(
+        self, name: str, key: bytes, role: str, options: Mapping[str, object] | None = None
+    ) -> LinkEnd:
         """Open this VM's end of link ``name`` (a request that lasts as long as the link):
-        once the agent made the socket, or AgentError (nothing left open) if it refused."""
+        once the agent made the socket, or AgentError (nothing left open) if it refused.
+        ``options``: the ring's (``Key.TRANSPORT``, ``Key.LINK_ID``, ``Key.PLAIN``)."""
         stack = contextlib.AsyncExitStack()
-        request = await stack.enter_async_context(
-            self._request(
-                {Key.OP: Op.LINK_OPEN, Key.NAME: name, Key.LINK_KEY: key.hex(), Key.ROLE: role}
-            )
-        )
+        args = {Key.OP: Op.LINK_OPEN, Key.NAME: name, Key.LINK_KEY: key.hex(), Key.ROLE: role}
+        request = await stack.enter_async_context(self._request({**args, **(options or {})}))
         end = LinkEnd(self, request, stack)
         try:
             await end.opened(self._deadlines.call)
