@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import hashlib
 import json
@@ -233,6 +234,26 @@ async def bench_channel(
     the encrypted write against qemu-ga's (``qga_write_mbps`` from the peer rows of this run,
     else measured here); and, in the guest, what encrypting the window would cost."""
     data = os.urandom(WRITE_SIZE)
+    m = await _measure_channel(iterations, writes, data)
+    if qga_write_mbps is None:
+        qga_write_mbps = await _qga_write_mbps(data)
+    return _channel_rows(m, writes, qga_write_mbps)
+
+
+@dataclasses.dataclass
+class _ChannelRun:
+    """What ``bench_channel`` measured: seconds per exec and MB/s per write, encrypted and
+    plain; the guest's decryption and Poly1305 tag in MB/s."""
+
+    e_exec: list[float]
+    p_exec: list[float]
+    e_write: list[float]
+    p_write: list[float]
+    decrypt_mbps: float
+    tag_mbps: float
+
+
+async def _measure_channel(iterations: int, writes: int, data: bytes) -> _ChannelRun:
     digest = hashlib.sha256(data).hexdigest()
     enc = await _sandbox(plaintext=False)
     try:
@@ -255,9 +276,12 @@ async def bench_channel(
     finally:
         await enc.kill()
         await plain.kill()
-    if qga_write_mbps is None:
-        qga_write_mbps = await _qga_write_mbps(data)
+    return _ChannelRun(e_exec, p_exec, e_write, p_write, decrypt_mbps, tag_mbps)
 
+
+def _channel_rows(m: _ChannelRun, writes: int, qga_write_mbps: float) -> list[dict[str, Any]]:
+    e_exec, p_exec, e_write, p_write = m.e_exec, m.p_exec, m.e_write, m.p_write
+    decrypt_mbps, tag_mbps = m.decrypt_mbps, m.tag_mbps
     e_best, p_best = max(e_write), max(p_write)
     predicted = 1 / (1 / p_best + 1 / decrypt_mbps)
     plain_is = "the same warden with plaintext_channel (no crypto layer)"

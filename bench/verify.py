@@ -102,8 +102,11 @@ def in_process(paths: Paths) -> dict[str, Any]:
     }
     out["image_mb"] = round(sum(getattr(image, k).size for k in KINDS) / 1e6, 1)
     store = Templates(paths)
-    name = boot_template_name(VMSpec())
-    if store.exists(name):
+    name = next(
+        (n for a in ("kvm", "tcg") if store.exists(n := boot_template_name(VMSpec(), accel=a))),
+        "",
+    )
+    if name:
         info = store.info(name)
         out["template_disk_mb"] = round(info.disk_bytes / 1e6, 1) if info else None
         out["hash_state_ms"] = round(hash_ms(store.path(name) / STATE_FILE), 1)

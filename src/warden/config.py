@@ -57,6 +57,15 @@ def open_private(path: Path, flags: int) -> int:
     return fd
 
 
+def fsync_dir(path: Path) -> None:
+    """Make the entries of the directory ``path`` (a file just made or renamed) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_private(path: Path, data: bytes) -> None:
     """Write ``path`` atomically (temp file + rename) with mode 0600."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

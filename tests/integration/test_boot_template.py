@@ -17,17 +17,28 @@ from typing import Any
 import pytest
 
 from warden import Sandbox
+from warden._errors import TemplateRefusedError
 from warden.config import Paths
+from warden.image.store import load_image
 from warden.seal import Sealer
+from warden.vmm.accel import AccelChoice
+from warden.vmm.argv import BootFiles
 from warden.vmm.machine import Machine
 from warden.vmm.spec import VMSpec
-from warden.vmm.templates import META_FILE, SEAL_PURPOSE, Templates, boot_template_name
+from warden.vmm.templates import (
+    META_FILE,
+    SEAL_PURPOSE,
+    TemplateConfig,
+    Templates,
+    boot_template_name,
+    check_config,
+)
 
 pytestmark = pytest.mark.vm
 
 # A memory size no other test uses, so these tests own their boot template.
 MEMORY = 208
-NAME = boot_template_name(VMSpec(memory_mib=MEMORY))
+NAME = boot_template_name(VMSpec(memory_mib=MEMORY), accel="tcg")  # the tests run under TCG
 
 
 def _machine(sbx: Sandbox) -> Machine:
@@ -123,6 +134,60 @@ def test_a_changed_image_or_qemu_makes_it_again(
     assert reason in caplog.text and "making it again" in caplog.text
     for field, value in change.items():
         assert _meta()[field] != value, f"the template was not made again ({field})"
+    with Sandbox.create(memory_mib=MEMORY) as sbx:
+        assert _machine(sbx).booted_from == "template"
+
+
+def _unlaunched(accel: str) -> tuple[Machine, BootFiles]:
+    """A Machine of this shape whose accelerator is set, never launched: the fake stands for
+    KVM, which cannot boot a guest on this host (docs, FIELD-NOTES); what the choice changes
+    (the boot template's name, the machine its seal binds) needs no running VM."""
+    machine = Machine(VMSpec(memory_mib=MEMORY))
+    machine.image = image = load_image(machine.paths, "default")
+    machine.accel = AccelChoice("kvm" if accel == "kvm" else "tcg", "set by the test")
+    return machine, BootFiles(image.kernel.path, image.initrd.path, image.rootfs.path)
+
+
+def _config(accel: str) -> TemplateConfig:
+    machine, boot = _unlaunched(accel)
+    return machine._template_config(boot)
+
+
+def test_the_accelerator_is_in_its_name_and_its_seal(no_leaks: None) -> None:
+    """One made under TCG is never loaded under KVM, nor the other way round: the names
+    differ, and the sealed machine (QEMU's argv: -accel, -cpu) would refuse it anyway."""
+    with Sandbox.create(memory_mib=MEMORY):  # a real VM under TCG makes NAME
+        pass
+    kvm, boot = _unlaunched("kvm")
+    assert boot_template_name(kvm.spec, accel="kvm") != NAME
+    assert kvm._load_boot_template(boot) is None  # none under KVM's name: it would boot cold
+    assert kvm.boot_template != NAME and _store().exists(NAME), "TCG's template was touched"
+    tcg, kvm_config = _config("tcg"), _config("kvm")
+    assert _meta()["machine_key"] == tcg.machine_key != kvm_config.machine_key
+    loaded = _store().load(NAME)
+    loaded.state.close()
+    with pytest.raises(TemplateRefusedError, match="another machine"):
+        check_config(NAME, loaded.config, kvm_config)  # TCG's, wanted by KVM
+    with pytest.raises(TemplateRefusedError, match="another machine"):
+        check_config(NAME, kvm_config, tcg)  # KVM's, wanted by TCG
+
+
+def test_one_sealed_for_kvm_is_made_again_under_tcg(
+    no_leaks: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A boot template under this name sealed for KVM's machine (as an older warden, whose
+    names had no accelerator, could leave it): refused, the create boots cold and makes it
+    again for TCG; the next create clones that."""
+    with Sandbox.create(memory_mib=MEMORY):
+        pass
+    sealer = Sealer(Paths.from_env(), SEAL_PURPOSE)
+    kvm_key = _config("kvm").machine_key
+    meta = {**_meta(), "machine_key": kvm_key}
+    (_store().path(NAME) / META_FILE).write_text(json.dumps(sealer.seal(meta)))
+    with caplog.at_level(logging.WARNING), Sandbox.create(memory_mib=MEMORY) as sbx:
+        assert _machine(sbx).booted_from == "cold"
+    assert "another machine" in caplog.text and "making it again" in caplog.text
+    assert _meta()["machine_key"] == _config("tcg").machine_key != kvm_key
     with Sandbox.create(memory_mib=MEMORY) as sbx:
         assert _machine(sbx).booted_from == "template"
 

@@ -114,51 +114,63 @@ def test_api_contract(daemon: Daemon) -> None:
         assert c.get(f"/v1/sandboxes/{vm_id}").json()["name"] == name
         assert c.get(f"/v1/sandboxes/{name}").json()["id"] == vm_id
 
-        out, err, final = _exec(c, vm_id, ["sh", "-c", "echo out; echo err >&2; exit 5"])
-        assert (out, err) == (b"out\n", b"err\n")
-        assert final == {"exit_code": 5, "signal": None, "timed_out": False}
-        stdin = base64.b64encode(b"piped").decode()
-        out, _, final = _exec(c, name, "cat", stdin=stdin)
-        assert out == b"piped" and final["exit_code"] == 0
-
-        data = os.urandom(3 * 1024 * 1024 + 17)
-        r = c.put(f"/v1/sandboxes/{vm_id}/files", params={"path": "/home/user/d.bin"}, content=data)
-        assert r.status_code == 200, r.text
-        assert r.json()["size"] == len(data)
-        r = c.get(f"/v1/sandboxes/{vm_id}/files", params={"path": "/home/user/d.bin"})
-        assert r.status_code == 200 and r.content == data
-        r = c.get(f"/v1/sandboxes/{vm_id}/files", params={"path": "/home/user/missing"})
-        assert r.status_code == 404
-
-        r = c.post("/v1/sandboxes", json={"name": name, "memory_mib": MEMORY})
-        assert r.status_code == 409 and name in r.json()["error"]["message"]
-        r = c.get("/v1/sandboxes/no-such-vm")
-        assert r.status_code == 404 and "no-such-vm" in r.json()["error"]["message"]
-        r = c.post("/v1/sandboxes/no-such-vm/exec", json={"cmd": ["true"]})
-        assert r.status_code == 404
-        r = c.post("/v1/sandboxes", json={"memory_mib": MEMORY, "bogus": 1})
-        assert r.status_code == 422
-        r = c.post(f"/v1/sandboxes/{vm_id}/exec", json={"cmd": ["true"], "bogus": 1})
-        assert r.status_code == 422
-        r = c.post("/v1/sandboxes", json={"memory_mib": 1})
-        assert r.status_code == 422
-        assert len(c.get("/v1/sandboxes").json()) == 1, "a refused create left a trace"
-
+        _check_exec(c, vm_id, name)
+        _check_files(c, vm_id)
+        _check_refusals(c, vm_id, name)
         info = c.get("/v1/info").json()
         assert info["reservations"]["vms"] == 1
         assert info["reservations"]["memory_mib"] == MEMORY
         assert c.get(f"/v1/sandboxes/{vm_id}/logs").status_code == 200
+        _check_stop_and_delete(c, vm_id)
 
-        r = c.delete(f"/v1/sandboxes/{vm_id}")
-        assert r.status_code == 409
-        r = c.post(f"/v1/sandboxes/{vm_id}/stop")
-        assert r.status_code == 200 and r.json()["state"] == "stopped"
-        assert c.get("/v1/sandboxes").json() == []
-        assert [v["state"] for v in c.get("/v1/sandboxes", params={"all": "true"}).json()] == [
-            "stopped"
-        ]
-        assert c.delete(f"/v1/sandboxes/{vm_id}").status_code == 204
-        assert c.get(f"/v1/sandboxes/{vm_id}").status_code == 404
+
+def _check_exec(c: httpx.Client, vm_id: str, name: str) -> None:
+    out, err, final = _exec(c, vm_id, ["sh", "-c", "echo out; echo err >&2; exit 5"])
+    assert (out, err) == (b"out\n", b"err\n")
+    assert final == {"exit_code": 5, "signal": None, "timed_out": False}
+    stdin = base64.b64encode(b"piped").decode()
+    out, _, final = _exec(c, name, "cat", stdin=stdin)
+    assert out == b"piped" and final["exit_code"] == 0
+
+
+def _check_files(c: httpx.Client, vm_id: str) -> None:
+    data = os.urandom(3 * 1024 * 1024 + 17)
+    r = c.put(f"/v1/sandboxes/{vm_id}/files", params={"path": "/home/user/d.bin"}, content=data)
+    assert r.status_code == 200, r.text
+    assert r.json()["size"] == len(data)
+    r = c.get(f"/v1/sandboxes/{vm_id}/files", params={"path": "/home/user/d.bin"})
+    assert r.status_code == 200 and r.content == data
+    r = c.get(f"/v1/sandboxes/{vm_id}/files", params={"path": "/home/user/missing"})
+    assert r.status_code == 404
+
+
+def _check_refusals(c: httpx.Client, vm_id: str, name: str) -> None:
+    r = c.post("/v1/sandboxes", json={"name": name, "memory_mib": MEMORY})
+    assert r.status_code == 409 and name in r.json()["error"]["message"]
+    r = c.get("/v1/sandboxes/no-such-vm")
+    assert r.status_code == 404 and "no-such-vm" in r.json()["error"]["message"]
+    r = c.post("/v1/sandboxes/no-such-vm/exec", json={"cmd": ["true"]})
+    assert r.status_code == 404
+    r = c.post("/v1/sandboxes", json={"memory_mib": MEMORY, "bogus": 1})
+    assert r.status_code == 422
+    r = c.post(f"/v1/sandboxes/{vm_id}/exec", json={"cmd": ["true"], "bogus": 1})
+    assert r.status_code == 422
+    r = c.post("/v1/sandboxes", json={"memory_mib": 1})
+    assert r.status_code == 422
+    assert len(c.get("/v1/sandboxes").json()) == 1, "a refused create left a trace"
+
+
+def _check_stop_and_delete(c: httpx.Client, vm_id: str) -> None:
+    r = c.delete(f"/v1/sandboxes/{vm_id}")
+    assert r.status_code == 409
+    r = c.post(f"/v1/sandboxes/{vm_id}/stop")
+    assert r.status_code == 200 and r.json()["state"] == "stopped"
+    assert c.get("/v1/sandboxes").json() == []
+    assert [v["state"] for v in c.get("/v1/sandboxes", params={"all": "true"}).json()] == [
+        "stopped"
+    ]
+    assert c.delete(f"/v1/sandboxes/{vm_id}").status_code == 204
+    assert c.get(f"/v1/sandboxes/{vm_id}").status_code == 404
 
 
 def test_vms_survive_kill_and_sigterm_of_the_daemon(daemon: Daemon) -> None:

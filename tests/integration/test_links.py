@@ -9,6 +9,7 @@ ring has (its region, its slots) is tests/integration/test_links_ring.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -28,6 +29,7 @@ from warden._errors import (
 from warden.config import Paths
 from warden.links import TRANSPORTS, Transport
 from warden.server.manager import Manager
+from warden.store.db import DAEMON_OWNER
 from warden.vmm.machine import Machine
 from warden.vmm.spec import VMSpec
 
@@ -100,20 +102,29 @@ def transport(request: pytest.FixtureRequest) -> Transport:
     return value
 
 
-@pytest.fixture
-async def pair(no_leaks: None) -> AsyncIterator[Pair]:
+@contextlib.asynccontextmanager
+async def two_sandboxes(
+    owners: tuple[str, str] = (DAEMON_OWNER, DAEMON_OWNER),
+) -> AsyncIterator[Pair]:
+    """A Manager of the shared home with two running sandboxes, of these owners."""
     manager = Manager(Paths.from_env())
     await manager.start()
     rows = []
     try:
-        for _ in range(2):
-            rows.append(await manager.create(VMSpec()))
+        for owner in owners:
+            rows.append(await manager.create(VMSpec(), owner=owner))
         yield Pair(manager, await manager.machine(rows[0].id), await manager.machine(rows[1].id))
     finally:
         await manager.links.close()
         for row in rows:
             await manager.remove(row.id, force=True)
         await manager.close()
+
+
+@pytest.fixture
+async def pair(no_leaks: None) -> AsyncIterator[Pair]:
+    async with two_sandboxes() as p:
+        yield p
 
 
 async def client(machine: Machine, name: str, n: int, seed: str) -> dict[str, object]:
@@ -256,3 +267,22 @@ async def test_bad_input_is_refused_and_leaves_nothing_open(pair: Pair) -> None:
         await links.create(pair.a.id, pair.b.id, "stopped")
     result = await pair.a.agent.exec(["ls", "-A", "/run/warden/links"])
     assert b".sock" not in result.stdout, result.stdout  # only the NAME.error notes
+
+
+async def test_an_open_link_holds_off_pause_and_template_saying_so(
+    pair: Pair, transport: Transport
+) -> None:
+    """A pause or a template save of either end of an open link is refused, and the message
+    names links and how to close one: a ring's device in place (``vmm/linkslots.py``), or a
+    relayed link's request in flight on each end (the idle gate, which named only commands
+    and file transfers before)."""
+    await pair.manager.links.create(pair.a.id, pair.b.id, "busy", transport=transport)
+    why = "link devices in place" if transport == "ring" else "open link"
+    with pytest.raises(StateTransitionError, match=f"{why}.*link rm"):
+        await pair.manager.pause(pair.a.id)
+    with pytest.raises(StateTransitionError, match=f"{why}.*link rm"):
+        await pair.manager.save_template(pair.b.id, "never-saved")
+    assert not pair.manager.templates.exists("never-saved")
+    await pair.manager.links.remove("busy")
+    if transport == "relay":  # a ring's slot is released by the guest, in its own time
+        assert (await pair.manager.pause(pair.a.id)).state.value == "paused"  # now it may

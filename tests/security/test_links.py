@@ -8,13 +8,19 @@ capture or alter the records it carries.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 
+import httpx
 import pytest
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from tests.integration.test_links import HOLD, Pair, client, wait_for_socket
+from tests.integration.test_links import HOLD, Pair, client, two_sandboxes, wait_for_socket
+from warden import audit
 from warden.agent.link import LinkEnd
+from warden.auth.principal import SCOPE_KEY, Principal
 from warden.config import Paths
+from warden.server.app import create_app
 from warden.server.manager import Manager
 from warden.vmm.machine import Machine
 from warden.vmm.spec import VMSpec
@@ -223,3 +229,55 @@ async def test_the_link_key_is_never_logged_nor_written(
             except OSError:
                 continue  # a socket, or a file QEMU holds exclusively
             assert not any(n in data for n in needles), path
+
+
+class As:
+    """Every request is ``principal``'s (what the authenticating middleware decides, fixed);
+    None: the app's default, the local admin."""
+
+    def __init__(self, app: ASGIApp, principal: Principal | None) -> None:
+        self.app, self.principal = app, principal
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self.principal is not None:
+            scope = {**scope, SCOPE_KEY: self.principal}
+        await self.app(scope, receive, send)
+
+
+@pytest.fixture
+async def owned(no_leaks: None) -> AsyncIterator[Pair]:
+    """Alice's sandbox and Bob's (the shipped policy: a user may link only their own)."""
+    async with two_sandboxes(("alice", "bob")) as pair:
+        yield pair
+
+
+async def test_removing_a_link_needs_link_on_both_sandboxes(owned: Pair) -> None:
+    """``DELETE /v1/links/{name}`` of an open link, by callers who lack ``link`` on one end
+    (alice, bob: each owns one) or on both (mallory): refused, audited, the link still open.
+    An end the caller may not see is concealed (404, as if absent); the admin removes it."""
+    since = time.time()
+    a, b = owned.a.id, owned.b.id
+    await owned.manager.links.create(a, b, "theirs")
+    app = create_app(owned.manager, manage_lifespan=False)
+    refused = {"alice": b, "bob": a, "mallory": a}  # the end each is refused on, first
+    for name, end in refused.items():
+        who = Principal(name, frozenset({"user"}), via="unix", uid=1000)
+        transport = httpx.ASGITransport(app=As(app, who))
+        async with httpx.AsyncClient(transport=transport, base_url="http://warden") as c:
+            r = await c.delete("/v1/links/theirs")
+        assert r.status_code == 404, (name, r.text)
+        assert r.json()["error"]["type"] == "VMNotFoundError" and end in r.text, (name, r.text)
+        assert [i.name for i in owned.manager.links.list()] == ["theirs"], name
+    await wait_for_socket(owned.a, "theirs")  # both ends are still there
+    await wait_for_socket(owned.b, "theirs")
+    denied = [
+        r
+        for r in audit.records(Paths.from_env().home, action="link", since=since)
+        if r["outcome"] == "denied"
+    ]
+    assert {(r["principal"], r["sandbox"]) for r in denied} == set(refused.items())
+    transport = httpx.ASGITransport(app=As(app, None))
+    async with httpx.AsyncClient(transport=transport, base_url="http://warden") as c:
+        r = await c.delete("/v1/links/theirs")
+    assert r.status_code == 200 and r.json()["name"] == "theirs", r.text
+    assert owned.manager.links.list() == []

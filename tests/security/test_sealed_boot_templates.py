@@ -57,7 +57,7 @@ pytestmark = pytest.mark.vm
 
 MEMORY = 216
 """A memory size no other test uses: these tests own the boot template of this shape."""
-NAME = boot_template_name(VMSpec(memory_mib=MEMORY))
+NAME = boot_template_name(VMSpec(memory_mib=MEMORY), accel="tcg")  # the tests run under TCG
 MACHINE_LOG = "warden.vmm.machine"
 MARKER = AGENT_NAME.encode()
 TAMPERED_MARKER = bytes([MARKER[0] ^ 0x20]) + MARKER[1:]  # "Warden-agent/..."

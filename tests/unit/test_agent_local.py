@@ -727,6 +727,28 @@ def test_agent_answers_garbage_with_error(agent: LocalAgent, garbage: bytes) -> 
     assert decode_json(error)["error"] == "protocol"
 
 
+async def _break_a_session(path: Path) -> None:
+    """A first host starts a command, then sends a malformed frame: the agent ends that
+    session and its exec."""
+    await asyncio.to_thread(wait_for_path, path)
+    reader, writer = await asyncio.open_unix_connection(str(path))
+    decoder = FrameDecoder()
+    writer.write(encode_json(FrameType.HELLO, 0, {"versions": [SESSION_VERSION]}))
+    assert (await read_frame(reader, decoder)).type == FrameType.HELLO
+    writer.write(
+        encode_json(FrameType.REQUEST, 1, {"op": "exec", "shell": "echo $$; exec sleep 30"})
+    )
+    data = await read_frame(reader, decoder)
+    assert (data.type, data.channel) == (FrameType.DATA, Channel.STDOUT)
+    pid = int(data.payload)
+    writer.write(encode_json(FrameType.REQUEST, 1, {"op": "ping"}))  # id 1 is in use
+    error = await read_frame(reader, decoder)
+    assert (error.type, decode_json(error)["error"]) == (FrameType.ERROR, "protocol")
+    assert process_gone(pid), "the exec of the broken session survived"
+    writer.close()
+    await writer.wait_closed()
+
+
 def test_agent_reconnect_after_protocol_error(tmp_path: Path, user_tmp: Path) -> None:
     """The virtio port stays open across host connections; --listen mimics that."""
     path = tmp_path / "agent.sock"
@@ -739,24 +761,7 @@ def test_agent_reconnect_after_protocol_error(tmp_path: Path, user_tmp: Path) ->
         )
 
     async def main() -> None:
-        # First host: starts a command, then sends a malformed frame.
-        await asyncio.to_thread(wait_for_path, path)
-        reader, writer = await asyncio.open_unix_connection(str(path))
-        decoder = FrameDecoder()
-        writer.write(encode_json(FrameType.HELLO, 0, {"versions": [SESSION_VERSION]}))
-        assert (await read_frame(reader, decoder)).type == FrameType.HELLO
-        writer.write(
-            encode_json(FrameType.REQUEST, 1, {"op": "exec", "shell": "echo $$; exec sleep 30"})
-        )
-        data = await read_frame(reader, decoder)
-        assert (data.type, data.channel) == (FrameType.DATA, Channel.STDOUT)
-        pid = int(data.payload)
-        writer.write(encode_json(FrameType.REQUEST, 1, {"op": "ping"}))  # id 1 is in use
-        error = await read_frame(reader, decoder)
-        assert (error.type, decode_json(error)["error"]) == (FrameType.ERROR, "protocol")
-        assert process_gone(pid), "the exec of the broken session survived"
-        writer.close()
-        await writer.wait_closed()
+        await _break_a_session(path)
 
         second = await AgentClient.connect_unix(path, timeout=10)
         assert second.agent_hello["pid"] == proc.pid

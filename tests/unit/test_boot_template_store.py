@@ -45,19 +45,26 @@ def test_the_machine_key_ignores_per_vm_names_only() -> None:
     assert _key(VMSpec(), "a" * 12) == _key(VMSpec(env={"A": "1"}, labels={"x": "y"}), "a" * 12)
 
 
-def test_one_automatic_template_per_shape() -> None:
-    assert boot_template_name(VMSpec()) == "_boot-default-256m-1c"
-    assert boot_template_name(VMSpec(image="py3.12", memory_mib=512, vcpus=2)) == (
-        "_boot-py3.12-512m-2c"
+def test_one_automatic_template_per_shape_and_accelerator() -> None:
+    assert boot_template_name(VMSpec(), accel="tcg") == "_boot-default-256m-1c-tcg"
+    assert boot_template_name(VMSpec(image="py3.12", memory_mib=512, vcpus=2), accel="kvm") == (
+        "_boot-py3.12-512m-2c-kvm"
     )
     # What does not change the machine does not change the name.
-    assert boot_template_name(VMSpec(env={"A": "1"}, labels={"x": "y"}, name="n")) == (
-        boot_template_name(VMSpec())
+    assert boot_template_name(VMSpec(env={"A": "1"}, labels={"x": "y"}, name="n"), accel="tcg") == (
+        boot_template_name(VMSpec(), accel="tcg")
     )
-    assert is_automatic("_boot-default-256m-1c") and not is_automatic("boot-default-256m-1c")
+    # A template made under TCG is never looked up under KVM, nor the other way round.
+    assert boot_template_name(VMSpec(), accel="tcg") != boot_template_name(VMSpec(), accel="kvm")
+    for name in ("_boot-default-256m-1c-tcg", "_boot-default-256m-1c-kvm"):
+        assert is_automatic(name)
+    assert is_automatic("_boot-default-256m-1c-tcg")  # an older warden's: listed, pruned
+    assert not is_automatic("boot-default-256m-1c") and not is_automatic("_boot-d-1m-1c-xen")
 
 
-@pytest.mark.parametrize("name", ["_boot-default-256m-1c", "_x", "_boot-../x-1m-1c"])
+@pytest.mark.parametrize(
+    "name", ["_boot-default-256m-1c-tcg", "_boot-default-256m-1c", "_x", "_boot-../x-1m-1c"]
+)
 def test_a_user_cannot_name_a_template_like_an_automatic_one(name: str) -> None:
     with pytest.raises(SpecError, match="is not valid"):
         check_name(name)
@@ -67,18 +74,18 @@ def test_a_user_cannot_name_a_template_like_an_automatic_one(name: str) -> None:
 
 def test_automatic_templates_are_listed_only_when_asked(tmp_path: Path) -> None:
     store = Templates(Paths(tmp_path))
-    for name in ("mine", "_boot-default-256m-1c"):
+    for name in ("mine", "_boot-default-256m-1c-tcg"):
         store.path(name).mkdir(parents=True)
         # Not sealed by this host: listed, with the reason a clone of it would be refused.
         (store.path(name) / META_FILE).write_text('{"seal": {"alg": "HMAC-SHA256", "tag": ""}}')
     (store.root / ".mine.123.tmp").mkdir()  # one being written: never listed
     assert store.names() == ["mine"]
-    assert store.names(automatic=True) == ["_boot-default-256m-1c", "mine"]
+    assert store.names(automatic=True) == ["_boot-default-256m-1c-tcg", "mine"]
     assert [t.name for t in store.list()] == ["mine"]
     listed = {t.name: t for t in store.list(automatic=True)}
-    assert listed["_boot-default-256m-1c"].automatic and not listed["mine"].automatic
+    assert listed["_boot-default-256m-1c-tcg"].automatic and not listed["mine"].automatic
     assert listed["mine"].problem is not None  # not sealed: a clone of it would be refused
-    store.remove("_boot-default-256m-1c")
+    store.remove("_boot-default-256m-1c-tcg")
     assert store.names(automatic=True) == ["mine"]
 
 
@@ -87,7 +94,7 @@ def test_an_automatic_templates_secret_has_a_key_name_of_its_own(tmp_path: Path)
     of its name, in a namespace no user template's can reach."""
     paths = Paths(tmp_path)
     keys = ChannelKeys(paths)
-    auto, user = "_boot-py3.12-256m-1c", "boot-py3-12-256m-1c"
+    auto, user = "_boot-py3.12-256m-1c-tcg", "boot-py3-12-256m-1c"
     keys.save_template(auto, bytes(range(32)))
     keys.save_template(user, bytes(32))
     assert keys.template(auto) == bytes(range(32)) and keys.template(user) == bytes(32)
@@ -105,7 +112,7 @@ def _key_files(paths: Paths) -> list[Path]:
 def test_the_cli_lists_automatic_templates_with_all_only(tmp_path: Path) -> None:
     """`warden template list` (embedded: no daemon socket in this home) hides them."""
     store = Templates(Paths(tmp_path))
-    for name in ("mine", "_boot-default-256m-1c"):
+    for name in ("mine", "_boot-default-256m-1c-tcg"):
         store.path(name).mkdir(parents=True)
         (store.path(name) / META_FILE).write_text('{"seal": {"alg": "HMAC-SHA256", "tag": ""}}')
     env = {**os.environ, "WARDEN_HOME": str(tmp_path), "WARDEN_HOST": "", "COLUMNS": "200"}
@@ -115,7 +122,7 @@ def test_the_cli_lists_automatic_templates_with_all_only(tmp_path: Path) -> None
         [*argv, "--all"], env=env, capture_output=True, text=True, check=True
     ).stdout
     assert "mine" in plain and "_boot-default" not in plain
-    assert "mine" in everything and "_boot-default-256m-1c" in everything
+    assert "mine" in everything and "_boot-default-256m-1c-tcg" in everything
     assert "automatic" in everything
 
 
@@ -174,7 +181,7 @@ def test_automatic_templates_are_pruned_least_recently_used_first(tmp_path: Path
     """Each shape of VM makes a boot template (~110 MiB of disk): past the limit, the least
     recently used go when a new one is saved; user templates and the new one never do."""
     store = Templates(Paths(home=tmp_path))
-    names = [boot_template_name(VMSpec(memory_mib=m)) for m in (128, 160, 192, 224)]
+    names = [boot_template_name(VMSpec(memory_mib=m), accel="tcg") for m in (128, 160, 192, 224)]
     for age, name in enumerate(names):
         directory = store.path(name)
         directory.mkdir(parents=True)

@@ -968,15 +968,7 @@ class AgentClient:
         """Route one frame from the agent. Raises FrameError on a malformed or forbidden one."""
         ftype, rid = frame.type, frame.request_id
         if rid == 0:
-            if ftype != FrameType.ERROR:
-                raise FrameError(f"unexpected {ftype.name} frame on request 0")
-            report = decode_json(frame)
-            self._abort(
-                ProtocolError(
-                    f"{self.who} reported a protocol error and dropped the connection: "
-                    f"{report.get(Key.MESSAGE, report)!s:.1000}"
-                )
-            )
+            self._connection_error(frame)
             return
         if ftype == FrameType.DATA and frame.channel in (Channel.XFER, Channel.XFER_READ):
             self._window_frame(frame)
@@ -999,6 +991,18 @@ class AgentClient:
         problem = request.accept(frame)
         if problem is not None:
             raise FrameError(problem)
+
+    def _connection_error(self, frame: Frame) -> None:
+        """A frame on request 0: the agent's report of a protocol error, before it hangs up."""
+        if frame.type != FrameType.ERROR:
+            raise FrameError(f"unexpected {frame.type.name} frame on request 0")
+        report = decode_json(frame)
+        self._abort(
+            ProtocolError(
+                f"{self.who} reported a protocol error and dropped the connection: "
+                f"{report.get(Key.MESSAGE, report)!s:.1000}"
+            )
+        )
 
     def _granted(self, frame: Frame) -> None:
         """A WINDOW frame from the agent: credit for what the client sends a link's end."""

@@ -51,7 +51,7 @@ from warden.audit._format import (
     read_head,
     record_mac,
 )
-from warden.config import open_private, private_dir
+from warden.config import fsync_dir, open_private, private_dir
 
 SYSTEM_PRINCIPAL = "warden"
 """The principal of the records the log writes itself (open, checkpoint, recovered)."""
@@ -147,8 +147,8 @@ class AuditLog:
         head_fd = -1
         try:
             head_fd = open_private(head_path(home), os.O_RDWR | os.O_CREAT)
-            _fsync_dir(log_dir(home))
-            _fsync_dir(home)
+            fsync_dir(log_dir(home))
+            fsync_dir(home)
             tail = _scan(fd, keys, log_path(home))
         except BaseException:
             for opened in (fd, head_fd):
@@ -390,7 +390,7 @@ class AuditLog:
             os.fsync(fd)
         finally:
             os.close(fd)
-        _fsync_dir(saved.parent)
+        fsync_dir(saved.parent)
         os.ftruncate(self._fd, offset)
         os.fsync(self._fd)
         self.append(
@@ -558,11 +558,3 @@ def _parse(line: bytes) -> dict[str, Any] | None:
 def _is_checkpoint(line: bytes) -> bool:
     record = _parse(line)
     return record is not None and record.get("action") == CHECKPOINT
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -55,29 +55,34 @@ def parse_run(argv: list[str]) -> RunArgs | None:
             break
         if not arg.startswith("-") or arg == "-":
             break  # the command: options end at the first argument (allow_interspersed_args)
-        name, eq, inline = arg.partition("=")
-        if name in _FLAGS and not eq:
-            values[_FLAGS[name]] = True
-        elif name in _VALUES:
-            if eq:
-                raw = inline
-            elif i + 1 < len(argv):
-                i += 1
-                raw = argv[i]
-            else:
-                return None
-            key = _VALUES[name]
-            if key == "env":
-                env.append(raw)
-            else:
-                values[key] = raw
-        else:
+        i = _take_option(argv, i, values, env)
+        if i < 0:
             return None  # --help, an unknown or combined option: typer's to explain
-        i += 1
     cmd = argv[i:]
     if not cmd:
         return None
     return _build(cmd, values, env)
+
+
+def _take_option(argv: list[str], i: int, values: dict[str, Any], env: list[str]) -> int:
+    """Read the option at ``argv[i]`` (and its value) into ``values`` or ``env``: the index of
+    the next argument, or -1 if this parser does not know it."""
+    name, eq, inline = argv[i].partition("=")
+    if name in _FLAGS and not eq:
+        values[_FLAGS[name]] = True
+        return i + 1
+    if name not in _VALUES:
+        return -1
+    if not eq:  # the value is the next argument
+        if i + 1 == len(argv):
+            return -1
+        i += 1
+    raw = inline if eq else argv[i]
+    if _VALUES[name] == "env":
+        env.append(raw)
+    else:
+        values[_VALUES[name]] = raw
+    return i + 1
 
 
 def _build(cmd: list[str], values: dict[str, Any], env: list[str]) -> RunArgs | None:

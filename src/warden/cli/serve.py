@@ -33,6 +33,8 @@ from warden.policy.admission import AdmissionPolicy
 from warden.server import logs
 
 if TYPE_CHECKING:
+    from collections.abc import Coroutine
+
     from warden.server.run import TcpListener
 
 LOCK_NAME = "manager.lock"
@@ -193,11 +195,7 @@ def serve(
     ($WARDEN_HOME/policy.toml, or the shipped default) grants it exec-as-root. A bad policy
     file refuses the start, saying which line or key to fix.
     """
-    if log_format not in logs.FORMATS:
-        raise typer.BadParameter(
-            f"{log_format!r} is not one of {', '.join(logs.FORMATS)}", param_hint="'--log-format'"
-        )
-    logs.setup(log_level, log_format)
+    _setup_logs(log_level, log_format)
     pools = _pools(pool or [])
     policy = _policy(
         memory_overcommit=memory_overcommit,
@@ -216,26 +214,45 @@ def serve(
     path = socket_path or default_socket(paths)
     gid = group_id(group) if group else None
     lock, sock, listener = _listen(paths, path, tcp, gid)
-    from warden.server import run
-
     try:
-        # uvicorn re-raises the signal that stopped it once it is done; with these handlers
-        # that is a no-op, so `serve` returns and removes its socket instead of dying by it.
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, _ignore)
+        from warden.server import run
+
         daemon = run.serve(
             paths, sock, log_level, policy, listener,
             allow_root=allow_root, pools=pools, auto_pause_s=auto_pause or None,
             group=group or None,
         )  # fmt: skip
-        asyncio.run(daemon)
+        _run_until_stopped(daemon)
     finally:
-        sock.close()
-        if listener is not None:
-            listener.sock.close()
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-        os.close(lock)
+        _close(lock, sock, listener, path)
+
+
+def _setup_logs(log_level: str, log_format: str) -> None:
+    """Set up the daemon's logging (a usage error for an unknown ``--log-format``)."""
+    if log_format not in logs.FORMATS:
+        raise typer.BadParameter(
+            f"{log_format!r} is not one of {', '.join(logs.FORMATS)}", param_hint="'--log-format'"
+        )
+    logs.setup(log_level, log_format)
+
+
+def _run_until_stopped(daemon: Coroutine[Any, Any, None]) -> None:
+    """Run the daemon until SIGTERM or SIGINT has stopped it gracefully."""
+    # uvicorn re-raises the signal that stopped it once it is done; with these handlers
+    # that is a no-op, so `serve` returns and removes its socket instead of dying by it.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _ignore)
+    asyncio.run(daemon)
+
+
+def _close(lock: int, sock: socket.socket, listener: TcpListener | None, path: Path) -> None:
+    """Undo what ``_listen`` did: close the sockets, remove the unix one, drop the lock."""
+    sock.close()
+    if listener is not None:
+        listener.sock.close()
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    os.close(lock)
 
 
 def _pools(pairs: list[str]) -> dict[str, int]:

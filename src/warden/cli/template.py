@@ -117,7 +117,9 @@ def list_(
     host: HostOption = None,
     show_all: Annotated[
         bool,
-        typer.Option("--all", help="Also the automatic boot templates (_boot-IMAGE-MEMm-CPUSc)."),
+        typer.Option(
+            "--all", help="Also the automatic boot templates (_boot-IMAGE-MEMm-CPUSc-ACCEL)."
+        ),
     ] = False,
 ) -> None:
     """List the templates: name, image, memory, vCPUs, size on disk, age, and whether a clone

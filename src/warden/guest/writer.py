@@ -167,22 +167,26 @@ class Writer:
                 pieces = _advance(pieces, written)
             if not self._writable():
                 return False
-            if self._can_stage:
-                try:
-                    moved = os.splice(read_end, self.fd, staged)
-                except OSError as exc:
-                    if exc.errno != errno.EINVAL:
-                        raise
-                    self._can_stage = False  # no splice_write: write from now on
-                    continue
-            else:
-                moved = len(chunk := os.read(read_end, staged))
-                if not self._write_all(chunk):
-                    return False
+            moved = self._move_staged(read_end, staged)
+            if moved is None:
+                return False
             if moved <= 0:
                 raise OSError(errno.EIO, "the staging pipe ran dry")
             staged -= moved
         return True
+
+    def _move_staged(self, read_end: int, staged: int) -> int | None:
+        """Move up to the ``staged`` bytes of the pipe on to the fd: how many it moved, or None
+        once the host is gone."""
+        if self._can_stage:
+            try:
+                return os.splice(read_end, self.fd, staged)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                self._can_stage = False  # no splice_write: write from now on
+        chunk = os.read(read_end, staged)
+        return len(chunk) if self._write_all(chunk) else None
 
     def _writable(self) -> bool:
         """Wait until the fd takes bytes; False (and dead) once the host is gone."""

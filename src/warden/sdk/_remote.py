@@ -510,25 +510,32 @@ class _AsyncFactory:
             fields["boot"] = call.boot
         timeout = call.timeout
         http = self._endpoint.async_client(httpx.Timeout(60.0, read=None))
-        try:
+        async with self._closed_on_error(http):
             r = await http.post(f"{API}/sandboxes", json=fields, timeout=timeout + 60.0)
             if not r.is_success:
                 _raise(r)
+        machine = RemoteMachine(self._endpoint, http, r.json(), spec)
+        return AsyncSandbox(machine)
+
+    @contextlib.asynccontextmanager
+    async def _closed_on_error(self, http: httpx.AsyncClient) -> AsyncIterator[None]:
+        """Close the sandbox's own client ``http`` if the body fails (HostError when the
+        daemon is unreachable); on success, the sandbox keeps it."""
+        try:
+            yield
         except httpx.TransportError as exc:
             await http.aclose()
             raise HostError(self._endpoint.unreachable(exc)) from None
         except BaseException:
             await http.aclose()
             raise
-        machine = RemoteMachine(self._endpoint, http, r.json(), spec)
-        return AsyncSandbox(machine)
 
     async def resume(self, sandbox_id: str) -> AsyncSandbox:
         """Resume a sandbox the daemon holds paused (by any client, after a daemon restart
         too); ``PausedStateError`` if its saved state was refused, and
         ``StateTransitionError`` unless it is paused."""
         http = self._endpoint.async_client(httpx.Timeout(60.0, read=None))
-        try:
+        async with self._closed_on_error(http):
             r = await http.get(f"{API}/sandboxes/{sandbox_id}")
             if not r.is_success:
                 _raise(r, vm_id=sandbox_id)
@@ -543,12 +550,6 @@ class _AsyncFactory:
             )
             machine = RemoteMachine(self._endpoint, http, row, spec)
             await machine.resume()
-        except httpx.TransportError as exc:
-            await http.aclose()
-            raise HostError(self._endpoint.unreachable(exc)) from None
-        except BaseException:
-            await http.aclose()
-            raise
         return AsyncSandbox(machine)
 
 

@@ -27,7 +27,7 @@ import stat
 from pathlib import Path
 
 from warden._errors import HostError
-from warden.config import Paths, open_private, private_dir
+from warden.config import Paths, fsync_dir, open_private, private_dir
 
 KEY_BYTES = 32
 KEY_SUFFIX = ".key"
@@ -114,7 +114,7 @@ class KeyStore:
                     os.link(tmp, path)
                 except FileExistsError:
                     return False
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
             return True
         finally:
             tmp.unlink(missing_ok=True)
@@ -135,11 +135,3 @@ def _unsafe(path: Path, problem: str) -> KeyStoreError:
     return KeyStoreError(
         f"the key file {path} {problem}; delete it, and warden makes a new one on next use"
     )
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -12,7 +12,7 @@ never buffered whole.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
@@ -60,41 +60,26 @@ def _invalid_message(problems: list[dict[str, Any]]) -> str:
     return "; ".join(f"{'.'.join(p['loc'])}: {p['msg']}" for p in problems)
 
 
-def create_app(
-    manager: Manager,
-    *,
-    manage_lifespan: bool = True,
-    allow_root: bool = False,
-    access: AccessControl | None = None,
-) -> FastAPI:
-    """The API over ``manager``. With ``manage_lifespan``, the app starts the manager (which
-    reattaches to live VMs) and closes it on shutdown (leaving VMs running).
-
-    Every route is checked against the access policy (``access``; by default the one of
-    ``manager.paths``, read now: PolicyError if its file is bad). ``allow_root`` is the
-    deprecated ``warden serve --allow-root``: it grants exec-as-root to every caller."""
-    control = access or AccessControl.load(manager.paths, root_for_all=allow_root)
-    if manager is not None and control.on_denied is None:  # None: the OpenAPI spec's build
-        control.on_denied = audit_denials(manager)
+def _lifespan(
+    manager: Manager, manage: bool
+) -> Callable[[FastAPI], contextlib.AbstractAsyncContextManager[None]]:
+    """The app's lifespan: with ``manage``, start ``manager`` and close it on shutdown."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if manage_lifespan:
+        if manage:
             await manager.start()
         try:
             yield
         finally:
-            if manage_lifespan:
+            if manage:
                 await manager.close()
 
-    app = FastAPI(title="warden", version="1", lifespan=lifespan)
-    metrics = Metrics()
-    app.state.manager = manager
-    app.state.metrics = metrics
-    app.state.pipes = dict[str, StdinPipe]()
-    app.state.access = control
-    app.add_middleware(BodyLimit)
-    app.add_middleware(PrincipalContext)  # the audit log's principal (server/audit.py)
+    return lifespan
+
+
+def _add_error_handlers(app: FastAPI, metrics: Metrics) -> None:
+    """Answer every error with the API's error body (``server/errors.py``)."""
 
     @app.exception_handler(WardenError)
     async def _warden_error(request: Request, exc: WardenError) -> JSONResponse:
@@ -113,6 +98,33 @@ def create_app(
         answer = api_errors.body(api_errors.HTTP_ERROR, str(exc.detail))
         return JSONResponse(answer, status_code=exc.status_code, headers=exc.headers)
 
+
+def create_app(
+    manager: Manager,
+    *,
+    manage_lifespan: bool = True,
+    allow_root: bool = False,
+    access: AccessControl | None = None,
+) -> FastAPI:
+    """The API over ``manager``. With ``manage_lifespan``, the app starts the manager (which
+    reattaches to live VMs) and closes it on shutdown (leaving VMs running).
+
+    Every route is checked against the access policy (``access``; by default the one of
+    ``manager.paths``, read now: PolicyError if its file is bad). ``allow_root`` is the
+    deprecated ``warden serve --allow-root``: it grants exec-as-root to every caller."""
+    control = access or AccessControl.load(manager.paths, root_for_all=allow_root)
+    if manager is not None and control.on_denied is None:  # None: the OpenAPI spec's build
+        control.on_denied = audit_denials(manager)
+
+    app = FastAPI(title="warden", version="1", lifespan=_lifespan(manager, manage_lifespan))
+    metrics = Metrics()
+    app.state.manager = manager
+    app.state.metrics = metrics
+    app.state.pipes = dict[str, StdinPipe]()
+    app.state.access = control
+    app.add_middleware(BodyLimit)
+    app.add_middleware(PrincipalContext)  # the audit log's principal (server/audit.py)
+    _add_error_handlers(app, metrics)
     for module in (sandboxes, templates, events, system, exec_routes, files, auth, tokens, links):
         app.include_router(module.router, dependencies=[Depends(authorize)])
     return app

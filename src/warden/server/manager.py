@@ -20,10 +20,12 @@ import dataclasses
 import logging
 import shutil
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from warden._errors import (
+    AdmissionError,
     NameConflictError,
     SpecError,
     StateTransitionError,
@@ -107,6 +109,8 @@ class Manager:
         self.cpu = CpuMeter()
         self.meter = UsageMeter()
         """What each running VM uses, for admission (``charge="measured"``)."""
+        self.helpers: dict[str, VMUsage] = {}
+        """The helper VMs running now (``vmm/rehome.py``), charged by admission like VMs."""
         self._sampler: asyncio.Task[None] | None = None
         self.templates = Templates(paths)
         self.pool = WarmPool(pools or {}, self._pool_member)
@@ -159,6 +163,40 @@ class Manager:
             )
             return
         self.policy = dataclasses.replace(self.policy, vm_footprint_mib=saved.pss_mib)
+
+    def _charged(self, reserved: Reservations) -> list[VMUsage]:
+        """What admission charges: the active VMs of the store, and the helper VMs running."""
+        return [self._usage(vm) for vm in reserved.active] + list(self.helpers.values())
+
+    @contextlib.asynccontextmanager
+    async def _helper_charged(self, spec: VMSpec) -> AsyncIterator[None]:
+        """Charge a helper VM of ``spec`` while the body runs (saving a clone as a template
+        boots one for about a second: ``vmm/rehome.py``). Admitted like a create, one after the
+        other with them (AdmissionError if it does not fit), and at its limits: it loads the
+        clone's whole RAM, and runs too briefly to be measured."""
+        key = f"helper-{new_vm_id()}"
+        usage = VMUsage(
+            spec.memory_mib,
+            spec.vcpus,
+            pss_mib=float(spec.memory_mib + self.policy.vm_overhead_mib),
+        )
+
+        def admit(reserved: Reservations) -> None:
+            try:
+                check_usage(self.policy, self.capacity, self._charged(reserved), request=usage)
+            except AdmissionError as exc:
+                raise AdmissionError(
+                    "saving a template of a clone needs a helper VM of its size for about a "
+                    f"second, and it does not fit: {exc}",
+                    limits=exc.limits,
+                ) from None
+            self.helpers[key] = usage  # in the transaction: the next create sees it
+
+        await asyncio.to_thread(self.store.admit, admit)
+        try:
+            yield
+        finally:
+            self.helpers.pop(key, None)
 
     def _usage(self, vm: ActiveVM) -> VMUsage:
         paused = vm.state == getattr(VMState, "PAUSED", None)
@@ -306,9 +344,8 @@ class Manager:
         AdmissionError and NameConflictError leave nothing."""
 
         def admit(reserved: Reservations) -> None:
-            vms = [self._usage(vm) for vm in reserved.active]
             request = VMUsage(spec.memory_mib, spec.vcpus)
-            check_usage(self.policy, self.capacity, vms, request=request)
+            check_usage(self.policy, self.capacity, self._charged(reserved), request=request)
 
         return self.store.create_vm(
             vm_id, spec, runtime_dir=self.paths.vms / vm_id, admit=admit, owner=owner
@@ -552,7 +589,9 @@ class Manager:
         (who saved it) is recorded in its meta."""
         machine = await self.machine(id_or_name)
         extra = {"source": machine.id, "owner": owner}
-        await machine.save_template(name, keep_running=True, extra=extra)
+        await machine.save_template(
+            name, keep_running=True, extra=extra, charge_helper=self._helper_charged
+        )
         info = await asyncio.to_thread(self.templates.info, name)
         if info is None:
             raise VMError(f"template {name!r} was saved but cannot be read back")
@@ -574,15 +613,7 @@ class Manager:
     async def pause(self, vm_id: str) -> VMRow:
         """Save a running VM to its sealed file and end its QEMU (``vmm/pause.py``); 409 if
         it is not running (or has requests in flight)."""
-        row = await self.get(vm_id)
-        held = self.vms.get(row.id)
-        if row.state is not VMState.RUNNING or held is None:
-            raise StateTransitionError(
-                f"VM {row.id} is {row.state.value}; only a running VM can be paused"
-            )
-        async with held.lock:
-            if self.vms.get(row.id) is not held or held.stopping:
-                raise StateTransitionError(f"VM {row.id} is being stopped")
+        async with self._locked_in(vm_id, VMState.RUNNING, "paused") as (row, held):
             monitor, held.monitor = held.monitor, None
             if monitor is not None:  # QEMU is about to quit on purpose
                 monitor.cancel()
@@ -600,15 +631,7 @@ class Manager:
     async def resume(self, vm_id: str) -> VMRow:
         """Start a paused VM again from its verified saved state; 409 if it is not paused or
         its saved state is refused."""
-        row = await self.get(vm_id)
-        held = self.vms.get(row.id)
-        if row.state is not VMState.PAUSED or held is None:
-            raise StateTransitionError(
-                f"VM {row.id} is {row.state.value}; only a paused VM can be resumed"
-            )
-        async with held.lock:
-            if self.vms.get(row.id) is not held or held.stopping:
-                raise StateTransitionError(f"VM {row.id} is being stopped")
+        async with self._locked_in(vm_id, VMState.PAUSED, "resumed") as (row, held):
             machine = held.machine
             if machine.state is VMState.PAUSED:  # else a concurrent resume did it
                 await machine.resume()
@@ -617,6 +640,23 @@ class Manager:
                 await asyncio.to_thread(self.store.set_pid, row.id, pid, start)
                 held.monitor = self._watch(held)
             return await asyncio.to_thread(self.store.update_state, row.id, VMState.RUNNING)
+
+    @contextlib.asynccontextmanager
+    async def _locked_in(
+        self, vm_id: str, state: VMState, done: str
+    ) -> AsyncIterator[tuple[VMRow, _Held]]:
+        """The VM ``vm_id``'s row and holding, under its lock, if it is in ``state`` and not
+        being stopped; else StateTransitionError (only a VM in ``state`` can be ``done``)."""
+        row = await self.get(vm_id)
+        held = self.vms.get(row.id)
+        if row.state is not state or held is None:
+            raise StateTransitionError(
+                f"VM {row.id} is {row.state.value}; only a {state.value} VM can be {done}"
+            )
+        async with held.lock:
+            if self.vms.get(row.id) is not held or held.stopping:
+                raise StateTransitionError(f"VM {row.id} is being stopped")
+            yield row, held
 
     def _watch(self, held: _Held) -> asyncio.Task[None]:
         return asyncio.create_task(self._monitor(held), name=f"warden-monitor-{held.machine.id}")
@@ -631,7 +671,7 @@ class Manager:
     async def info(self) -> dict[str, object]:
         reserved = await asyncio.to_thread(self.store.reservations)
         p, c = self.policy, self.capacity
-        charged = Charges.of(p, [self._usage(vm) for vm in reserved.active])
+        charged = Charges.of(p, self._charged(reserved))
         return {
             "capacity": {"memory_mib": c.memory_mib, "cpus": c.cpus},
             "policy": {

@@ -296,41 +296,8 @@ class Store:
                 raise _name_conflict(spec.name)
             if admit is not None:
                 admit(_reservations(conn))
-            try:
-                conn.execute(
-                    f"INSERT INTO vms ({_VM_COLUMNS})"  # noqa: S608 (a constant column list)
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, NULL, NULL, ?, NULL, NULL, ?)",
-                    (
-                        vm_id,
-                        spec.name,
-                        VMState.CREATING.value,
-                        spec.model_dump_json(),
-                        spec.image,
-                        spec.vcpus,
-                        spec.memory_mib,
-                        json.dumps(spec.labels, sort_keys=True),
-                        now,
-                        str(runtime_dir) if runtime_dir is not None else None,
-                        owner,
-                    ),
-                )
-            except sqlite3.IntegrityError as exc:
-                if "vms.name" in str(exc) and spec.name is not None:
-                    raise _name_conflict(spec.name) from None
-                raise StoreError(f"a VM with id {vm_id!r} exists already") from exc
-            _insert_event(
-                conn,
-                vm_id,
-                now,
-                "created",
-                {
-                    "name": spec.name,
-                    "image": spec.image,
-                    "vcpus": spec.vcpus,
-                    "memory_mib": spec.memory_mib,
-                    "owner": owner,
-                },
-            )
+            _insert_vm(conn, vm_id, spec, now, runtime_dir, owner)
+            _insert_event(conn, vm_id, now, "created", _created_details(spec, owner))
             return _get(conn, vm_id)
 
     def hand_over(self, vm_id: str, spec: VMSpec, *, owner: str = DAEMON_OWNER) -> VMRow:
@@ -435,6 +402,13 @@ class Store:
         """Sum of memory_mib and vcpus, and the count, of the VMs in ACTIVE_STATES."""
         with self._read() as conn:
             return _reservations(conn)
+
+    def admit(self, admit: Callable[[Reservations], None]) -> None:
+        """Call ``admit`` with the current reservations inside a write transaction, writing
+        nothing: decided one after the other with every create's ``admit`` (the database's
+        write lock), for a charge held outside the store (a helper VM of ``vmm/rehome.py``)."""
+        with self._write() as conn:
+            admit(_reservations(conn))
 
     # -- events ----------------------------------------------------------------------------
 
@@ -582,6 +556,51 @@ def _get(conn: sqlite3.Connection, vm_id: str) -> VMRow:
     if row is None:
         raise _not_found(vm_id)
     return row
+
+
+def _insert_vm(
+    conn: sqlite3.Connection,
+    vm_id: str,
+    spec: VMSpec,
+    now: float,
+    runtime_dir: Path | None,
+    owner: str,
+) -> None:
+    """Insert the row of a VM in state ``creating``. Raises NameConflictError if its name is
+    taken, StoreError if its id is."""
+    try:
+        conn.execute(
+            f"INSERT INTO vms ({_VM_COLUMNS})"  # noqa: S608 (a constant column list)
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, NULL, NULL, ?, NULL, NULL, ?)",
+            (
+                vm_id,
+                spec.name,
+                VMState.CREATING.value,
+                spec.model_dump_json(),
+                spec.image,
+                spec.vcpus,
+                spec.memory_mib,
+                json.dumps(spec.labels, sort_keys=True),
+                now,
+                str(runtime_dir) if runtime_dir is not None else None,
+                owner,
+            ),
+        )
+    except sqlite3.IntegrityError as exc:
+        if "vms.name" in str(exc) and spec.name is not None:
+            raise _name_conflict(spec.name) from None
+        raise StoreError(f"a VM with id {vm_id!r} exists already") from exc
+
+
+def _created_details(spec: VMSpec, owner: str) -> dict[str, object]:
+    """What a VM's ``created`` event records."""
+    return {
+        "name": spec.name,
+        "image": spec.image,
+        "vcpus": spec.vcpus,
+        "memory_mib": spec.memory_mib,
+        "owner": owner,
+    }
 
 
 def _name_taken(conn: sqlite3.Connection, name: str) -> bool:

@@ -166,8 +166,9 @@ class IdleGate:
                 raise StateTransitionError(self.frozen)
             if self.inflight:
                 raise StateTransitionError(
-                    f"VM {self.name} has {self.inflight} request(s) in flight (a command or a "
-                    f"file transfer); {what} once they have ended"
+                    f"VM {self.name} has {self.inflight} request(s) in flight (a command, a "
+                    f"file transfer or an open link); {what} once they have ended (`warden "
+                    "link rm NAME` closes a link)"
                 )
             self._disarm()
             self.frozen = reason

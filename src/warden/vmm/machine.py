@@ -86,6 +86,9 @@ CONSOLE_DRAIN_S = 1.0
 ArgvWrapper = Callable[[list[str]], list[str]]
 """A launch step that wraps QEMU's argv (inside the jail, if any: its program must be there)."""
 
+HelperCharge = Callable[[VMSpec], contextlib.AbstractAsyncContextManager[None]]
+"""Charges a helper VM of the spec with admission while it is held (``Machine.save_template``)."""
+
 UnhealthyCallback = Callable[["Machine", str], object]
 """Called once (on the event loop) when a running VM turns unhealthy, with the reason."""
 
@@ -127,6 +130,15 @@ class Machine:
         self.id = vm_id or new_vm_id()
         self.run = RuntimeFiles(self.paths.vms / self.id)
         self.state = VMState.CREATING
+        self._init_launch_state()
+        self._init_isolation(jail, use_cgroups)
+        self._init_channel(plaintext_channel)
+        # Every agent request passes the gate; with ``auto_pause_s`` it stops the VM (QMP
+        # ``stop``) after that long without one, and the next request continues it.
+        self.idle = IdleGate(self.id, auto_pause_s)
+
+    def _init_launch_state(self) -> None:
+        """What ``launch`` fills in: the QEMU process and its connections, how it booted."""
         self.accel: AccelChoice | None = None
         self.image: Image | None = None
         self.argv: list[str] = []
@@ -146,15 +158,18 @@ class Machine:
         """The automatic boot template this VM clones, or makes once it booted cold (with
         ``boot="snapshot"``, the default); None for a cold boot or a clone of a named one."""
         self._final_console: str | None = None
-        self.use_cgroups = use_cgroups
-        self.cgroup: cgroups.VMCgroup | None = None
-        """The VM's cgroups (memory incl. QEMU's overhead, CPU, tasks), where the host has them."""
         self.console_log = console.ConsoleLog(self.run.console)
         self._console_task: asyncio.Task[None] | None = None
         self._renewal: asyncio.Task[None] | None = None
         """A new agent session after the channel refused a record (see _on_agent_broken)."""
         self._renewals = 0
         self.on_unhealthy: UnhealthyCallback | None = None
+
+    def _init_isolation(self, jail: JailMode | None, use_cgroups: bool) -> None:
+        """The jail, uid and cgroups the VM's QEMU will run in (set up by ``launch``)."""
+        self.use_cgroups = use_cgroups
+        self.cgroup: cgroups.VMCgroup | None = None
+        """The VM's cgroups (memory incl. QEMU's overhead, CPU, tasks), where the host has them."""
         self.jail_mode: JailMode = jail or default_mode()
         """off, on (what the host has; a missing feature is logged) or require."""
         self.jail: JailPlan | None = None
@@ -165,6 +180,9 @@ class Machine:
         self.qemu_reads: list[Path] = []
         """More root-only files that QEMU opens by path (a ``-fw_cfg`` file, say): bound
         read-only into its jail, where they are the VM uid's (idmapped)."""
+
+    def _init_channel(self, plaintext_channel: bool) -> None:
+        """The agent channel's keys, and the templates a clone's memory and secret come from."""
         self.plaintext_channel = plaintext_channel
         """Serve the agent channel without its crypto layer: only the benchmark does, to
         measure that layer's cost (``warden.channel=plain`` on the guest's command line)."""
@@ -174,9 +192,6 @@ class Machine:
         self.templates = Templates(self.paths)
         self._template: LoadedTemplate | None = None
         """The template this VM is cloned from, verified, while it launches."""
-        # Every agent request passes the gate; with ``auto_pause_s`` it stops the VM (QMP
-        # ``stop``) after that long without one, and the next request continues it.
-        self.idle = IdleGate(self.id, auto_pause_s)
 
     # -- public surface ------------------------------------------------------------------
 
@@ -371,6 +386,10 @@ class Machine:
 
     async def _detach_connections(self) -> None:
         await self._stop_console()
+        await self._close_connections()
+
+    async def _close_connections(self) -> None:
+        """Close the agent session and QMP (errors ignored: QEMU may be gone already)."""
         if self._agent is not None:
             with contextlib.suppress(Exception):
                 await self._agent.close()
@@ -438,7 +457,8 @@ class Machine:
         """The verified automatic template of this VM's shape, to clone; None if there is
         none yet or it was refused (its seal, a file, the image or QEMU no longer match): the
         refused one is deleted, and either way the VM boots cold and makes it again."""
-        name = self.boot_template = boot_template_name(self.spec)
+        assert self.accel is not None
+        name = self.boot_template = boot_template_name(self.spec, accel=self.accel.name)
         loaded: LoadedTemplate | None = None
         try:
             loaded = self.templates.load(name)
@@ -727,6 +747,7 @@ class Machine:
         keep_running: bool,
         extra: dict[str, Any] | None = None,
         store: Templates | None = None,
+        charge_helper: HelperCharge | None = None,
     ) -> None:
         """Save this running VM as template ``name`` (``vmm/templates.py``).
 
@@ -736,6 +757,8 @@ class Machine:
         the old one); else the caller ends it. NameConflictError if the name is taken,
         TemplateError if this VM's RAM cannot be copied (a clone's is private). ``store``:
         another template store than ``self.templates`` (a fork's transient one).
+        ``charge_helper``: held around the save when it needs a helper VM (a clone's:
+        ``vmm/rehome.py``), so that admission charges it (the daemon's).
         """
         store = store or self.templates
         if self.state is not VMState.RUNNING or self._qmp is None or self.image is None:
@@ -749,12 +772,16 @@ class Machine:
             )
         boot = BootFiles(self.image.kernel.path, self.image.initrd.path, self.image.rootfs.path)
         config = self._template_config(boot)
-        # The idle gate holds off auto-pause and new requests meanwhile (it refuses while
-        # requests are in flight), and continues a VM that auto-pause had stopped.
         self.link_slots.check_none(self.id, "save it")
-        await self.idle.wake()
-        async with self.idle.exclusive(f"VM {self.id} is being saved", what="save it"):
-            await self._capture(store, name, config, extra or {}, keep_running=keep_running)
+        charged: contextlib.AbstractAsyncContextManager[None] = contextlib.nullcontext()
+        if charge_helper is not None and self._needs_helper(store):
+            charged = charge_helper(self.spec)
+        async with charged:
+            # The idle gate holds off auto-pause and new requests meanwhile (it refuses while
+            # requests are in flight), and continues a VM that auto-pause had stopped.
+            await self.idle.wake()
+            async with self.idle.exclusive(f"VM {self.id} is being saved", what="save it"):
+                await self._capture(store, name, config, extra or {}, keep_running=keep_running)
         if keep_running:
             self.idle.reopen()
 
@@ -773,7 +800,7 @@ class Machine:
             self._agent = None
         await self._qmp.execute("stop")
         try:
-            if self.booted_from == "template" and store.rehomes_clones:
+            if self._needs_helper(store):
                 await rehome.save_clone(self, store, name, extra, self._secret)
             else:
                 await store.capture(self._qmp, self._qemu_pid(), name, config, self._secret, extra)
@@ -782,6 +809,10 @@ class Machine:
                 await self._qmp.execute("cont")
                 # The template holds this VM's secret now: it gets a new one of its own.
                 self._agent = await self._open_agent(self.spec.agent_timeout_s, held=self._secret)
+
+    def _needs_helper(self, store: Templates) -> bool:
+        """Whether saving this VM into ``store`` boots a helper VM (``vmm/rehome.py``)."""
+        return self.booted_from == "template" and store.rehomes_clones
 
     async def plug_link(self, name: str, region: Region) -> Slot:
         """Plug link ``name``'s shared-memory region into a free link slot of this running VM
@@ -1045,13 +1076,7 @@ class Machine:
 
     async def _stop_process(self) -> None:
         """SIGKILL QEMU and drop its connections, keeping the runtime dir (for a retry)."""
-        if self._agent is not None:
-            with contextlib.suppress(Exception):
-                await self._agent.close()
-        if self._qmp is not None:
-            with contextlib.suppress(Exception):
-                await self._qmp.disconnect()
-            self._qmp = None
+        await self._close_connections()
         if self._proc is not None and self._proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 self._proc.send_signal(signal.SIGKILL)

@@ -20,7 +20,7 @@ import errno
 import fcntl
 import hashlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 CHUNK = 1 << 20
 ZERO_CHUNK = bytes(CHUNK)
@@ -146,10 +146,16 @@ def sealed_copy(src: int, size: int, name: str, *, hashed: bool = True) -> tuple
     mode, so that a jailed QEMU's own uid can open it read-write, which
     ``memory-backend-file`` always does; the seals make every write fail all the same.
     """
+    return _sealed(name, size, lambda fd: copy_sparse(src, fd, size, hashed=hashed))
+
+
+def _sealed(name: str, size: int, fill: Callable[[int], str]) -> tuple[int, str]:
+    """A new memfd of ``size`` bytes, filled by ``fill(fd)`` (which returns their digest),
+    then sealed; closed again if anything fails."""
     fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
         os.ftruncate(fd, size)
-        digest = copy_sparse(src, fd, size, hashed=hashed)
+        digest = fill(fd)
         fcntl.fcntl(fd, F_ADD_SEALS, SEALS)
     except BaseException:
         os.close(fd)
@@ -213,15 +219,7 @@ def copy_qemu_ram(pid: int, size: int, dst: int, *, hashed: bool = True) -> str:
 
 def sealed_qemu_ram(pid: int, size: int, name: str, *, hashed: bool = True) -> tuple[int, str]:
     """A sealed memfd holding the guest RAM of the (stopped) QEMU ``pid``, and its digest."""
-    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    try:
-        os.ftruncate(fd, size)
-        digest = copy_qemu_ram(pid, size, fd, hashed=hashed)
-        fcntl.fcntl(fd, F_ADD_SEALS, SEALS)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd, digest
+    return _sealed(name, size, lambda fd: copy_qemu_ram(pid, size, fd, hashed=hashed))
 
 
 CLONE_RAM_PREFIX = "/memfd:warden-"

@@ -204,28 +204,32 @@ def sweep_stale(vms_dir: Path, *, owner_pid: int | None = None) -> list[Path]:
     if not vms_dir.is_dir():
         return swept
     for rundir in sorted(vms_dir.iterdir()):
-        if not rundir.is_dir():
-            continue
-        data = read_owner(rundir)
-        if owner_pid is not None:
-            if data is None or _int(data.get("owner_pid")) != owner_pid:
-                continue
-            if data.get("ownership") == Ownership.DAEMON.value:
-                # A daemon's VMs outlive it; its janitor (started by an embedded VM of the
-                # same process, such as the footprint calibration) must leave them alone.
-                continue
-        elif data is None:
-            # A dir being created right now has no owner.json for a moment; leave young ones.
-            with contextlib.suppress(OSError):
-                if time.time() - rundir.stat().st_mtime < 60:
-                    continue
-        elif data.get("ownership") == Ownership.DAEMON.value or owner_alive(rundir):
-            continue
-        release(rundir)
-        swept.append(rundir)
+        if rundir.is_dir() and _stale(rundir, owner_pid):
+            release(rundir)
+            swept.append(rundir)
     with contextlib.suppress(OSError):
         ids.sweep_orphans(vms_dir)
     return swept
+
+
+def _stale(rundir: Path, owner_pid: int | None) -> bool:
+    """Whether ``sweep_stale`` releases the runtime dir ``rundir``."""
+    data = read_owner(rundir)
+    if owner_pid is not None:
+        # A daemon's VMs outlive it; its janitor (started by an embedded VM of the same
+        # process, such as the footprint calibration) must leave them alone.
+        return (
+            data is not None
+            and _int(data.get("owner_pid")) == owner_pid
+            and data.get("ownership") != Ownership.DAEMON.value
+        )
+    if data is None:
+        # A dir being created right now has no owner.json for a moment; leave young ones.
+        try:
+            return time.time() - rundir.stat().st_mtime >= 60
+        except OSError:
+            return True
+    return data.get("ownership") != Ownership.DAEMON.value and not owner_alive(rundir)
 
 
 _janitor_lock = threading.Lock()

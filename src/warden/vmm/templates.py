@@ -25,11 +25,12 @@ goes to a private page of its own). The memfd is kept for this process and reuse
 later clone of the same sealed template. ``state.bin`` is checked on the open file that QEMU
 then loads (``-incoming fd:N``), as a paused VM's file is.
 
-**Boot templates.** ``_boot-<image>-<mem>m-<cpus>c`` is the automatic template of a VM shape:
-the first default create of that shape boots cold and saves it, later ones clone it
-(``Machine._load_boot_template``). Its name is no user template's (a leading '_'), ``list``
-hides it unless asked, and a refused one is deleted and made again instead of failing the
-create.
+**Boot templates.** ``_boot-<image>-<mem>m-<cpus>c-<accel>`` is the automatic template of a VM
+shape under an accelerator (``tcg`` or ``kvm``: its seal binds the argv, accelerator included,
+so one made under the other would be refused, and deleted): the first default create of that
+shape boots cold and saves it, later ones clone it (``Machine._load_boot_template``). Its name
+is no user template's (a leading '_'), ``list`` hides it unless asked, and a refused one is
+deleted and made again instead of failing the create.
 
 A clone is a new machine: the host's first session with it is authenticated by the template's
 secret and hands it one of its own; its HELLO brings a fresh RNG seed, the time and its own
@@ -86,8 +87,9 @@ BOOT_PREFIX = "_boot-"
 MAX_AUTOMATIC = 8
 """Automatic boot templates kept per host (~110 MiB of disk each for 256 MiB): when a new
 shape's is saved, the least recently used beyond this are deleted (re-made if needed)."""
-BOOT_RE = re.compile(r"^_boot-[a-z0-9][a-z0-9_.-]{0,62}-[0-9]+m-[0-9]+c$")
-"""An automatic boot template's name: no user template can have it (a leading '_')."""
+BOOT_RE = re.compile(r"^_boot-[a-z0-9][a-z0-9_.-]{0,62}-[0-9]+m-[0-9]+c(-tcg|-kvm)?$")
+"""An automatic boot template's name: no user template can have it (a leading '_'). One of an
+older warden has no accelerator: no VM loads it any more, and it is listed and pruned."""
 
 
 def check_name(name: str) -> str:
@@ -101,10 +103,11 @@ def _stored_name(name: str) -> str:
     return name if BOOT_RE.match(name) else check_name(name)
 
 
-def boot_template_name(spec: VMSpec) -> str:
-    """The automatic template of ``spec``'s shape (image, memory, vCPUs): the first create of
-    that shape boots cold and saves it, and later creates clone it."""
-    return f"{BOOT_PREFIX}{spec.image}-{spec.memory_mib}m-{spec.vcpus}c"
+def boot_template_name(spec: VMSpec, *, accel: str) -> str:
+    """The automatic template of ``spec``'s shape (image, memory, vCPUs) under the resolved
+    accelerator ``accel`` (``tcg`` or ``kvm``): the first create of that shape boots cold and
+    saves it, and later creates clone it."""
+    return f"{BOOT_PREFIX}{spec.image}-{spec.memory_mib}m-{spec.vcpus}c-{accel}"
 
 
 def is_automatic(name: str) -> bool:

@@ -32,38 +32,61 @@ async def put_file(
     mode: int = Query(0o644, ge=0, le=MAX_MODE, description="permission bits, e.g. 420 (0o644)"),
 ) -> dict[str, Any]:
     machine = await manager.machine(ref)
-    digest = hashlib.sha256()
+    audit = _Transfer(manager, "files-write", machine.id, path, user)
 
     async def chunks() -> AsyncIterator[bytes]:
         async for chunk in request.stream():
-            digest.update(chunk)
-            yield chunk
+            yield audit.hashed(chunk)
 
     try:
         size = await machine.agent.write_file(path, chunks(), mode=mode, user=user)
     except (WardenError, asyncio.CancelledError) as exc:
-        await asyncio.shield(_record(manager, "files-write", machine.id, path, user, error=exc))
+        await audit.failed(exc)
         raise
     metrics.bytes.inc(size, direction="files_in")
-    await manager.audit.record(
-        "files-write",
-        sandbox=machine.id,
-        path=path,
-        user=user,
-        size=size,
-        sha256=digest.hexdigest(),
-        direction="in",
-    )
+    await audit.recorded()
     return {"path": path, "size": size}
 
 
-async def _record(
-    manager: Manager, action: str, vm_id: str, path: str, user: str, *, error: BaseException
-) -> None:
-    """The audit record of a file operation that failed (or whose client went away)."""
-    await manager.audit.record(
-        action, sandbox=vm_id, outcome="error", path=path, user=user, error=type(error).__name__
-    )
+class _Transfer:
+    """The audit record of one file transfer: the bytes it moved, hashed as they pass."""
+
+    def __init__(self, manager: Manager, action: str, vm_id: str, path: str, user: str) -> None:
+        self.manager, self.action, self.vm_id, self.path, self.user = (
+            manager, action, vm_id, path, user
+        )  # fmt: skip
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def hashed(self, chunk: bytes) -> bytes:
+        """``chunk``, counted and hashed."""
+        self.digest.update(chunk)
+        self.size += len(chunk)
+        return chunk
+
+    async def recorded(self) -> None:
+        """Record the transfer done: its size and SHA-256."""
+        await self.manager.audit.record(
+            self.action,
+            sandbox=self.vm_id,
+            path=self.path,
+            user=self.user,
+            size=self.size,
+            sha256=self.digest.hexdigest(),
+            direction="in" if self.action == "files-write" else "out",
+        )
+
+    async def failed(self, error: BaseException) -> None:
+        """Record the transfer failed (or its client gone), even while being cancelled."""
+        record = self.manager.audit.record(
+            self.action,
+            sandbox=self.vm_id,
+            outcome="error",
+            path=self.path,
+            user=self.user,
+            error=type(error).__name__,
+        )
+        await asyncio.shield(record)
 
 
 @router.get("/{ref}/files")
@@ -71,6 +94,7 @@ async def get_file(
     ref: str, manager: ManagerDep, metrics: MetricsDep, path: PathQuery, user: UserDep
 ) -> StreamingResponse:
     machine = await manager.machine(ref)
+    audit = _Transfer(manager, "files-read", machine.id, path, user)
     chunks = cast(AsyncGenerator[bytes, None], machine.agent.read_file(path, user=user))
     # Read the first chunk before answering, so a missing file is a 404, not a cut stream.
     try:
@@ -78,38 +102,24 @@ async def get_file(
     except StopAsyncIteration:
         first = b""
     except (WardenError, asyncio.CancelledError) as exc:
-        await asyncio.shield(_record(manager, "files-read", machine.id, path, user, error=exc))
+        await audit.failed(exc)
         raise
 
-    digest = hashlib.sha256(first)
-    size = len(first)
-
     async def body() -> AsyncIterator[bytes]:
-        nonlocal size
         try:
             if first:
                 metrics.bytes.inc(len(first), direction="files_out")
-                yield first
+                yield audit.hashed(first)
             async for chunk in chunks:
                 metrics.bytes.inc(len(chunk), direction="files_out")
-                digest.update(chunk)
-                size += len(chunk)
-                yield chunk
+                yield audit.hashed(chunk)
         except (WardenError, asyncio.CancelledError, GeneratorExit) as exc:
-            await asyncio.shield(_record(manager, "files-read", machine.id, path, user, error=exc))
+            await audit.failed(exc)
             raise
         finally:
             await chunks.aclose()
         # Recorded before the body's end goes out: an answered read is a recorded one.
-        await manager.audit.record(
-            "files-read",
-            sandbox=machine.id,
-            path=path,
-            user=user,
-            size=size,
-            sha256=digest.hexdigest(),
-            direction="out",
-        )
+        await audit.recorded()
 
     return StreamingResponse(body(), media_type="application/octet-stream")
 
