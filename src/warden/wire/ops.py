@@ -73,6 +73,14 @@ class Key:
     """link-open's response: true if both directions ended normally (no error)."""
     CLOSED = "closed"
     """link-close's response: whether a link of that name was open."""
+    TRANSPORT = "transport"
+    """link-open: "relay" (records as DATA frames through the host; the default) or "ring"
+    (records through a shared-memory region, :mod:`warden.wire.ring`)."""
+    LINK_ID = "link_id"
+    """link-open, ring only: the 16-byte id (hex) in the header of the link's region."""
+    PLAIN = "plain"
+    """link-open, ring only: true to put plaintext in the records instead of sealed bytes (no
+    AEAD). Only the host's benchmark asks for it, to show the crypto's share."""
     # shutdown
     REBOOT = "reboot"
     # every response and error
