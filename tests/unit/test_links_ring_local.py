@@ -113,8 +113,8 @@ async def test_link_close_is_prompt_while_the_peer_does_not_read(two: Agents) ->
     a later touch would kill the agent with SIGBUS)."""
     end_a, end_b, region = await two.link("stuck")
     a, b = two.by_name["a"], two.by_name["b"]
-    ra, wa = await connect(a.links / "stuck.sock")
-    rb, wb = await connect(b.links / "stuck.sock")
+    _, wa = await connect(a.links / "stuck.sock")
+    _, wb = await connect(b.links / "stuck.sock")
     wa.write(os.urandom(16 << 20))
     await asyncio.sleep(1.0)  # the ring is full, b's client socket too
     assert wa.transport.get_write_buffer_size() > 0  # a's client is blocked

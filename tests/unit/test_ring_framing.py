@@ -1,0 +1,138 @@
+"""The ring's record framing (wire/ring.py, guest/ring.py) over a bytearray: wrap, pad, order."""
+
+from __future__ import annotations
+
+from collections import deque
+
+import pytest
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
+
+from warden.guest.ring import Backoff, Ring
+from warden.wire.ring import (
+    ALIGN,
+    CAPACITY,
+    DATA,
+    HEAD,
+    KIND_DATA,
+    KIND_END,
+    KIND_PAD,
+    MAX_RECORD,
+    RECORD,
+    REGION_SIZE,
+    TAIL,
+    pad_before,
+    span,
+)
+
+
+@given(st.integers(0, MAX_RECORD))
+def test_span_is_the_header_and_the_padded_bytes(size: int) -> None:
+    assert span(size) % ALIGN == 0
+    assert RECORD.size + size <= span(size) < RECORD.size + size + ALIGN
+
+
+@given(st.integers(0, 1 << 40).map(lambda n: n * ALIGN), st.integers(0, MAX_RECORD))
+def test_a_record_never_wraps(head: int, size: int) -> None:
+    pad = pad_before(head, size)
+    at = (head + pad) % CAPACITY
+    assert at + span(size) <= CAPACITY
+    if pad:
+        assert pad == CAPACITY - head % CAPACITY and pad >= RECORD.size
+        assert head % CAPACITY + span(size) > CAPACITY
+
+
+def _pair() -> tuple[bytearray, Ring, Ring]:
+    region = bytearray(REGION_SIZE)
+    return region, Ring(region, "a"), Ring(region, "b")
+
+
+_SIZES = st.one_of(
+    st.integers(0, 64), st.integers(MAX_RECORD // 2, MAX_RECORD), st.just(MAX_RECORD)
+)
+_OPS = st.lists(
+    st.tuples(st.sampled_from(["put", "put", "take"]), _SIZES), min_size=20, max_size=100
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(_OPS, st.integers(0, 255))
+def test_records_come_out_in_order_whatever_the_wrap(ops: list[tuple[str, int]], seed: int) -> None:
+    """A model check: what a puts, b takes, in order, whole; put refuses exactly when the
+    record (and its pad) would not fit."""
+    region, a, b = _pair()
+    sent: deque[bytes] = deque()
+    in_flight = 0
+    for n, (op, size) in enumerate(ops):
+        if op == "put":
+            payload = bytes([(seed + n) % 256]) * size
+            pad = pad_before(a.head, size)
+            fits = in_flight + pad + span(size) <= CAPACITY
+            assert a.put(KIND_DATA, payload) is fits
+            if fits:
+                sent.append(payload)
+                in_flight += pad + span(size)
+        else:
+            got = b.take()
+            assert got == ((KIND_DATA, sent.popleft()) if sent else None)
+            in_flight = a.head - b.tail
+            assert in_flight or not sent  # a pad only ever comes with the record after it
+        assert 0 <= a.head - b.tail <= CAPACITY
+        assert region[HEAD[0] : HEAD[0] + 8] == a.head.to_bytes(8, "little")
+    while sent:
+        assert b.take() == (KIND_DATA, sent.popleft())
+    assert b.take() is None
+    event("wrapped" if a.head > CAPACITY else "not wrapped")
+
+
+def test_both_directions_are_independent() -> None:
+    _, a, b = _pair()
+    assert a.put(KIND_DATA, b"to b") and b.put(KIND_DATA, b"to a")
+    assert a.put(KIND_END, b"")
+    assert b.take() == (KIND_DATA, b"to b") and b.take() == (KIND_END, b"")
+    assert a.take() == (KIND_DATA, b"to a") and a.take() is None
+
+
+def test_a_full_ring_refuses_until_read_and_the_pad_is_written_at_the_wrap() -> None:
+    region, a, b = _pair()
+    n = 0
+    while a.put(KIND_DATA, bytes(MAX_RECORD)):
+        n += 1
+    assert n == CAPACITY // span(MAX_RECORD)
+    assert b.take() is not None  # room for one more, which needs a pad at the ring's end
+    assert a.put(KIND_DATA, bytes(MAX_RECORD))
+    at = n * span(MAX_RECORD)
+    size, kind = RECORD.unpack_from(region, DATA[0] + at)
+    assert (size, kind) == (CAPACITY - at - RECORD.size, KIND_PAD)
+    for _ in range(n):
+        assert b.take() == (KIND_DATA, bytes(MAX_RECORD))
+    assert b.take() is None
+    assert b.tail == a.head and int.from_bytes(region[TAIL[0] : TAIL[0] + 8], "little") == a.head
+
+
+def test_put_refuses_what_is_not_a_record() -> None:
+    _, a, _ = _pair()
+    with pytest.raises(ValueError):
+        a.put(KIND_DATA, bytes(MAX_RECORD + 1))
+    with pytest.raises(ValueError):
+        a.put(KIND_PAD, b"")
+
+
+def test_the_backoff_sleeps_longer_once_idle(monkeypatch: pytest.MonkeyPatch) -> None:
+    slept: list[float] = []
+    now = [0.0]
+    monkeypatch.setattr("time.sleep", slept.append)
+    monkeypatch.setattr("time.monotonic", lambda: now[0])
+    backoff = Backoff()
+    for _ in range(30):
+        backoff.pause()
+    assert len(slept) == 30 - 8 and slept[0] == 20e-6 and max(slept) == 1e-3
+    now[0] = 2.0
+    for _ in range(5):
+        backoff.pause()
+    assert max(slept) == 5e-3
+    backoff.reset()
+    slept.clear()
+    for _ in range(9):
+        backoff.pause()
+    assert slept == [20e-6]
