@@ -51,6 +51,7 @@ bench: setup
 	$(PY) -m bench.daemon
 	$(PY) -m bench.density
 	$(PY) -m bench.authz
+	$(PY) -m bench.links
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,7 +1,9 @@
-"""Links, relayed path: stream throughput A -> B and the 64-byte round trip, on real VMs.
+"""Links: stream throughput A -> B and the 64-byte round trip over each path, on real VMs.
 
-``python -m bench.links [--mib 64] [--trips 200]``: boots two sandboxes under the daemon's
-Manager (in process), links them, and prints one JSON object:
+``python -m bench.links [--mib 64] [--trips 200]`` (part of ``make bench``): boots two
+sandboxes under the daemon's Manager (in process) and, over each path in turn -- the
+encrypted shared-memory ring (warden's), the same ring with plaintext records (to show the
+crypto's share), and the encrypted relay through the daemon (the baseline) -- measures:
 
 - ``stream``: a client in A writes ``--mib`` MiB into the link as fast as it can; a client in B
   reads it all and times it from its first byte to EOF (MB/s = 10^6 bytes per second).
@@ -9,22 +11,32 @@ Manager (in process), links them, and prints one JSON object:
 - ``round_trip``: A writes 64 bytes, B echoes them, A reads them back; p50/p90 over
   ``--trips`` trips after 20 warm-up ones.
 
-Not in ``make bench``: it is the baseline of issue 10's table (the shared-memory ring must do
-3x better on the stream and 0.3x on the round trip), run by hand.
+Then the cost of link slots (``vmm/linkslots.py``): boots of a VM with its 4 empty slots and
+without (cold and from its boot template, alternating), the PSS of each idle, and the time to
+make a ring link, against the alternative of a VM created for each link. Issue 10's targets:
+ring stream >= 3x the relay's, ring round trip p50 <= 0.3x the relay's. Results go to
+``bench/results/links-<utc time>.json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
 import json
+import statistics
 import time
 from typing import Any
 
+from bench.run import RESULTS
 from warden.config import Paths
+from warden.links import Transport
+from warden.policy.meter import pss_mib
 from warden.server.manager import Manager
+from warden.vmm.linkslots import Slots
 from warden.vmm.machine import Machine
 from warden.vmm.spec import VMSpec
+from warden.vmm.templates import Templates
 
 SEND = r"""
 import socket, sys
@@ -122,28 +134,56 @@ def _rate(answer: dict[str, Any]) -> float:
     return round(float(answer["bytes"]) / float(answer["seconds"]) / 1e6, 1)
 
 
-async def _stream(manager: Manager, a: Machine, b: Machine, size: int) -> dict[str, Any]:
-    await manager.links.create(a.id, b.id, "stream")
-    path = "/run/warden/links/stream.sock"
+Path = tuple[Transport, bool]
+"""A link's path: its transport, and whether its records are plaintext (the benchmark's)."""
+PATHS: dict[str, Path] = {
+    "ring": ("ring", False),
+    "ring_plain": ("ring", True),
+    "relay": ("relay", False),
+}
+
+
+async def _link(manager: Manager, a: Machine, b: Machine, name: str, path: Path) -> str:
+    await manager.links.create(a.id, b.id, name, transport=path[0], plain=path[1])
+    return f"/run/warden/links/{name}.sock"
+
+
+async def _stream(manager: Manager, a: Machine, b: Machine, size: int, p: Path) -> dict[str, Any]:
+    path = await _link(manager, a, b, f"stream-{p[0]}{int(p[1])}", p)
     got = (await asyncio.gather(_run(a, SEND, path, str(size)), _run(b, RECEIVE, path)))[1]
     return {"mib": size >> 20, "mb_per_s": _rate(got), "seconds": round(got["seconds"], 2)}
 
 
-async def _both(manager: Manager, a: Machine, b: Machine, size: int) -> dict[str, Any]:
-    await manager.links.create(a.id, b.id, "both")
-    path = "/run/warden/links/both.sock"
+async def _both(manager: Manager, a: Machine, b: Machine, size: int, p: Path) -> dict[str, Any]:
+    path = await _link(manager, a, b, f"both-{p[0]}{int(p[1])}", p)
     ra, rb = await asyncio.gather(_run(a, BOTH, path, str(size)), _run(b, BOTH, path, str(size)))
     return {"mib": size >> 20, "b_to_a_mb_per_s": _rate(ra), "a_to_b_mb_per_s": _rate(rb)}
 
 
-async def _trips(manager: Manager, a: Machine, b: Machine, trips: int) -> dict[str, Any]:
-    await manager.links.create(a.id, b.id, "ping")
-    path = "/run/warden/links/ping.sock"
+async def _trips(manager: Manager, a: Machine, b: Machine, trips: int, p: Path) -> dict[str, Any]:
+    path = await _link(manager, a, b, f"ping-{p[0]}{int(p[1])}", p)
     answer = (await asyncio.gather(_run(a, PING, path, str(trips)), _run(b, ECHO, path)))[0]
     return {k: round(float(v), 2) for k, v in answer.items()} | {"trips": trips}
 
 
-async def main(mib: int, trips: int) -> dict[str, Any]:
+async def _create_times(manager: Manager, a: Machine, b: Machine, n: int) -> dict[str, Any]:
+    """Seconds to make a ring link (plug both regions, both agents open) and to remove it."""
+    made, removed = [], []
+    for i in range(n):
+        start = time.perf_counter()
+        await manager.links.create(a.id, b.id, f"make-{i}")
+        made.append(time.perf_counter() - start)
+        _, took = await manager.links.remove(f"make-{i}")
+        removed.append(took)
+        await asyncio.sleep(0.2)  # the unplug finishes in the background
+    return {
+        "create_p50_ms": round(statistics.median(made) * 1e3, 1),
+        "rm_p50_ms": round(statistics.median(removed) * 1e3, 1),
+        "runs": n,
+    }
+
+
+async def _paths(mib: int, trips: int) -> dict[str, Any]:
     manager = Manager(Paths.from_env())
     await manager.start()
     rows = []
@@ -152,14 +192,13 @@ async def main(mib: int, trips: int) -> dict[str, Any]:
             rows.append(await manager.create(VMSpec()))
         a = await manager.machine(rows[0].id)
         b = await manager.machine(rows[1].id)
-        started = time.perf_counter()
-        result: dict[str, Any] = {
-            "path": "relay",
-            "stream": await _stream(manager, a, b, mib << 20),
-            "both_ways": await _both(manager, a, b, mib << 20),
-            "round_trip": await _trips(manager, a, b, trips),
-        }
-        result["wall_s"] = round(time.perf_counter() - started, 1)
+        result: dict[str, Any] = {"create": await _create_times(manager, a, b, 5)}
+        for key, path in PATHS.items():
+            result[key] = {
+                "stream": await _stream(manager, a, b, mib << 20, path),
+                "both_ways": await _both(manager, a, b, mib << 20, path),
+                "round_trip": await _trips(manager, a, b, trips, path),
+            }
         return result
     finally:
         await manager.links.close()
@@ -168,10 +207,91 @@ async def main(mib: int, trips: int) -> dict[str, Any]:
         await manager.close()
 
 
+SLOT_TEMPLATE = "bench-slots-{}"
+
+
+async def _boot(slots: int, boot: str) -> tuple[float, float | None]:
+    """Seconds to launch a VM with ``slots`` link slots (cold, or a clone of this shape's
+    template), and its PSS (MiB) after 3 s idle."""
+    template = SLOT_TEMPLATE.format(slots) if boot == "template" else None
+    machine = Machine(VMSpec(boot="cold", template=template))
+    machine.link_slots = Slots(slots)
+    start = time.perf_counter()
+    await machine.launch()
+    took = time.perf_counter() - start
+    try:
+        await machine.agent.exec(["true"])
+        await asyncio.sleep(3)
+        return took, pss_mib(machine._qemu_pid())
+    finally:
+        await machine.kill()
+
+
+async def _slot_cost(runs: int) -> dict[str, Any]:
+    """Boots with and without link slots, alternating: cold, and clones of a template of each
+    shape (made first from a cold boot of that shape, removed at the end)."""
+    templates = Templates(Paths.from_env())
+    for slots in (0, 4):
+        machine = Machine(VMSpec(boot="cold"))
+        machine.link_slots = Slots(slots)
+        await machine.launch()
+        try:
+            await machine.save_template(SLOT_TEMPLATE.format(slots), keep_running=False)
+        finally:
+            await machine.kill()
+    found: dict[str, list[tuple[float, float | None]]] = {}
+    try:
+        for _ in range(runs):
+            for slots in (0, 4):
+                for boot in ("cold", "template"):
+                    found.setdefault(f"{boot}_{slots}", []).append(await _boot(slots, boot))
+    finally:
+        for slots in (0, 4):
+            templates.remove(SLOT_TEMPLATE.format(slots))
+    out: dict[str, Any] = {"runs": runs}
+    for key, values in found.items():
+        out[f"{key}_p50_s"] = round(statistics.median(v[0] for v in values), 3)
+        pss = [v[1] for v in values if v[1] is not None]
+        out[f"{key}_pss_mib"] = round(statistics.median(pss), 1) if pss else None
+    return out
+
+
+def _ratios(found: dict[str, Any]) -> dict[str, Any]:
+    ring, plain, relay = found["ring"], found["ring_plain"], found["relay"]
+    stream = ring["stream"]["mb_per_s"] / relay["stream"]["mb_per_s"]
+    trip = ring["round_trip"]["p50_ms"] / relay["round_trip"]["p50_ms"]
+    return {
+        "stream_ring_over_relay": round(stream, 2),
+        "stream_target_3x": "PASS" if stream >= 3 else "FAIL",
+        "round_trip_ring_over_relay": round(trip, 3),
+        "round_trip_target_0.3x": "PASS" if trip <= 0.3 else "FAIL",
+        "stream_plain_over_ring": round(
+            plain["stream"]["mb_per_s"] / ring["stream"]["mb_per_s"], 2
+        ),
+    }
+
+
+async def main(mib: int, trips: int, slot_runs: int) -> dict[str, Any]:
+    started = time.perf_counter()
+    found = await _paths(mib, trips)
+    found["ratios"] = _ratios(found)
+    if slot_runs:
+        found["slots"] = await _slot_cost(slot_runs)
+    found["wall_s"] = round(time.perf_counter() - started, 1)
+    found["when"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    return found
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mib", type=int, default=64)
     parser.add_argument("--trips", type=int, default=200)
+    parser.add_argument("--slot-runs", type=int, default=3, help="0 skips the slot cost")
     args = parser.parse_args()
-    found = asyncio.run(main(args.mib, args.trips))
-    print(json.dumps(found, indent=2))
+    report = asyncio.run(main(args.mib, args.trips, args.slot_runs))
+    RESULTS.mkdir(exist_ok=True)
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S%z")
+    out = RESULTS / f"links-{stamp}.json"
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+    print(f"results: {out}")

@@ -21,9 +21,15 @@ from pathlib import Path
 
 from warden.agent.client import AgentClient
 from warden.agent.link import LinkEnd
+from warden.wire.ops import Key
 from warden.wire.ring import REGION_SIZE, pack_header
 
 AGENT = [sys.executable, "-m", "warden.guest"]
+
+
+def ring_options(link_id: bytes, plain: bool = False) -> dict[str, object]:
+    """``open_link``'s options of a ring link."""
+    return {Key.TRANSPORT: "ring", Key.LINK_ID: link_id.hex(), Key.PLAIN: plain}
 
 
 @dataclass
@@ -55,8 +61,8 @@ class Agents:
         link_id, key = os.urandom(16), key or os.urandom(32)
         region = self.region(name, link_id)
         a, b = self.by_name["a"].client, self.by_name["b"].client
-        end_a = await a.open_link(name, key, "a", link_id=link_id, plain=plain)
-        end_b = await b.open_link(name, key, "b", link_id=link_id, plain=plain)
+        end_a = await a.open_link(name, key, "a", ring_options(link_id, plain))
+        end_b = await b.open_link(name, key, "b", ring_options(link_id, plain))
         return end_a, end_b, region
 
 

@@ -21,7 +21,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.ringagents import Agents, agents, connect, ended
+from tests.ringagents import Agents, agents, connect, ended, ring_options
 from warden.channel.linkseal import Sealer
 from warden.guest.ring import Ring, RingError
 from warden.wire.ring import (
@@ -151,7 +151,7 @@ async def test_a_hostile_peer_gets_the_link_closed_with_an_error(one: Agents, ca
     link_id = os.urandom(16)
     path = one.region("evil", link_id)
     b = one.by_name["b"]
-    end = await b.client.open_link("evil", os.urandom(32), "b", link_id=link_id)
+    end = await b.client.open_link("evil", os.urandom(32), "b", ring_options(link_id))
     reader, writer = await connect(b.links / "evil.sock")
     writer.write(b"some bytes for a")  # b's writer then reads its tail
     await writer.drain()
@@ -171,13 +171,13 @@ async def test_a_hostile_peer_gets_the_link_closed_with_an_error(one: Agents, ca
     writer.close()
 
 
-async def test_a_peer_that_never_reads_holds_the_writer_to_the_ring(one: Agents) -> None:
+async def test_a_peer_that_never_reads_holds_the_writer_to_thering_options(one: Agents) -> None:
     """End a never reads: b's writer fills the ring once and waits (no unbounded memory: the
     agent's client socket then fills and the client blocks); link-close still ends it."""
     link_id = os.urandom(16)
     path = one.region("deaf", link_id)
     b = one.by_name["b"]
-    end = await b.client.open_link("deaf", os.urandom(32), "b", link_id=link_id)
+    end = await b.client.open_link("deaf", os.urandom(32), "b", ring_options(link_id))
     _, writer = await connect(b.links / "deaf.sock")
     writer.write(os.urandom(32 << 20))
     await asyncio.sleep(1.0)

@@ -99,7 +99,7 @@ async def gone(path: Path) -> None:
 async def test_bytes_flow_both_ways_and_eof_ends_the_link(machines: Machines) -> None:
     links = LinkManager(machines)  # type: ignore[arg-type]
     a, b = machines.by_id["a"], machines.by_id["b"]
-    await links.create("a", "b", "t")
+    await links.create("a", "b", "t", transport="relay")
     assert (a.links / "t.sock").stat().st_mode & 0o777 == 0o666
     ra, wa = await connect(a.links / "t.sock")
     rb, wb = await connect(b.links / "t.sock")
@@ -136,7 +136,7 @@ async def test_bad_input_leaves_nothing_open(machines: Machines) -> None:
         await links.create("a", "nope", "x")
     end = await machines.by_id["b"].agent.open_link("busy", bytes(32), "b")
     with pytest.raises(LinkError, match="already open"):
-        await links.create("a", "b", "busy")
+        await links.create("a", "b", "busy", transport="relay")
     assert not (machines.by_id["a"].links / "busy.sock").exists()  # a's end closed again
     await end.close()
     with pytest.raises(AgentError, match="32 bytes"):
@@ -147,7 +147,7 @@ async def test_bad_input_leaves_nothing_open(machines: Machines) -> None:
 async def test_rm_closes_both_ends_and_says_why(machines: Machines) -> None:
     links = LinkManager(machines)  # type: ignore[arg-type]
     a, b = machines.by_id["a"], machines.by_id["b"]
-    await links.create("a", "b", "rm")
+    await links.create("a", "b", "rm", transport="relay")
     ra, wa = await connect(a.links / "rm.sock")
     rb, wb = await connect(b.links / "rm.sock")
     await asyncio.sleep(0.2)  # both accepted (else a client still queued sees ECONNRESET)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.ringagents import Agents, agents, connect, ended
+from tests.ringagents import Agents, agents, connect, ended, ring_options
 from warden._errors import AgentError
 from warden.wire.ring import REGION_SIZE
 
@@ -138,7 +138,7 @@ async def test_link_close_is_prompt_while_the_peer_does_not_read(two: Agents) ->
 async def test_bad_ring_arguments_are_refused_at_once(two: Agents) -> None:
     client = two.by_name["a"].client
     with pytest.raises(AgentError, match="16 bytes"):
-        await client.open_link("x", bytes(32), "a", link_id=b"short")
+        await client.open_link("x", bytes(32), "a", ring_options(b"short"))
     request = {"op": "link-open", "name": "x", "key": bytes(32).hex(), "role": "a"}
     with pytest.raises(AgentError, match="transport"):
         await client._call({**request, "transport": "pigeon"})
@@ -152,7 +152,7 @@ async def test_a_region_of_another_link_is_refused_leaving_nothing(two: Agents) 
     client = two.by_name["a"].client
     start = time.monotonic()
     with pytest.raises(AgentError, match="no shared-memory region of this link"):
-        await client.open_link("lost", bytes(32), "a", link_id=os.urandom(16))
+        await client.open_link("lost", bytes(32), "a", ring_options(os.urandom(16)))
     assert 9 < time.monotonic() - start < 20
     assert not (two.by_name["a"].links / "lost.sock").exists()
     assert not (two.by_name["a"].links / "lost.error").exists()
@@ -169,7 +169,9 @@ async def test_a_region_of_another_link_is_refused_leaving_nothing(two: Agents) 
 
 async def test_a_cancel_while_looking_for_the_region_leaves_nothing(two: Agents) -> None:
     client = two.by_name["a"].client
-    opening = asyncio.ensure_future(client.open_link("wait", bytes(32), "a", link_id=bytes(16)))
+    opening = asyncio.ensure_future(
+        client.open_link("wait", bytes(32), "a", ring_options(bytes(16)))
+    )
     await asyncio.sleep(0.5)
     start = time.perf_counter()
     assert await client.close_link("wait", "never mind") is True

@@ -1344,28 +1344,14 @@ class AgentClient:
         await self._call({**args, Key.USER: _user_arg(user)})
 
     async def open_link(
-        self,
-        name: str,
-        key: bytes,
-        role: str,
-        *,
-        link_id: bytes | None = None,
-        plain: bool = False,
+        self, name: str, key: bytes, role: str, options: Mapping[str, object] | None = None
     ) -> LinkEnd:
         """Open this VM's end of link ``name`` (a request that lasts as long as the link):
         once the agent made the socket, or AgentError (nothing left open) if it refused.
-        With ``link_id``, the records go through the shared-memory region whose header holds
-        that id (transport ``ring``; ``plain``: unsealed records, the benchmark's only)."""
-        args: dict[str, Any] = {
-            Key.OP: Op.LINK_OPEN,
-            Key.NAME: name,
-            Key.LINK_KEY: key.hex(),
-            Key.ROLE: role,
-        }
-        if link_id is not None:
-            args |= {Key.TRANSPORT: "ring", Key.LINK_ID: link_id.hex(), Key.PLAIN: plain}
+        ``options``: the ring's (``Key.TRANSPORT``, ``Key.LINK_ID``, ``Key.PLAIN``)."""
         stack = contextlib.AsyncExitStack()
-        request = await stack.enter_async_context(self._request(args))
+        args = {Key.OP: Op.LINK_OPEN, Key.NAME: name, Key.LINK_KEY: key.hex(), Key.ROLE: role}
+        request = await stack.enter_async_context(self._request({**args, **(options or {})}))
         end = LinkEnd(self, request, stack)
         try:
             await end.opened(self._deadlines.call)

@@ -45,15 +45,22 @@ def create(
     name: Annotated[
         str, typer.Option("--name", help="The link's name: [a-z0-9][a-z0-9_.-]{0,62}.")
     ],
+    transport: Annotated[
+        str,
+        typer.Option(
+            "--transport",
+            help="ring: shared memory between the two VMs; relay: through the daemon.",
+        ),
+    ] = "ring",
     host: HostOption = None,
 ) -> None:
     """Link sandboxes A and B as NAME: each gets /run/warden/links/NAME.sock, and what a
     client writes into one comes out of the other's client."""
     try:
-        link = _daemon(host).create_link(a, b, name)
+        link = _daemon(host).create_link(a, b, name, transport=transport)
     except WardenError as exc:
         raise warden_exit(exc) from None
-    out().print(f"link {link['name']}: {link['a']} <-> {link['b']}")
+    out().print(f"link {link['name']}: {link['a']} <-> {link['b']} ({link['path']})")
 
 
 @link_app.command("ls")

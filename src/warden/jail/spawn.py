@@ -90,7 +90,8 @@ class JailConfig:
     pdeathsig: bool
     fds: list[list[int]] = field(default_factory=list)
     proc: bool = False
-    """Mount a procfs that shows only QEMU (a clone opens its template RAM's fd through it)."""
+    """Mount a procfs that shows only QEMU (a clone opens its template RAM, and a link its
+    region, through ``/proc/self/fd/N``)."""
 
     def encode(self) -> bytes:
         data = {

@@ -35,13 +35,16 @@ class AsyncLinks:
             raise LinkError(EMBEDDED)
         return machine
 
-    async def create(self, other: AsyncSandbox | str, name: str) -> dict[str, Any]:
+    async def create(
+        self, other: AsyncSandbox | str, name: str, *, transport: str = "ring"
+    ) -> dict[str, Any]:
         """Link this sandbox (end ``a``) to ``other`` (a sandbox, id or name; end ``b``) as
-        ``name``: each gets ``/run/warden/links/NAME.sock``. LinkError (nothing left open)
-        if they are the same, the name is taken or an end cannot be opened;
-        StateTransitionError if either is not running."""
+        ``name``: each gets ``/run/warden/links/NAME.sock``. ``transport``: ``ring`` (shared
+        memory between the two VMs) or ``relay`` (through the daemon). LinkError (nothing
+        left open) if they are the same, the name is taken, a sandbox has no free link slot
+        or an end cannot be opened; StateTransitionError if either is not running."""
         other_id = other if isinstance(other, str) else other.id
-        body = {"a": self._sandbox.id, "b": other_id, "name": name}
+        body = {"a": self._sandbox.id, "b": other_id, "name": name, "transport": transport}
         return cast(dict[str, Any], await self._remote().links_call("POST", "", body))
 
     async def list(self) -> list[dict[str, Any]]:
@@ -61,10 +64,10 @@ class Links:
     def __init__(self, inner: AsyncLinks) -> None:
         self._inner = inner
 
-    def create(self, other: Any, name: str) -> dict[str, Any]:
+    def create(self, other: Any, name: str, *, transport: str = "ring") -> dict[str, Any]:
         """See :meth:`AsyncLinks.create` (``other``: a Sandbox, or an id or name)."""
         target = other if isinstance(other, str) else other.id
-        return _portal.call(self._inner.create(target, name))
+        return _portal.call(self._inner.create(target, name, transport=transport))
 
     def list(self) -> list[dict[str, Any]]:
         return _portal.call(self._inner.list())

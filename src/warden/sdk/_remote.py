@@ -647,10 +647,10 @@ class Client:
         )
         return cast(builtins.list[dict[str, Any]], r.json())
 
-    def create_link(self, a: str, b: str, name: str) -> dict[str, Any]:
+    def create_link(self, a: str, b: str, name: str, *, transport: str = "ring") -> dict[str, Any]:
         """Link running sandboxes ``a`` and ``b`` (ids or names) as ``name``: each gets
         ``/run/warden/links/NAME.sock``. See :meth:`warden.sdk._links.AsyncLinks.create`."""
-        body = {"a": a, "b": b, "name": name}
+        body = {"a": a, "b": b, "name": name, "transport": transport}
         return cast(dict[str, Any], self._call("POST", f"{API}/links", body, timeout=60.0).json())
 
     def links(self) -> builtins.list[dict[str, Any]]:

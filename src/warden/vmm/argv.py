@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from warden.vmm import linkslots
 from warden.vmm.spec import VMSpec
 from warden.wire.frame import XFER_SERIAL
 
@@ -172,6 +173,7 @@ def build_argv(
     sandbox: bool = False,
     plaintext: bool = False,
     clone_ram: str | None = None,
+    link_slots: int = 0,
 ) -> list[str]:
     """Return QEMU's argv for ``spec``. ``accel`` is the resolved accelerator: kvm or tcg.
 
@@ -179,6 +181,9 @@ def build_argv(
     into a capped log (``vmm/console.py``); QEMU then waits for that connection before it
     starts the guest. Without it QEMU writes ``run.console`` itself, with no cap: only for
     boots that run no workload (the accelerator probe, the benchmark's peer).
+
+    ``link_slots`` empty hotplug root ports (``vmm/linkslots.py``) take links' shared memory
+    later; the machine then has a PCIe root complex (``pcie=on``) and the guest's pciehp.
 
     ``passed_fds`` (a jailed QEMU, which can make no file): QEMU gets its QMP, agent and
     console sockets as fds at the numbers of :class:`PassedFd`, and writes no pid file.
@@ -198,10 +203,11 @@ def build_argv(
         raise ValueError("a jailed QEMU serves its console on a passed socket")
     return [
         qemu,
-        *_machine_args(spec, run, accel, clone_ram),
-        *_boot_args(boot, accel, mode, tsc_khz, tune, plaintext),
+        *_machine_args(spec, run, accel, clone_ram, link_slots),
+        *_boot_args(boot, accel, mode, tsc_khz, tune, plaintext, link_slots),
         *_console_args(run, console_socket, passed_fds),
         *_device_args(boot, run, agent_port, passed_fds),
+        *linkslots.slot_args(link_slots),
         *(_secret_args(run) if mode == "agent" and not plaintext else []),
         *(["-sandbox", SANDBOX] if sandbox else []),
     ]
@@ -218,7 +224,7 @@ def _memory_args(spec: VMSpec, run: RuntimeFiles, clone_ram: str | None) -> list
 
 
 def _machine_args(
-    spec: VMSpec, run: RuntimeFiles, accel: str, clone_ram: str | None = None
+    spec: VMSpec, run: RuntimeFiles, accel: str, clone_ram: str | None = None, link_slots: int = 0
 ) -> list[str]:
     """The machine: microvm, the accelerator, CPUs and memory; no default devices."""
     mem = f"{spec.memory_mib}M"
@@ -227,9 +233,10 @@ def _machine_args(
     # runs about a byte a step (~300 MB/s a copy); without it, 64-bit moves. Exec output went
     # from 48 to 109 MB/s (measured in one run, all else equal); start and exec were unchanged.
     cpu = "host,-arch-capabilities" if accel == "kvm" else "max,-erms"
+    pcie = linkslots.machine_option(link_slots)
     return [
         "-name", f"warden-{run.dir.name},debug-threads=on",
-        "-M", "microvm,memory-backend=mem,x-option-roms=off,isa-serial=on,rtc=on",
+        "-M", f"microvm,{pcie}memory-backend=mem,x-option-roms=off,isa-serial=on,rtc=on",
         "-accel", accel_opt,
         "-cpu", cpu,
         "-smp", str(spec.vcpus),
@@ -243,10 +250,18 @@ def _machine_args(
 
 
 def _boot_args(
-    boot: BootFiles, accel: str, mode: str, tsc_khz: int | None, tune: bool, plaintext: bool
+    boot: BootFiles,
+    accel: str,
+    mode: str,
+    tsc_khz: int | None,
+    tune: bool,
+    plaintext: bool,
+    link_slots: int = 0,
 ) -> list[str]:
     """The direct kernel boot: kernel, initrd and command line."""
     cmdline = kernel_cmdline(mode, accel=accel, tsc_khz=tsc_khz, tune=tune, plaintext=plaintext)
+    if link_slots:
+        cmdline = " ".join([cmdline, *linkslots.KERNEL_ARGS])
     return [
         "-kernel", str(boot.kernel),
         "-initrd", str(boot.initrd),

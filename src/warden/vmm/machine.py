@@ -28,6 +28,7 @@ from warden._errors import (
     ChannelAuthError,
     HostError,
     LaunchError,
+    LinkError,
     NameConflictError,
     StateTransitionError,
     TemplateError,
@@ -59,6 +60,7 @@ from warden.vmm.argv import (
 from warden.vmm.channel_keys import ChannelKeys
 from warden.vmm.fork import fork as fork_machine
 from warden.vmm.idle import IdleGate
+from warden.vmm.linkslots import Region, Slot, Slots
 from warden.vmm.ownership import Ownership, recorded_uid
 from warden.vmm.snapshot import machine_key, remove_boot_snapshots, set_ignore_shared
 from warden.vmm.spec import VMSpec
@@ -133,6 +135,7 @@ class Machine:
             None
         )
         self._qmp: QMPClient | None = None
+        self.link_slots = Slots()  # where links' shared memory is plugged in
         self._agent: AgentClient | None = None
         self._watch: asyncio.Task[None] | None = None
         self._exit_code: int | None = None
@@ -332,6 +335,7 @@ class Machine:
                 await machine._start_console(deadline)
                 machine._qmp = await machine._connect_qmp(deadline)
                 await idle.continue_if_stopped(machine._qmp)  # an earlier manager's idle stop
+                await machine.link_slots.adopt(machine._qmp, pid)  # links died with it
                 # The earlier manager may have died mid-frame: resynchronise the stream.
                 machine._secret = await asyncio.to_thread(machine.channel_keys.current, vm_id)
                 machine._agent = await machine._reattach_agent(
@@ -460,7 +464,7 @@ class Machine:
         version = qemu_version(self.qemu)
         shape = build_argv(
             self.spec, boot, self.run, accel=self.accel.name, qemu=QEMU_BINARY,
-            tsc_khz=tsc_khz(), console_socket=True,
+            tsc_khz=tsc_khz(), console_socket=True, link_slots=len(self.link_slots.slots),
         )  # fmt: skip
         return TemplateConfig(
             image=self.spec.image,
@@ -533,6 +537,7 @@ class Machine:
             sandbox=self.jail is not None and self.jail.seccomp,
             plaintext=self.plaintext_channel,
             clone_ram=clone_ram,
+            link_slots=len(self.link_slots.slots),
         )
         argv = qemu_argv
         for wrap in self.wrappers:
@@ -645,7 +650,8 @@ class Machine:
         prefix = ownership.spawn_prefix(self.ownership)
         prefix += spawn.namespace_prefix(plan, shutil.which("unshare") or "unshare")
         config = self._jail_config(plan)
-        config.proc = template_ram is not None
+        # A clone opens its template's RAM, and a link's region is opened, as /proc/self/fd/N.
+        config.proc = True
         log_fd = open_private(self.run.qemu_log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         restore_fd = restore.fileno() if restore is not None else None
         passing = spawn.passed_fds(self.run, restore_fd, template_ram)
@@ -745,6 +751,7 @@ class Machine:
         config = self._template_config(boot)
         # The idle gate holds off auto-pause and new requests meanwhile (it refuses while
         # requests are in flight), and continues a VM that auto-pause had stopped.
+        self.link_slots.check_none(self.id, "save it")
         await self.idle.wake()
         async with self.idle.exclusive(f"VM {self.id} is being saved", what="save it"):
             await self._capture(store, name, config, extra or {}, keep_running=keep_running)
@@ -775,6 +782,27 @@ class Machine:
                 await self._qmp.execute("cont")
                 # The template holds this VM's secret now: it gets a new one of its own.
                 self._agent = await self._open_agent(self.spec.agent_timeout_s, held=self._secret)
+
+    async def plug_link(self, name: str, region: Region) -> Slot:
+        """Plug link ``name``'s shared-memory region into a free link slot of this running VM
+        (``vmm/linkslots.py``); LinkError past the slot limit or if QEMU refuses (nothing is
+        left plugged)."""
+        if self._qmp is None or self.state is not VMState.RUNNING:
+            raise LinkError(f"VM {self.id} is {self.state.value}, not running")
+        slot = self.link_slots.reserve(name, self.id)
+        try:
+            await self.link_slots.plug(self._qmp, slot, region)
+        except QMPError as exc:
+            slot.link = None
+            raise LinkError(f"QEMU of VM {self.id} could not take link {name!r}: {exc}") from exc
+        except BaseException:
+            slot.link = None
+            raise
+        return slot
+
+    async def unplug_link(self, slot: Slot) -> bool:
+        """Unplug a link's region (after it was revoked); whether the guest released it."""
+        return await self.link_slots.unplug(self._qmp, slot)
 
     async def fork(self, n: int = 1, *, vm_ids: list[str] | None = None) -> list[Machine]:
         """Start ``n`` children of this running VM that carry on from its state (files and

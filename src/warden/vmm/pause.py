@@ -264,6 +264,7 @@ async def pause(machine: Machine) -> None:
         raise StateTransitionError(
             f"VM {machine.id} is {machine.state.value}; only a running VM can be paused"
         )
+    machine.link_slots.check_none(machine.id, "pause it")
     busy = f"VM {machine.id} is being paused; resume it once it is paused"
     async with machine.idle.exclusive(busy):
         await _save_and_end(machine)

@@ -10,7 +10,7 @@ LinkManager, and every denial by the access control.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
@@ -32,6 +32,10 @@ class LinkRequest(BaseModel):
         max_length=63,
         pattern=r"^[a-z0-9][a-z0-9_.-]{0,62}$",
         description="the link's name: its socket is /run/warden/links/NAME.sock in both",
+    )
+    transport: Literal["ring", "relay"] = Field(
+        default="ring",
+        description="ring: shared memory between the two VMs; relay: through the daemon",
     )
 
 
@@ -56,7 +60,8 @@ async def create_link(body: LinkRequest, manager: ManagerDep, grant: GrantDep) -
     they are the same, the name is taken or an end could not be opened (nothing left open)."""
     row_a = await grant.require_sandbox(manager, body.a)
     row_b = await grant.require_sandbox(manager, body.b)
-    return _link(await manager.links.create(row_a.id, row_b.id, body.name))
+    info = await manager.links.create(row_a.id, row_b.id, body.name, transport=body.transport)
+    return _link(info)
 
 
 @router.get("")
