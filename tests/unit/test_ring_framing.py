@@ -123,10 +123,16 @@ def test_the_backoff_sleeps_longer_once_idle(monkeypatch: pytest.MonkeyPatch) ->
     now = [0.0]
     monkeypatch.setattr("time.sleep", slept.append)
     monkeypatch.setattr("time.monotonic", lambda: now[0])
+    yielded: list[None] = []
+    monkeypatch.setattr("os.sched_yield", lambda: yielded.append(None))
     backoff = Backoff()
+    for _ in range(20):
+        backoff.pause()  # 8 polls at once, then yields while under 2 ms
+    assert not slept and len(yielded) == 12
+    now[0] = 0.003
     for _ in range(30):
         backoff.pause()
-    assert len(slept) == 30 - 8 and slept[0] == 20e-6 and max(slept) == 1e-3
+    assert len(slept) == 30 and slept[0] == 20e-6 and max(slept) == 1e-3
     now[0] = 2.0
     for _ in range(5):
         backoff.pause()
@@ -135,4 +141,6 @@ def test_the_backoff_sleeps_longer_once_idle(monkeypatch: pytest.MonkeyPatch) ->
     slept.clear()
     for _ in range(9):
         backoff.pause()
+    now[0] = 2.003
+    backoff.pause()
     assert slept == [20e-6]

@@ -61,7 +61,10 @@ FIND_TIMEOUT_S = 10.0
 """How long ``link-open`` waits for its region's device to appear (hotplug takes 1-2 s)."""
 FIND_POLL_S = 0.05
 SPINS = 8
-"""Polls at once before the backoff starts sleeping."""
+"""Polls at once before the backoff starts yielding."""
+YIELD_S = 2e-3
+"""How long after it started waiting the backoff polls with only ``sched_yield`` between
+polls (in a TCG guest even ``time.sleep(20e-6)`` takes 0.2-0.35 ms: the round trip's cost)."""
 SLEEP_MIN_S = 20e-6
 SLEEP_ACTIVE_S = 1e-3
 """The longest sleep between polls while the ring was busy within :data:`IDLE_AFTER_S`."""
@@ -77,9 +80,11 @@ class RingError(Exception):
 
 
 class Backoff:
-    """Polling without a doorbell: a few polls at once, then sleeps from
+    """Polling without a doorbell: a few polls at once, then polls with a ``sched_yield``
+    between them (other threads and processes run) for :data:`YIELD_S`, then sleeps from
     :data:`SLEEP_MIN_S` doubling to :data:`SLEEP_ACTIVE_S`, and to :data:`SLEEP_IDLE_S` once
-    nothing came for :data:`IDLE_AFTER_S`."""
+    nothing came for :data:`IDLE_AFTER_S`. Only the start of each wait spins: an idle link
+    sleeps."""
 
     def __init__(self) -> None:
         self.waiting_since: float | None = None
@@ -97,6 +102,9 @@ class Backoff:
             self.waiting_since, self.polls, self.delay = now, 0, SLEEP_MIN_S
         self.polls += 1
         if self.polls <= SPINS:
+            return
+        if now - self.waiting_since < YIELD_S:
+            os.sched_yield()
             return
         time.sleep(self.delay)
         cap = SLEEP_IDLE_S if now - self.waiting_since > IDLE_AFTER_S else SLEEP_ACTIVE_S
