@@ -1,14 +1,21 @@
-"""The ring's record framing (wire/ring.py, guest/ring.py) over a bytearray: wrap, pad, order."""
+"""The ring's record framing (wire/ring.py, guest/ring.py) over a bytearray: wrap, pad, order;
+and the region's discovery."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import threading
+import time
 from collections import deque
+from pathlib import Path
 
 import pytest
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
-from warden.guest.ring import Backoff, Ring
+from warden.guest import ring
+from warden.guest.ring import IVSHMEM, Backoff, Ring
 from warden.wire.ring import (
     ALIGN,
     CAPACITY,
@@ -21,6 +28,8 @@ from warden.wire.ring import (
     RECORD,
     REGION_SIZE,
     TAIL,
+    RingLayoutError,
+    pack_header,
     pad_before,
     span,
 )
@@ -144,3 +153,57 @@ def test_the_backoff_sleeps_longer_once_idle(monkeypatch: pytest.MonkeyPatch) ->
     now[0] = 2.003
     backoff.pause()
     assert slept == [20e-6]
+
+
+# -- discovery of the region among PCI devices (a fake sysfs: the real one is the VM tests')
+
+
+def _device(root: Path, name: str, link_id: bytes, ids: tuple[str, str] = IVSHMEM) -> Path:
+    path = root / "devices" / name
+    path.mkdir(parents=True)
+    (path / "vendor").write_text(ids[0] + "\n")
+    (path / "device").write_text(ids[1] + "\n")
+    (path / "enable").write_text("0\n")
+    with open(path / "resource2", "wb") as f:
+        f.write(pack_header(link_id))
+        f.truncate(REGION_SIZE)
+    return path
+
+
+def test_discovery_maps_this_links_device_then_powers_its_slot_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("WARDEN_LINK_REGIONS", raising=False)
+    monkeypatch.setattr(ring, "PCI_DEVICES", str(tmp_path / "devices"))
+    monkeypatch.setattr(ring, "PCI_SLOTS", str(tmp_path / "slots"))
+    monkeypatch.setattr(ring, "FIND_TIMEOUT_S", 0.2)
+    mine, other = os.urandom(16), os.urandom(16)
+    _device(tmp_path, "0000:00:02.0", mine, ("0x1af4", "0x1000"))  # virtio, not ivshmem
+    _device(tmp_path, "0000:02:00.0", other)
+    dev = _device(tmp_path, "0000:01:00.0", mine)
+    slot = tmp_path / "slots" / "1"
+    slot.mkdir(parents=True)
+    (slot / "address").write_text("0000:01:00\n")
+    lock = threading.Lock()
+    region = ring.find(mine, lock, lambda: False)
+    assert region is not None and region.where == str(dev)
+    assert (dev / "enable").read_text() == "1"
+    with pytest.raises(RingLayoutError, match="no shared-memory region"):
+        ring.find(mine, lock, lambda: False)  # mapped by an open link: skipped
+    assert ring.find(mine, lock, lambda: True) is None
+    region.close()
+    ring.unplug(region)
+    for _ in range(100):
+        if (slot / "power").exists() and (slot / "power").read_text() == "0":
+            break
+        time.sleep(0.01)
+    assert (slot / "power").read_text() == "0"
+    with pytest.raises(RingLayoutError):
+        ring.find(mine, lock, lambda: False)  # going away: never touched again
+    shutil.rmtree(dev)  # the guest's kernel removed it
+    time.sleep(0.1)
+    dev = _device(tmp_path, "0000:01:00.0", mine)  # a new device in the same slot
+    region = ring.find(mine, lock, lambda: False)
+    assert region is not None and region.where == str(dev)
+    region.close()
+    ring.release_claim(region.where)

@@ -71,8 +71,8 @@ SLEEP_ACTIVE_S = 1e-3
 SLEEP_IDLE_S = 5e-3
 """The longest sleep between polls of an idle ring."""
 IDLE_AFTER_S = 1.0
-UNPLUG_WAIT_S = 5.0
-"""How long a powered-off device is kept out of discovery while it goes away."""
+UNPLUG_WAIT_S = 60.0
+"""How long the unplugging thread watches a powered-off device go away."""
 
 
 class RingError(Exception):
@@ -224,9 +224,10 @@ class Region:
 
 _CLAIMS_LOCK = threading.Lock()
 _CLAIMED: set[str] = set()
-"""Regions mapped by an open link of this agent, or powered off and going away: skipped by
-discovery (a region going away may already be truncated by the host: touching it would crash
-this VM's QEMU)."""
+"""Regions mapped (or being probed) by a link of this agent: skipped by discovery."""
+_RETIRED: set[str] = set()
+"""Devices of ended links, powered off and going away: skipped by discovery while they are
+there (the host may have truncated the region already: a touch would crash this VM's QEMU)."""
 
 
 def regions_dir() -> str | None:
@@ -301,10 +302,13 @@ def find(link_id: bytes, lock: threading.Lock, stopped: Callable[[], bool]) -> R
     ``lock`` and only while not ``stopped()``. RingLayoutError if none appeared."""
     deadline = time.monotonic() + FIND_TIMEOUT_S
     while True:
-        for where in candidates():
+        found = candidates()
+        with _CLAIMS_LOCK:
+            _RETIRED.intersection_update(found)  # those gone are forgotten
+        for where in found:
             with _CLAIMS_LOCK:
-                if where in _CLAIMED:
-                    continue  # another link's of this agent (or one going away)
+                if where in _CLAIMED or where in _RETIRED:
+                    continue  # another link's of this agent, or one going away
                 _CLAIMED.add(where)
             with lock:
                 region = None if stopped() else _probe(where, link_id)
@@ -332,6 +336,9 @@ def unplug(region: Region) -> None:
     if not region.device:
         release_claim(region.where)
         return
+    with _CLAIMS_LOCK:
+        _CLAIMED.discard(region.where)
+        _RETIRED.add(region.where)
     threading.Thread(
         target=_power_off, args=(region.where,), name="link-unplug", daemon=True
     ).start()
@@ -348,5 +355,6 @@ def _power_off(where: str) -> None:
     deadline = time.monotonic() + UNPLUG_WAIT_S
     while os.path.exists(where) and time.monotonic() < deadline:
         time.sleep(0.02)
-    if not os.path.exists(where):
-        release_claim(where)  # else it stays out of discovery: it may be truncated already
+    if not os.path.exists(where):  # else discovery forgets it once it is gone
+        with _CLAIMS_LOCK:
+            _RETIRED.discard(where)
