@@ -2,7 +2,8 @@
 
 Real VMs under TCG and the daemon's Manager in process. The host's relay is the attacker here:
 the tests wrap :meth:`warden.agent.link.LinkEnd.send` (what the daemon sends an end) to
-capture or alter the records it carries.
+capture or alter the records it carries (so these links are made with ``transport="relay"``;
+the ring's region is tests/security/test_links_ring.py and tests/security/test_ring_hostile.py).
 """
 
 from __future__ import annotations
@@ -120,7 +121,7 @@ async def test_the_host_relays_ciphertext_only(
         await real_send(self, record)
 
     monkeypatch.setattr(LinkEnd, "send", capture)
-    await pair.manager.links.create(pair.a.id, pair.b.id, "ct")
+    await pair.manager.links.create(pair.a.id, pair.b.id, "ct", transport="relay")
     path = "/run/warden/links/ct.sock"
     sender = pair.a.agent.exec(["python3", "-c", SEND_MARKER, path, MARKER], timeout=120)
     reader = pair.b.agent.exec(["python3", "-c", READ_ALL, path, MARKER], timeout=120)
@@ -149,7 +150,7 @@ async def test_a_tampered_record_closes_the_link_on_both_ends(
         await real_send(self, record)
 
     monkeypatch.setattr(LinkEnd, "send", tamper)
-    await pair.manager.links.create(pair.a.id, pair.b.id, "tamper")
+    await pair.manager.links.create(pair.a.id, pair.b.id, "tamper", transport="relay")
     chats = [chat(pair.a, "tamper"), chat(pair.b, "tamper")]
     tasks = [asyncio.create_task(c) for c in chats]
     await wait_for_socket(pair.a, "tamper", present=False)  # both clients are talking
@@ -175,7 +176,7 @@ async def test_a_forged_end_of_stream_is_refused(
         await real_send(self, bytes(16))  # the size of an END record, not sealed by the end
 
     monkeypatch.setattr(LinkEnd, "send", truncate)
-    await pair.manager.links.create(pair.a.id, pair.b.id, "cut")
+    await pair.manager.links.create(pair.a.id, pair.b.id, "cut", transport="relay")
     ra, rb = await asyncio.gather(client(pair.a, "cut", 1000, "A"), client(pair.b, "cut", 0, "B"))
     # B got no data and no authenticated end: an error (NAME.error), not an empty stream.
     assert rb["got_n"] == 0 and ra["got_n"] == 0

@@ -32,7 +32,7 @@ from {AGENT_MODULE} import main  # noqa: E402
 main()
 """.encode()
 
-WIRE_MODULES = ("frame.py", "ops.py")
+WIRE_MODULES = ("frame.py", "ops.py", "ring.py")
 """The modules of ``warden.wire`` the guest needs."""
 
 CHANNEL_MODULES = (

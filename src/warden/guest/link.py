@@ -1,4 +1,10 @@
-"""This VM's end of a link: a unix socket whose bytes the host relays, sealed, to the other VM.
+"""This VM's end of a link: a unix socket whose bytes go, sealed, to the other VM.
+
+Two transports carry the sealed records (:mod:`warden.channel.linkseal`): ``relay`` (this
+module's :class:`RelayLink`: DATA frames of the request, relayed by the host) and ``ring``
+(:class:`warden.guest.ringlink.RingLink`: a shared-memory region only the two VMs map).
+``link-open``'s ``transport`` picks one (``relay`` when absent); the socket's semantics below
+are the same for both, except where a paragraph names the relay.
 
 ``link-open`` (name, key, role) makes ``/run/warden/links/NAME.sock`` (the directory 0755, the
 socket 0666: any workload user may connect) and keeps the request open for the link's life:
@@ -6,12 +12,12 @@ socket 0666: any workload user may connect) and keeps the request open for the l
 - **One connection.** The first client to connect takes the link; the socket's path is then
   removed and the listener closed, so a second ``connect`` fails (ENOENT, or ECONNREFUSED /
   ECONNRESET if it raced the first). A link carries one bidirectional byte stream.
-- **Out.** What the client writes is read within the request's STDOUT credit (WINDOW frames of
-  the host, :mod:`warden.guest.flow`), sealed into records (:mod:`warden.channel.linkseal`)
-  and sent as DATA on STDOUT. The client's ``shutdown(SHUT_WR)`` (or close) becomes an
-  authenticated END record.
-- **In.** Records of the other end come as DATA on STDIN. The host may send only what this
-  agent granted (WINDOW frames *from* the agent on STDIN: :data:`RECEIVE_WINDOW` at the start,
+- **Out** (relay). What the client writes is read within the request's STDOUT credit
+  (WINDOW frames of the host, :mod:`warden.guest.flow`), sealed into records
+  (:mod:`warden.channel.linkseal`) and sent as DATA on STDOUT. The client's
+  ``shutdown(SHUT_WR)`` (or close) becomes an authenticated END record.
+- **In** (relay). Records of the other end come as DATA on STDIN. The host may send only what
+  this agent granted (WINDOW frames *from* the agent on STDIN: :data:`RECEIVE_WINDOW` at the start,
   which also tells the host the end is open, then each record's size once its plaintext was
   written to the client), so the agent holds at most that much. A record beyond it, or one
   that fails authentication, closes the link with an error. The END record shuts the
@@ -47,6 +53,7 @@ from warden.wire.ops import Key
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any
 
     from warden.guest.session import Session
@@ -67,7 +74,7 @@ def link_dir() -> str:
     return os.environ.get("WARDEN_LINK_DIR", LINK_DIR) if os.getpid() != 1 else LINK_DIR
 
 
-def _args(args: dict[str, Any]) -> tuple[str, bytes, str]:
+def link_args(args: dict[str, Any]) -> tuple[str, bytes, str]:
     name, key, role = args.get(Key.NAME), args.get(Key.LINK_KEY), args.get(Key.ROLE)
     if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise Invalid("a link name is [a-z0-9][a-z0-9_.-]{0,62}")
@@ -82,6 +89,20 @@ def _args(args: dict[str, Any]) -> tuple[str, bytes, str]:
     return name, raw, str(role)
 
 
+def make(session: Session, request_id: int, args: dict[str, Any]) -> Link:
+    """The end that ``link-open`` asks for (Invalid for bad arguments); then :meth:`Link.start`."""
+    transport = args.get(Key.TRANSPORT, "relay")
+    if transport == "ring":
+        from warden.guest.ringlink import RingLink
+
+        return RingLink(session, request_id, args)
+    if transport != "relay":
+        raise Invalid("a link's transport is 'relay' or 'ring'")
+    if args.get(Key.PLAIN, False) is not False:
+        raise Invalid("'plain' is for the ring transport only")
+    return RelayLink(session, request_id, args)
+
+
 def stop_by_name(name: object, reason: str) -> Link | None:
     """``link-close``: stop the link ``name`` (then answer, then :meth:`Link.wind_up`)."""
     with _OPEN_LOCK:
@@ -92,19 +113,14 @@ def stop_by_name(name: object, reason: str) -> Link | None:
 
 
 class Link(Request):
-    """One end of a link: its socket, its two threads, and its records' keys."""
+    """One end of a link: its socket, its threads and the end of its stream. A transport's
+    subclass moves the records: :meth:`_begin`, :meth:`_pump_out`, :meth:`_pump_in`,
+    :meth:`_release`."""
 
-    def __init__(self, session: Session, request_id: int, args: dict[str, Any]) -> None:
+    def __init__(self, session: Session, request_id: int, name: str) -> None:
         super().__init__(session, request_id)
-        self.name, key, role = _args(args)
+        self.name = name
         self.path = os.path.join(link_dir(), f"{self.name}.sock")
-        self.sealer = Sealer(key, role)
-        self.opener = Opener(key, role)
-        del key
-        self.out_credit = self.new_credit(Channel.STDOUT)
-        self.allowance = RECEIVE_WINDOW
-        """Bytes of records the host may still send."""
-        self.inbox: deque[bytes] = deque()
         self.cond = threading.Condition(threading.Lock())
         self.conn: socket.socket | None = None
         self.listener: socket.socket | None = None
@@ -112,26 +128,56 @@ class Link(Request):
         self.closed = False
         self.sent_end = False
         self.got_end = False
-        self._threads = 2
+        self._threads = 0
 
     # -- start (main thread)
 
     def start(self) -> None:
-        """Make the socket and start; Invalid (nothing left open) if it cannot."""
+        """Claim the name and start; Invalid (nothing left open) if it cannot."""
         with _OPEN_LOCK:
             if self.name in _OPEN:
+                self._close_fds()
                 raise Invalid(f"a link named {self.name!r} is already open in this VM")
             _OPEN[self.name] = self
+        self._begin()
+
+    def _begin(self) -> None:
+        raise NotImplementedError
+
+    def _make_socket(self) -> None:
+        """Make the socket; Invalid (the name released, nothing left open) if it cannot."""
         try:
             self.listener = self._listen()
         except OSError as exc:
-            with _OPEN_LOCK:
-                _OPEN.pop(self.name, None)
+            self._forget()
             self._close_fds()
             raise Invalid(f"cannot make {self.path}: {exc.strerror}") from None
-        self._grant(RECEIVE_WINDOW)  # first: it tells the host that this end is open
-        threading.Thread(target=self._outbound, name=f"link-out-{self.name}", daemon=True).start()
-        threading.Thread(target=self._inbound, name=f"link-in-{self.name}", daemon=True).start()
+
+    def _start_pumps(self) -> None:
+        self._spawn(self._outbound, "out")
+        self._spawn(self._pump_in, "in")
+
+    def _spawn(self, target: Callable[[], None], label: str) -> None:
+        with self.cond:
+            self._threads += 1
+        thread = threading.Thread(
+            target=self._run, args=(target,), name=f"link-{label}-{self.name}", daemon=True
+        )
+        thread.start()
+
+    def _run(self, target: Callable[[], None]) -> None:
+        try:
+            target()
+        except LinkAuthError as exc:
+            log(f"link {self.name}: {exc}; it is closed")
+            self.close(f"a record from the other end was refused: {exc}", clean=False)
+        except OSError as exc:
+            self.close(f"the client's connection failed: {exc.strerror}", clean=False)
+        except Exception as exc:  # noqa: BLE001 - the agent logs and carries on, never dies
+            log(f"link {self.name}: internal error: {exc!r}")
+            self.close(f"internal error: {type(exc).__name__}", clean=False)
+        finally:
+            self._thread_done()
 
     def _listen(self) -> socket.socket:
         os.makedirs(link_dir(), mode=0o755, exist_ok=True)
@@ -152,37 +198,21 @@ class Link(Request):
             raise
         return server
 
-    # -- frames (main thread; never blocks)
-
-    def on_data(self, frame: Frame) -> None:
-        if frame.channel != Channel.STDIN or self.closed:
-            return
-        size = len(frame.payload)
-        with self.cond:
-            over = size > self.allowance
-            if not over:
-                self.allowance -= size
-                self.inbox.append(frame.payload)
-                self.cond.notify()
-        if over:
-            self.close("the host sent more than this end granted", clean=False)
-
     def cancel(self) -> None:
         self.close("cancelled by the host", clean=False)
 
     # -- the client's bytes out (thread)
 
     def _outbound(self) -> None:
-        try:
-            conn = self._accept()
-            if conn is not None:
-                self._pump_out(conn)
-        except OSError as exc:
-            self.close(f"the client's connection failed: {exc.strerror}", clean=False)
-        except Exception as exc:  # noqa: BLE001 - the agent logs and carries on, never dies
-            self.close(f"internal error: {type(exc).__name__}", clean=False)
-        finally:
-            self._thread_done()
+        conn = self._accept()
+        if conn is not None:
+            self._pump_out(conn)
+
+    def _pump_out(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+    def _pump_in(self) -> None:
+        raise NotImplementedError
 
     def _wait(self, fd: int) -> bool:
         """Wait until ``fd`` is readable; False once the link is closed."""
@@ -210,62 +240,12 @@ class Link(Request):
         self._unlisten()
         return conn
 
-    def _pump_out(self, conn: socket.socket) -> None:
-        while not self.closed:
-            credit = self.out_credit.wait(POLL_MS / 1000)
-            if credit <= OVERHEAD:
-                if credit:  # too little for a record: wait for the host's next grant
-                    time.sleep(0.005)
-                continue
-            if not self._wait(conn.fileno()):
-                return
-            data = conn.recv(min(MAX_PLAINTEXT, credit - OVERHEAD))
-            record = self.sealer.seal(data) if data else self.sealer.end()
-            if not self.send(Channel.STDOUT, self.out_credit, record):
-                return
-            if not data:
-                self._ended(sent=True)
-                return
-
-    # -- the other end's bytes in (thread)
-
-    def _inbound(self) -> None:
-        try:
-            self._pump_in()
-        except LinkAuthError as exc:
-            log(f"link {self.name}: {exc}; it is closed")
-            self.close(f"a record from the other end was refused: {exc}", clean=False)
-        except OSError as exc:
-            self.close(f"the client's connection failed: {exc.strerror}", clean=False)
-        except Exception as exc:  # noqa: BLE001 - the agent logs and carries on, never dies
-            self.close(f"internal error: {type(exc).__name__}", clean=False)
-        finally:
-            self._thread_done()
-
-    def _next_record(self) -> tuple[socket.socket, bytes] | None:
-        """The connection and the next record, once both are there; None once closed."""
+    def _connection(self) -> socket.socket | None:
+        """The client's connection once it came; None once closed."""
         with self.cond:
-            while not self.closed and (self.conn is None or not self.inbox):
+            while not self.closed and self.conn is None:
                 self.cond.wait()
-            if self.closed or self.conn is None:
-                return None
-            return self.conn, self.inbox.popleft()
-
-    def _pump_in(self) -> None:
-        while (item := self._next_record()) is not None:
-            conn, record = item
-            plaintext = self.opener.open(record)
-            if plaintext is None:
-                conn.shutdown(socket.SHUT_WR)  # the client reads EOF
-                self._ended(sent=False)
-                return
-            conn.sendall(plaintext)
-            with self.cond:
-                self.allowance += len(record)
-            self._grant(len(record))
-
-    def _grant(self, size: int) -> None:
-        self.session.writer.send(encode_window(self.request_id, Channel.STDIN, size))
+            return None if self.closed else self.conn
 
     # -- the end
 
@@ -301,17 +281,24 @@ class Link(Request):
         with contextlib.suppress(OSError):
             os.write(self.stop_w, b"x")  # wakes a thread polling
         self._unlisten()  # the path is gone: no client can connect any more
+        self._release()
         return True
+
+    def _release(self) -> None:
+        """The transport's part of :meth:`stop` (once; the link is marked closed)."""
 
     def wind_up(self, reason: str, *, clean: bool) -> None:
         """The rest of :meth:`close`: forget the link, answer its request."""
-        with _OPEN_LOCK:
-            if _OPEN.get(self.name) is self:
-                del _OPEN[self.name]
+        self._forget()
         self.close_credits()
         self.finish({Key.OK: True, Key.REASON: reason, Key.CLEAN: clean})
         if not clean:
             log(f"link {self.name} closed: {reason}")
+
+    def _forget(self) -> None:
+        with _OPEN_LOCK:
+            if _OPEN.get(self.name) is self:
+                del _OPEN[self.name]
 
     def _note_error(self, reason: str) -> None:
         """Leave NAME.error (0644) saying why: a client that read EOF can tell an error from
@@ -344,3 +331,84 @@ class Link(Request):
         for fd in (self.stop_r, self.stop_w):
             with contextlib.suppress(OSError):
                 os.close(fd)
+
+
+class RelayLink(Link):
+    """An end whose records the host relays: DATA frames of the ``link-open`` request."""
+
+    def __init__(self, session: Session, request_id: int, args: dict[str, Any]) -> None:
+        name, key, role = link_args(args)
+        super().__init__(session, request_id, name)
+        self.sealer = Sealer(key, role)
+        self.opener = Opener(key, role)
+        del key
+        self.out_credit = self.new_credit(Channel.STDOUT)
+        self.allowance = RECEIVE_WINDOW
+        """Bytes of records the host may still send."""
+        self.inbox: deque[bytes] = deque()
+
+    def _begin(self) -> None:
+        self._make_socket()
+        self._grant(RECEIVE_WINDOW)  # first: it tells the host that this end is open
+        self._start_pumps()
+
+    # -- frames (main thread; never blocks)
+
+    def on_data(self, frame: Frame) -> None:
+        if frame.channel != Channel.STDIN or self.closed:
+            return
+        size = len(frame.payload)
+        with self.cond:
+            over = size > self.allowance
+            if not over:
+                self.allowance -= size
+                self.inbox.append(frame.payload)
+                self.cond.notify()
+        if over:
+            self.close("the host sent more than this end granted", clean=False)
+
+    # -- the client's bytes out (thread)
+
+    def _pump_out(self, conn: socket.socket) -> None:
+        while not self.closed:
+            credit = self.out_credit.wait(POLL_MS / 1000)
+            if credit <= OVERHEAD:
+                if credit:  # too little for a record: wait for the host's next grant
+                    time.sleep(0.005)
+                continue
+            if not self._wait(conn.fileno()):
+                return
+            data = conn.recv(min(MAX_PLAINTEXT, credit - OVERHEAD))
+            record = self.sealer.seal(data) if data else self.sealer.end()
+            if not self.send(Channel.STDOUT, self.out_credit, record):
+                return
+            if not data:
+                self._ended(sent=True)
+                return
+
+    # -- the other end's bytes in (thread)
+
+    def _next_record(self) -> tuple[socket.socket, bytes] | None:
+        """The connection and the next record, once both are there; None once closed."""
+        with self.cond:
+            while not self.closed and (self.conn is None or not self.inbox):
+                self.cond.wait()
+            if self.closed or self.conn is None:
+                return None
+            return self.conn, self.inbox.popleft()
+
+    def _pump_in(self) -> None:
+        while (item := self._next_record()) is not None:
+            conn, record = item
+            plaintext = self.opener.open(record)
+            if plaintext is None:
+                conn.shutdown(socket.SHUT_WR)  # the client reads EOF
+                self._ended(sent=False)
+                return
+            conn.sendall(plaintext)
+            with self.cond:
+                self.allowance += len(record)
+            self._grant(len(record))
+
+    def _grant(self, size: int) -> None:
+        self.session.writer.send(encode_window(self.request_id, Channel.STDIN, size))

@@ -321,7 +321,7 @@ class Session:
             if stopped is not None:  # answered first: its traffic already stopped
                 stopped.wind_up(reason, clean=False)
             return
-        end = link.Link(self, rid, args)
+        end = link.make(self, rid, args)
         with self._lock:
             self.requests[rid] = end
         try:

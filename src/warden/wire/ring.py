@@ -42,6 +42,8 @@ __all__ = [
     "HEADER",
     "HEADER_SIZE",
     "ID_SIZE",
+    "KIND_DATA",
+    "KIND_END",
     "KIND_PAD",
     "MAGIC",
     "MAX_RECORD",
@@ -52,6 +54,8 @@ __all__ = [
     "RingLayoutError",
     "check_header",
     "pack_header",
+    "pad_before",
+    "span",
 ]
 
 MAGIC = b"WDNLINK1"
@@ -72,6 +76,10 @@ TAIL = (128, 256)
 DATA = (HEADER_SIZE, HEADER_SIZE + CAPACITY)
 RECORD = struct.Struct("<IB3x")
 """A record's header: the sealed bytes' length, the kind."""
+KIND_DATA = 0
+"""A record of the stream's bytes (the same byte as linkseal's DATA associated data)."""
+KIND_END = 1
+"""The last record of a direction (linkseal's END)."""
 KIND_PAD = 0xFF
 """A record that only skips to the ring's start."""
 MAX_RECORD = 256 * 1024
@@ -103,3 +111,17 @@ def check_header(raw: bytes, link_id: bytes) -> None:
         raise RingLayoutError("the region's sizes are not this version's")
     if found != link_id:
         raise RingLayoutError("the region belongs to another link")
+
+
+def span(size: int) -> int:
+    """The ring bytes a record of ``size`` sealed bytes takes: its header, then the bytes
+    padded to :data:`ALIGN`."""
+    return RECORD.size + -(-size // ALIGN) * ALIGN
+
+
+def pad_before(head: int, size: int) -> int:
+    """The bytes a writer at stream position ``head`` skips (a :data:`KIND_PAD` record) before
+    a record of ``size`` sealed bytes, so that the record does not wrap: 0 if it fits before
+    the ring's end, else the bytes to the end."""
+    at = head % CAPACITY
+    return 0 if at + span(size) <= CAPACITY else CAPACITY - at
