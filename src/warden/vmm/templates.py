@@ -168,8 +168,8 @@ class LoadedTemplate:
 
     async def ram_verified(self) -> None:
         """Return once the RAM is sealed and checked (TemplateRefusedError if refused)."""
-        if self.ram_ready is not None:
-            await asyncio.wrap_future(self.ram_ready)
+        if self.ram_ready is not None:  # shared by every loader: shielded from our cancel
+            await asyncio.shield(asyncio.wrap_future(self.ram_ready))
 
     def close_ram(self) -> None:
         if self.ram_fd >= 0:
@@ -390,7 +390,9 @@ class Templates:
             os.close(fd)
             os.close(src)
             raise
-        copying = _ram_copying[key] = _Copying(fd, concurrent.futures.Future())
+        done: concurrent.futures.Future[None] = concurrent.futures.Future()
+        done.set_running_or_notify_cancel()  # no loader may cancel it for the others
+        copying = _ram_copying[key] = _Copying(fd, done)
         args = (copying, key, src, size, meta)
         threading.Thread(target=self._fill, args=args, name=f"warden-copy-{name}").start()
         return copying
