@@ -19,10 +19,12 @@ both are hashed as they are written and sealed with the configuration. The VM is
 **Cloning** (:meth:`Templates.load`). The seal and the configuration are checked first: the
 image's files, QEMU's version and the machine's shape (the argv a clone gets) must be those the
 template was made with, or the template is refused, never loaded. Its RAM is copied into a
-sealed memfd, and the digest checked on the copy itself; the kernel then refuses every write
-to it, so it stays verified while clones map it ``share=off`` (copy-on-write: a clone's write
-goes to a private page of its own). The memfd is kept for this process and reused by every
-later clone of the same sealed template. ``state.bin`` is checked on the open file that QEMU
+memfd that is then sealed, and the digest checked on the sealed memfd itself; the kernel then
+refuses every write to it, so it stays verified while clones map it ``share=off``
+(copy-on-write: a clone's write goes to a private page of its own). The memfd is kept for
+this process and reused by every later clone of the same sealed template. The copy runs in a
+thread while the first clone's QEMU starts; that clone's state is loaded only once the copy
+is sealed and checked (:attr:`LoadedTemplate.ram_ready`, docs/security.md). ``state.bin`` is checked on the open file that QEMU
 then loads (``-incoming fd:N``), as a paused VM's file is.
 
 **Boot templates.** ``_boot-<image>-<mem>m-<cpus>c`` is the automatic template of a VM shape:
