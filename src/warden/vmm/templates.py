@@ -24,8 +24,9 @@ refuses every write to it, so it stays verified while clones map it ``share=off`
 (copy-on-write: a clone's write goes to a private page of its own). The memfd is kept for
 this process and reused by every later clone of the same sealed template. The copy runs in a
 thread while the first clone's QEMU starts; that clone's state is loaded only once the copy
-is sealed and checked (:attr:`LoadedTemplate.ram_ready`, docs/security.md). ``state.bin`` is checked on the open file that QEMU
-then loads (``-incoming fd:N``), as a paused VM's file is.
+is sealed and checked (:attr:`LoadedTemplate.ram_ready`, docs/security.md). ``state.bin``
+is checked on the open file that QEMU then loads (``-incoming fd:N``), as a paused VM's file
+is.
 
 **Boot templates.** ``_boot-<image>-<mem>m-<cpus>c`` is the automatic template of a VM shape:
 the first default create of that shape boots cold and saves it, later ones clone it
