@@ -6,7 +6,9 @@ since this interpreter began running this file, of:
 
 * ``vm``: from the start of QEMU's spawn (``Machine._spawn``) to the guest agent's first answer
   (the end of ``Machine._connect``), plus the command's exec round trip
-  (``AgentClient.exec``), plus the VM's shutdown (``Machine.shutdown``: QMP quit, QEMU's exit);
+  (``AgentClient.exec``), plus the VM's shutdown (``Machine.shutdown``: QMP quit, QEMU's exit),
+  minus any wait for the template's RAM (``LoadedTemplate.ram_verified``: its copy runs while
+  QEMU starts, and what QEMU's start-up does not hide of it is warden's own time);
 * ``end``: when the process is about to exit.
 
 Everything else is warden's own code outside the VM: interpreter start-up, imports, argument
@@ -46,18 +48,23 @@ def _report() -> None:
     first = spans.get("_spawn", [0.0])[0]
     boot = spans.get("_connect", [first, first])[-1] - first
     vm = boot + sum(s[1] - s[0] for s in (spans.get("exec", [0, 0]), spans.get("shutdown", [0, 0])))
+    ram = spans.get("ram_verified", [0, 0])
+    vm -= sum(ram[1::2]) - sum(ram[0::2])
     end = time.perf_counter() - T0
-    print(json.dumps({"vm": vm, "boot": boot, "end": end}), file=sys.stderr)
+    waited = sum(ram[1::2]) - sum(ram[0::2])
+    print(json.dumps({"vm": vm, "boot": boot, "end": end, "ram_wait": waited}), file=sys.stderr)
 
 
 def main() -> None:
     from warden.agent.client import AgentClient
     from warden.cli.main import main as warden_main
     from warden.vmm.machine import Machine
+    from warden.vmm.templates import LoadedTemplate
 
     for name in ("_spawn", "_connect", "shutdown"):
         _timed(Machine, name)
     _timed(AgentClient, "exec")
+    _timed(LoadedTemplate, "ram_verified")
     atexit.register(_report)
     sys.argv = ["warden", "run", *sys.argv[1:]]
     warden_main()

@@ -10,6 +10,7 @@ not hold the host key would, or re-sealed with the host key as only root could.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import fcntl
 import json
@@ -27,7 +28,7 @@ from tests.conftest import qemu_pids, runtime_dirs
 from warden._errors import TemplateRefusedError
 from warden.config import Paths
 from warden.seal import Sealer
-from warden.vmm import memfd
+from warden.vmm import memfd, templates
 from warden.vmm.machine import Machine
 from warden.vmm.spec import VMSpec
 from warden.vmm.templates import META_FILE, RAM_FILE, SEAL_PURPOSE, STATE_FILE, Templates
@@ -228,10 +229,10 @@ def test_the_sealed_memfd_refuses_writes(copy: str) -> None:
         # Its size is the guest's RAM, intact.
         assert os.fstat(fd).st_size == MEMORY << 20
     finally:
-        loaded.state.close()
+        loaded.close()
         store.remove(copy)
-    with pytest.raises(OSError, match="Bad file descriptor"):
-        os.fstat(fd)  # the store closed it with the template
+    assert loaded.ram_fd == -1  # the loader's fd: closed by it
+    assert not any(key[0] == str(store.path(copy)) for key in templates._ram_cache)
 
 
 async def test_a_jailed_clone_sees_only_its_own_process(no_leaks: None, copy: str) -> None:
@@ -257,3 +258,86 @@ async def test_a_jailed_clone_sees_only_its_own_process(no_leaks: None, copy: st
         assert {e for e in entries if e.isdigit()} == {"1"}, entries
     finally:
         await machine.shutdown()
+
+
+# A clone's QEMU starts while its template's RAM is still being copied into the sealed memfd
+# (the copy runs in a thread; Machine._connect loads the clone's state only once the memfd is
+# sealed and its digest checked). The two tests below hold that copy back.
+
+
+async def test_a_copy_changed_before_its_seal_is_refused(
+    no_leaks: None, copy: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A byte that changes in the memfd after the copy and before the seal (as a write by
+    whoever held it in that window would) is caught: the digest is computed on the sealed
+    memfd itself, not on what was read, so the clone is refused and its QEMU, started
+    meanwhile, is gone with everything else."""
+
+    def corrupting(src: int, dst: int, size: int) -> None:
+        memfd.copy_sparse(src, dst, size, hashed=False)  # fill_sealed's copy, then a change
+        offset = os.lseek(dst, 0, os.SEEK_DATA) + 4096 + 17
+        os.pwrite(dst, bytes([os.pread(dst, 1, offset)[0] ^ 0x5A]), offset)
+        fcntl.fcntl(dst, memfd.F_ADD_SEALS, memfd.SEALS)
+
+    monkeypatch.setattr(memfd, "fill_sealed", corrupting)
+    await _refused(copy, "digest of memory.ram")
+
+
+async def test_qemu_touches_no_guest_ram_before_its_state_loads(
+    no_leaks: None, copy: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What makes the early start safe: QEMU, started with ``-incoming defer`` on the memfd
+    still being filled, neither reads nor writes a page of it (its mapping has no resident
+    page at all, so none was copied-on-write from a half-filled memfd) until warden issues
+    ``migrate-incoming``, after the seal and the check. Then the clone runs."""
+    release = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    real = memfd.fill_sealed
+
+    def held_back(src: int, dst: int, size: int) -> None:
+        asyncio.run_coroutine_threadsafe(release.wait(), loop).result(timeout=60)
+        real(src, dst, size)
+
+    monkeypatch.setattr(memfd, "fill_sealed", held_back)
+    machine = Machine(VMSpec(template=copy))
+    launch = asyncio.create_task(machine.launch())
+    try:
+        deadline = loop.time() + 60
+        while machine._qmp is None or machine.pid is None:
+            assert not launch.done() and loop.time() < deadline, "QEMU never came up"
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.5)  # QEMU idles in "inmigrate", waiting for its state
+        assert not launch.done()
+        status = await machine._qmp.execute("query-status")
+        assert isinstance(status, dict) and status["status"] == "inmigrate", status
+        ram = _clone_ram_mapping(machine.pid)
+        assert ram["Rss"] == 0 and ram["Anonymous"] == 0, ram
+        release.set()
+        await asyncio.wait_for(launch, 60)
+        result = await machine.agent.exec(["cat", "/home/user/mark"])
+        assert result.stdout == b"sealed\n"
+    finally:
+        release.set()
+        if not launch.done():
+            launch.cancel()
+        with contextlib.suppress(BaseException):
+            await launch
+        await machine.shutdown()
+
+
+def _clone_ram_mapping(pid: int) -> dict[str, int]:
+    """The kB fields of QEMU ``pid``'s mapping of its template's memfd (``smaps``)."""
+    fields: dict[str, int] | None = None
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        head = line.split()
+        if not head[0].endswith(":"):  # a mapping's first line (an anonymous one has no name)
+            if fields is not None:
+                break
+            name = head[5] if len(head) > 5 else ""
+            if name.startswith("/memfd:warden-template-") and int(head[2], 16) == 0:
+                size = int(head[0].split("-")[1], 16) - int(head[0].split("-")[0], 16)
+                fields = {} if size == MEMORY << 20 else None
+        elif fields is not None and line.endswith(" kB"):
+            fields[head[0].rstrip(":")] = int(head[1])
+    assert fields, f"QEMU {pid} maps no template RAM of {MEMORY} MiB"
+    return fields

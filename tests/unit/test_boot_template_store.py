@@ -150,31 +150,35 @@ def test_a_remembered_ram_digest_spares_the_hash_until_the_file_changes(
     ram = tmp_path / "memory.ram"
     ram.write_bytes(b"\1" * (3 << 20) + bytes(1 << 20))
     size = ram.stat().st_size
-    hashed: list[bool] = []
-    real = memfd.sealed_copy
+    hashed: list[int] = []
+    real = memfd.ram_digest
 
-    def counting(src: int, n: int, name: str, **kw: bool) -> Any:
-        hashed.append(kw.get("hashed", True))
-        return real(src, n, name, **kw)
+    def counting(fd: int, n: int) -> str:
+        hashed.append(fd)
+        return real(fd, n)
 
-    monkeypatch.setattr(memfd, "sealed_copy", counting)
+    monkeypatch.setattr(memfd, "ram_digest", counting)
 
     def load(meta: dict[str, Any]) -> str:
         fd = os.open(ram, os.O_RDONLY)
+        copy = os.memfd_create("test-copy", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
-            copy, digest = store._copy_ram(ram, fd, size, meta)
-            os.close(copy)
+            os.ftruncate(copy, size)
+            digest = store._copy_ram(ram, fd, size, meta, copy)
+            assert memfd.is_sealed(copy)
+            assert os.pread(copy, 8, 0) == ram.read_bytes()[:8]
             return digest
         finally:
+            os.close(copy)
             os.close(fd)
 
     sealed = load({})  # a first look: hashed (and not remembered: no sealed digest matched)
     meta = {"memory_digest": sealed}
     assert load(meta) == sealed and load(meta) == sealed
-    assert hashed == [True, True, False], "the second load should have been remembered"
+    assert len(hashed) == 2, "the second load should have been remembered"
     with open(ram, "r+b") as f:  # one byte changed: a new ctime, hashed again
         f.write(b"\2")
-    assert load(meta) != sealed and hashed[-1] is True
+    assert load(meta) != sealed and len(hashed) == 3
 
 
 def test_automatic_templates_are_pruned_least_recently_used_first(tmp_path: Path) -> None:

@@ -106,3 +106,32 @@ def test_an_unhashed_copy_is_the_same_copy(fds: list[int]) -> None:
     assert digest == "" and memfd.is_sealed(sealed)
     assert os.pread(sealed, SIZE, 0) == os.pread(src, SIZE, 0)
     assert os.fstat(sealed).st_blocks * 512 == 2 * CHUNK
+
+
+def test_a_filled_memfd_is_the_file_sealed_with_its_holes(fds: list[int]) -> None:
+    """``fill_sealed`` (a template's load) copies runs of data chunks, holes left as holes;
+    ``ram_digest`` of the sealed copy is the digest ``copy_sparse`` gave the same bytes."""
+    pieces = {
+        CHUNK + 7: os.urandom(100),
+        2 * CHUNK: os.urandom(CHUNK),
+        5 * CHUNK: os.urandom(3 * CHUNK + 10),  # a run of data up to the short last chunk
+    }
+    src = _file(pieces)
+    dst = os.memfd_create("test-fill", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    fds += [src, dst]
+    os.ftruncate(dst, SIZE)
+    memfd.fill_sealed(src, dst, SIZE)
+    assert memfd.is_sealed(dst)
+    assert os.pread(dst, SIZE, 0) == os.pread(src, SIZE, 0)
+    # Whole chunks that hold data (1, 2, 5, 6, 7 and the short last one); 0, 3 and 4 not.
+    assert os.fstat(dst).st_blocks * 512 == 5 * CHUNK + 4096
+    assert memfd.ram_digest(dst, SIZE) == _digest(fds, pieces)
+    assert memfd.ram_digest(dst, SIZE) == _reference(os.pread(src, SIZE, 0))
+
+
+def test_ram_digest_sees_a_changed_byte(fds: list[int]) -> None:
+    src = _file({3 * CHUNK: b"data"})
+    fds.append(src)
+    before = memfd.ram_digest(src, SIZE)
+    os.pwrite(src, b"\x01", 6 * CHUNK + 9)  # in what was a hole
+    assert memfd.ram_digest(src, SIZE) != before

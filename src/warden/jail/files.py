@@ -2,7 +2,8 @@
 libraries the dynamic loader resolves for it, the TCG accelerator module (Debian builds TCG as
 a module) and its libraries, and the microvm firmware. All are bound read-only.
 
-Found once per QEMU binary and process (two runs of the dynamic loader, about 10 ms).
+Found once per QEMU binary and process (two runs of the dynamic loader, about 10 ms), and
+remembered across processes under the stat of every file found (``seal/facts.py``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import subprocess
 from pathlib import Path
 
 from warden._errors import HostError
+from warden.seal.facts import HostFacts
 
 FIRMWARE = ("bios-microvm.bin",)
 """What QEMU's microvm machine loads from its data dir (``x-option-roms=off``: no option ROM)."""
@@ -20,11 +22,19 @@ FIRMWARE = ("bios-microvm.bin",)
 LD_CACHE = Path("/etc/ld.so.cache")
 
 
-def qemu_files(qemu: str, accel: str) -> tuple[str, ...]:
-    """Every host file QEMU at ``qemu`` opens to run a VM under ``accel`` (kvm or tcg)."""
+def qemu_files(qemu: str, accel: str, cache_dir: Path | None = None) -> tuple[str, ...]:
+    """Every host file QEMU at ``qemu`` opens to run a VM under ``accel`` (kvm or tcg); with
+    ``cache_dir``, remembered there while none of them changes."""
     real = os.path.realpath(qemu)
     st = os.stat(real)
-    return _closure(real, st.st_ino, st.st_mtime_ns, accel)
+    if cache_dir is None:
+        return _closure(real, st.st_ino, st.st_mtime_ns, accel)
+
+    def learn() -> list[str]:
+        return list(_closure(real, st.st_ino, st.st_mtime_ns, accel))
+
+    facts = HostFacts(cache_dir)
+    return tuple(facts.get(f"qemu-files {accel} {real}", learn, lambda files: files))
 
 
 @functools.cache

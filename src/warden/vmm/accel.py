@@ -14,15 +14,18 @@ import functools
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
 from warden._errors import HostError
 from warden.config import PRIVATE_FILE, Paths, open_private, private_dir, write_private
+from warden.seal.facts import HostFacts
 from warden.vmm.argv import BootFiles, RuntimeFiles, build_argv
 from warden.vmm.spec import VMSpec
 
@@ -37,7 +40,20 @@ class AccelChoice:
 
 
 @functools.cache
-def qemu_version(qemu: str) -> str:
+def qemu_version(qemu: str, cache_dir: Path | None = None) -> str:
+    """The first line of ``qemu --version``; with ``cache_dir``, remembered there under the
+    binary's stat (``seal/facts.py``: one subprocess less per launch)."""
+    if cache_dir is None:
+        return _run_version(qemu)
+    real = os.path.realpath(shutil.which(qemu) or qemu)
+    return HostFacts(cache_dir).get(f"qemu-version {real}", lambda: _run_version(qemu), _one(real))
+
+
+def _one(path: str) -> Callable[[str], list[str]]:
+    return lambda _: [path]
+
+
+def _run_version(qemu: str) -> str:
     try:
         out = subprocess.run(
             [qemu, "--version"], capture_output=True, text=True, timeout=10, check=True
@@ -83,7 +99,7 @@ def probe_kvm(paths: Paths, boot: BootFiles, kernel_sha256: str, qemu: str) -> A
     why_not = kvm_usable_device()
     if why_not is not None:
         return AccelChoice("tcg", f"{why_not}; using TCG")
-    key = _cache_key(qemu, kernel_sha256)
+    key = _cache_key(qemu, kernel_sha256, paths.cache)
     private_dir(paths.cache)
     cache_file = paths.cache / "accel-probe.json"
     lock_fd = open_private(paths.cache / ".accel.lock", os.O_RDWR | os.O_CREAT)
@@ -101,12 +117,12 @@ def probe_kvm(paths: Paths, boot: BootFiles, kernel_sha256: str, qemu: str) -> A
     return choice
 
 
-def _cache_key(qemu: str, kernel_sha256: str) -> str:
+def _cache_key(qemu: str, kernel_sha256: str, cache_dir: Path) -> str:
     try:
         boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     except OSError:
         boot_id = "unknown"
-    raw = "\n".join([boot_id, os.uname().release, qemu_version(qemu), kernel_sha256])
+    raw = "\n".join([boot_id, os.uname().release, qemu_version(qemu, cache_dir), kernel_sha256])
     return hashlib.sha256(raw.encode()).hexdigest()[:24]
 
 

@@ -83,11 +83,13 @@ class ForkStore(Templates):
             raise TemplateNotFoundError(f"fork {name!r} is gone (its children have started)")
         return held
 
-    def load(self, name: str) -> LoadedTemplate:
+    def load(self, name: str, *, early: bool = False) -> LoadedTemplate:
+        del early  # its RAM is sealed already
         held = self._get(name)
         # A file description of its own (its own offset): children load it concurrently.
         fd = os.open(f"/proc/self/fd/{held.state}", os.O_RDONLY | os.O_CLOEXEC)
-        return LoadedTemplate(name, held.config, held.ram, io.FileIO(fd, "rb"), held.secret)
+        ram = fcntl.fcntl(held.ram, fcntl.F_DUPFD_CLOEXEC, 0)  # the caller's, as the state's
+        return LoadedTemplate(name, held.config, ram, io.FileIO(fd, "rb"), held.secret)
 
     def remove(self, name: str) -> None:
         held = self._held.pop(name, None)

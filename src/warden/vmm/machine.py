@@ -442,7 +442,7 @@ class Machine:
         """Verify template ``name`` and take its image, memory and vCPUs (a spec that set
         them otherwise is refused)."""
         self.spec = self.templates.resolve(self.spec)
-        self._template = self.templates.load(name)
+        self._template = self.templates.load(name, early=True)
 
     def _wants_boot_template(self) -> bool:
         """Whether this VM starts from (or makes) the automatic template of its shape: with
@@ -461,14 +461,14 @@ class Machine:
         name = self.boot_template = boot_template_name(self.spec, accel=self.accel.name)
         loaded: LoadedTemplate | None = None
         try:
-            loaded = self.templates.load(name)
+            loaded = self.templates.load(name, early=True)
             check_config(name, loaded.config, self._template_config(boot))
             return loaded
         except TemplateNotFoundError:
             return None
         except TemplateRefusedError as exc:
             if loaded is not None:
-                loaded.state.close()
+                loaded.close()
             log.warning("VM %s: %s; booting cold and making it again", self.id, exc)
             self._discard_boot_template(name)
             return None
@@ -481,7 +481,7 @@ class Machine:
         """The machine a template of this VM, or a clone made like it, is (sealed for): the
         argv without per-VM names, jail fds or seccomp, which the guest never sees."""
         assert self.image is not None and self.accel is not None
-        version = qemu_version(self.qemu)
+        version = qemu_version(self.qemu, self.paths.cache)
         shape = build_argv(
             self.spec, boot, self.run, accel=self.accel.name, qemu=QEMU_BINARY,
             tsc_khz=tsc_khz(), console_socket=True, link_slots=len(self.link_slots.slots),
@@ -568,14 +568,20 @@ class Machine:
 
     async def _boot_clone(self, boot: BootFiles, template: LoadedTemplate) -> None:
         """Start QEMU on the template's RAM (copy-on-write) and device state; the first
-        session, authenticated by the template's secret, hands the clone its own."""
+        session, authenticated by the template's secret, hands the clone its own. QEMU starts
+        while the RAM may still be being copied: its state is loaded only once the copy is
+        sealed and checked (``LoadedTemplate.ram_ready``; docs/security.md)."""
         self._template = None  # its state file is QEMU's (and closed) from here on
         jailed = self.jail is not None
         ram = f"/proc/self/fd/{PassedFd.TEMPLATE_RAM if jailed else template.ram_fd}"
         state = PassedFd.INCOMING if jailed else template.state.fileno()
-        self._set_argv(boot, clone_ram=ram)
-        await self._spawn(restore=template.state, template_ram=template.ram_fd)
-        await self._connect(restored=True, held=template.secret, incoming=f"fd:{state}")
+        try:
+            self._set_argv(boot, clone_ram=ram)
+            await self._spawn(restore=template.state, template_ram=template.ram_fd)
+        finally:
+            template.close_ram()  # QEMU holds its own
+        incoming = f"fd:{state}"
+        await self._connect(restored=True, held=template.secret, incoming=incoming, ram=template)
         self.booted_from = "template"
 
     async def _boot(self, boot: BootFiles) -> None:
@@ -593,14 +599,14 @@ class Machine:
             try:
                 await self._boot_clone(boot, self._template)
                 return
-            except LaunchError as exc:
+            except (LaunchError, TemplateRefusedError) as exc:
                 if self.boot_template is None:
                     raise
                 log.warning(
                     "VM %s: boot template %s did not start (%s); booting cold and making it again",
                     self.id,
                     self.boot_template,
-                    exc.reason,
+                    exc.reason if isinstance(exc, LaunchError) else exc,
                 )
                 self._discard_boot_template(self.boot_template)
                 await self._stop_process()
@@ -704,7 +710,9 @@ class Machine:
         )
         return spawn.JailConfig(
             root=self.paths.run / "jail",
-            ro_files=list(qemu_files(self.qemu, self.accel.name)) if plan.mount else [],
+            ro_files=list(qemu_files(self.qemu, self.accel.name, self.paths.cache))
+            if plan.mount
+            else [],
             id_files=image_files if plan.mount else [],
             rw_files=[str(self.run.xfer), *([str(self.run.memory)] if file_ram else [])]
             if plan.mount
@@ -942,14 +950,20 @@ class Machine:
             return await self._open_agent(remaining, resync=True, held=held, new=self._secret)
 
     async def _connect(
-        self, *, restored: bool = False, held: bytes | None = None, incoming: str | None = None
+        self,
+        *,
+        restored: bool = False,
+        held: bytes | None = None,
+        incoming: str | None = None,
+        ram: LoadedTemplate | None = None,
     ) -> None:
         """Connect QMP and the agent, racing both against QEMU's exit and the deadline.
 
         A restored VM (a clone, a resumed one) is continued once its state has loaded: the
         state was saved paused. Its guest holds the saved channel secret, ``held``, until the
         first session hands it this VM's own. ``incoming``: a clone's deferred migration (its
-        template's device state, RAM left out), started here.
+        template's device state, RAM left out), started here once ``ram``, its template, has
+        its RAM sealed and checked (TemplateRefusedError if it was refused).
         """
         assert self._proc is not None
         deadline = time.monotonic() + self.spec.agent_timeout_s
@@ -957,6 +971,8 @@ class Machine:
         try:
             await self._race(self._start_console(deadline), exited, deadline, "the console")
             self._qmp = await self._race(self._connect_qmp(deadline), exited, deadline, "QMP")
+            if ram is not None:
+                await ram.ram_verified()
             if incoming is not None:
                 loading = _load_device_state(self._qmp, incoming)
                 await self._race(loading, exited, deadline, "the template's state")
@@ -1087,7 +1103,7 @@ class Machine:
     async def _rollback(self) -> None:
         self._set_state(VMState.FAILED)
         if self._template is not None:  # refused before QEMU took its state file
-            self._template.state.close()
+            self._template.close()
             self._template = None
         await self._hard_stop()
 

@@ -163,6 +163,64 @@ def _sealed(name: str, size: int, fill: Callable[[int], str]) -> tuple[int, str]
     return fd, digest
 
 
+def fill_sealed(src: int, dst: int, size: int) -> None:
+    """Copy the chunks of fd ``src`` that hold data into the memfd ``dst`` (empty, ``size``
+    long already), then seal ``dst``. Its digest, if wanted, is :func:`ram_digest` of ``dst``
+    once sealed: of the very bytes a clone maps.
+
+    Unlike :func:`copy_sparse`, chunks are not compared with zeros: ``src`` is a template's
+    ``memory.ram``, written by :func:`copy_sparse` with its zero chunks left as holes. Each
+    run of data is one ``sendfile`` (the kernel copies page cache to page cache: ~10% faster
+    than reading and writing 1 MiB at a time, and few calls, so a thread doing it rarely
+    waits for the GIL)."""
+    for offset, length in _data_extents(src, size):
+        os.lseek(dst, offset, os.SEEK_SET)
+        done = 0
+        while done < length:
+            sent = os.sendfile(dst, src, offset + done, length - done)
+            if sent <= 0:
+                raise OSError(errno.EIO, f"short read of guest RAM at {offset + done}")
+            done += sent
+    fcntl.fcntl(dst, F_ADD_SEALS, SEALS)
+
+
+def _data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
+    """:func:`_data_ranges`, adjacent chunks joined."""
+    start = end = 0
+    for offset, length in _data_ranges(fd, size):
+        if offset != end and end > start:
+            yield start, end - start
+            start = offset
+        elif end == start:
+            start = offset
+        end = offset + length
+    if end > start:
+        yield start, end - start
+
+
+def ram_digest(fd: int, size: int) -> str:
+    """The RAM digest of the ``size`` bytes of ``fd`` (its holes are hashed as zeros, unread):
+    what :func:`copy_sparse` returns for a copy of them."""
+    digest = RamDigest()
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    for offset, length in _data_ranges(fd, size):
+        _hash_holes(digest, offset)
+        piece = view[:length]
+        got = os.preadv(fd, [piece], offset)
+        if got != length:
+            raise OSError(errno.EIO, f"short read of guest RAM at {offset}: {got} of {length}")
+        digest.chunk(piece)
+    _hash_holes(digest, size)
+    return digest.hexdigest()
+
+
+def _hash_holes(digest: RamDigest, end: int) -> None:
+    """Add the chunks of zeros from ``digest.size`` to ``end``."""
+    while digest.size < end:
+        digest.chunk(None, min(CHUNK, end - digest.size))
+
+
 def is_sealed(fd: int) -> bool:
     """True if every seal of :data:`SEALS` is set on ``fd``."""
     with contextlib.suppress(OSError):

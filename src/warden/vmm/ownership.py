@@ -14,7 +14,7 @@ mistaken for the owner and nothing is killed by name. A QEMU is killed only thro
 opened and then checked (start time, and a command line naming the runtime dir): the pidfd
 stays bound to that one process even if the pid is reused afterwards.
 
-This module imports only the stdlib: the janitor imports it at start-up.
+The janitor (``vmm/janitor.py``) imports this module only once its owner is gone.
 """
 
 from __future__ import annotations
@@ -268,24 +268,3 @@ def _ensure_janitor(vms_dir: Path) -> None:
             os.close(read_fd)
         # The write end stays open for the life of this process; its closing is the signal.
         _janitor_pipe[vms_dir] = write_fd
-
-
-def _janitor_main(argv: list[str]) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="warden-janitor")
-    parser.add_argument("--fd", type=int, required=True)
-    parser.add_argument("--owner", type=int, required=True)
-    parser.add_argument("--dir", type=Path, required=True)
-    args = parser.parse_args(argv)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    while True:
-        try:
-            if not os.read(args.fd, 1):
-                break
-        except InterruptedError:
-            continue
-    # The owner is gone: its QEMUs got SIGKILL from the kernel; remove what they left.
-    sweep_stale(args.dir, owner_pid=args.owner)
-    return 0

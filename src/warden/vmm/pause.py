@@ -240,7 +240,7 @@ def _settle(future: asyncio.Future[tuple[int, str]], value: tuple[int, str] | OS
 
 def _config(machine: Machine, qemu_argv: list[str]) -> SnapshotConfig:
     assert machine.image is not None
-    version = qemu_version(machine.qemu)
+    version = qemu_version(machine.qemu, machine.paths.cache)
     return SnapshotConfig(
         key=machine_key(qemu_argv, machine.id, machine.run.dir, version),
         qemu_version=version,

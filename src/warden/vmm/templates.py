@@ -19,11 +19,14 @@ both are hashed as they are written and sealed with the configuration. The VM is
 **Cloning** (:meth:`Templates.load`). The seal and the configuration are checked first: the
 image's files, QEMU's version and the machine's shape (the argv a clone gets) must be those the
 template was made with, or the template is refused, never loaded. Its RAM is copied into a
-sealed memfd, and the digest checked on the copy itself; the kernel then refuses every write
-to it, so it stays verified while clones map it ``share=off`` (copy-on-write: a clone's write
-goes to a private page of its own). The memfd is kept for this process and reused by every
-later clone of the same sealed template. ``state.bin`` is checked on the open file that QEMU
-then loads (``-incoming fd:N``), as a paused VM's file is.
+memfd that is then sealed, and the digest checked on the sealed memfd itself; the kernel then
+refuses every write to it, so it stays verified while clones map it ``share=off``
+(copy-on-write: a clone's write goes to a private page of its own). The memfd is kept for
+this process and reused by every later clone of the same sealed template. The copy runs in a
+thread while the first clone's QEMU starts; that clone's state is loaded only once the copy
+is sealed and checked (:attr:`LoadedTemplate.ram_ready`, docs/security.md). ``state.bin``
+is checked on the open file that QEMU then loads (``-incoming fd:N``), as a paused VM's file
+is.
 
 **Boot templates.** ``_boot-<image>-<mem>m-<cpus>c-<accel>`` is the automatic template of a VM
 shape under an accelerator (``tcg`` or ``kvm``: its seal binds the argv, accelerator included,
@@ -41,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import concurrent.futures
 import contextlib
 import dataclasses
 import fcntl
@@ -152,19 +156,49 @@ class TemplateInfo:
 
 @dataclasses.dataclass
 class LoadedTemplate:
-    """A verified template, ready for a clone: its RAM in a sealed memfd (owned by the
-    :class:`Templates` cache: do not close it) and its device state open at offset 0 (the
-    caller passes it to QEMU and closes it)."""
+    """A verified template, ready for a clone: an fd of its RAM's sealed memfd and its device
+    state open at offset 0, both the caller's (QEMU gets them; :meth:`close` closes ours).
+
+    ``ram_ready`` is set when the RAM was still being copied into the memfd as it was loaded
+    (the first clone of a template in a process, ``Templates.load(early=True)``): it resolves
+    once the memfd is sealed and its digest checked, or raises TemplateRefusedError. QEMU may
+    map the memfd meanwhile (it neither reads nor writes guest RAM before its state is
+    loaded); nothing may load the clone's state before it resolves (:meth:`ram_verified`)."""
 
     name: str
     config: TemplateConfig
     ram_fd: int
     state: io.FileIO
     secret: bytes
+    ram_ready: concurrent.futures.Future[None] | None = None
+
+    async def ram_verified(self) -> None:
+        """Return once the RAM is sealed and checked (TemplateRefusedError if refused)."""
+        if self.ram_ready is not None:  # shared by every loader: shielded from our cancel
+            await asyncio.shield(asyncio.wrap_future(self.ram_ready))
+
+    def close_ram(self) -> None:
+        if self.ram_fd >= 0:
+            os.close(self.ram_fd)
+            self.ram_fd = -1
+
+    def close(self) -> None:
+        self.close_ram()
+        self.state.close()
+
+
+@dataclasses.dataclass
+class _Copying:
+    """A template's RAM being copied into ``fd`` (a memfd), for ``done``."""
+
+    fd: int
+    done: concurrent.futures.Future[None]
 
 
 _ram_cache: dict[tuple[str, str], int] = {}
 """(template dir, seal tag) -> sealed memfd, for this process."""
+_ram_copying: dict[tuple[str, str], _Copying] = {}
+"""(template dir, seal tag) -> its RAM being copied (then cached, or refused)."""
 _ram_lock = threading.Lock()
 
 
@@ -286,12 +320,13 @@ class Templates:
 
     # -- loading ------------------------------------------------------------------------------
 
-    def load(self, name: str) -> LoadedTemplate:
+    def load(self, name: str, *, early: bool = False) -> LoadedTemplate:
         """Verify template ``name`` and open it for a clone (see the module's docstring).
 
         TemplateNotFoundError if there is none; TemplateRefusedError if its seal or a file's
         digest does not verify. The caller still checks :attr:`LoadedTemplate.config` against
-        the machine it makes (:func:`check_config`).
+        the machine it makes (:func:`check_config`). ``early``: return before the RAM's copy
+        (and its check) is done, see :attr:`LoadedTemplate.ram_ready`.
         """
         directory = self.path(name)
         if not (directory / META_FILE).is_file():
@@ -305,57 +340,114 @@ class Templates:
         secret = self.keys.template(name)
         if secret is None:
             raise _refused(name, "its channel secret is missing from the key store")
-        ram_fd = self._sealed_ram(directory, meta, raw["seal"]["tag"])
-        state = self._open_state(directory, meta)
+        ram_fd, ready = self._sealed_ram(directory, meta, raw["seal"]["tag"], early=early)
+        try:
+            state = self._open_state(directory, meta)
+        except BaseException:
+            os.close(ram_fd)
+            raise
         with contextlib.suppress(OSError):
             os.utime(directory)  # its last use, for prune_automatic
-        return LoadedTemplate(name, config, ram_fd, state, secret)
+        return LoadedTemplate(name, config, ram_fd, state, secret, ready)
 
-    def _sealed_ram(self, directory: Path, meta: dict[str, Any], tag: str) -> int:
-        """The template's RAM in a sealed memfd, copied and checked once per process."""
+    def _sealed_ram(
+        self, directory: Path, meta: dict[str, Any], tag: str, *, early: bool
+    ) -> tuple[int, concurrent.futures.Future[None] | None]:
+        """A new fd (the caller's) of the template's RAM in a sealed memfd, copied and checked
+        once per process, in a thread of its own. With ``early``, a load that finds the copy
+        under way returns at once, with the future it resolves; without, it waits for it."""
         key = (str(directory), tag)
         with _ram_lock:
             cached = _ram_cache.get(key)
             if cached is not None:
-                return cached
-            fd = _open_regular(directory / RAM_FILE, directory.name)
-            try:
-                size = os.fstat(fd).st_size
-                if size != meta.get("memory_size"):
-                    raise _refused(
-                        directory.name,
-                        f"{RAM_FILE} has {size} bytes, its seal says {meta.get('memory_size')}",
-                    )
-                ram, digest = self._copy_ram(directory / RAM_FILE, fd, size, meta)
-            finally:
-                os.close(fd)
-            if digest != meta.get("memory_digest"):
-                os.close(ram)
-                raise _refused(directory.name, f"the digest of {RAM_FILE} is not the sealed one")
-            _drop_cached(directory)  # an older version of it (its seal changed)
-            _ram_cache[key] = ram
-            return ram
+                return _dup(cached), None
+            copying = _ram_copying.get(key)
+            if copying is None:
+                copying = self._start_copy(directory, meta, key)
+            fd = _dup(copying.fd)
+        if early:
+            return fd, copying.done
+        try:
+            copying.done.result()
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, None
 
-    def _copy_ram(self, path: Path, fd: int, size: int, meta: dict[str, Any]) -> tuple[int, str]:
-        """``memory.ram`` (open at ``fd``) in a sealed memfd, and its RAM digest. Hashed as it
-        is copied, unless the sealed digest is remembered for the file's stat (as
-        ``seal/digests.py`` remembers a SHA-256, and for the same reasons): then it is copied
-        without hashing (0.08 s less per 110 MB of data, in every new process) and accepted
-        if its stat is still the same after the copy (a change meanwhile would show in its
-        ctime); else hashed after all."""
-        name = f"warden-template-{path.parent.name}"
+    def _start_copy(self, directory: Path, meta: dict[str, Any], key: tuple[str, str]) -> _Copying:
+        """Open ``memory.ram``, check its size, make the memfd and start the thread that fills,
+        seals and checks it (hold ``_ram_lock``)."""
+        src = _open_regular(directory / RAM_FILE, directory.name)
+        try:
+            size = os.fstat(src).st_size
+            if size != meta.get("memory_size"):
+                raise _refused(
+                    directory.name,
+                    f"{RAM_FILE} has {size} bytes, its seal says {meta.get('memory_size')}",
+                )
+            name = f"warden-template-{directory.name}"
+            fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        except BaseException:
+            os.close(src)
+            raise
+        try:
+            os.ftruncate(fd, size)  # its size from the start: QEMU maps it before it is filled
+        except BaseException:
+            os.close(fd)
+            os.close(src)
+            raise
+        done: concurrent.futures.Future[None] = concurrent.futures.Future()
+        done.set_running_or_notify_cancel()  # no loader may cancel it for the others
+        copying = _ram_copying[key] = _Copying(fd, done)
+        args = (copying, key, src, size, meta)
+        threading.Thread(target=self._fill, args=args, name=f"warden-copy-{name}").start()
+        return copying
+
+    def _fill(
+        self, copying: _Copying, key: tuple[str, str], src: int, size: int, meta: dict[str, Any]
+    ) -> None:
+        """The copying thread: fill and seal the memfd, check its digest, cache it."""
+        directory = Path(key[0])
+        try:
+            digest = self._copy_ram(directory / RAM_FILE, src, size, meta, copying.fd)
+            if digest != meta.get("memory_digest"):
+                raise _refused(directory.name, f"the digest of {RAM_FILE} is not the sealed one")
+        except BaseException as exc:  # noqa: BLE001 - the loaders get it through the future
+            with _ram_lock:
+                if _ram_copying.get(key) is copying:
+                    del _ram_copying[key]
+            os.close(copying.fd)  # the loaders hold fds of their own
+            copying.done.set_exception(exc)
+            return
+        finally:
+            os.close(src)
+        with _ram_lock:
+            if _ram_copying.get(key) is copying:  # not removed meanwhile
+                del _ram_copying[key]
+                _drop_cached(directory)  # an older version of it (its seal changed)
+                _ram_cache[key] = copying.fd
+            else:
+                os.close(copying.fd)
+        copying.done.set_result(None)
+
+    def _copy_ram(self, path: Path, fd: int, size: int, meta: dict[str, Any], ram: int) -> str:
+        """Copy ``memory.ram`` (open at ``fd``) into the memfd ``ram`` and seal it; return its
+        RAM digest. The digest is computed on the sealed memfd itself, unless the sealed one
+        is remembered for the file's stat (as ``seal/digests.py`` remembers a SHA-256, and for
+        the same reasons) and that stat is still the same after the copy (a change meanwhile
+        would show in its ctime): then it is not hashed (0.08 s less per 110 MB of data, in
+        every new process)."""
         before = stat_key(path, os.fstat(fd))
         sealed = meta.get("memory_digest")
-        if isinstance(sealed, str) and self.digests.lookup(before) == sealed:
-            ram, _ = memfd.sealed_copy(fd, size, name, hashed=False)
-            if stat_key(path, os.fstat(fd)) == before:
-                return ram, sealed
-            os.close(ram)
         began = time.time_ns()
-        ram, digest = memfd.sealed_copy(fd, size, name)
-        if digest == sealed and began - before[-1] >= RACY_NS:
+        memfd.fill_sealed(fd, ram, size)
+        unchanged = stat_key(path, os.fstat(fd)) == before
+        if unchanged and isinstance(sealed, str) and self.digests.lookup(before) == sealed:
+            return sealed
+        digest = memfd.ram_digest(ram, size)
+        if unchanged and digest == sealed and began - before[-1] >= RACY_NS:
             self.digests.remember(before, digest)
-        return ram, digest
+        return digest
 
     def _open_state(self, directory: Path, meta: dict[str, Any]) -> io.FileIO:
         path = directory / STATE_FILE
@@ -507,6 +599,8 @@ def _open_regular(path: Path, name: str) -> int:
 def _forget_ram(directory: Path) -> None:
     with _ram_lock:
         _drop_cached(directory)
+        for key in [k for k in _ram_copying if k[0] == str(directory)]:
+            del _ram_copying[key]  # its thread closes it instead of caching it
 
 
 def _drop_cached(directory: Path) -> None:
@@ -514,6 +608,10 @@ def _drop_cached(directory: Path) -> None:
     the clones that map them keep their mappings."""
     for key in [k for k in _ram_cache if k[0] == str(directory)]:
         os.close(_ram_cache.pop(key))
+
+
+def _dup(fd: int) -> int:
+    return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 0)
 
 
 def read_meta(path: Path) -> dict[str, Any]:
