@@ -135,22 +135,7 @@ class DigestRecord:
         """The record's entries; a missing, oversized or corrupt record counts as empty."""
         if self.path is None:
             return {}
-        try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError:
-            return {}
-        try:
-            data = json.loads(os.read(fd, RECORD_MAX_BYTES))
-        except (OSError, ValueError):
-            return {}
-        finally:
-            os.close(fd)
-        if not isinstance(data, dict) or data.get("format") != RECORD_FORMAT:
-            return {}
-        files = data.get("files")
-        if not isinstance(files, dict):
-            return {}
-        return {str(p): e for p, e in files.items() if isinstance(e, dict)}
+        return read_record(self.path, RECORD_FORMAT, "files", RECORD_MAX_BYTES)
 
     def _write(self, record: dict[str, Any]) -> None:
         """Write the record atomically: a unique temp file, then rename over the old one.
@@ -158,14 +143,41 @@ class DigestRecord:
         Two processes may race: the last one's record wins, and what the other remembered is
         hashed again next time. Nothing is ever wrong, only sometimes slower.
         """
-        assert self.dir is not None and self.path is not None
-        private_dir(self.dir)
-        tmp = self.dir / f".{RECORD_NAME}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-        try:
-            fd = open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
-            with os.fdopen(fd, "wb") as f:
-                f.write(json.dumps(record, sort_keys=True).encode())
-            os.replace(tmp, self.path)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
+        assert self.path is not None
+        write_record(self.path, record)
+
+
+def read_record(path: Path, fmt: int, key: str, max_bytes: int) -> dict[str, dict[str, Any]]:
+    """The ``key`` entries of a private JSON record ``{"format": fmt, key: {...}}``; a
+    missing, oversized or corrupt record, or one of another format, counts as empty."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return {}
+    try:
+        data = json.loads(os.read(fd, max_bytes))
+    except (OSError, ValueError):
+        return {}
+    finally:
+        os.close(fd)
+    if not isinstance(data, dict) or data.get("format") != fmt:
+        return {}
+    entries = data.get(key)
+    if not isinstance(entries, dict):
+        return {}
+    return {str(k): v for k, v in entries.items() if isinstance(v, dict)}
+
+
+def write_record(path: Path, record: dict[str, Any]) -> None:
+    """Write a private JSON record atomically: a unique temp file (0600) beside it, then a
+    rename over the old one (the last of two racing writers wins)."""
+    private_dir(path.parent)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    try:
+        fd = open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        with os.fdopen(fd, "wb") as f:
+            f.write(json.dumps(record, sort_keys=True).encode())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()

@@ -22,19 +22,15 @@ against their seal.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import os
-import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from warden.config import open_private, private_dir
-from warden.seal.digests import RACY_NS
+from warden.seal.digests import RACY_NS, read_record, write_record
 
 log = logging.getLogger(__name__)
 
@@ -90,34 +86,10 @@ class HostFacts:
                 log.warning("could not write %s (learnt again next time): %s", self.path, exc)
 
     def _read(self) -> dict[str, dict[str, Any]]:
-        try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError:
-            return {}
-        try:
-            data = json.loads(os.read(fd, RECORD_MAX_BYTES))
-        except (OSError, ValueError):
-            return {}
-        finally:
-            os.close(fd)
-        if not isinstance(data, dict) or data.get("format") != RECORD_FORMAT:
-            return {}
-        facts = data.get("facts")
-        if not isinstance(facts, dict):
-            return {}
-        return {str(k): v for k, v in facts.items() if isinstance(v, dict)}
+        return read_record(self.path, RECORD_FORMAT, "facts", RECORD_MAX_BYTES)
 
     def _write(self, record: dict[str, Any]) -> None:
-        private_dir(self.dir)
-        tmp = self.dir / f".{RECORD_NAME}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-        try:
-            fd = open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
-            with os.fdopen(fd, "wb") as f:
-                f.write(json.dumps(record, sort_keys=True).encode())
-            os.replace(tmp, self.path)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
+        write_record(self.path, record)
 
 
 def _still_true(entry: dict[str, Any]) -> bool:
