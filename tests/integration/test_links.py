@@ -103,22 +103,29 @@ def transport(request: pytest.FixtureRequest) -> Transport:
 
 
 @contextlib.asynccontextmanager
-async def two_sandboxes(
-    owners: tuple[str, str] = (DAEMON_OWNER, DAEMON_OWNER),
-) -> AsyncIterator[Pair]:
-    """A Manager of the shared home with two running sandboxes, of these owners."""
+async def sandboxes(owners: tuple[str, ...]) -> AsyncIterator[tuple[Manager, list[Machine]]]:
+    """A Manager of the shared home with a running sandbox of each of these owners."""
     manager = Manager(Paths.from_env())
     await manager.start()
     rows = []
     try:
         for owner in owners:
             rows.append(await manager.create(VMSpec(), owner=owner))
-        yield Pair(manager, await manager.machine(rows[0].id), await manager.machine(rows[1].id))
+        yield manager, [await manager.machine(row.id) for row in rows]
     finally:
         await manager.links.close()
         for row in rows:
             await manager.remove(row.id, force=True)
         await manager.close()
+
+
+@contextlib.asynccontextmanager
+async def two_sandboxes(
+    owners: tuple[str, str] = (DAEMON_OWNER, DAEMON_OWNER),
+) -> AsyncIterator[Pair]:
+    """A Manager of the shared home with two running sandboxes, of these owners."""
+    async with sandboxes(owners) as (manager, (a, b)):
+        yield Pair(manager, a, b)
 
 
 @pytest.fixture

@@ -15,12 +15,12 @@ from dataclasses import dataclass
 
 import pytest
 
+from tests.integration.test_links import sandboxes
 from warden._errors import LinkError, StateTransitionError
-from warden.config import Paths
 from warden.server.manager import Manager
+from warden.store.db import DAEMON_OWNER
 from warden.vmm.linkslots import LINK_SLOTS
 from warden.vmm.machine import Machine
-from warden.vmm.spec import VMSpec
 from warden.wire.ring import CAPACITY, DATA
 
 pytestmark = pytest.mark.vm
@@ -59,19 +59,8 @@ class Trio:
 
 @pytest.fixture
 async def trio(no_leaks: None) -> AsyncIterator[Trio]:
-    manager = Manager(Paths.from_env())
-    await manager.start()
-    rows = []
-    try:
-        for _ in range(3):
-            rows.append(await manager.create(VMSpec()))
-        machines = [await manager.machine(row.id) for row in rows]
+    async with sandboxes((DAEMON_OWNER,) * 3) as (manager, machines):
         yield Trio(manager, *machines)
-    finally:
-        await manager.links.close()
-        for row in rows:
-            await manager.remove(row.id, force=True)
-        await manager.close()
 
 
 async def devices(machine: Machine) -> list[str]:

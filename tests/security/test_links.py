@@ -16,15 +16,21 @@ import httpx
 import pytest
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from tests.integration.test_links import HOLD, Pair, client, two_sandboxes, wait_for_socket
+from tests.integration.test_links import (
+    HOLD,
+    Pair,
+    client,
+    sandboxes,
+    two_sandboxes,
+    wait_for_socket,
+)
 from warden import audit
 from warden.agent.link import LinkEnd
 from warden.auth.principal import SCOPE_KEY, Principal
 from warden.config import Paths
 from warden.server.app import create_app
-from warden.server.manager import Manager
+from warden.store.db import DAEMON_OWNER
 from warden.vmm.machine import Machine
-from warden.vmm.spec import VMSpec
 
 pytestmark = pytest.mark.vm
 
@@ -34,20 +40,8 @@ MARKER = "PLAINTEXT-MARKER-0123456789"
 @pytest.fixture
 async def trio(no_leaks: None) -> AsyncIterator[tuple[Pair, str]]:
     """Two linked-to-be sandboxes and a third one."""
-    manager = Manager(Paths.from_env())
-    await manager.start()
-    rows = []
-    try:
-        for _ in range(3):
-            rows.append(await manager.create(VMSpec()))
-        a = await manager.machine(rows[0].id)
-        b = await manager.machine(rows[1].id)
-        yield Pair(manager, a, b), rows[2].id
-    finally:
-        await manager.links.close()
-        for row in rows:
-            await manager.remove(row.id, force=True)
-        await manager.close()
+    async with sandboxes((DAEMON_OWNER,) * 3) as (manager, (a, b, c)):
+        yield Pair(manager, a, b), c.id
 
 
 CHAT = r"""
