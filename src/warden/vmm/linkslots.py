@@ -47,6 +47,9 @@ LINK_SLOTS = 4
 PORT_ID = "link-port{}"
 DEVICE_ID = "link-dev{}"
 BACKEND_ID = "link-mem{}"
+QMP_TIMEOUT_S = 10.0
+"""The deadline of each plug, and of each QMP step of an unplug (a wedged QEMU must not hold
+the slots, or the link's creator, forever)."""
 UNPLUG_TIMEOUT_S = 10.0
 """How long an unplug waits for the guest to release the device (pciehp's own delay is 5 s
 when the agent does not power the slot off itself)."""
@@ -161,37 +164,40 @@ class Slots:
 
     async def plug(self, qmp: QMPClient, slot: Slot, region: Region) -> None:
         """Plug ``region`` into ``slot``: on any failure, what was added is taken back."""
-        i = slot.index
-        async with self._lock:
-            qmp.send_fd_scm(region.fd)
-            added = await qmp.execute("add-fd", {"opaque": f"warden-link-{i}"})
-            fdset = _field(added, "fdset-id")
-            try:
-                backend = {
-                    "qom-type": "memory-backend-file",
-                    "id": BACKEND_ID.format(i),
-                    "mem-path": f"/proc/self/fd/{_field(added, 'fd')}",
-                    "size": REGION_SIZE,
-                    "share": True,
-                }
-                await qmp.execute("object-add", backend)
-            finally:  # QEMU holds the file open through the backend: drop the passed copy
-                with contextlib.suppress(Exception):
-                    await qmp.execute("remove-fd", {"fdset-id": fdset})
-            try:
-                await qmp.execute(
-                    "device_add",
-                    {
-                        "driver": "ivshmem-plain",
-                        "id": DEVICE_ID.format(i),
-                        "memdev": BACKEND_ID.format(i),
-                        "bus": PORT_ID.format(i),
-                    },
-                )
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    await qmp.execute("object-del", {"id": BACKEND_ID.format(i)})
-                raise
+        async with self._lock, asyncio.timeout(QMP_TIMEOUT_S):
+            await self._plug(qmp, slot.index, region)
+
+    async def _plug(self, qmp: QMPClient, i: int, region: Region) -> None:
+        """add-fd, the backend, the device; what was added is taken back on a failure."""
+        qmp.send_fd_scm(region.fd)
+        added = await qmp.execute("add-fd", {"opaque": f"warden-link-{i}"})
+        fdset = _field(added, "fdset-id")
+        try:
+            backend = {
+                "qom-type": "memory-backend-file",
+                "id": BACKEND_ID.format(i),
+                "mem-path": f"/proc/self/fd/{_field(added, 'fd')}",
+                "size": REGION_SIZE,
+                "share": True,
+            }
+            await qmp.execute("object-add", backend)
+        finally:  # QEMU holds the file open through the backend: drop the passed copy
+            with contextlib.suppress(Exception):
+                await qmp.execute("remove-fd", {"fdset-id": fdset})
+        try:
+            await qmp.execute(
+                "device_add",
+                {
+                    "driver": "ivshmem-plain",
+                    "id": DEVICE_ID.format(i),
+                    "memdev": BACKEND_ID.format(i),
+                    "bus": PORT_ID.format(i),
+                },
+            )
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await qmp.execute("object-del", {"id": BACKEND_ID.format(i)})
+            raise
 
     async def unplug(self, qmp: QMPClient | None, slot: Slot) -> bool:
         """Take the region out of ``slot``: whether the guest released it (the slot is then
@@ -201,14 +207,18 @@ class Slots:
             return False
         i = slot.index
         try:
-            await qmp.execute("device_del", {"id": DEVICE_ID.format(i)})
+            await asyncio.wait_for(
+                qmp.execute("device_del", {"id": DEVICE_ID.format(i)}), QMP_TIMEOUT_S
+            )
         except Exception as exc:  # noqa: BLE001 (QMP's errors: the device is gone already)
             log.debug("link slot %d: device_del: %s", i, exc)
         if not await _wait_gone(qmp, DEVICE_ID.format(i), UNPLUG_TIMEOUT_S):
             log.warning("link slot %d: the guest did not release its device", i)
             return False
         try:
-            await qmp.execute("object-del", {"id": BACKEND_ID.format(i)})
+            await asyncio.wait_for(
+                qmp.execute("object-del", {"id": BACKEND_ID.format(i)}), QMP_TIMEOUT_S
+            )
         except Exception as exc:  # noqa: BLE001
             log.warning("link slot %d: object-del: %s", i, exc)
             return False
@@ -260,7 +270,9 @@ def _field(reply: Any, key: str) -> int:
 
 
 async def _peripherals(qmp: QMPClient) -> set[str]:
-    listed = await qmp.execute("qom-list", {"path": "/machine/peripheral"})
+    listed = await asyncio.wait_for(
+        qmp.execute("qom-list", {"path": "/machine/peripheral"}), QMP_TIMEOUT_S
+    )
     if not isinstance(listed, list):
         return set()
     return {str(p.get("name")) for p in listed if isinstance(p, dict)}

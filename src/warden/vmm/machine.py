@@ -831,9 +831,10 @@ class Machine:
         slot = self.link_slots.reserve(name, self.id)
         try:
             await self.link_slots.plug(self._qmp, slot, region)
-        except QMPError as exc:
+        except (QMPError, TimeoutError) as exc:
             slot.link = None
-            raise LinkError(f"QEMU of VM {self.id} could not take link {name!r}: {exc}") from exc
+            why = str(exc) or "no answer in time"
+            raise LinkError(f"QEMU of VM {self.id} could not take link {name!r}: {why}") from exc
         except BaseException:
             slot.link = None
             raise
