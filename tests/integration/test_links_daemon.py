@@ -58,7 +58,7 @@ def test_sdk_and_cli_link_two_sandboxes_and_audit_it(daemon: ServeProcess) -> No
     started = time.time()
     with client.Sandbox.create() as a, client.Sandbox.create() as b:
         made = a.links.create(b, "pipe")
-        assert (made["name"], made["a"], made["b"], made["path"]) == ("pipe", a.id, b.id, "relay")
+        assert (made["name"], made["a"], made["b"], made["path"]) == ("pipe", a.id, b.id, "ring")
         assert [x["name"] for x in b.links.list()] == ["pipe"]
         listed = cli(daemon, "link", "ls", "--json")
         assert listed.returncode == 0 and '"pipe"' in listed.stdout, listed.stderr

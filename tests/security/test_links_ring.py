@@ -76,19 +76,26 @@ async def test_a_guest_that_keeps_writing_after_revocation_reaches_nobody(
             script = HOLD.replace("16384", "8192") if machine is b else HOLD
             await root(machine, f"cat > /tmp/hold.py <<'E'\n{script}\nE\n")
             await root(machine, f"nohup python3 /tmp/hold.py {word} > /tmp/hold.log 2>&1 &")
-        for _ in range(100):
-            if region.read(8192, 8) in (b"FROM-A!!", b"FROM-B!!"):
-                break
-            await asyncio.sleep(0.1)
+        # Both must have written before the revocation: a guest that first touches the region
+        # after it faults too (that is the point), and B must stay alive here.
+        for machine in (a, b):
+            for _ in range(300):
+                if "wrote" in await root(machine, "cat /tmp/hold.log"):
+                    break
+                await asyncio.sleep(0.1)
+            assert "wrote" in await root(machine, "cat /tmp/hold.log")
         assert region.read(8192, 8) in (b"FROM-A!!", b"FROM-B!!")  # the memory is shared
         region.revoke()  # what link rm does once both agents answered (or timed out)
         assert os.fstat(region.fd).st_size == 0
-        await root(a, "touch /tmp/go")  # A writes into the revoked region: its QEMU faults
-        for _ in range(100):
-            if a.state is not VMState.RUNNING:
+        # A writes into the revoked region and its QEMU faults: start that after this exec has
+        # answered, or A may die before the answer comes back.
+        await root(a, "nohup sh -c 'sleep 0.5; touch /tmp/go' >/dev/null 2>&1 &")
+        # Its agent channel may break (UNHEALTHY) before the exit is reaped (FAILED): wait for both.
+        for _ in range(200):
+            if a.state is VMState.FAILED and a.exit_code is not None:
                 break
             await asyncio.sleep(0.1)
-        assert a.state is not VMState.RUNNING
+        assert a.state is VMState.FAILED
         assert a.exit_code is not None and a.exit_code < 0  # a signal (SIGBUS)
         assert await root(b, "echo alive") == "alive\n"  # B never saw it, and runs on
         assert region.read(8192, 8) == b""

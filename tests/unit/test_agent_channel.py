@@ -154,8 +154,11 @@ def test_a_new_host_takes_over_a_stream_left_mid_record(agent: SecretAgent) -> N
         task = asyncio.create_task(old.exec(["sh", "-c", "exec sleep 30"]))
         await asyncio.sleep(0.3)
         big = old._sealed(bytes(50_000))  # a record the agent is in the middle of
-        assert old._reader_task is not None
-        old._reader_task.cancel()  # the old host is dead: it reads nothing of the new session
+        assert old._reader_task is not None and old._watchdog_task is not None
+        # The old host is dead: it reads nothing of the new session, and its watchdog sends no
+        # more pings sealed with the old keys (they would end the new session, as they should).
+        old._reader_task.cancel()
+        old._watchdog_task.cancel()
         agent.sock.sendall(big[:20_000])
         new = await agent.client(resync=True)
         assert (await new.exec(["echo", "mine"])).stdout == b"mine\n"
