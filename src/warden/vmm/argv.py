@@ -246,6 +246,9 @@ def _machine_args(
         "-no-user-config",
         "-display", "none",
         "-no-reboot",
+        # Saved states carry no configuration section: a device state saved without RAM
+        # (snapshot.save_device_state) has none, and every state must load in every QEMU.
+        "-global", "migration.send-configuration=off",
     ]  # fmt: skip
 
 

@@ -1,8 +1,8 @@
 """Fork: children of a running VM that carry on from its state and share its memory.
 
 ``Machine.fork(n)`` saves the running VM as a *transient template* that lives in this
-process's memory only (:class:`ForkStore`): its device state, migrated without RAM
-(``x-ignore-shared``, ~60 KB), and a copy of its guest RAM, each in a sealed memfd. Nothing
+process's memory only (:class:`ForkStore`): its device state without any RAM (~60 KB,
+``snapshot.save_device_state``), and a copy of its guest RAM, each in a sealed memfd. Nothing
 reaches the disk (no guest memory in a file, nothing to tamper with, no name to collide with
 the user's templates; ``warden template list`` never shows it). It then starts ``n`` clones
 of it (``vmm/templates.py``, "Cloning"): each maps the copied RAM copy-on-write, so the
@@ -36,7 +36,7 @@ from qemu.qmp import QMPClient
 from warden._errors import NameConflictError, SpecError, TemplateError, TemplateNotFoundError
 from warden.config import Paths
 from warden.vmm import memfd
-from warden.vmm.snapshot import set_ignore_shared, wait_migration
+from warden.vmm.snapshot import save_device_state
 from warden.vmm.templates import LoadedTemplate, TemplateConfig, Templates
 
 if TYPE_CHECKING:
@@ -120,17 +120,10 @@ class ForkStore(Templates):
 
 
 async def _save_state(qmp: QMPClient, name: str) -> int:
-    """The paused VM's device state, migrated without its RAM into a sealed memfd."""
+    """The paused VM's device state, without any of its RAM, in a sealed memfd."""
     fd = os.memfd_create(f"warden-fork-state-{name}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
-        await set_ignore_shared(qmp, True)
-        try:
-            qmp.send_fd_scm(fd)
-            await qmp.execute("getfd", {"fdname": "warden-fork"})
-            await qmp.execute("migrate", {"uri": "fd:warden-fork"})
-            await wait_migration(qmp, "saving the VM's device state for a fork")
-        finally:
-            await set_ignore_shared(qmp, False)
+        await save_device_state(qmp, fd, "saving the VM's device state for a fork")
         fcntl.fcntl(fd, memfd.F_ADD_SEALS, memfd.SEALS)
     except BaseException:
         os.close(fd)

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from qemu.qmp import QMPClient
+from qemu.qmp import ExecuteError, QMPClient
 
 from warden._errors import VMError
 from warden.seal import SealRefused
@@ -96,6 +96,35 @@ async def set_ignore_shared(qmp: QMPClient, on: bool) -> None:
         "migrate-set-capabilities",
         {"capabilities": [{"capability": "x-ignore-shared", "state": on}]},
     )
+
+
+async def save_device_state(qmp: QMPClient, fd: int, what: str) -> None:
+    """Write the stopped VM's device state, and no RAM at all, to ``fd`` (a file or memfd,
+    written from offset 0), with QMP ``xen-save-devices-state``. Despite its name the command
+    is generic (QEMU's ``qemu_save_device_state``: every non-RAM section, what a migration
+    sends after RAM) and built into every QEMU. Unlike a migration with ``x-ignore-shared``,
+    which QEMU 7.2 makes leave out only RAM mapped shared, it also leaves out a clone's
+    private copy-on-write RAM, which the host copies itself (``memfd.copy_qemu_ram``). The
+    stream has no configuration section, so every QEMU runs with
+    ``migration.send-configuration=off`` (``vmm/argv.py``) and loads it like any other. QEMU
+    opens the file as ``/dev/fdset/N`` (``add-fd``): a jailed QEMU needs no path to it."""
+    writer = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_CLOEXEC)  # QEMU asks O_WRONLY
+    try:
+        qmp.send_fd_scm(writer)
+        added = await qmp.execute("add-fd", {"opaque": "warden-device-state"})
+    finally:
+        os.close(writer)
+    fdset = added["fdset-id"] if isinstance(added, dict) else None
+    if not isinstance(fdset, int):
+        raise VMError(f"{what} failed: QEMU's add-fd answered {added!r}")
+    try:
+        await qmp.execute(
+            "xen-save-devices-state", {"filename": f"/dev/fdset/{fdset}", "live": False}
+        )
+    except ExecuteError as exc:
+        raise VMError(f"{what} failed: {exc.error.desc}") from None
+    finally:
+        await qmp.execute("remove-fd", {"fdset-id": fdset})
 
 
 async def wait_migration(
