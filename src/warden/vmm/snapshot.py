@@ -122,7 +122,7 @@ async def save_device_state(qmp: QMPClient, fd: int, what: str) -> None:
             "xen-save-devices-state", {"filename": f"/dev/fdset/{fdset}", "live": False}
         )
     except ExecuteError as exc:
-        raise VMError(f"{what} failed: {exc.error.desc}") from None
+        raise VMError(f"{what} failed: {exc}") from None
     finally:
         await qmp.execute("remove-fd", {"fdset-id": fdset})
 
