@@ -209,9 +209,9 @@ def _private_mib(pid: int) -> float:
 
 def test_a_template_saved_from_a_default_vm_shares_its_ram(no_leaks: None) -> None:
     """A default VM is a clone (of its boot template), whose RAM QEMU would migrate with the
-    device state: saved through a helper VM (vmm/rehome.py), its template's clones map its RAM
-    copy-on-write instead of loading it into memory of their own (private PSS 44 MiB against
-    125 without the helper, like a plain clone's 48, here)."""
+    device state: saved without any RAM (snapshot.save_device_state) and its RAM copied, its
+    template's clones map that RAM copy-on-write instead of loading it into memory of their own
+    (private PSS 125 MiB when the state carried the RAM, against a plain clone's 48 here)."""
     name = f"from-default-{os.getpid()}"
     if not _store().exists(NAME):
         with Sandbox.create(memory_mib=MEMORY):  # makes the boot template

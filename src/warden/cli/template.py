@@ -97,8 +97,7 @@ def _from_image(
 ) -> None:
     import warden
 
-    # A clone of the boot template of this shape (the first one boots cold and makes it):
-    # saving it goes through a helper VM (vmm/rehome.py), still faster than a cold boot.
+    # A clone of the boot template of this shape (the first one boots cold and makes it).
     factory: Any = client.Sandbox if client is not None else warden.Sandbox
     with factory.create(image, memory_mib=memory, vcpus=cpus) as sbx:
         if run is not None:

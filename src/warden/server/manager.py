@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from warden._errors import (
-    AdmissionError,
     NameConflictError,
     SpecError,
     StateTransitionError,
@@ -109,8 +108,6 @@ class Manager:
         self.cpu = CpuMeter()
         self.meter = UsageMeter()
         """What each running VM uses, for admission (``charge="measured"``)."""
-        self.helpers: dict[str, VMUsage] = {}
-        """The helper VMs running now (``vmm/rehome.py``), charged by admission like VMs."""
         self._sampler: asyncio.Task[None] | None = None
         self.templates = Templates(paths)
         self.pool = WarmPool(pools or {}, self._pool_member)
@@ -165,38 +162,8 @@ class Manager:
         self.policy = dataclasses.replace(self.policy, vm_footprint_mib=saved.pss_mib)
 
     def _charged(self, reserved: Reservations) -> list[VMUsage]:
-        """What admission charges: the active VMs of the store, and the helper VMs running."""
-        return [self._usage(vm) for vm in reserved.active] + list(self.helpers.values())
-
-    @contextlib.asynccontextmanager
-    async def _helper_charged(self, spec: VMSpec) -> AsyncIterator[None]:
-        """Charge a helper VM of ``spec`` while the body runs (saving a clone as a template
-        boots one for about a second: ``vmm/rehome.py``). Admitted like a create, one after the
-        other with them (AdmissionError if it does not fit), and at its limits: it loads the
-        clone's whole RAM, and runs too briefly to be measured."""
-        key = f"helper-{new_vm_id()}"
-        usage = VMUsage(
-            spec.memory_mib,
-            spec.vcpus,
-            pss_mib=float(spec.memory_mib + self.policy.vm_overhead_mib),
-        )
-
-        def admit(reserved: Reservations) -> None:
-            try:
-                check_usage(self.policy, self.capacity, self._charged(reserved), request=usage)
-            except AdmissionError as exc:
-                raise AdmissionError(
-                    "saving a template of a clone needs a helper VM of its size for about a "
-                    f"second, and it does not fit: {exc}",
-                    limits=exc.limits,
-                ) from None
-            self.helpers[key] = usage  # in the transaction: the next create sees it
-
-        await asyncio.to_thread(self.store.admit, admit)
-        try:
-            yield
-        finally:
-            self.helpers.pop(key, None)
+        """What admission charges: the active VMs of the store."""
+        return [self._usage(vm) for vm in reserved.active]
 
     def _usage(self, vm: ActiveVM) -> VMUsage:
         paused = vm.state == getattr(VMState, "PAUSED", None)
@@ -589,9 +556,7 @@ class Manager:
         (who saved it) is recorded in its meta."""
         machine = await self.machine(id_or_name)
         extra = {"source": machine.id, "owner": owner}
-        await machine.save_template(
-            name, keep_running=True, extra=extra, charge_helper=self._helper_charged
-        )
+        await machine.save_template(name, keep_running=True, extra=extra)
         info = await asyncio.to_thread(self.templates.info, name)
         if info is None:
             raise VMError(f"template {name!r} was saved but cannot be read back")

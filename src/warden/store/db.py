@@ -403,13 +403,6 @@ class Store:
         with self._read() as conn:
             return _reservations(conn)
 
-    def admit(self, admit: Callable[[Reservations], None]) -> None:
-        """Call ``admit`` with the current reservations inside a write transaction, writing
-        nothing: decided one after the other with every create's ``admit`` (the database's
-        write lock), for a charge held outside the store (a helper VM of ``vmm/rehome.py``)."""
-        with self._write() as conn:
-            admit(_reservations(conn))
-
     # -- events ----------------------------------------------------------------------------
 
     def append_event(

@@ -62,8 +62,6 @@ class ForkStore(Templates):
     disk, so there is nothing to seal or check against tampering, and no name to collide
     with a template of the user's; ``warden template list`` never sees them."""
 
-    rehomes_clones = False
-
     def __init__(self, paths: Paths) -> None:
         super().__init__(paths)
         self._held: dict[str, _Held] = {}

@@ -45,7 +45,7 @@ from warden.jail.features import JailPlan
 from warden.jail.files import qemu_files
 from warden.jail.policy import JailMode, default_mode
 from warden.policy.admission import TCG_VM_OVERHEAD_MIB
-from warden.vmm import cgroups, console, idle, ownership, rehome
+from warden.vmm import cgroups, console, idle, ownership
 from warden.vmm import pause as pausing
 from warden.vmm.accel import AccelChoice, qemu_version, resolve_accel
 from warden.vmm.argv import (
@@ -86,9 +86,6 @@ CONSOLE_DRAIN_S = 1.0
 ArgvWrapper = Callable[[list[str]], list[str]]
 """A launch step that wraps QEMU's argv (inside the jail, if any: its program must be there)."""
 
-HelperCharge = Callable[[VMSpec], contextlib.AbstractAsyncContextManager[None]]
-"""Charges a helper VM of the spec with admission while it is held (``Machine.save_template``)."""
-
 UnhealthyCallback = Callable[["Machine", str], object]
 """Called once (on the event loop) when a running VM turns unhealthy, with the reason."""
 
@@ -104,9 +101,6 @@ class Machine:
     """The id of the VM this one is a fork child of (its ``booted_from`` is ``template``)."""
     error: str | None = None
     """Why the VM is unhealthy (its agent connection broke), or None."""
-    restore_from: tuple[io.FileIO, bytes] | None = None
-    """A whole saved state to start from instead of booting (open at offset 0), and the
-    channel secret its guest holds: a helper VM of ``vmm/rehome.py``."""
 
     def __init__(
         self,
@@ -153,7 +147,7 @@ class Machine:
         self._exit_code: int | None = None
         self.booted_from: str | None = None
         """``cold``, ``template`` (a clone: of a template, of the automatic boot template of
-        its shape, or a fork child) or ``restore`` (``restore_from``), once launched."""
+        its shape, or a fork child), once launched."""
         self.boot_template: str | None = None
         """The automatic boot template this VM clones, or makes once it booted cold (with
         ``boot="snapshot"``, the default); None for a cold boot or a clone of a named one."""
@@ -587,14 +581,6 @@ class Machine:
     async def _boot(self, boot: BootFiles) -> None:
         """Clone the template (named, or the automatic one of this shape), else boot cold and,
         with ``boot="snapshot"``, save the automatic template of this shape."""
-        if self.restore_from is not None:
-            state, held = self.restore_from
-            self.restore_from = None  # QEMU's (and closed) from here on
-            self._set_argv(boot)
-            await self._spawn(restore=state)
-            await self._connect(restored=True, held=held)
-            self.booted_from = "restore"
-            return
         if self._template is not None:
             try:
                 await self._boot_clone(boot, self._template)
@@ -755,7 +741,6 @@ class Machine:
         keep_running: bool,
         extra: dict[str, Any] | None = None,
         store: Templates | None = None,
-        charge_helper: HelperCharge | None = None,
     ) -> None:
         """Save this running VM as template ``name`` (``vmm/templates.py``).
 
@@ -763,10 +748,8 @@ class Machine:
         requests are in flight (the idle gate holds new ones off meanwhile).
         With ``keep_running`` it then resumes with a new channel secret (the template holds
         the old one); else the caller ends it. NameConflictError if the name is taken,
-        TemplateError if this VM's RAM cannot be copied (a clone's is private). ``store``:
-        another template store than ``self.templates`` (a fork's transient one).
-        ``charge_helper``: held around the save when it needs a helper VM (a clone's:
-        ``vmm/rehome.py``), so that admission charges it (the daemon's).
+        TemplateError if this VM's RAM cannot be copied. ``store``: another template store
+        than ``self.templates`` (a fork's transient one).
         """
         store = store or self.templates
         if self.state is not VMState.RUNNING or self._qmp is None or self.image is None:
@@ -781,15 +764,11 @@ class Machine:
         boot = BootFiles(self.image.kernel.path, self.image.initrd.path, self.image.rootfs.path)
         config = self._template_config(boot)
         self.link_slots.check_none(self.id, "save it")
-        charged: contextlib.AbstractAsyncContextManager[None] = contextlib.nullcontext()
-        if charge_helper is not None and self._needs_helper(store):
-            charged = charge_helper(self.spec)
-        async with charged:
-            # The idle gate holds off auto-pause and new requests meanwhile (it refuses while
-            # requests are in flight), and continues a VM that auto-pause had stopped.
-            await self.idle.wake()
-            async with self.idle.exclusive(f"VM {self.id} is being saved", what="save it"):
-                await self._capture(store, name, config, extra or {}, keep_running=keep_running)
+        # The idle gate holds off auto-pause and new requests meanwhile (it refuses while
+        # requests are in flight), and continues a VM that auto-pause had stopped.
+        await self.idle.wake()
+        async with self.idle.exclusive(f"VM {self.id} is being saved", what="save it"):
+            await self._capture(store, name, config, extra or {}, keep_running=keep_running)
         if keep_running:
             self.idle.reopen()
 
@@ -808,19 +787,12 @@ class Machine:
             self._agent = None
         await self._qmp.execute("stop")
         try:
-            if self._needs_helper(store):
-                await rehome.save_clone(self, store, name, extra, self._secret)
-            else:
-                await store.capture(self._qmp, self._qemu_pid(), name, config, self._secret, extra)
+            await store.capture(self._qmp, self._qemu_pid(), name, config, self._secret, extra)
         finally:
             if keep_running:
                 await self._qmp.execute("cont")
                 # The template holds this VM's secret now: it gets a new one of its own.
                 self._agent = await self._open_agent(self.spec.agent_timeout_s, held=self._secret)
-
-    def _needs_helper(self, store: Templates) -> bool:
-        """Whether saving this VM into ``store`` boots a helper VM (``vmm/rehome.py``)."""
-        return self.booted_from == "template" and store.rehomes_clones
 
     async def plug_link(self, name: str, region: Region) -> Slot:
         """Plug link ``name``'s shared-memory region into a free link slot of this running VM

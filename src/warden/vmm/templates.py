@@ -3,16 +3,17 @@
 A template lives in ``$WARDEN_HOME/templates/<name>/``::
 
     memory.ram   the guest's RAM, a sparse file (a 256 MiB guest just booted holds ~70 MB)
-    state.bin    its device state, saved by a migration that leaves RAM out (x-ignore-shared)
+    state.bin    its device state without any RAM (``snapshot.save_device_state``)
     meta.json    what it was made for and the digests of both files, sealed (HMAC-SHA256
                  with the host key, ``seal/``)
 
 and its channel secret in ``keys/template/<name>.key``.
 
 **Making one** (:meth:`Templates.capture`). A running VM's RAM is a memfd that QEMU maps
-shared (``vmm/argv.py``). The VM is paused; its device state is migrated with
-``x-ignore-shared`` (about 60 KB: RAM is left out); the host copies the RAM memfd, which it
-opens through ``/proc/<qemu>/fd``, into ``memory.ram`` (``vmm/memfd.py``: holes stay holes);
+shared (``vmm/argv.py``), or a clone's, copy-on-write over its template's. The VM is paused;
+its device state is saved without any RAM (about 60 KB, ``snapshot.save_device_state``); the
+host copies the RAM, the memfd it opens through ``/proc/<qemu>/fd`` or a clone's
+(``memfd.copy_qemu_ram``), into ``memory.ram`` (``vmm/memfd.py``: holes stay holes);
 both are hashed as they are written and sealed with the configuration. The VM is then ended
 (a new template) or resumed and given a new channel secret (``--from`` a running VM).
 
@@ -76,7 +77,7 @@ from warden.seal import DigestRecord, KeyStoreError, Sealer, SealRefused, sha256
 from warden.seal.digests import RACY_NS, stat_key
 from warden.vmm import memfd, snapshot
 from warden.vmm.channel_keys import ChannelKeys
-from warden.vmm.snapshot import set_ignore_shared, wait_migration
+from warden.vmm.snapshot import save_device_state
 from warden.vmm.spec import TEMPLATE_RE, VMSpec
 
 log = logging.getLogger(__name__)
@@ -204,10 +205,6 @@ _ram_lock = threading.Lock()
 
 class Templates:
     """The template store of ``paths``."""
-
-    rehomes_clones = True
-    """Save a clone through a helper VM, so that the template's clones share all its RAM
-    (``vmm/rehome.py``); a fork's transient store does not (speed over sharing)."""
 
     def __init__(self, paths: Paths) -> None:
         self.root = paths.home / "templates"
@@ -519,19 +516,11 @@ class Templates:
         self, qmp: QMPClient, qemu_pid: int, work: Path, config: TemplateConfig
     ) -> dict[str, Any]:
         """Write ``state.bin`` and ``memory.ram`` into ``work``; their sizes and digests."""
-        await set_ignore_shared(qmp, True)
-        try:
-            with os.fdopen(open_private(work / STATE_FILE, os.O_RDWR | os.O_CREAT), "r+b") as f:
-                qmp.send_fd_scm(f.fileno())
-                await qmp.execute("getfd", {"fdname": "warden-template"})
-                await qmp.execute("migrate", {"uri": "fd:warden-template"})
-                await wait_migration(qmp, "saving the template's device state")
-                f.flush()
-                os.fsync(f.fileno())
-                state_size = os.fstat(f.fileno()).st_size
-                state_digest = await asyncio.to_thread(sha256_fd, f.fileno())
-        finally:
-            await set_ignore_shared(qmp, False)
+        with os.fdopen(open_private(work / STATE_FILE, os.O_RDWR | os.O_CREAT), "r+b") as f:
+            await save_device_state(qmp, f.fileno(), "saving the template's device state")
+            os.fsync(f.fileno())
+            state_size = os.fstat(f.fileno()).st_size
+            state_digest = await asyncio.to_thread(sha256_fd, f.fileno())
         size = config.memory_mib << 20
         digest = await asyncio.to_thread(_copy_ram, qemu_pid, size, work / RAM_FILE)
         return {
