@@ -119,6 +119,15 @@ def test_kernel_cmdline_tunes_tcg_only() -> None:
     assert "warden.channel=plain" in plain and "warden.crypto=scalar" not in plain
 
 
+def test_kernel_cmdline_quiets_an_idle_guest_unless_stock() -> None:
+    for accel in ("tcg", "kvm"):
+        tuned = kernel_cmdline("agent", accel=accel).split()
+        assert {"nowatchdog", "sysctl.vm.stat_interval=120"} <= set(tuned)
+        assert "sysctl.vm.compaction_proactiveness=0" in tuned
+        stock = kernel_cmdline("agent", accel=accel, tune=False)
+        assert "nowatchdog" not in stock and "sysctl." not in stock
+
+
 def test_the_channel_secret_goes_through_fw_cfg_in_agent_mode_only() -> None:
     def fw_cfg(argv: list[str]) -> list[str]:
         return [argv[i + 1] for i, a in enumerate(argv) if a == "-fw_cfg"]

@@ -93,6 +93,10 @@ class RuntimeFiles:
         return self.dir / "qemu.pid"
 
 
+IDLE_ARGS = ["nowatchdog", "sysctl.vm.stat_interval=120", "sysctl.vm.compaction_proactiveness=0"]
+"""Kernel arguments that make an idle guest wake less often (:func:`kernel_cmdline`)."""
+
+
 def kernel_cmdline(
     mode: str = "agent",
     *,
@@ -123,13 +127,21 @@ def kernel_cmdline(
     * ``warden.channel=plain`` with ``plaintext``: the agent serves the channel without its
       crypto layer. Only the benchmark asks for it, to measure that layer's cost.
 
-    ``tune=False`` leaves out the two speed settings (the benchmark's stock peer uses it).
+    * ``nowatchdog``, ``sysctl.vm.stat_interval=120``, ``sysctl.vm.compaction_proactiveness=0``:
+      an idle guest wakes less often (the soft-lockup watchdog's timer, the per-second fold of
+      the memory counters, proactive compaction's checks), and each wake-up of an idle guest
+      is a run of its vCPU on the host. Idle QEMUs used 0.33-0.35% of a core each with these
+      against 0.70-0.76% without (10 VMs, 5 each, three 30 s windows, one run).
+
+    ``tune=False`` leaves out the speed and idle settings (the benchmark's stock peer uses it).
     """
     parts = ["console=ttyS0", "quiet", "panic=-1", "reboot=t"]
     if tsc_khz:
         parts += [f"tsc_early_khz={tsc_khz}", "tsc=reliable"]
     if accel == "tcg" and tune:
         parts += ["mitigations=off", "norandmaps"]
+    if tune:
+        parts += IDLE_ARGS
     parts.append(f"warden.mode={mode}")
     if mode == "agent" and plaintext:
         parts.append("warden.channel=plain")
