@@ -14,6 +14,7 @@ vCPUs, devices, kernel command line and accelerator).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -24,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from qemu.qmp import ExecuteError, QMPClient
+from qemu.qmp import ExecuteError, QMPClient, QMPError
 
 from warden._errors import VMError
 from warden.seal import SealRefused
@@ -117,14 +118,19 @@ async def save_device_state(qmp: QMPClient, fd: int, what: str) -> None:
     fdset = added["fdset-id"] if isinstance(added, dict) else None
     if not isinstance(fdset, int):
         raise VMError(f"{what} failed: QEMU's add-fd answered {added!r}")
+    saving = qmp.execute(
+        "xen-save-devices-state", {"filename": f"/dev/fdset/{fdset}", "live": False}
+    )
     try:
-        await qmp.execute(
-            "xen-save-devices-state", {"filename": f"/dev/fdset/{fdset}", "live": False}
-        )
+        await asyncio.wait_for(saving, MIGRATE_TIMEOUT_S)
     except ExecuteError as exc:
         raise VMError(f"{what} failed: {exc}") from None
+    except TimeoutError:
+        raise VMError(f"{what} took over {MIGRATE_TIMEOUT_S:.0f} s") from None
     finally:
-        await qmp.execute("remove-fd", {"fdset-id": fdset})
+        # Best effort: QEMU closes the set's fd once its own copy is closed anyway.
+        with contextlib.suppress(QMPError, TimeoutError):
+            await asyncio.wait_for(qmp.execute("remove-fd", {"fdset-id": fdset}), 5.0)
 
 
 async def wait_migration(
