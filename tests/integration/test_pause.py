@@ -31,10 +31,12 @@ from warden.vmm.templates import Templates
 pytestmark = pytest.mark.vm
 
 COUNTER = (
-    "setsid sh -c 'i=0; while :; do i=$((i+1)); echo $i > /tmp/counter; sleep 0.2; done' "
-    ">/dev/null 2>&1 </dev/null & echo $!"
+    "setsid sh -c 'i=0; while :; do i=$((i+1)); echo $i > /tmp/counter.new; "
+    "mv /tmp/counter.new /tmp/counter; sleep 0.2; done' >/dev/null 2>&1 </dev/null & echo $!"
 )
-"""A background process that counts into /tmp/counter five times a second; prints its pid."""
+"""A background process that counts into /tmp/counter five times a second; prints its pid.
+Each count is renamed into place: a reader never sees the file empty (``>`` truncates it
+first, and a CI run read it in between)."""
 
 
 async def _run(machine: Machine, cmd: str) -> str:
