@@ -66,8 +66,11 @@ YIELD_S = 2e-3
 """How long after it started waiting the backoff polls with only ``sched_yield`` between
 polls (in a TCG guest even ``time.sleep(20e-6)`` takes 0.2-0.35 ms: the round trip's cost)."""
 SLEEP_MIN_S = 20e-6
-SLEEP_ACTIVE_S = 1e-3
-"""The longest sleep between polls while the ring was busy within :data:`IDLE_AFTER_S`."""
+SLEEP_ACTIVE_S = 250e-6
+"""The longest sleep between polls while the ring was busy within :data:`IDLE_AFTER_S`.
+250 us (it was 1 ms) took the 64-byte round trip from 0.39-0.40x of the relay's to
+0.21-0.27x, and a waiting reader's CPU from 16% to 34% of its vCPU during that second
+(docs/benchmarks.md, "Links, the shared-memory ring")."""
 SLEEP_IDLE_S = 5e-3
 """The longest sleep between polls of an idle ring."""
 IDLE_AFTER_S = 1.0
