@@ -19,7 +19,7 @@ from tests.integration.test_links import sandboxes
 from warden._errors import LinkError, StateTransitionError
 from warden.server.manager import Manager
 from warden.store.db import DAEMON_OWNER
-from warden.vmm.linkslots import LINK_SLOTS
+from warden.vmm.linkslots import LINK_SLOTS, MEMFD_NAME
 from warden.vmm.machine import Machine
 from warden.wire.ring import CAPACITY, DATA
 
@@ -126,6 +126,27 @@ async def test_a_third_vm_sees_no_link_and_each_end_one_device(trio: Trio) -> No
     listing = await trio.c.agent.exec(["ls", "-A", "/run/warden/links"])
     assert b"pair" not in listing.stdout
     assert trio.c.link_slots.busy == []
+
+
+def _holds_region(pid: int) -> bool:
+    """Whether process ``pid`` has a link's region (a memfd: no path in any filesystem, so a
+    process can reach it only through an fd it was given or a mapping of it)."""
+    held = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+    with open(f"/proc/{pid}/maps") as maps:
+        held += [line.rstrip("\n") for line in maps]
+    return any(f"/memfd:{MEMFD_NAME}" in entry for entry in held)
+
+
+async def test_the_region_is_only_in_the_two_jailed_qemus(trio: Trio) -> None:
+    """The link's memory file reaches the jails of its two VMs only: their QEMUs hold and map
+    it; the third VM's QEMU has neither an fd of it nor a mapping (a memfd has no path that a
+    jail could bind or open)."""
+    assert all(m.jail is not None for m in (trio.a, trio.b, trio.c))
+    await trio.manager.links.create(trio.a.id, trio.b.id, "jailed")
+    await wait_devices(trio.a, 1)
+    await wait_devices(trio.b, 1)
+    assert _holds_region(trio.a.pid or 0) and _holds_region(trio.b.pid or 0)
+    assert not _holds_region(trio.c.pid or 0)
 
 
 async def test_links_up_to_the_slot_limit_then_a_clear_error(trio: Trio) -> None:
