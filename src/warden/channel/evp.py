@@ -40,9 +40,9 @@ _CTRL_AEAD_GET_TAG = 0x10
 _CTRL_AEAD_SET_TAG = 0x11
 _LIBRARIES = ("libcrypto.so.3", "libcrypto.so")
 _FIRST_BUFFER = 4096
+"""The output buffer a context starts with; it grows to the largest message it ran."""
 BULK_BYTES = 16 * 1024
 """Updates over this many bytes release the GIL meanwhile; shorter calls keep it."""
-"""The output buffer a context starts with; it grows to the largest message it ran."""
 
 
 class _Loaded:
