@@ -69,7 +69,8 @@ SLEEP_MIN_S = 20e-6
 SLEEP_ACTIVE_S = 250e-6
 """The longest sleep between polls while the ring was busy within :data:`IDLE_AFTER_S`.
 250 us (it was 1 ms) took the 64-byte round trip from 0.39-0.40x of the relay's to
-0.21-0.27x, and a waiting reader's CPU from 16% to 34% of its vCPU during that second
+0.21-0.37x (three runs), and a waiting reader's CPU from 16% to 34% of its vCPU during that
+second
 (docs/benchmarks.md, "Links, the shared-memory ring")."""
 SLEEP_IDLE_S = 5e-3
 """The longest sleep between polls of an idle ring."""
