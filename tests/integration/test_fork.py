@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager
 import pytest
 
 from tests.conftest import qemu_pids, runtime_dirs
-from tests.integration.test_templates import MARK, prepare_source, pss_mib, sh
+from tests.integration.test_templates import MARK, prepare_source, pss_mib, rollup_mib, sh
 from warden import Sandbox
 from warden._errors import HostError, SpecError
 from warden.config import Paths
@@ -24,23 +24,12 @@ from warden.vmm.spec import VMSpec
 pytestmark = pytest.mark.vm
 
 
-def _rollup(pid: int, *fields: str) -> int:
-    """The sum of ``fields`` of ``/proc/<pid>/smaps_rollup``, in MiB."""
-    kib = 0
-    with open(f"/proc/{pid}/smaps_rollup") as f:
-        for line in f:
-            name, _, rest = line.partition(":")
-            if name in fields:
-                kib += int(rest.split()[0])
-    return kib // 1024
-
-
 def private_mib(pid: int) -> int:
-    return _rollup(pid, "Private_Clean", "Private_Dirty")
+    return rollup_mib(pid, "Private_Clean", "Private_Dirty")
 
 
 def rss_mib(pid: int) -> int:
-    return _rollup(pid, "Rss")
+    return rollup_mib(pid, "Rss")
 
 
 @asynccontextmanager

@@ -31,13 +31,22 @@ async def sh(machine: Machine, command: str) -> str:
     return result.stdout.decode()
 
 
-def pss_mib(pid: int) -> int:
-    """The PSS of process ``pid`` (a QEMU: guest RAM included), in MiB."""
+def rollup_mib(pid: int, *fields: str) -> int:
+    """The sum of ``fields`` of ``/proc/<pid>/smaps_rollup`` (a QEMU: guest RAM included), in
+    MiB; AssertionError if none of them is there."""
+    kib, found = 0, False
     with open(f"/proc/{pid}/smaps_rollup") as f:
         for line in f:
-            if line.startswith("Pss:"):
-                return int(line.split()[1]) // 1024
-    raise AssertionError(f"no Pss in /proc/{pid}/smaps_rollup")
+            name, _, rest = line.partition(":")
+            if name in fields:
+                kib, found = kib + int(rest.split()[0]), True
+    assert found, f"no {fields} in /proc/{pid}/smaps_rollup"
+    return kib // 1024
+
+
+def pss_mib(pid: int) -> int:
+    """The PSS of process ``pid``, in MiB."""
+    return rollup_mib(pid, "Pss")
 
 
 @pytest.fixture

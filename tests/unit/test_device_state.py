@@ -30,6 +30,8 @@ class FakeQMP:
     async def execute(self, cmd: str, args: dict[str, Any] | None = None) -> object:
         self.calls.append((cmd, args or {}))
         if cmd == "add-fd":
+            if self.fail == "add-fd":
+                await asyncio.sleep(3600)
             return {"fdset-id": 3, "fd": 27}
         if cmd == self.fail == "xen-save-devices-state":
             sent = Message({"execute": cmd})
@@ -70,3 +72,11 @@ def test_a_qemu_that_never_answers_is_a_vm_error(monkeypatch: pytest.MonkeyPatch
     with pytest.raises(VMError, match="took over"):
         _run(qmp)
     assert qmp.calls[-1][0] == "remove-fd"
+
+
+def test_a_qemu_that_never_adds_the_fd_is_a_vm_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(snapshot, "MIGRATE_TIMEOUT_S", 0.2)
+    qmp = FakeQMP(fail="add-fd")
+    with pytest.raises(VMError, match="did not answer add-fd"):
+        _run(qmp)
+    assert [c for c, _ in qmp.calls] == ["add-fd"]

@@ -146,8 +146,8 @@ class EvpChaCha20Poly1305:
             raise RuntimeError("EVP_CipherInit_ex refused the nonce")
         outl = ctypes.c_int(0)
         written = 0
-        update = (_Loaded.bulk if length > BULK_BYTES else lib).EVP_CipherUpdate
         if length:
+            update = _update(length)
             if update(ctx, ctypes.byref(out, offset), ctypes.byref(outl), source, length) != 1:
                 raise RuntimeError("EVP_CipherUpdate failed")
             written = outl.value

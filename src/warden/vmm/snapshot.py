@@ -112,7 +112,10 @@ async def save_device_state(qmp: QMPClient, fd: int, what: str) -> None:
     writer = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_CLOEXEC)  # QEMU asks O_WRONLY
     try:
         qmp.send_fd_scm(writer)
-        added = await qmp.execute("add-fd", {"opaque": "warden-device-state"})
+        adding = qmp.execute("add-fd", {"opaque": "warden-device-state"})
+        added = await asyncio.wait_for(adding, MIGRATE_TIMEOUT_S)
+    except TimeoutError:
+        raise VMError(f"{what}: QEMU did not answer add-fd in {MIGRATE_TIMEOUT_S:.0f} s") from None
     finally:
         os.close(writer)
     fdset = added["fdset-id"] if isinstance(added, dict) else None
