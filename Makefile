@@ -4,7 +4,7 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 WARDEN := $(VENV)/bin/warden
-APT_PACKAGES := qemu-system-x86 busybox-static mmdebstrap squashfs-tools cpio kmod lz4
+APT_PACKAGES := qemu-system-x86 busybox-static mmdebstrap squashfs-tools cpio kmod lz4 libsodium23
 
 .PHONY: help setup host-packages venv image demo test test-unit test-vm bench lint clean
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from warden.channel import evp, linkseal
+from warden.channel import evp, linkseal, sodium
 from warden.channel.linkseal import LinkAuthError, Opener, Sealer, hkdf_sha256
 
 KEY = bytes(range(32))
@@ -20,13 +20,20 @@ def test_hkdf_matches_rfc5869_test_case_1() -> None:
     )
 
 
-@pytest.fixture(params=["evp", "cryptography"])
+@pytest.fixture(params=["sodium", "evp", "cryptography"])
 def cipher(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    if request.param == "cryptography":
-        monkeypatch.setattr(evp, "available", lambda: False)
-        monkeypatch.setattr(evp, "load", lambda: False)
-    else:
+    """Each backend in turn: those before it made unavailable."""
+    order = ["sodium", "evp", "cryptography"]
+    for module in (sodium, evp)[: order.index(request.param)]:
+        monkeypatch.setattr(module, "available", lambda: False)
+        monkeypatch.setattr(module, "load", lambda: False)
+    if request.param == "sodium":
+        assert sodium.load()  # make setup installs libsodium23
+    elif request.param == "evp":
         assert evp.load()
+    used = type(linkseal.Sealer(bytes(32), "a")._dir.aead)
+    expected = {"sodium": "SodiumChaCha20Poly1305", "evp": "EvpChaCha20Poly1305"}
+    assert used.__name__ == expected.get(request.param, "ChaCha20Poly1305")
     return str(request.param)
 
 

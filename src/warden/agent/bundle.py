@@ -40,6 +40,7 @@ CHANNEL_MODULES = (
     "evp.py",
     "linkseal.py",
     "noise.py",
+    "sodium.py",
     "transport.py",
     "window.py",
 )

@@ -101,18 +101,27 @@ class Backoff:
 
     def pause(self) -> None:
         """Wait before the next poll."""
+        timeout = self.timeout()
+        if timeout:
+            time.sleep(timeout)
+
+    def timeout(self) -> float:
+        """How long to wait before the next poll, in seconds (0: poll again at once); in the
+        yielding phase it yields first. For a caller that waits on something else meanwhile
+        (a socket) instead of sleeping."""
         now = time.monotonic()
         if self.waiting_since is None:
             self.waiting_since, self.polls, self.delay = now, 0, SLEEP_MIN_S
         self.polls += 1
         if self.polls <= SPINS:
-            return
+            return 0.0
         if now - self.waiting_since < YIELD_S:
             os.sched_yield()
-            return
-        time.sleep(self.delay)
+            return 0.0
+        delay = self.delay
         cap = SLEEP_IDLE_S if now - self.waiting_since > IDLE_AFTER_S else SLEEP_ACTIVE_S
         self.delay = min(self.delay * 2, cap)
+        return delay
 
 
 class Ring:

@@ -11,11 +11,15 @@ thread (the request's answer waits, the session does not):
    one WINDOW frame on STDIN, which tells the host the end is open (as the relay's first grant
    does). No DATA frames follow: the records go through the region, role ``a`` writing
    direction 0 and reading 1, ``b`` the reverse. The request stays open until the link ends.
-3. **Moves records.** Out: what the client has (up to ``MAX_PLAINTEXT``) is read into one
-   record, sealed (:class:`~warden.channel.linkseal.Sealer`) and written to this end's ring,
-   waiting (polling) while the ring is full: the ring's capacity is the flow control. In: the
-   other end's records are copied out of its ring, opened and written to the client. The
-   client's EOF is the END record; the other end's END shuts the client's reading side.
+3. **Moves records**, both directions in one thread (no hand-off between threads on a
+   record's path). Out: what the client has (up to ``MAX_PLAINTEXT``) is read into one record,
+   sealed (:class:`~warden.channel.linkseal.Sealer`) and written to this end's ring; while the
+   ring is full the record waits and the client is not read: the ring's capacity is the flow
+   control. In: the other end's records are copied out of its ring, opened and written to the
+   client's non-blocking socket; while the client does not read, its ring is not read either.
+   Between polls the thread waits on the client's socket with the ring's backoff as timeout, so
+   the client's bytes go out at once. The client's EOF is the END record; the other end's END
+   shuts the client's reading side.
 4. **Ends.** On the link's end, clean or not (``link-close``, a cancel, an error, a record that
    fails authentication, a ring the other end broke), the traffic stops, the region is unmapped
    and its fd closed under the region's lock (no thread touches it after :meth:`stop` returned,
@@ -31,13 +35,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import socket
 import threading
 
 from warden.channel.linkseal import MAX_PLAINTEXT, OVERHEAD, LinkAuthError, Opener, Sealer
 from warden.guest import ring
 from warden.guest.args import Invalid, failure
-from warden.guest.link import RECEIVE_WINDOW, Link, link_args
+from warden.guest.link import POLL_MS, RECEIVE_WINDOW, Link, link_args
 from warden.guest.log import log
 from warden.wire.frame import Channel, encode_window
 from warden.wire.ops import ErrorKind, Key
@@ -49,6 +54,9 @@ if TYPE_CHECKING:
     from typing import Any
 
     from warden.guest.session import Session
+
+_FD_SETSIZE = 1024
+"""``select`` takes fds below this only."""
 
 
 class _Sealed:
@@ -96,6 +104,45 @@ def _ring_args(args: dict[str, Any]) -> tuple[bytes, bool]:
     if not isinstance(plain, bool):
         raise Invalid("'plain' must be a boolean")
     return raw, plain
+
+
+class _Closed(Exception):
+    """The link stopped: its region is gone."""
+
+
+class _Flow:
+    """What one end's pump holds between polls."""
+
+    def __init__(self) -> None:
+        self.inbound: memoryview | None = None
+        """Plaintext of the other end not yet written to the client."""
+        self.outbound: tuple[int, bytes] | None = None
+        """A record (kind, bytes) not yet in this end's ring: it did not fit."""
+        self.reading = True
+        """The client has not shut its side down."""
+        self.receiving = True
+        """The other end has not sent its END."""
+        self.readable = True
+        """The client's socket may have bytes (False once a read would block)."""
+        self.writable = True
+        """The client's socket may take bytes (False once a write would block)."""
+
+
+def _ready(reads: list[int], writes: list[int], timeout: float) -> tuple[list[int], list[int]]:
+    """The fds ready within ``timeout`` seconds: ``select`` (microseconds) where the fds allow
+    it, else ``poll`` (its timeout is rounded up to a millisecond)."""
+    if max(reads + writes) < _FD_SETSIZE:
+        readable, writable, _ = select.select(reads, writes, [], timeout)
+        return readable, writable
+    poller = select.poll()
+    for fd in reads:
+        poller.register(fd, select.POLLIN)
+    for fd in writes:
+        poller.register(fd, select.POLLOUT | (select.POLLIN if fd in reads else 0))
+    events = poller.poll(timeout * 1000)
+    readable = [fd for fd, ev in events if fd in reads and ev & ~select.POLLOUT]
+    writable = [fd for fd, ev in events if fd in writes and ev & ~select.POLLIN]
+    return readable, writable
 
 
 class RingLink(Link):
@@ -171,56 +218,106 @@ class RingLink(Link):
         self._forget()
         self.finish(failure(ErrorKind.INVALID, f"link {self.name}: {reason}"))
 
-    # -- the client's bytes out (thread)
+    # -- moving records (one thread)
 
-    def _pump_out(self, conn: socket.socket) -> None:
-        while self._wait(conn.fileno()):
-            data = conn.recv(MAX_PLAINTEXT)
+    def _start_pumps(self) -> None:
+        self._spawn(self._pump, "pump")
+
+    def _pump(self) -> None:
+        """Both directions in one thread: the other end's records to the client, the client's
+        bytes to this end's ring. One thread, so no hand-off between threads (and their GIL)
+        sits on a record's path; the client's socket is non-blocking, so a client that does
+        not read never stops the other direction."""
+        conn = self._accept()
+        if conn is None:
+            return
+        conn.setblocking(False)
+        flow = _Flow()
+        backoff = ring.Backoff()
+        try:
+            while not self.closed:
+                moved = self._inward(conn, flow)
+                moved = self._outward(conn, flow) or moved
+                if moved:
+                    backoff.reset()
+                elif not self.closed:
+                    self._idle(conn, flow, backoff)
+        except _Closed:
+            return
+
+    def _inward(self, conn: socket.socket, flow: _Flow) -> bool:
+        """The other end's next record opened, and as much of it written as the client takes
+        without blocking; whether anything moved."""
+        moved = False
+        if flow.receiving and flow.inbound is None:
+            item = self._take()
+            if item is not None:
+                moved = True
+                plaintext = self.codec.open(*item)
+                if plaintext is None:
+                    flow.receiving = False
+                    conn.shutdown(socket.SHUT_WR)  # the client reads EOF
+                    self._ended(sent=False)
+                elif plaintext:
+                    flow.inbound = memoryview(plaintext)
+        if flow.inbound is not None and flow.writable:
+            try:
+                sent = conn.send(flow.inbound)
+            except BlockingIOError:
+                flow.writable = False
+                return moved
+            flow.inbound = flow.inbound[sent:] if sent < len(flow.inbound) else None
+            moved = True
+        return moved
+
+    def _outward(self, conn: socket.socket, flow: _Flow) -> bool:
+        """What the client has (up to ``MAX_PLAINTEXT``) sealed into one record, and the record
+        written to this end's ring if it fits; whether anything moved."""
+        moved = False
+        if flow.reading and flow.outbound is None and flow.readable:
+            try:
+                data = conn.recv(MAX_PLAINTEXT)
+            except BlockingIOError:
+                flow.readable = False
+                return False
+            moved = True
             if data:
-                sent = self._put(KIND_DATA, self.codec.seal(data))
-            else:
-                sent = self._put(KIND_END, self.codec.end())
-            if not sent:
-                return
-            if not data:
+                flow.outbound = (KIND_DATA, self.codec.seal(data))
+            else:  # the client shut its side down
+                flow.reading = False
+                flow.outbound = (KIND_END, self.codec.end())
+        if flow.outbound is not None and self._put(*flow.outbound):
+            kind, flow.outbound, moved = flow.outbound[0], None, True
+            if kind == KIND_END:
                 self._ended(sent=True)
-                return
+        return moved
+
+    def _idle(self, conn: socket.socket, flow: _Flow, backoff: ring.Backoff) -> None:
+        """Wait until the client's socket is ready for what is pending, the link stops, or it
+        is time to poll the ring again (with backoff: ivshmem-plain has no doorbell)."""
+        polling = (flow.receiving and flow.inbound is None) or flow.outbound is not None
+        timeout = backoff.timeout() if polling else POLL_MS / 1000
+        reads = [self.stop_r]
+        if flow.reading and flow.outbound is None:
+            reads.append(conn.fileno())
+        writes = [conn.fileno()] if flow.inbound is not None else []
+        readable, writable = _ready(reads, writes, timeout)
+        flow.readable = flow.readable or conn.fileno() in readable
+        flow.writable = flow.writable or conn.fileno() in writable
 
     def _put(self, kind: int, record: bytes) -> bool:
-        """Write one record, waiting while the ring is full; False once closed."""
-        backoff = ring.Backoff()
-        while True:
-            with self.region_lock:
-                if self.ring is None:
-                    return False
-                if self.ring.put(kind, record):
-                    return True
-            backoff.pause()
+        """Write one record if it fits now (the ring's capacity is the flow control)."""
+        with self.region_lock:
+            if self.ring is None:
+                raise _Closed
+            return self.ring.put(kind, record)
 
-    # -- the other end's bytes in (thread)
-
-    def _pump_in(self) -> None:
-        conn = self._connection()
-        backoff = ring.Backoff()
-        while conn is not None and (item := self._take(backoff)) is not None:
-            plaintext = self.codec.open(*item)
-            if plaintext is None:
-                conn.shutdown(socket.SHUT_WR)  # the client reads EOF
-                self._ended(sent=False)
-                return
-            conn.sendall(plaintext)
-
-    def _take(self, backoff: ring.Backoff) -> tuple[int, bytes] | None:
-        """The next record of the other end, polling while there is none; None once closed."""
-        while True:
-            with self.region_lock:
-                if self.ring is None:
-                    return None
-                item = self.ring.take()
-            if item is not None:
-                backoff.reset()
-                return item
-            backoff.pause()
+    def _take(self) -> tuple[int, bytes] | None:
+        """The other end's next record, if there is one."""
+        with self.region_lock:
+            if self.ring is None:
+                raise _Closed
+            return self.ring.take()
 
     # -- the end
 

@@ -33,7 +33,13 @@ ROOTFS_FORMAT = 3
 """3: the account ``user``, no setuid/setgid bits, owners kept (not -all-root)."""
 
 DEFAULT_KERNEL_PACKAGE = "linux-image-cloud-amd64"
-DEFAULT_PACKAGES = ("python3", "python3-cryptography", "python3-cffi-backend", "qemu-guest-agent")
+DEFAULT_PACKAGES = (
+    "python3",
+    "python3-cryptography",
+    "python3-cffi-backend",
+    "qemu-guest-agent",
+    "libsodium23",  # links' records: warden.channel.sodium
+)
 DEFAULT_MODULES = (
     "virtio_mmio",
     "virtio_blk",
