@@ -280,8 +280,8 @@ def _wait_idle_paused(c: object, vm_id: str) -> None:
 
 
 def test_a_clone_pauses_and_resumes(no_leaks: None) -> None:
-    """A clone's QEMU loaded its template with x-ignore-shared on; its saved state must still
-    hold its whole RAM (its own writes), and load into a plain QEMU."""
+    """A clone's RAM is its template's memfd, mapped private; its saved state must still hold
+    its whole RAM (its own writes), and load into a plain QEMU."""
     name = "pause-test-clone"
 
     async def main() -> None:

@@ -207,7 +207,7 @@ def build_argv(
     Guest RAM is a memfd that QEMU maps shared (``memory-backend-memfd,share=on``), so the host
     can copy it into a template (``vmm/templates.py``). ``clone_ram`` makes a clone of a
     template instead: guest RAM maps that file (the template's sealed memfd) copy-on-write;
-    the caller adds ``-incoming defer`` and loads the device state with ``x-ignore-shared``.
+    the caller adds ``-incoming defer`` and loads the device state (no RAM section in it).
     """
     if accel not in ("kvm", "tcg"):
         raise ValueError(f"accel must be resolved to kvm or tcg, not {accel!r}")

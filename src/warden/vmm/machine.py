@@ -62,7 +62,7 @@ from warden.vmm.fork import fork as fork_machine
 from warden.vmm.idle import IdleGate
 from warden.vmm.linkslots import Region, Slot, Slots
 from warden.vmm.ownership import Ownership, recorded_uid
-from warden.vmm.snapshot import machine_key, remove_boot_snapshots, set_ignore_shared
+from warden.vmm.snapshot import machine_key, remove_boot_snapshots
 from warden.vmm.spec import VMSpec
 from warden.vmm.state import LIVE_STATES, VMState, check_transition
 from warden.vmm.templates import (
@@ -618,7 +618,7 @@ class Machine:
         try:
             if state is not None:
                 pass_fds += (state.fileno(),)
-                # A clone's migration starts once x-ignore-shared is set (QMP, _connect).
+                # A clone's migration starts once its template's RAM is checked (_connect).
                 argv += ["-incoming", "defer" if template_ram else f"fd:{state.fileno()}"]
             log_fd = open_private(self.run.qemu_log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
             with os.fdopen(log_fd, "wb") as qemu_log:
@@ -657,7 +657,7 @@ class Machine:
     ) -> None:
         argv = list(self._qemu_argv)
         if restore is not None:
-            deferred = template_ram is not None  # started once x-ignore-shared is set
+            deferred = template_ram is not None  # started once the template's RAM is checked
             argv += ["-incoming", "defer" if deferred else f"fd:{PassedFd.INCOMING}"]
         prefix = ownership.spawn_prefix(self.ownership)
         prefix += spawn.namespace_prefix(plan, shutil.which("unshare") or "unshare")
@@ -1102,8 +1102,9 @@ class Machine:
 
 
 async def _load_device_state(qmp: QMPClient, uri: str) -> None:
-    """Start a deferred incoming migration of device state only: RAM is the template's."""
-    await set_ignore_shared(qmp, True)
+    """Start a deferred incoming migration of device state only: RAM is the template's. The
+    state holds no RAM section (``snapshot.save_device_state``) and no configuration section
+    (``migration.send-configuration=off``), so no migration capability needs to be set."""
     await qmp.execute("migrate-incoming", {"uri": uri})
 
 

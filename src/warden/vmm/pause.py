@@ -100,8 +100,9 @@ class PausedStates:
                 copy = _Copier(read_end, f.fileno(), (config.memory_mib << 20) + STREAM_MARGIN)
                 try:
                     await qmp.execute("stop")
-                    # The whole RAM goes in the file: a clone's QEMU has this on (its RAM
-                    # came from its template), and the resumed QEMU must agree.
+                    # The whole RAM goes in the file: a clone started by an earlier warden
+                    # had this on (its RAM came from its template); the resumed QEMU must
+                    # get every page.
                     await set_ignore_shared(qmp, False)
                     qmp.send_fd_scm(write_end)
                     await qmp.execute("getfd", {"fdname": "warden-pause"})

@@ -92,7 +92,8 @@ def read_meta(path: Path) -> dict[str, Any]:
 
 async def set_ignore_shared(qmp: QMPClient, on: bool) -> None:
     """Turn QEMU's ``x-ignore-shared`` migration capability on or off: on, a migration leaves
-    out RAM that QEMU maps shared (a template's or a fork's device state only)."""
+    out RAM that QEMU maps shared. Nothing turns it on any more (device state is saved with
+    :func:`save_device_state`); a pause turns it off for a clone an earlier warden started."""
     await qmp.execute(
         "migrate-set-capabilities",
         {"capabilities": [{"capability": "x-ignore-shared", "state": on}]},
