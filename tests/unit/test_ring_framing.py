@@ -155,6 +155,39 @@ def test_the_backoff_sleeps_longer_once_idle(monkeypatch: pytest.MonkeyPatch) ->
     assert slept == [20e-6]
 
 
+@pytest.mark.parametrize("setsize", [1024, 0])
+def test_a_pump_waits_on_its_client_with_select_or_poll(
+    monkeypatch: pytest.MonkeyPatch, setsize: int
+) -> None:
+    """A ring end's wait (``ringlink._ready``): ``select`` below FD_SETSIZE, ``poll`` above
+    (forced here with a set size of 0); both report the same readiness and honour the timeout."""
+    import contextlib
+    import socket
+
+    from warden.guest import ringlink
+
+    monkeypatch.setattr(ringlink, "_FD_SETSIZE", setsize)
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        ours.setblocking(False)
+        while True:  # fill the socket: not writable any more
+            try:
+                ours.send(bytes(65536))
+            except BlockingIOError:
+                break
+        fd = ours.fileno()
+        start = time.monotonic()
+        assert ringlink._ready([fd], [fd], 0.05) == ([], [])
+        assert time.monotonic() - start >= 0.04
+        theirs.send(b"x")
+        assert ringlink._ready([fd], [fd], 1.0) == ([fd], [])
+        theirs.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            while theirs.recv(1 << 20):  # drain it: writable again
+                pass
+        assert ringlink._ready([], [fd], 1.0) == ([], [fd])
+
+
 # -- discovery of the region among PCI devices (a fake sysfs: the real one is the VM tests')
 
 
