@@ -15,7 +15,7 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from warden.guest import ring
-from warden.guest.ring import IVSHMEM, SLEEP_ACTIVE_S, Backoff, Ring
+from warden.guest.ring import IVSHMEM, SLEEP_ACTIVE_S, YIELD_S, Backoff, Ring
 from warden.wire.ring import (
     ALIGN,
     CAPACITY,
@@ -136,9 +136,9 @@ def test_the_backoff_sleeps_longer_once_idle(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr("os.sched_yield", lambda: yielded.append(None))
     backoff = Backoff()
     for _ in range(20):
-        backoff.pause()  # 8 polls at once, then yields while under 2 ms
+        backoff.pause()  # 8 polls at once, then yields while under YIELD_S
     assert not slept and len(yielded) == 12
-    now[0] = 0.003
+    now[0] = YIELD_S + 0.001
     for _ in range(30):
         backoff.pause()
     assert len(slept) == 30 and slept[0] == 20e-6 and max(slept) == SLEEP_ACTIVE_S < 5e-3
@@ -150,7 +150,7 @@ def test_the_backoff_sleeps_longer_once_idle(monkeypatch: pytest.MonkeyPatch) ->
     slept.clear()
     for _ in range(9):
         backoff.pause()
-    now[0] = 2.003
+    now[0] = 2.0 + YIELD_S + 0.001
     backoff.pause()
     assert slept == [20e-6]
 

@@ -62,9 +62,13 @@ FIND_TIMEOUT_S = 10.0
 FIND_POLL_S = 0.05
 SPINS = 8
 """Polls at once before the backoff starts yielding."""
-YIELD_S = 2e-3
+YIELD_S = 5e-3
 """How long after it started waiting the backoff polls with only ``sched_yield`` between
-polls (in a TCG guest even ``time.sleep(20e-6)`` takes 0.2-0.35 ms: the round trip's cost)."""
+polls (in a TCG guest even ``time.sleep(20e-6)`` takes 0.2-0.35 ms, and a ``select`` of 40-250
+us took 0.36-0.47 ms p50: the round trip's cost). 5 ms (it was 2) covers a 64-byte round trip
+here, so neither end of a ping-pong sleeps: ``bench.links`` round trip ring/relay 0.136-0.272x
+in four runs against 0.123-0.329x at 2 ms (docs/benchmarks.md). The price: a reader spins
+(yielding) up to 5 ms of its vCPU after each record."""
 SLEEP_MIN_S = 20e-6
 SLEEP_ACTIVE_S = 250e-6
 """The longest sleep between polls while the ring was busy within :data:`IDLE_AFTER_S`.
