@@ -52,6 +52,23 @@ def test_resources_follow_the_spec(vcpus: int, memory: int) -> None:
     assert f"size={memory}M" in _opt(argv, "-object")[0]
 
 
+def test_the_pit_is_left_out_only_under_tcg_with_a_known_tsc() -> None:
+    """Without a PIT the guest must not calibrate its TSC against one: only a guest told its
+    TSC's frequency (tsc_early_khz) loses it, only under TCG, and not the stock peer."""
+
+    def machine(**kw: Any) -> str:
+        argv = build_argv(VMSpec(), BOOT, RUN, **kw)
+        told = "tsc_early_khz=" in _opt(argv, "-append")[0]
+        assert ("pit=off" in _opt(argv, "-M")[0]) == (told and kw["accel"] == "tcg")
+        return _opt(argv, "-M")[0]
+
+    assert "pit=off," in machine(accel="tcg", tsc_khz=2_600_000)
+    assert "pit=off" not in machine(accel="tcg")
+    assert "pit=off" not in machine(accel="kvm", tsc_khz=2_600_000)
+    stock = build_argv(VMSpec(), BOOT, RUN, accel="tcg", tsc_khz=2_600_000, tune=False)
+    assert "pit=off" not in _opt(stock, "-M")[0]
+
+
 def test_accelerator_options() -> None:
     tcg = build_argv(VMSpec(), BOOT, RUN, accel="tcg")
     kvm = build_argv(VMSpec(), BOOT, RUN, accel="kvm")
