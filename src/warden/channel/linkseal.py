@@ -19,11 +19,11 @@ over its own Noise channel); the host relays the records and can neither read no
   HKDF-SHA256(current key, info ``warden-link-rekey``) and restart its counter at 0, in
   lockstep (both count the same records).
 
-Standard library (``hmac``, ``hashlib``) plus, the first that loads: :mod:`warden.channel.sodium`
-(ctypes binding of libsodium's ChaCha20-Poly1305: one call per record, the cheapest in a TCG
-guest on small records; it hands records over 16 KiB to OpenSSL's), :mod:`warden.channel.evp`
-(OpenSSL's) or ``cryptography``'s ChaCha20Poly1305: the same
-algorithm, the same bytes. This module runs in the guest.
+Standard library (``hmac``, ``hashlib``) plus the first of these that loads:
+:mod:`warden.channel.sodium` (ctypes binding of libsodium's ChaCha20-Poly1305: one call per
+record, the cheapest in a TCG guest on small records; it hands records over 16 KiB to
+OpenSSL's), :mod:`warden.channel.evp` (OpenSSL's) or ``cryptography``'s ChaCha20Poly1305: the
+same algorithm, the same bytes. This module runs in the guest.
 """
 
 from __future__ import annotations

@@ -15,8 +15,8 @@ Messages over :data:`BULK_BYTES` go to OpenSSL where the caller gives it (``bulk
 records libsodium streamed 17-21 MB/s through a link against 32-48 MB/s with OpenSSL (TCG
 guests, ``bench.links``, one run each). Without it, calls hold the GIL (``ctypes.PyDLL``) except
 on more than :data:`BULK_BYTES` (``ctypes.CDLL``, which releases it), as in
-:mod:`~warden.channel.evp`. Standard library only: it runs in the
-guest. The key stays in the object (bytes) for its life, like the other backends' contexts.
+:mod:`~warden.channel.evp`. Standard library only: it runs in the guest. The key stays in the
+object (bytes) for its life, like the other backends' contexts.
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ TAG_SIZE = 16
 NONCE_SIZE = 12
 KEY_SIZE = 32
 BULK_BYTES = 16 * 1024
-"""Above this many bytes a call releases the GIL (as :data:`warden.channel.evp.BULK_BYTES`)."""
+"""Messages over this many bytes go to the ``bulk`` implementation if there is one, else to a
+call that releases the GIL (as :data:`warden.channel.evp.BULK_BYTES`)."""
 _LIBRARIES = ("libsodium.so.23", "libsodium.so")
 _FIRST_BUFFER = 4096
 

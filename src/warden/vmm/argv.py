@@ -257,7 +257,7 @@ def _machine_args(
     # Under TCG, no i8254 PIT: QEMU's main loop emulated its 18.2 Hz tick for an idle guest
     # that never reads it (37 wake-ups/s, 0.45-0.5% of a core per idle QEMU; 0.8/s and ~0%
     # without; the guest keeps time with the TSC and its local APIC timer). Measured in one
-    # run, cold boots (docs/benchmarks.md, "Idle CPU").
+    # run, cold boots (docs/benchmarks.md, "Pause, resume and auto-pause": "no PIT").
     pit = "pit=off," if accel == "tcg" and quiet_pit else ""
     return [
         "-name", f"warden-{run.dir.name},debug-threads=on",
