@@ -155,10 +155,15 @@ def test_a_new_host_takes_over_a_stream_left_mid_record(agent: SecretAgent) -> N
         await asyncio.sleep(0.3)
         big = old._sealed(bytes(50_000))  # a record the agent is in the middle of
         assert old._reader_task is not None and old._watchdog_task is not None
-        # The old host is dead: it reads nothing of the new session, and its watchdog sends no
-        # more pings sealed with the old keys (they would end the new session, as they should).
-        old._reader_task.cancel()
+        # The old host is dead: it reads nothing of the new session and writes nothing more.
+        # Its own connection (a dup of the socket) is cut, so the agent sees no EOF, and
+        # nothing the old client would still send on its way down (the cancel of its exec,
+        # a watchdog ping, sealed with the old keys) reaches the new session: a dead host sends
+        # nothing, and a live one that did would end the new session, as it should (a CI run
+        # saw that race when the old client was only stopped reading).
         old._watchdog_task.cancel()
+        old._writer.transport.abort()
+        old._reader_task.cancel()
         agent.sock.sendall(big[:20_000])
         new = await agent.client(resync=True)
         assert (await new.exec(["echo", "mine"])).stdout == b"mine\n"
