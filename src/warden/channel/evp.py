@@ -31,7 +31,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-__all__ = ["TAG_SIZE", "EvpAuthError", "EvpChaCha20Poly1305", "available", "load"]
+__all__ = ["TAG_SIZE", "EvpAuthError", "EvpChaCha20Poly1305", "available", "load", "open_library"]
 
 TAG_SIZE = 16
 NONCE_SIZE = 12
@@ -60,16 +60,24 @@ def load() -> bool:
     """Load libcrypto and declare the functions used; False if it cannot be loaded."""
     if _Loaded.lib is not None:
         return True
-    for name in _LIBRARIES:
+    loaded = open_library(_LIBRARIES)
+    if loaded is None:
+        return False
+    for lib in loaded:
+        _declare(lib)
+    _Loaded.lib, _Loaded.bulk = loaded
+    return True
+
+
+def open_library(names: tuple[str, ...]) -> tuple[Any, Any] | None:
+    """The first of ``names`` that loads, opened twice: as ``ctypes.PyDLL`` (its calls keep the
+    GIL) and as ``ctypes.CDLL`` (its calls release it); None if none loads."""
+    for name in names:
         try:
-            lib, bulk = ctypes.PyDLL(name), ctypes.CDLL(name)
+            return ctypes.PyDLL(name), ctypes.CDLL(name)
         except OSError:
             continue
-        _declare(lib)
-        _declare(bulk)
-        _Loaded.lib, _Loaded.bulk = lib, bulk
-        return True
-    return False
+    return None
 
 
 def available() -> bool:

@@ -57,20 +57,20 @@ def load() -> bool:
     """Load libsodium and initialise it once; False where it cannot be loaded."""
     if _Loaded.lib is not None:
         return True
-    for name in _LIBRARIES:
-        try:
-            lib, bulk = ctypes.PyDLL(name), ctypes.CDLL(name)
-        except OSError:
-            continue
-        lib.sodium_init.restype = ctypes.c_int
-        lib.sodium_init.argtypes = []
-        if lib.sodium_init() < 0:  # 0: initialised, 1: it was already
-            return False
-        _declare(lib)
-        _declare(bulk)
-        _Loaded.lib, _Loaded.bulk = lib, bulk
-        return True
-    return False
+    from warden.channel.evp import open_library
+
+    loaded = open_library(_LIBRARIES)
+    if loaded is None:
+        return False
+    lib = loaded[0]
+    lib.sodium_init.restype = ctypes.c_int
+    lib.sodium_init.argtypes = []
+    if lib.sodium_init() < 0:  # 0: initialised, 1: it was already
+        return False
+    for each in loaded:
+        _declare(each)
+    _Loaded.lib, _Loaded.bulk = loaded
+    return True
 
 
 def available() -> bool:
