@@ -37,6 +37,8 @@ COUNTER = (
 """A background process that counts into /tmp/counter five times a second; prints its pid.
 Each count is renamed into place: a reader never sees the file empty (``>`` truncates it
 first, and a CI run read it in between)."""
+COUNTED = "for i in $(seq 50); do [ -s /tmp/counter ] && exit 0; sleep 0.1; done; exit 1"
+"""Exits 0 once the counter has written /tmp/counter, within 5 s."""
 
 
 async def _run(machine: Machine, cmd: str) -> str:
@@ -205,6 +207,10 @@ def test_daemon_pause_resume_survives_kill_9(daemon: Daemon) -> None:
         vm_id, pid = vm["id"], vm["pid"]
         out, _, _ = _exec(c, vm_id, COUNTER)
         counter_pid = out.decode().strip()
+        # Pause only once the counter has counted: a pause straight after the exec can catch
+        # it before its first write, and the first command after resume can run before it.
+        _, _, counted = _exec(c, vm_id, COUNTED)
+        assert counted["exit_code"] == 0, "the counter never wrote /tmp/counter"
         assert c.post(f"/v1/sandboxes/{vm_id}/resume").status_code == 409
         r = c.post(f"/v1/sandboxes/{vm_id}/pause")
         assert r.status_code == 200, r.text
@@ -224,8 +230,8 @@ def test_daemon_pause_resume_survives_kill_9(daemon: Daemon) -> None:
         r = c.post(f"/v1/sandboxes/{vm_id}/resume")
         assert r.status_code == 200, r.text
         assert r.json()["state"] == "running"
-        out, _, final = _exec(c, vm_id, f"kill -0 {counter_pid} && cat /tmp/counter")
-        assert final["exit_code"] == 0 and int(out) > 0
+        out, err, final = _exec(c, vm_id, f"kill -0 {counter_pid} && cat /tmp/counter")
+        assert final["exit_code"] == 0 and int(out) > 0, (final, out, err)
         # A paused VM is removed with its saved state.
         assert c.post(f"/v1/sandboxes/{vm_id}/pause").status_code == 200
         assert (Paths.from_env().paused / vm_id).is_dir()
