@@ -23,7 +23,14 @@ from warden.policy.admission import (
     memory_charge_mib,
     vcpu_charge,
 )
-from warden.policy.meter import SETTLE_S, WINDOW_S, UsageMeter, pss_mib
+from warden.policy.meter import (
+    MEMORY_EVERY_S,
+    MEMORY_IDLE_EVERY_S,
+    SETTLE_S,
+    WINDOW_S,
+    UsageMeter,
+    pss_mib,
+)
 from warden.store import Reservations, Store
 from warden.vmm.argv import TCG_TB_SIZE_MIB
 from warden.vmm.spec import VMSpec
@@ -422,6 +429,36 @@ def test_the_meter_counts_pss_only_once_a_vm_has_settled() -> None:
     assert meter.usage("a", 256, 1).pss_mib == 170.0
     meter.sample_cpu({}, read=lambda pid: 1.0)  # not running any more: forgotten
     assert meter.usage("a", 256, 1) == VMUsage(256, 1)
+
+
+def test_pss_is_read_again_soon_only_for_vms_that_ran() -> None:
+    """Reading PSS costs ~1.5 ms of CPU per VM: an idle VM is read every MEMORY_IDLE_EVERY_S,
+    one whose QEMU used CPU since its last reading every MEMORY_EVERY_S, none before it
+    settled, and each when it is due (not all at once)."""
+    clock = FakeClock()
+    meter = UsageMeter(clock)
+    running = {"busy": 1, "idle": 2}
+    cpu = {1: 1.0, 2: 1.0}
+
+    def tick(seconds: float) -> dict[str, int]:
+        clock.now += seconds
+        meter.sample_cpu(running, read=lambda pid: cpu[pid])
+        due = meter.memory_due(running)
+        meter.sample_memory(due, read=lambda pid: 60.0)
+        return due
+
+    assert tick(0) == {}  # not settled: its PSS would not count
+    assert tick(SETTLE_S) == running  # the first reading of each
+    assert tick(MEMORY_EVERY_S - 1) == {}
+    cpu[1] += 0.5
+    assert tick(1) == {"busy": 1}  # it ran: read again
+    assert tick(MEMORY_EVERY_S) == {}  # neither ran since
+    assert tick(MEMORY_IDLE_EVERY_S - 2 * MEMORY_EVERY_S) == {"idle": 2}
+    assert tick(MEMORY_IDLE_EVERY_S - MEMORY_EVERY_S) == {"busy": 1}
+    assert meter.usage("idle", 256, 1).pss_mib == 60.0
+    del running["busy"]
+    meter.sample_cpu(running, read=lambda pid: cpu[pid])
+    assert meter.memory_due({"busy": 1}) == {}  # forgotten: it starts over, unsettled
 
 
 def test_pss_of_this_process() -> None:

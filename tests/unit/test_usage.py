@@ -36,3 +36,14 @@ def test_the_meter_tells_a_busy_process_from_an_idle_one() -> None:
         for p in (busy, idle):
             p.kill()
             p.wait()
+
+
+def test_the_meter_takes_readings_made_by_its_caller() -> None:
+    """The daemon reads each QEMU's CPU time once a second, for admission and ``ps`` both."""
+    meter = CpuMeter()
+    meter.record({10: 1.0, 11: None})
+    time.sleep(0.1)
+    meter.record({10: 1.05, 11: 2.0})
+    percent = meter.percent(10)
+    assert percent is not None and 0 < percent <= 50, percent  # 0.05 s in 0.1 s or more
+    assert meter.percent(11) is None  # gone at the first reading: one reading only

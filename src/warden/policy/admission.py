@@ -14,7 +14,7 @@ new one are charged, and a create is admitted when, with it::
 ``charge="measured"`` (the default; issue 8): each VM is charged what it uses, measured by the
 daemon (``policy/meter.py``), so idle VMs do not hold the host's resources they do not touch:
 
-* memory: its QEMU's PSS (``/proc/<pid>/smaps_rollup``, sampled every few seconds) plus
+* memory: its QEMU's PSS (``/proc/<pid>/smaps_rollup``, read every 5 s; 30 s when idle) plus
   ``vm_headroom_mib`` to grow into before the next sample. A VM not measured yet (still
   creating, or running for less than ``meter.SETTLE_S``) is charged ``vm_footprint_mib`` plus
   the headroom: the PSS of an idle VM measured at start-up (``policy/footprint.py``); before

@@ -40,7 +40,7 @@ from warden.jail.policy import default_mode
 from warden.links import LinkManager
 from warden.policy import footprint
 from warden.policy.admission import AdmissionPolicy, Charges, HostCapacity, VMUsage, check_usage
-from warden.policy.meter import MEMORY_EVERY_S, UsageMeter
+from warden.policy.meter import UsageMeter
 from warden.server.audit import Auditor, audited
 from warden.server.pool import POOL_LABEL, WARM_UP, WarmPool
 from warden.store.db import (
@@ -134,16 +134,16 @@ class Manager:
         self.pool.start([held.machine for held in self.vms.values()])
 
     async def _sample_cpu(self) -> None:
-        """Sample the CPU use of every held QEMU, for ``cpu_percent`` (``warden ps``) and
-        admission, and every MEMORY_EVERY_S its PSS (off the loop: ~1.5 ms a VM)."""
-        last_memory = 0.0
+        """Sample the CPU use of every held QEMU (one read of each a second), for
+        ``cpu_percent`` (``warden ps``) and admission, and the PSS of those due (off the loop:
+        ~1.5 ms a VM; ``policy/meter.py`` says when a VM is due)."""
         while True:
             running = {h.machine.id: h.machine.pid for h in self.vms.values() if h.machine.pid}
-            self.cpu.sample(running.values())
-            self.meter.sample_cpu(running)
-            if time.monotonic() - last_memory >= MEMORY_EVERY_S:
-                last_memory = time.monotonic()
-                await asyncio.to_thread(self.meter.sample_memory, running)
+            taken = self.meter.sample_cpu(running)
+            self.cpu.record({running[vm_id]: used for vm_id, used in taken.items()})
+            due = self.meter.memory_due(running)
+            if due:
+                await asyncio.to_thread(self.meter.sample_memory, due)
             await asyncio.sleep(CPU_SAMPLE_S)
 
     def _load_footprint(self) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 _TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 
@@ -35,11 +35,15 @@ class CpuMeter:
 
     def sample(self, pids: Iterable[int]) -> None:
         """Take a sample of ``pids``; pids not given any more are forgotten."""
+        self.record({pid: cpu_seconds(pid) for pid in pids})
+
+    def record(self, readings: Mapping[int, float | None]) -> None:
+        """Take a sample from ``readings`` (pid -> its CPU seconds, None: gone), read by the
+        caller; pids not in it are forgotten."""
         now = time.monotonic()
         last, self._last = self._last, {}
         percent, self._percent = self._percent, {}
-        for pid in pids:
-            used = cpu_seconds(pid)
+        for pid, used in readings.items():
             if used is None:
                 continue
             self._last[pid] = (now, used)
