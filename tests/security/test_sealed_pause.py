@@ -54,6 +54,14 @@ def test_a_tampered_pause_file_is_refused(no_leaks: None) -> None:
             with pytest.raises(PausedStateError, match="another machine"):
                 await machine.resume()
 
+            # Paused by a warden that built another QEMU command line (an older version): the
+            # message says why, not only that it was refused.
+            meta = json.loads(original)
+            meta["key"] = "0" * 24
+            meta_path.write_text(json.dumps(sealer.seal(meta)))
+            with pytest.raises(PausedStateError, match=r"command line .* not the one"):
+                await machine.resume()
+
             # A record whose seal does not verify (changed without the key).
             meta = json.loads(original)
             meta["memory_mib"] = 512

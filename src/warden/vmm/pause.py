@@ -161,7 +161,7 @@ class PausedStates:
             if meta.get(name) != value:
                 raise SealRefused(
                     f"it was sealed for another machine ({name} {meta.get(name)!r}, this VM "
-                    f"{value!r})"
+                    f"{value!r}){_CHANGED.get(name.split('_')[0], '')}"
                 )
         if meta.get("state_size") != st.st_size:
             raise SealRefused(
@@ -186,6 +186,17 @@ async def _abandon(qmp: QMPClient, copy: _Copier, write_end: int) -> None:
         await qmp.execute("closefd", {"fdname": "warden-pause"})
     with contextlib.suppress(Exception):
         await asyncio.wait_for(copy.result(), QUIT_TIMEOUT_S)
+
+
+_CHANGED = {
+    "key": ": the QEMU command line this warden builds for it, or QEMU's version, is not the "
+    "one it was paused with (a newer warden or QEMU); only what paused it can resume it",
+    "qemu": ": QEMU was upgraded since it was paused",
+    "kernel": ": its image was rebuilt since it was paused",
+    "initrd": ": its image was rebuilt since it was paused",
+    "rootfs": ": its image was rebuilt since it was paused",
+}
+"""Why a sealed field may differ other than by tampering (by its name's first word)."""
 
 
 def _refused(vm_id: str, reason: str) -> str:
