@@ -11,6 +11,10 @@ crypto's share), and the encrypted relay through the daemon (the baseline) -- me
 - ``round_trip``: A writes 64 bytes, B echoes them, A reads them back; p50/p90 over
   ``--trips`` trips after 20 warm-up ones.
 
+``idle_link``: each VM's QEMU CPU with an open ring link whose clients are connected and
+silent (measured 12-22 s and 65-75 s into the silence, at the backoff's quiet levels), against
+the same VMs after the link is removed, and the first round trip after 78 s of silence.
+
 Then the cost of link slots (``vmm/linkslots.py``): boots of a VM with its 4 empty slots and
 without (cold and from its boot template, alternating), the PSS of each idle, and the time to
 make a ring link, against the alternative of a VM created for each link. Issue 10's targets:
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import statistics
@@ -29,6 +34,7 @@ import time
 from typing import Any
 
 from bench.run import RESULTS
+from warden._errors import LinkNotFoundError
 from warden.config import Paths
 from warden.links import Transport
 from warden.policy.meter import pss_mib
@@ -37,6 +43,7 @@ from warden.vmm.linkslots import Slots
 from warden.vmm.machine import Machine
 from warden.vmm.spec import VMSpec
 from warden.vmm.templates import Templates
+from warden.vmm.usage import cpu_seconds
 
 SEND = r"""
 import socket, sys
@@ -120,6 +127,26 @@ while d := s.recv(1 << 16):
 s.shutdown(socket.SHUT_WR)
 """
 
+IDLE_PING = r"""
+import json, socket, sys, time
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect(sys.argv[1])
+time.sleep(float(sys.argv[2]))
+t = time.perf_counter()
+s.sendall(b"x" * 64)
+got = 0
+while got < 64:
+    got += len(s.recv(64 - got))
+took = time.perf_counter() - t
+s.shutdown(socket.SHUT_WR)
+s.recv(1)
+print(json.dumps({"first_round_trip_ms": took * 1e3}))
+"""
+IDLE_S = 78.0
+"""How long the idle-link clients stay connected and silent (past the backoff's quiet levels,
+``guest/ring.py:QUIET_SLEEPS``); both QEMUs' CPU is measured from 12 to 22 s and from 65 to
+75 s."""
+
 
 async def _run(machine: Machine, script: str, *args: str) -> dict[str, Any]:
     result = await machine.agent.exec(["python3", "-c", script, *args], timeout=900)
@@ -166,6 +193,39 @@ async def _trips(manager: Manager, a: Machine, b: Machine, trips: int, p: Path) 
     return {k: round(float(v), 2) for k, v in answer.items()} | {"trips": trips}
 
 
+def _cpu_percent(machines: list[Machine], seconds: float) -> list[float]:
+    """Each machine's QEMU CPU over ``seconds`` (blocking), in % of a host core."""
+    before = [cpu_seconds(m._qemu_pid()) or 0.0 for m in machines]
+    time.sleep(seconds)
+    after = [cpu_seconds(m._qemu_pid()) or 0.0 for m in machines]
+    return [round((y - x) / seconds * 100, 2) for x, y in zip(before, after, strict=True)]
+
+
+async def _idle_link(manager: Manager, a: Machine, b: Machine) -> dict[str, Any]:
+    """The CPU an open, silent ring link costs its two VMs (clients connected at both ends,
+    idle past the backoff's dormant level), against the same VMs once it is removed, and the
+    first round trip after that silence."""
+    name = "idle"
+    path = await _link(manager, a, b, name, PATHS["ring"])
+    pinging = asyncio.gather(_run(a, IDLE_PING, path, str(IDLE_S)), _run(b, ECHO, path))
+    await asyncio.sleep(12)
+    quiet_10s = await asyncio.to_thread(_cpu_percent, [a, b], 10)
+    await asyncio.sleep(43)
+    quiet_60s = await asyncio.to_thread(_cpu_percent, [a, b], 10)
+    answer = (await pinging)[0]
+    with contextlib.suppress(LinkNotFoundError):  # gone with its stream's clean end
+        await manager.links.remove(name)
+    await asyncio.sleep(2)
+    without = await asyncio.to_thread(_cpu_percent, [a, b], 10)
+    return {
+        "qemu_cpu_percent_with_link_12_to_22s": quiet_10s,
+        "qemu_cpu_percent_with_link_65_to_75s": quiet_60s,
+        "qemu_cpu_percent_without": without,
+        "first_round_trip_after_idle_ms": round(float(answer["first_round_trip_ms"]), 2),
+        "idle_s": IDLE_S,
+    }
+
+
 async def _create_times(manager: Manager, a: Machine, b: Machine, n: int) -> dict[str, Any]:
     """Seconds to make a ring link (plug both regions, both agents open) and to remove it."""
     made, removed = [], []
@@ -193,6 +253,7 @@ async def _paths(mib: int, trips: int) -> dict[str, Any]:
         a = await manager.machine(rows[0].id)
         b = await manager.machine(rows[1].id)
         result: dict[str, Any] = {"create": await _create_times(manager, a, b, 5)}
+        result["idle_link"] = await _idle_link(manager, a, b)
         for key, path in PATHS.items():
             result[key] = {
                 "stream": await _stream(manager, a, b, mib << 20, path),

@@ -15,7 +15,14 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from warden.guest import ring
-from warden.guest.ring import IVSHMEM, SLEEP_ACTIVE_S, YIELD_S, Backoff, Ring
+from warden.guest.ring import (
+    IVSHMEM,
+    QUIET_SLEEPS,
+    SLEEP_ACTIVE_S,
+    YIELD_S,
+    Backoff,
+    Ring,
+)
 from warden.wire.ring import (
     ALIGN,
     CAPACITY,
@@ -146,11 +153,16 @@ def test_the_backoff_sleeps_longer_once_idle(monkeypatch: pytest.MonkeyPatch) ->
     for _ in range(8):  # doubling from the active cap up to the idle one
         backoff.pause()
     assert max(slept) == 5e-3
+    for after, sleep in QUIET_SLEEPS:  # and longer after a long silence
+        now[0] = after + 0.001
+        for _ in range(6):  # doubling up to it
+            backoff.pause()
+        assert max(slept) == sleep > 5e-3
     backoff.reset()
     slept.clear()
     for _ in range(9):
         backoff.pause()
-    now[0] = 2.0 + YIELD_S + 0.001
+    now[0] += YIELD_S + 0.001
     backoff.pause()
     assert slept == [20e-6]
 

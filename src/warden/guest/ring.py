@@ -77,8 +77,15 @@ SLEEP_ACTIVE_S = 250e-6
 second
 (docs/benchmarks.md, "Links, the shared-memory ring")."""
 SLEEP_IDLE_S = 5e-3
-"""The longest sleep between polls of an idle ring."""
+"""The longest sleep between polls of a ring idle for :data:`IDLE_AFTER_S`."""
 IDLE_AFTER_S = 1.0
+QUIET_SLEEPS = ((10.0, 50e-3), (60.0, 0.1))
+"""The longest sleep between polls of a ring idle for longer still (seconds idle, sleep).
+Each wake-up of a TCG guest costs its QEMU 0.8-1.7 ms of a host core (its main loop wakes ~11
+times for one), so an open link whose clients are silent kept its VM at 16% of a core at the
+5 ms sleep, 8.5-8.9% at 20 ms and 1.8-1.9% at 100 ms (0.1% without a link). The price: the
+first record after such a silence waits up to that sleep more, at each end (a round trip
+after 78 s of silence took 82 ms); docs/design.md, "Doorbell"."""
 UNPLUG_WAIT_S = 60.0
 """How long the unplugging thread watches a powered-off device go away."""
 
@@ -90,9 +97,9 @@ class RingError(Exception):
 class Backoff:
     """Polling without a doorbell: a few polls at once, then polls with a ``sched_yield``
     between them (other threads and processes run) for :data:`YIELD_S`, then sleeps from
-    :data:`SLEEP_MIN_S` doubling to :data:`SLEEP_ACTIVE_S`, and to :data:`SLEEP_IDLE_S` once
-    nothing came for :data:`IDLE_AFTER_S`. Only the start of each wait spins: an idle link
-    sleeps."""
+    :data:`SLEEP_MIN_S` doubling to :data:`SLEEP_ACTIVE_S`, to :data:`SLEEP_IDLE_S` once
+    nothing came for :data:`IDLE_AFTER_S`, and longer after :data:`QUIET_SLEEPS`. Only the
+    start of each wait spins: an idle link sleeps."""
 
     def __init__(self) -> None:
         self.waiting_since: float | None = None
@@ -123,9 +130,16 @@ class Backoff:
             os.sched_yield()
             return 0.0
         delay = self.delay
-        cap = SLEEP_IDLE_S if now - self.waiting_since > IDLE_AFTER_S else SLEEP_ACTIVE_S
-        self.delay = min(self.delay * 2, cap)
+        self.delay = min(self.delay * 2, _cap(now - self.waiting_since))
         return delay
+
+
+def _cap(waited: float) -> float:
+    """The longest sleep between polls after ``waited`` seconds without anything."""
+    for after, sleep in reversed(QUIET_SLEEPS):
+        if waited > after:
+            return sleep
+    return SLEEP_IDLE_S if waited > IDLE_AFTER_S else SLEEP_ACTIVE_S
 
 
 class Ring:
