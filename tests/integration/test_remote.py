@@ -15,10 +15,10 @@ import pytest
 
 import warden
 from tests.integration.conftest import ServeProcess
-from warden.sdk import RemoteUnsupportedError
+from warden.sdk import RemoteUnsupportedError, _lines, _portal
 from warden.sdk._endpoint import Endpoint
 from warden.sdk._lines import RecordPool
-from warden.sdk._remote import RemoteAgent
+from warden.sdk._remote import RemoteAgent, RemoteMachine
 
 pytestmark = pytest.mark.vm
 
@@ -211,24 +211,43 @@ def test_run_on_a_host_that_does_not_answer_fails(tmp_path: Path) -> None:
     assert b"warden serve" in p.stderr
 
 
-def test_exec_survives_the_daemon_closing_an_idle_connection(
-    warden_daemon: ServeProcess,
+def test_exec_keeps_its_connection_and_renews_a_stale_or_closed_one(
+    warden_daemon: ServeProcess, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """exec keeps its connection to the daemon alive between commands; the daemon closes idle
-    ones (uvicorn: after 5 s). The next exec must notice and take a new connection."""
-    client = warden.connect(warden_daemon.url)
+    """exec keeps its connection to the daemon alive between commands, across a pause longer
+    than uvicorn's default keep-alive (5 s; the daemon's is ``KEEP_ALIVE_S``). The SDK drops
+    one idle longer than ``KEEPALIVE_EXPIRY_S`` (before the daemon would close it), and one the
+    daemon closed (here: a daemon killed and started again) is noticed and replaced."""
+    daemon = warden_daemon
+    client = warden.connect(daemon.url)
     with client.Sandbox.create(memory_mib=128) as sbx:
+        machine = sbx._inner._machine
+        assert isinstance(machine, RemoteMachine)
+        pool = machine._lines
         assert sbx.commands.run("echo 1").stdout == "1\n"
+        kept = list(pool._idle)
+        assert len(kept) == 1
         time.sleep(6)
         assert sbx.commands.run("echo 2").stdout == "2\n"
+        assert pool._idle == kept, "the idle connection was not kept for 6 s"
+
+        monkeypatch.setattr(_lines, "KEEPALIVE_EXPIRY_S", 0.5)
+        time.sleep(1)
+        assert sbx.commands.run("echo 3").stdout == "3\n"
+        assert len(pool._idle) == 1 and pool._idle[0] is not kept[0] and not kept[0].alive
+        monkeypatch.undo()
+
+        assert daemon.proc is not None
+        daemon.proc.kill()  # its connections close with it; the VM outlives it
+        daemon.proc.wait()
+        daemon.start()
+        assert sbx.commands.run("echo 4").stdout == "4\n"
 
         # and many at once: one connection each, all kept for the next round
         async def burst() -> list[str]:
             remote = sbx._inner
-            results = await asyncio.gather(*(remote.commands.run(f"echo {i}") for i in range(8)))
-            return [r.stdout for r in results]
-
-        from warden.sdk import _portal
+            runs = (remote.commands.run(f"echo {i}") for i in range(8))
+            return [r.stdout for r in await asyncio.gather(*runs)]
 
         assert _portal.call(burst()) == [f"{i}\n" for i in range(8)]
         assert _portal.call(burst()) == [f"{i}\n" for i in range(8)]

@@ -26,6 +26,9 @@ if TYPE_CHECKING:
 ENV_HOST = "WARDEN_HOST"
 ENV_TOKEN = "WARDEN_TOKEN"  # noqa: S105 - the name of a variable, not a secret
 ENV_CA_CERT = "WARDEN_CA_CERT"
+KEEPALIVE_EXPIRY_S = 60.0
+"""How long the SDK keeps an idle connection to the daemon for its next request (httpx's
+default is 5 s); less than the daemon keeps it (``server/run.py:KEEP_ALIVE_S``)."""
 
 
 def default_url() -> str:
@@ -96,18 +99,22 @@ class Endpoint:
     def async_client(self, timeout: httpx.Timeout | float = 60.0) -> httpx.AsyncClient:
         import httpx
 
-        uds = self.socket_path
+        uds, limits = self.socket_path, _limits()
         # No TLS on a unix socket: verify=False spares building an SSL context (~25 ms) for
-        # every sandbox's client.
-        transport = httpx.AsyncHTTPTransport(uds=uds, verify=False) if uds else None
-        return httpx.AsyncClient(transport=transport, timeout=timeout, **self._client_args())
+        # every sandbox's client. (A transport given takes the limits; the client's are unused.)
+        if uds:
+            transport = httpx.AsyncHTTPTransport(uds=uds, verify=False, limits=limits)
+            return httpx.AsyncClient(transport=transport, timeout=timeout, **self._client_args())
+        return httpx.AsyncClient(limits=limits, timeout=timeout, **self._client_args())
 
     def sync_client(self, timeout: httpx.Timeout | float = 60.0) -> httpx.Client:
         import httpx
 
-        uds = self.socket_path
-        transport = httpx.HTTPTransport(uds=uds, verify=False) if uds else None  # no TLS there
-        return httpx.Client(transport=transport, timeout=timeout, **self._client_args())
+        uds, limits = self.socket_path, _limits()
+        if uds:  # no TLS there
+            transport = httpx.HTTPTransport(uds=uds, verify=False, limits=limits)
+            return httpx.Client(transport=transport, timeout=timeout, **self._client_args())
+        return httpx.Client(limits=limits, timeout=timeout, **self._client_args())
 
     def unreachable(self, exc: BaseException) -> str:
         """What to say when nothing (or nothing we trust) answers here."""
@@ -121,3 +128,11 @@ class Endpoint:
             f"no warden daemon answers at {self.url} ({exc}). Start one with `warden serve`, or "
             f"point warden.connect(url) / ${ENV_HOST} at a running one"
         )
+
+
+def _limits() -> httpx.Limits:
+    import httpx
+
+    return httpx.Limits(
+        max_connections=100, max_keepalive_connections=20, keepalive_expiry=KEEPALIVE_EXPIRY_S
+    )

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlsplit
@@ -25,7 +26,7 @@ import httpx
 
 from warden._errors import HostError
 from warden.records import MEDIA_TYPE, Kind, RecordDecoder, StreamError
-from warden.sdk._endpoint import Endpoint
+from warden.sdk._endpoint import KEEPALIVE_EXPIRY_S, Endpoint
 
 CONNECT_TIMEOUT_S = 60.0
 READ_SIZE = 256 * 1024
@@ -88,6 +89,8 @@ class _Connection:
         self.reader = reader
         self.writer = writer
         self.h11 = h11.Connection(h11.CLIENT)
+        self.idle_since = 0.0
+        """When its last answer was read (``time.monotonic``)."""
 
     @classmethod
     async def open(cls, endpoint: Endpoint) -> _Connection:
@@ -183,6 +186,7 @@ class RecordPool:
             conn.close()
             raise
         if response.complete and len(self._idle) < MAX_IDLE and conn.next_cycle():
+            conn.idle_since = time.monotonic()
             self._idle.append(conn)
         else:
             conn.close()
@@ -192,8 +196,8 @@ class RecordPool:
     ) -> tuple[_Connection, h11.Response]:
         while self._idle:  # a kept-alive connection, unless the daemon closed it meanwhile
             conn = self._idle.pop()
-            if not conn.alive:
-                conn.close()
+            if not conn.alive or time.monotonic() - conn.idle_since > KEEPALIVE_EXPIRY_S:
+                conn.close()  # closed, or about to be closed by the daemon
                 continue
             try:
                 return conn, await conn.request(target, body, headers)

@@ -34,6 +34,11 @@ from warden.server.manager import Manager
 from warden.server.tls import ensure_cert
 
 GRACEFUL_SHUTDOWN_S = 10
+KEEP_ALIVE_S = 75
+"""How long an idle client connection is kept open (uvicorn's default is 5 s: a client that
+paused 5 s, as a sandbox's user between two commands does, paid a new connection, about 7 ms
+more on its next exec here). The SDK drops its idle connections first
+(``sdk/_endpoint.py:KEEPALIVE_EXPIRY_S``), so it never sends on one the daemon is closing."""
 
 
 @dataclass(frozen=True)
@@ -117,6 +122,7 @@ async def _serve(
         "log_level": log_level.lower(),
         "log_config": None,  # uvicorn's loggers propagate to ours (logs.setup): one format
         "timeout_graceful_shutdown": GRACEFUL_SHUTDOWN_S,
+        "timeout_keep_alive": KEEP_ALIVE_S,
     }
     group: list[_Server] = []
     local_app = Authenticate(app, tokens, listener="unix", unix_roles=unix_roles)
