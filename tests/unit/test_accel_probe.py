@@ -65,3 +65,20 @@ def test_the_probe_leaves_no_files(tmp_path: Path) -> None:
     before = set(os.listdir("/tmp"))
     accel._probe(_boot(tmp_path), _fake(tmp_path, "boots"))
     assert {n for n in set(os.listdir("/tmp")) - before if n.startswith("warden-probe-")} == set()
+
+
+def test_a_hang_under_pvm_says_the_kvm_is_pvm(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Our machines' /dev/kvm is PVM's (kvm_pvm), which runs only PVM guest kernels: the
+    verdict says so. The module directory is faked: a test host may or may not have it."""
+    modules = tmp_path / "sys-module"
+    (modules / "kvm").mkdir(parents=True)
+    assert accel.kvm_flavour(modules) is None
+    (modules / "kvm_pvm").mkdir()
+    assert "PVM" in (accel.kvm_flavour(modules) or "")
+    monkeypatch.setattr(accel, "PROBE_DEADLINE_S", 1.0)
+    monkeypatch.setattr(accel, "kvm_flavour", lambda: "this host's KVM is PVM (module kvm_pvm)")
+    choice = accel._probe(_boot(tmp_path), _fake(tmp_path, "hang"))
+    assert choice.name == "tcg"
+    assert "did not reach init" in choice.reason and "PVM" in choice.reason, choice.reason

@@ -161,7 +161,7 @@ def _footprint_check(paths: Paths, qemu: str | None, image: Image | None) -> Che
 
 
 def _checks() -> list[Check]:
-    from warden.vmm.accel import kvm_usable_device
+    from warden.vmm.accel import kvm_flavour, kvm_usable_device
 
     paths = Paths.from_env()
     qemu, qemu_check = _qemu_check()
@@ -169,7 +169,8 @@ def _checks() -> list[Check]:
     image, image_checks = _image_checks(paths)
     checks += image_checks
     kvm_why_not = kvm_usable_device()
-    checks.append(Check("/dev/kvm", kvm_why_not is None, kvm_why_not or "opens read-write"))
+    opens = "opens read-write" + (f"; {flavour}" if (flavour := kvm_flavour()) else "")
+    checks.append(Check("/dev/kvm", kvm_why_not is None, kvm_why_not or opens))
     checks.append(_accel_check(paths, qemu, image))
     checks += _jail_checks(paths, qemu, image)
     checks.append(_footprint_check(paths, qemu, image))

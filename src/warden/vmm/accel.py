@@ -4,6 +4,11 @@ Nested KVM is broken on some hosts: ``/dev/kvm`` opens and the VM is created, bu
 hangs right after decompression. So ``auto`` boots the image's kernel once under KVM with
 ``warden.mode=probe`` and a deadline, and caches the verdict per host (keyed by boot id, QEMU
 version and kernel hash). Everything else runs under TCG.
+
+On our own machines ``/dev/kvm`` is PVM's (module ``kvm_pvm``, "Pagetable-based Virtual
+Machine", github.com/virt-pvm/linux): a KVM without VMX for nested clouds, which runs only guest
+kernels built for it (Kata ships one as ``vmlinux.pvm``). Debian's kernel is not one, hence the
+hang; the probe's verdict says so (:func:`kvm_flavour`).
 """
 
 from __future__ import annotations
@@ -75,6 +80,23 @@ def kvm_usable_device() -> str | None:
         return f"/dev/kvm cannot be opened ({exc.strerror})"
     os.close(fd)
     return None
+
+
+def kvm_flavour(sys_module: Path = Path("/sys/module")) -> str | None:
+    """What is unusual about this host's KVM, or None: PVM (``kvm_pvm`` loaded) runs only
+    guest kernels built for PVM."""
+    if (sys_module / "kvm_pvm").is_dir():
+        return (
+            "this host's KVM is PVM (module kvm_pvm), which runs only guest kernels built for "
+            "PVM (github.com/virt-pvm/linux; Kata's vmlinux.pvm), not Debian's"
+        )
+    return None
+
+
+def _why_tcg(what: str) -> str:
+    """A probe's failure, with what this host's KVM is if that explains it."""
+    flavour = kvm_flavour()
+    return f"{what} ({flavour}); using TCG" if flavour else f"{what}; using TCG"
 
 
 def resolve_accel(
@@ -153,8 +175,9 @@ def _probe(boot: BootFiles, qemu: str) -> AccelChoice:
             proc.wait()
             return AccelChoice(
                 "tcg",
-                f"a probe boot under KVM did not reach init within {PROBE_DEADLINE_S:.0f} s "
-                "(nested KVM hangs here); using TCG",
+                _why_tcg(
+                    f"a probe boot under KVM did not reach init within {PROBE_DEADLINE_S:.0f} s"
+                ),
             )
         elapsed = time.monotonic() - start
         console = run.console.read_bytes() if run.console.exists() else b""
@@ -163,6 +186,8 @@ def _probe(boot: BootFiles, qemu: str) -> AccelChoice:
         detail = err.decode(errors="replace").strip().splitlines()
         return AccelChoice(
             "tcg",
-            f"a probe boot under KVM failed (exit {proc.returncode}: "
-            f"{detail[-1] if detail else 'no output'}); using TCG",
+            _why_tcg(
+                f"a probe boot under KVM failed (exit {proc.returncode}: "
+                f"{detail[-1] if detail else 'no output'})"
+            ),
         )
