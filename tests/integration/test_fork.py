@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -14,7 +15,7 @@ import pytest
 from tests.conftest import qemu_pids, runtime_dirs
 from tests.integration.test_templates import MARK, prepare_source, pss_mib, rollup_mib, sh
 from warden import Sandbox
-from warden._errors import HostError, SpecError
+from warden._errors import HostError, SpecError, VMError
 from warden.config import Paths
 from warden.vmm import fork as fork_module
 from warden.vmm.fork import ForkStore
@@ -154,6 +155,38 @@ async def test_a_cancelled_fork_leaves_no_trace(
         assert made[0].state.value == "stopped"
         assert qemu_pids() == pids and runtime_dirs() == dirs and not _fork_leftovers()
         assert await sh(parent, "echo on") == "on\n"
+
+
+async def test_a_fork_whose_capture_fails_leaves_no_trace(
+    no_leaks: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The children's QEMUs start while their parent is captured; a capture that fails
+    then stops them, and the parent runs on (its device state's save fails here, after both
+    children's QEMUs were seen running)."""
+    async with running(VMSpec(memory_mib=256)) as parent:
+        pids, dirs = qemu_pids(), runtime_dirs()
+        seen: list[int] = []
+
+        async def save_fails(qmp: object, fd: int, what: str) -> None:
+            deadline = time.monotonic() + 30
+            while len(qemu_pids() - pids) < 2:
+                assert time.monotonic() < deadline, "the children's QEMUs did not start"
+                await asyncio.sleep(0.01)
+            seen.append(len(qemu_pids() - pids))
+            raise VMError(f"{what} failed: injected")
+
+        monkeypatch.setattr(fork_module, "save_device_state", save_fails)
+        with pytest.raises(VMError, match="injected"):
+            await parent.fork(2)
+        monkeypatch.undo()
+        assert seen == [2]
+        assert qemu_pids() == pids and runtime_dirs() == dirs and not _fork_leftovers()
+        assert await sh(parent, "echo on") == "on\n"
+        [child] = await parent.fork(1)  # and it can still be forked
+        try:
+            assert await sh(child, "echo child") == "child\n"
+        finally:
+            await child.shutdown()
 
 
 async def test_a_clone_can_be_forked_and_saved(no_leaks: None) -> None:

@@ -17,7 +17,7 @@ import secrets
 import shutil
 import signal
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -66,6 +66,7 @@ from warden.vmm.snapshot import machine_key, remove_boot_snapshots
 from warden.vmm.spec import VMSpec
 from warden.vmm.state import LIVE_STATES, VMState, check_transition
 from warden.vmm.templates import (
+    CaptureHold,
     LoadedTemplate,
     TemplateConfig,
     Templates,
@@ -724,9 +725,10 @@ class Machine:
         if self.templates.exists(name):
             return
         try:
-            config = self._template_config(boot)
+            assert self._secret is not None  # only a VM with a channel makes one
+            hold = CaptureHold(self._template_config(boot), self._secret)
             extra = {"automatic": True}
-            await self._capture(self.templates, name, config, extra, keep_running=True)
+            await self.capture(self.templates, name, hold, extra, keep_running=True)
             await asyncio.to_thread(remove_boot_snapshots, self.paths.home)
             await asyncio.to_thread(self.templates.prune_automatic, name)
         except NameConflictError:
@@ -752,6 +754,18 @@ class Machine:
         than ``self.templates`` (a fork's transient one).
         """
         store = store or self.templates
+        async with self.held_for_capture(name, store) as hold:
+            await self.capture(store, name, hold, extra or {}, keep_running=keep_running)
+        if keep_running:
+            self.idle.reopen()
+
+    @contextlib.asynccontextmanager
+    async def held_for_capture(self, name: str, store: Templates) -> AsyncIterator[CaptureHold]:
+        """Check that this running VM can be saved as ``name`` in ``store``, and hold it for
+        :meth:`capture`: no request in flight, new ones refused until :meth:`IdleGate.reopen`
+        (a VM kept running) or its end. Yields what the capture seals: its configuration and
+        the channel secret its guest holds. Errors as :meth:`save_template`'s; on one, the
+        gate opens again."""
         if self.state is not VMState.RUNNING or self._qmp is None or self.image is None:
             raise VMError(f"VM {self.id} is {self.state.value}, not running")
         if self._secret is None:
@@ -768,26 +782,27 @@ class Machine:
         # requests are in flight), and continues a VM that auto-pause had stopped.
         await self.idle.wake()
         async with self.idle.exclusive(f"VM {self.id} is being saved", what="save it"):
-            await self._capture(store, name, config, extra or {}, keep_running=keep_running)
-        if keep_running:
-            self.idle.reopen()
+            yield CaptureHold(config, self._secret)
 
-    async def _capture(
+    async def capture(
         self,
         store: Templates,
         name: str,
-        config: TemplateConfig,
+        hold: CaptureHold,
         extra: dict[str, Any],
         *,
         keep_running: bool,
     ) -> None:
-        assert self._qmp is not None and self._secret is not None
+        """Stop the VM held by :meth:`held_for_capture` and save it into ``store`` as ``name``;
+        with ``keep_running``, continue it and give it a new channel secret (the capture holds
+        the old one)."""
+        assert self._qmp is not None and self._secret == hold.secret
         if self._agent is not None:
             await self._agent.close()  # the template must hold no host session
             self._agent = None
         await self._qmp.execute("stop")
         try:
-            await store.capture(self._qmp, self._qemu_pid(), name, config, self._secret, extra)
+            await store.capture(self._qmp, self._qemu_pid(), name, hold.config, hold.secret, extra)
         finally:
             if keep_running:
                 await self._qmp.execute("cont")

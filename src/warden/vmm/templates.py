@@ -61,7 +61,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from qemu.qmp import QMPClient
 
@@ -153,6 +153,14 @@ class TemplateInfo:
     """Why it would be refused (its seal does not verify), or None."""
     automatic: bool = False
     """The automatic boot template of a VM shape (``warden template list --all``)."""
+
+
+class CaptureHold(NamedTuple):
+    """What a capture of a held VM seals (``Machine.held_for_capture``): its configuration,
+    and the channel secret its guest holds (a clone's first session is authenticated by it)."""
+
+    config: TemplateConfig
+    secret: bytes
 
 
 @dataclasses.dataclass
