@@ -12,6 +12,7 @@ never buffered whole.
 from __future__ import annotations
 
 import contextlib
+import gc
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -60,6 +61,16 @@ def _invalid_message(problems: list[dict[str, Any]]) -> str:
     return "; ".join(f"{'.'.join(p['loc'])}: {p['msg']}" for p in problems)
 
 
+def _freeze_heap() -> None:
+    """Take what start-up made (modules, the app, its models and routes: ~80,000 objects)
+    out of the cyclic GC's reach (``gc.freeze``), after one last collection. They live as
+    long as the daemon, yet each full collection walked them all again, in the event loop,
+    while every request waited: 14-28 ms with no VM, 31-82 ms with 21 (measured in the
+    daemon); only what came after start-up is walked now."""
+    gc.collect()
+    gc.freeze()
+
+
 def _lifespan(
     manager: Manager, manage: bool
 ) -> Callable[[FastAPI], contextlib.AbstractAsyncContextManager[None]]:
@@ -68,6 +79,7 @@ def _lifespan(
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if manage:
+            _freeze_heap()  # before the VMs it reattaches: their objects go when they do
             await manager.start()
         try:
             yield
