@@ -70,6 +70,25 @@ def _home_check(paths: Paths) -> Check:
     )
 
 
+def _fd_check() -> Check:
+    """Whether the daemon can hold the open files of many VMs (it raises its soft limit to
+    the hard one: ``server/run.py:raise_fd_limit``)."""
+    import resource
+
+    from warden.server.run import FD_HEADROOM, FDS_PER_VM
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard == resource.RLIM_INFINITY:
+        return Check("open files", True, "no hard limit")
+    vms = max(0, (hard - FD_HEADROOM) // FDS_PER_VM)
+    return Check(
+        "open files",
+        vms >= 256,
+        f"hard limit {hard}: room for about {vms} VMs in the daemon",
+        "raise the hard limit on open files (LimitNOFILE= in the daemon's unit, ulimit -Hn)",
+    )
+
+
 def _image_checks(paths: Paths) -> tuple[Image | None, list[Check]]:
     """The default image (None if it is missing or damaged) and its checks."""
     from warden.image.store import load_image, verify_image
@@ -165,7 +184,7 @@ def _checks() -> list[Check]:
 
     paths = Paths.from_env()
     qemu, qemu_check = _qemu_check()
-    checks = [qemu_check, *_tool_checks(), _home_check(paths)]
+    checks = [qemu_check, *_tool_checks(), _home_check(paths), _fd_check()]
     image, image_checks = _image_checks(paths)
     checks += image_checks
     kvm_why_not = kvm_usable_device()
