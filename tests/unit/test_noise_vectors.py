@@ -65,16 +65,21 @@ def test_the_vectors_cover_the_channel_pattern_from_two_sources() -> None:
     assert {v["source"] for v in VECTORS} == {"cacophony", "snow"}
 
 
-@pytest.fixture(params=["cryptography", "evp"])
+@pytest.fixture(params=["cryptography", "evp", "sodium"])
 def aead_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Each vector runs with the host's AEAD (cryptography) and the guest's (OpenSSL's EVP
-    through ctypes, warden.channel.evp)."""
-    if request.param == "evp":
-        from warden.channel import evp, noise
+    """Each vector runs with the host's primitives (cryptography, hashlib), the guest's
+    records (OpenSSL's EVP through ctypes, warden.channel.evp) and the guest's handshake
+    (libsodium through ctypes, warden.channel.sodium: X25519, SHA-256, HMAC and the
+    handshake's ChaCha20-Poly1305), each against the same published bytes."""
+    from warden.channel import evp, noise, sodium
 
+    if request.param in ("evp", "sodium"):
         if not evp.load():
             pytest.skip("no libcrypto to load")
         monkeypatch.setattr(noise._Backend, "evp", True)
+    if request.param == "sodium":
+        assert sodium.load(), "libsodium23 is installed by make setup"
+        monkeypatch.setattr(noise._Backend, "sodium", True)
     return str(request.param)
 
 

@@ -32,7 +32,17 @@ if TYPE_CHECKING:
         def decrypt(self, nonce: bytes, data: bytes, associated_data: bytes) -> bytes: ...
 
 
-__all__ = ["TAG_SIZE", "SodiumAuthError", "SodiumChaCha20Poly1305", "available", "load"]
+__all__ = [
+    "TAG_SIZE",
+    "SodiumAuthError",
+    "SodiumChaCha20Poly1305",
+    "available",
+    "hmac_sha256",
+    "load",
+    "sha256",
+    "x25519",
+    "x25519_base",
+]
 
 TAG_SIZE = 16
 NONCE_SIZE = 12
@@ -88,6 +98,64 @@ def _declare(lib: Any) -> None:
     decrypt = lib.crypto_aead_chacha20poly1305_ietf_decrypt
     decrypt.restype = ctypes.c_int
     decrypt.argtypes = [p, p, p, buf, size, buf, size, buf, buf]
+    # The Noise handshake's primitives (warden.channel.noise): int f(out, in..., [key])
+    for name, args in (
+        ("crypto_scalarmult_curve25519_base", [p, buf]),
+        ("crypto_scalarmult_curve25519", [p, buf, buf]),
+        ("crypto_hash_sha256", [p, buf, size]),
+        ("crypto_auth_hmacsha256", [p, buf, size, buf]),
+    ):
+        fn = getattr(lib, name)
+        fn.restype = ctypes.c_int
+        fn.argtypes = args
+
+
+def x25519_base(private: bytes) -> bytes:
+    """The X25519 public key of a 32-byte private key (RFC 7748; libsodium clamps it, as
+    ``cryptography`` does): ``crypto_scalarmult_curve25519_base``."""
+    out = ctypes.create_string_buffer(32)
+    if _lib().crypto_scalarmult_curve25519_base(out, _bytes32(private)) != 0:
+        raise ValueError("crypto_scalarmult_curve25519_base failed")
+    return out.raw
+
+
+def x25519(private: bytes, public: bytes) -> bytes:
+    """X25519(private, public) (RFC 7748): ``crypto_scalarmult_curve25519``. ValueError for a
+    public key whose result is all zeros (a low-order point), which libsodium refuses, as
+    ``cryptography`` does."""
+    out = ctypes.create_string_buffer(32)
+    if _lib().crypto_scalarmult_curve25519(out, _bytes32(private), _bytes32(public)) != 0:
+        raise ValueError("the X25519 result is all zeros (a low-order public key)")
+    return out.raw
+
+
+def sha256(data: bytes) -> bytes:
+    """SHA-256 (FIPS 180-4): ``crypto_hash_sha256``."""
+    out = ctypes.create_string_buffer(32)
+    data = bytes(data)
+    _lib().crypto_hash_sha256(out, data, len(data))
+    return out.raw
+
+
+def hmac_sha256(key: bytes, data: bytes) -> bytes:
+    """HMAC-SHA-256 (RFC 2104) with a 32-byte key: ``crypto_auth_hmacsha256``, whose key is
+    ``crypto_auth_hmacsha256_KEYBYTES`` (32) long (Noise's HMAC keys are all HASHLEN, 32)."""
+    out = ctypes.create_string_buffer(32)
+    data = bytes(data)
+    _lib().crypto_auth_hmacsha256(out, data, len(data), _bytes32(key))
+    return out.raw
+
+
+def _bytes32(value: bytes) -> bytes:
+    if len(value) != 32:
+        raise ValueError(f"expected 32 bytes, not {len(value)}")
+    return bytes(value)
+
+
+def _lib() -> Any:
+    if _Loaded.lib is None:
+        raise RuntimeError("libsodium is not loaded (call warden.channel.sodium.load())")
+    return _Loaded.lib
 
 
 class SodiumChaCha20Poly1305:

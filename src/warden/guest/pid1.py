@@ -285,6 +285,8 @@ def load_crypto() -> None:
 
     if not noise.use_evp():  # the records through one EVP context per key (channel/evp.py)
         log("cannot load libcrypto with ctypes: the channel's records use cryptography")
+    if not noise.use_sodium():  # the handshake on libsodium (channel/sodium.py)
+        log("cannot load libsodium: the channel's handshake uses cryptography")
 
 
 def mix_entropy(data: bytes) -> None:
