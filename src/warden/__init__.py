@@ -38,6 +38,7 @@ from warden._errors import (
     TemplateError,
     TemplateNotFoundError,
     TemplateRefusedError,
+    TooManyConnectionsError,
     VMError,
     WardenError,
 )
@@ -72,6 +73,7 @@ __all__ = [
     "TemplateError",
     "TemplateNotFoundError",
     "TemplateRefusedError",
+    "TooManyConnectionsError",
     "VMError",
     "WardenError",
     "__version__",

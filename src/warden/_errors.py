@@ -10,7 +10,9 @@ and its message says what the user can do about it::
      |    +-- ImageBuildError   carries the failed command and the tail of its output
      +-- HostError              the host lacks something (QEMU, a kernel, a permission)
      |    +-- JailUnavailableError  the jail was required and the host lacks a feature of it;
-     |                              nothing was started (HTTP 409 from a daemon)
+     |    |                         nothing was started (HTTP 409 from a daemon)
+     |    +-- TooManyConnectionsError  the daemon's bound on client connections, in all or
+     |                                 from this caller; the request did not run (HTTP 503)
      +-- VMError                a VM failed to start or died
      |    +-- LaunchError       carries argv, exit code and console tail
      |    +-- AgentTimeoutError the guest agent did not answer in time (quotes the console)
@@ -98,6 +100,12 @@ class JailUnavailableError(HostError):
 JAIL_REFUSED = "the jail is required"
 """How a :class:`JailUnavailableError`'s message begins: the remote SDK knows the daemon's
 refusal by it."""
+
+
+class TooManyConnectionsError(HostError):
+    """The daemon has as many client connections open as it allows, in all or from this
+    caller (``server/connections.py``). The request did not run: close idle connections, or
+    retry later."""
 
 
 class VMError(WardenError):

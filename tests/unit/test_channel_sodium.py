@@ -102,7 +102,7 @@ def test_a_low_order_public_key_fails_the_handshake(monkeypatch: pytest.MonkeyPa
     assert sodium.load()
     with pytest.raises(ValueError, match="all zeros"):
         sodium.x25519(bytes(range(32)), bytes(32))
-    monkeypatch.setattr(noise._Backend, "sodium", True)
+    monkeypatch.setattr(noise._Backend, "sodium", sodium)
     responder = noise.HandshakeState(initiator=False, psk=None, pattern="NN")
     responder.read_message(bytes(32))  # "e": its ephemeral key is 0
     with pytest.raises(ChannelError, match="ephemeral public key is invalid"):
@@ -121,11 +121,11 @@ def test_a_host_on_cryptography_and_a_guest_on_libsodium_agree(
     host = noise.HandshakeState(initiator=True, psk=psk, prologue=b"p")
     guest = noise.HandshakeState(initiator=False, psk=psk, prologue=b"p")
     first = host.write_message()
-    monkeypatch.setattr(noise._Backend, "sodium", True)
+    monkeypatch.setattr(noise._Backend, "sodium", sodium)
     guest.read_message(first)
     second = guest.write_message()
     guest_send, guest_recv = guest.split()[1], guest.split()[0]
-    monkeypatch.setattr(noise._Backend, "sodium", False)
+    monkeypatch.setattr(noise._Backend, "sodium", None)
     host.read_message(second)
     assert host.handshake_hash == guest.handshake_hash
     host_send, host_recv = host.split()

@@ -31,4 +31,4 @@ def test_the_soft_limit_is_raised_to_the_hard_one() -> None:
 def test_a_hard_limit_too_low_for_density_is_reported() -> None:
     (got, now), err = _run(512, 1500)
     assert got == now == 1500
-    assert "room for about 59 VMs" in err and "LimitNOFILE" in err, err
+    assert "room for about 61 VMs" in err and "LimitNOFILE" in err, err

@@ -79,7 +79,7 @@ def aead_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
         monkeypatch.setattr(noise._Backend, "evp", True)
     if request.param == "sodium":
         assert sodium.load(), "libsodium23 is installed by make setup"
-        monkeypatch.setattr(noise._Backend, "sodium", True)
+        monkeypatch.setattr(noise._Backend, "sodium", sodium)
     return str(request.param)
 
 

@@ -33,6 +33,7 @@ EXPECTED_ALL = {
     "TemplateError",
     "TemplateNotFoundError",
     "TemplateRefusedError",
+    "TooManyConnectionsError",
     "VMError",
     "WardenError",
     "__version__",

@@ -44,6 +44,7 @@ from warden._errors import (
     TemplateError,
     TemplateNotFoundError,
     TokenNotFoundError,
+    TooManyConnectionsError,
     VMNotFoundError,
     WardenError,
 )
@@ -66,6 +67,7 @@ STATUS: tuple[tuple[type[WardenError], int], ...] = (
     (JailUnavailableError, 409),  # the create required the jail and the host lacks a feature
     (SpecError, 422),
     (SandboxClosedError, 409),  # the VM was stopped or died under the request
+    (TooManyConnectionsError, 503),  # the daemon's bound on client connections (connections.py)
     (AgentTimeoutError, 504),  # the guest's agent did not answer in time
     (AgentError, 502),  # the guest's agent failed or broke the protocol
 )

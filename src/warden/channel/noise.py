@@ -37,13 +37,13 @@ import hmac
 import os
 import struct
 
-from warden.channel import sodium
 from warden.channel.errors import ChannelError
 
 # Not ``typing.TYPE_CHECKING``: importing typing is slow in the guest (see wire/frame.py).
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from types import ModuleType
 
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
     from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
@@ -95,16 +95,16 @@ def protocol_name(pattern: str) -> bytes:
 
 def _hash(data: bytes) -> bytes:
     """HASH() of section 4.3: SHA-256 (section 12.5)."""
-    if _Backend.sodium:
-        return sodium.sha256(data)
+    if _Backend.sodium is not None:
+        return bytes(_Backend.sodium.sha256(data))
     return hashlib.sha256(data).digest()
 
 
 def _hmac(key: bytes, data: bytes) -> bytes:
     """HMAC-HASH() of section 4.3: HMAC (RFC 2104) with SHA-256 (its keys here are all
     HASHLEN long: chaining keys and HKDF's temp_key)."""
-    if _Backend.sodium and len(key) == HASHLEN:
-        return sodium.hmac_sha256(key, data)
+    if _Backend.sodium is not None and len(key) == HASHLEN:
+        return bytes(_Backend.sodium.hmac_sha256(key, data))
     return hmac.digest(key, data, "sha256")
 
 
@@ -122,8 +122,8 @@ def hkdf(chaining_key: bytes, input_key_material: bytes, num_outputs: int) -> tu
 class _Backend:
     evp = False
     """Whether ChaCha20-Poly1305 runs through :mod:`.evp` (see :func:`use_evp`)."""
-    sodium = False
-    """Whether the handshake runs on libsodium (see :func:`use_sodium`)."""
+    sodium: ModuleType | None = None
+    """:mod:`.sodium`, loaded, when the handshake runs on libsodium (see :func:`use_sodium`)."""
 
 
 def use_sodium() -> bool:
@@ -131,8 +131,10 @@ def use_sodium() -> bool:
     libsodium (:mod:`.sodium`) from now on, where it loads: the guest's. The same functions,
     the same bytes (the test vectors run on both); far less code than OpenSSL 3's provider
     layers, which a new QEMU under TCG must translate before a clone's first handshake."""
-    _Backend.sodium = sodium.load()
-    return _Backend.sodium
+    from warden.channel import sodium  # ctypes: imported when asked, not with this module
+
+    _Backend.sodium = sodium if sodium.load() else None
+    return _Backend.sodium is not None
 
 
 def use_evp() -> bool:
@@ -148,8 +150,9 @@ def use_evp() -> bool:
 def _aead(
     key: bytes, handshake: bool = False
 ) -> ChaCha20Poly1305 | EvpChaCha20Poly1305 | SodiumChaCha20Poly1305:
-    if handshake and _Backend.sodium:
-        return sodium.SodiumChaCha20Poly1305(key)
+    if handshake and _Backend.sodium is not None:
+        aead: SodiumChaCha20Poly1305 = _Backend.sodium.SodiumChaCha20Poly1305(key)
+        return aead
     if _Backend.evp:
         from warden.channel.evp import EvpChaCha20Poly1305
 
@@ -228,10 +231,11 @@ class CipherState:
         from cryptography.exceptions import InvalidTag
 
         from warden.channel.evp import EvpAuthError
+        from warden.channel.sodium import SodiumAuthError
 
         try:
             plaintext = self._aead.decrypt(self._next_nonce(), ciphertext, ad)
-        except (InvalidTag, EvpAuthError, sodium.SodiumAuthError):
+        except (InvalidTag, EvpAuthError, SodiumAuthError):
             raise ChannelError("a message failed authentication") from None
         self.n += 1
         return plaintext
@@ -306,8 +310,8 @@ def _generate_keypair(private: bytes | None) -> tuple[X25519PrivateKey | bytes, 
     # a snapshot, the agent's process (and its OpenSSL RNG state) is a copy of every other
     # clone's, while the guest kernel's RNG is reseeded before each handshake (guest/pid1.py).
     raw = os.urandom(DHLEN) if private is None else private
-    if _Backend.sodium:
-        return raw, sodium.x25519_base(raw)
+    if _Backend.sodium is not None:
+        return raw, bytes(_Backend.sodium.x25519_base(raw))
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
     from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
@@ -322,7 +326,9 @@ def _dh(private: X25519PrivateKey | bytes, public: bytes) -> bytes:
     ``cryptography`` and libsodium refuse a public key whose result is all zeros (a low-order
     point): section 12.1 allows signalling an error for it, which is a ChannelError here."""
     try:
-        if isinstance(private, bytes):
+        if isinstance(private, bytes):  # made on libsodium (_generate_keypair)
+            from warden.channel import sodium
+
             return sodium.x25519(private, public)
         from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 

@@ -75,12 +75,12 @@ def _fd_check() -> Check:
     the hard one: ``server/run.py:raise_fd_limit``)."""
     import resource
 
-    from warden.server.run import FD_HEADROOM, FDS_PER_VM
+    from warden.server.run import vm_room
 
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     if hard == resource.RLIM_INFINITY:
         return Check("open files", True, "no hard limit")
-    vms = max(0, (hard - FD_HEADROOM) // FDS_PER_VM)
+    vms = vm_room(hard)
     return Check(
         "open files",
         vms >= 256,

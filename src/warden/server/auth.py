@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 from starlette.types import ASGIApp, Receive, Scope, Send
-from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from warden._errors import AuthenticationError, WardenError
 from warden.api import errors as api_errors
@@ -42,6 +41,7 @@ from warden.auth.principal import SCOPE_KEY, Principal
 from warden.auth.tokens import TOUCH_EVERY_S, TokenStore
 from warden.auth.unix import PEER_KEY, Peer, UnixRoles, peer_credentials, principal_for_peer
 from warden.config import private_dir
+from warden.server.connections import LimitedProtocol
 
 TOKEN_FILE = "api-token"  # noqa: S105 - a file name, not a secret
 
@@ -80,9 +80,10 @@ def import_token_file(home: Path, tokens: TokenStore) -> None:
         log.info("imported %s/%s as a token of principal admin", home, TOKEN_FILE)
 
 
-class PeerCredProtocol(H11Protocol):
-    """uvicorn's h11 protocol (``uvicorn.Config(http=PeerCredProtocol)``), plus the peer's
-    credentials (``auth/unix.Peer``) in every request's scope, under ``PEER_KEY``.
+class PeerCredProtocol(LimitedProtocol):
+    """uvicorn's h11 protocol with the bounds on connections (``server/connections.py``), plus
+    the peer's credentials (``auth/unix.Peer``) in every request's scope, under ``PEER_KEY``
+    (``uvicorn.Config(http=PeerCredProtocol)``).
 
     They are read once, when the connection is made (the kernel keeps those of ``connect()``;
     a peer cannot change them afterwards), and this connection's app is wrapped to add them to

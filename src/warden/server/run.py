@@ -25,6 +25,7 @@ from warden.auth.tokens import TokenStore
 from warden.auth.unix import DEFAULT_GROUP, UnixRoles
 from warden.config import Paths
 from warden.policy.admission import AdmissionPolicy
+from warden.server import connections
 from warden.server.app import create_app
 from warden.server.auth import (
     Authenticate,
@@ -41,8 +42,9 @@ GRACEFUL_SHUTDOWN_S = 10
 FDS_PER_VM = 8
 """Open files the daemon holds per running VM: its QMP, agent and console sockets, console
 log, transfer window and pidfd (8.2 measured, 6 VMs)."""
-FD_HEADROOM = 1024
-"""Open files kept for everything else: client connections, the database, images, logs."""
+FD_HEADROOM = 256
+"""Open files kept for the rest: the database, images, logs. Client connections take at most
+half of the whole (``server/connections.py:for_open_files``)."""
 KEEP_ALIVE_S = 75
 """How long an idle client connection is kept open (uvicorn's default is 5 s: a client that
 paused 5 s, as a sandbox's user between two commands does, paid a new connection, about 7 ms
@@ -113,15 +115,21 @@ def raise_fd_limit() -> int:
             soft = hard
         except (ValueError, OSError) as exc:  # an infinite hard limit: above fs.nr_open
             log.warning("could not raise the limit on open files from %d: %s", soft, exc)
-    vms = (soft - FD_HEADROOM) // FDS_PER_VM
+    vms = vm_room(soft)
     if vms < 256:
         log.warning(
             "the limit on open files is %d: room for about %d VMs; raise the hard limit "
             "(LimitNOFILE= in the daemon's systemd unit, or `ulimit -Hn`)",
             soft,
-            max(vms, 0),
+            vms,
         )
     return soft
+
+
+def vm_room(nofile: int) -> int:
+    """About how many VMs a daemon allowed ``nofile`` open files can hold: what its client
+    connections (at most half) and :data:`FD_HEADROOM` leave, :data:`FDS_PER_VM` each."""
+    return max(0, (nofile - nofile // 2 - FD_HEADROOM) // FDS_PER_VM)
 
 
 async def serve(
@@ -136,13 +144,14 @@ async def serve(
     auto_pause_s: float | None = None,
     group: str | None = DEFAULT_GROUP,
 ) -> None:
-    raise_fd_limit()
+    limits = connections.for_open_files(raise_fd_limit())
     manager = Manager(paths, policy=policy, pools=pools, auto_pause_s=auto_pause_s)
     app = create_app(manager, allow_root=allow_root)
     tokens = TokenStore.open(paths)
     try:
         import_token_file(paths.home, tokens)
-        await _serve(app, tokens, sock, listener, log_level, UnixRoles.default(group))
+        roles = UnixRoles.default(group)
+        await _serve(app, tokens, sock, listener, log_level, roles, limits)
     finally:
         tokens.close()
 
@@ -154,6 +163,7 @@ async def _serve(
     listener: TcpListener | None,
     log_level: str,
     unix_roles: UnixRoles,
+    limits: connections.ConnectionLimits,
 ) -> None:
     common: dict[str, Any] = {
         "log_level": log_level.lower(),
@@ -164,7 +174,10 @@ async def _serve(
     group: list[_Server] = []
     local_app = Authenticate(app, tokens, listener="unix", unix_roles=unix_roles)
     local = _Server(
-        uvicorn.Config(local_app, lifespan="on", http=PeerCredProtocol, **common), group
+        uvicorn.Config(
+            local_app, lifespan="on", http=connections.limited(limits, PeerCredProtocol), **common
+        ),
+        group,
     )
     if listener is None:
         await local.serve(sockets=[sock])
@@ -172,6 +185,7 @@ async def _serve(
     remote = _Server(
         uvicorn.Config(
             Authenticate(app, tokens, listener="tcp"),
+            http=connections.limited(limits),
             lifespan="off",  # the manager is started and stopped by the local server's
             ssl_certfile=str(listener.cert),
             ssl_keyfile=str(listener.key),
