@@ -203,9 +203,14 @@ def ended_in_error(out: str) -> bool:
 
 
 async def hold(machine: Machine, name: str) -> str:
+    """The client's output; if it did not exit 0, its exit status and stderr after it (a
+    failure then shows how the client ended)."""
     argv = ["python3", "-c", HOLD, f"/run/warden/links/{name}.sock"]
     result = await machine.agent.exec(argv, timeout=120)
-    return result.stdout.decode()
+    out = result.stdout.decode()
+    if result.exit_code != 0:
+        out += f"[exit {result.exit_code}, signal {result.signal}] {result.stderr.decode()}"
+    return out
 
 
 async def wait_for_socket(machine: Machine, name: str, present: bool = True) -> None:
