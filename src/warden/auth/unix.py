@@ -55,11 +55,18 @@ class Peer:
         return self.groups | {self.gid}
 
 
+def peer_ids(sock: Any) -> tuple[int, int, int]:
+    """``(pid, uid, gid)`` of a connected ``AF_UNIX`` socket's peer at ``connect()``
+    (``SO_PEERCRED``); :class:`OSError` if the kernel has none."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", raw)
+    return pid, uid, gid
+
+
 def peer_credentials(sock: Any) -> Peer:
     """The :class:`Peer` of a connected ``AF_UNIX`` socket (a socket or asyncio's
     TransportSocket); :class:`OSError` if the kernel has none."""
-    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    pid, uid, gid = struct.unpack("3i", raw)
+    pid, uid, gid = peer_ids(sock)
     groups = _peer_groups(sock, uid, gid)
     return Peer(pid=pid, uid=uid, gid=gid, groups=groups, name=user_name(uid))
 

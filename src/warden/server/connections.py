@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import struct
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -31,6 +30,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from warden._errors import TooManyConnectionsError
 from warden.api import errors as api_errors
+from warden.auth.unix import peer_ids
 
 __all__ = [
     "MAX_CONNECTIONS",
@@ -116,10 +116,9 @@ def _peer_key(transport: asyncio.Transport) -> object:
     sock = transport.get_extra_info("socket")
     if sock is not None and sock.family == socket.AF_UNIX:
         try:
-            raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            return ("uid", peer_ids(sock)[1])
         except OSError:
             return ("uid", None)
-        return ("uid", struct.unpack("3i", raw)[1])  # struct ucred: pid, uid, gid
     peer = transport.get_extra_info("peername")
     return ("addr", peer[0] if isinstance(peer, tuple) and peer else None)
 
